@@ -1,0 +1,79 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * tc egress on the tunnel device flannel.<VNI>. The kernel routes every remote
+ * pod subnet here (as flanneld routes them to its vxlan device), so packets
+ * arrive after netfilter has done conntrack, DNAT, masquerade and policy.
+ * From here a packet leaves for its peer: vxlan peers get encapsulated,
+ * host-gw (and DirectRouting) peers get the next hop's MAC; both are
+ * redirected straight to the underlay, without touching the veth peer.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "layout.h"
+#include "parse.h"
+#include "counters.h"
+#include "csum.h"
+#include "fib.h"
+#include "vxlan.h"
+
+static __always_inline int shot(int backend, int reason, __u64 bytes)
+{
+	count_reason(backend, reason, bytes);
+	return TC_ACT_SHOT;
+}
+
+int tunnel_egress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct subnet_key key = { .prefixlen = 32 };
+	struct remote_subnet peer, *found;
+	struct node_config *cfg;
+	struct iphdr *ip;
+	__u64 bytes = skb->len;
+	__u32 zero = 0;
+	int reason = REASON_NONE;
+	int verdict;
+
+	cfg = node_config.lookup(&zero);
+	if (!cfg || !cfg->public_ip)
+		return shot(BACKEND_NONE, DROP_NOT_CONFIGURED, bytes);
+	/* Nothing but routed IPv4 belongs on the tunnel (no ARP: neighbours are permanent). */
+	if ((void *)(eth + 1) > data_end)
+		return shot(BACKEND_NONE, DROP_MALFORMED, bytes);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return shot(BACKEND_NONE, DROP_INNER_NOT_IPV4, bytes);
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return shot(BACKEND_NONE, DROP_MALFORMED, bytes);
+
+	key.addr = ip->daddr;
+	found = subnets.lookup(&key);
+	if (!found)
+		return shot(BACKEND_NONE, DROP_NO_ROUTE, bytes);
+	/* Copy: the entry may be replaced while we work; the packet sees one version. */
+	__builtin_memcpy(&peer, found, sizeof(peer));
+
+	if (peer.backend == BACKEND_VXLAN) {
+		reason = vxlan_encap(skb, cfg, &peer);
+		if (reason != REASON_NONE)
+			return shot(BACKEND_VXLAN, reason, bytes);
+		verdict = redirect_to_next_hop(skb, cfg->public_ip, peer.public_ip,
+					       cfg->underlay_ifindex, &reason);
+		if (verdict == TC_ACT_SHOT)
+			return shot(BACKEND_VXLAN, reason, bytes);
+		count_traffic(BACKEND_VXLAN, DIR_ENCAP, bytes);
+		return verdict;
+	}
+	if (peer.backend == BACKEND_HOST_GW) {
+		verdict = redirect_to_next_hop(skb, cfg->public_ip, peer.public_ip,
+					       cfg->underlay_ifindex, &reason);
+		if (verdict == TC_ACT_SHOT)
+			return shot(BACKEND_HOST_GW, reason, bytes);
+		count_traffic(BACKEND_HOST_GW, DIR_FORWARD, bytes);
+		return verdict;
+	}
+	return shot(BACKEND_NONE, DROP_NO_ROUTE, bytes);
+}

@@ -1,0 +1,21 @@
+"""Every default of flannel-xdp, in one place."""
+
+from __future__ import annotations
+
+# bpffs directory under which maps/ and progs/ are pinned.
+BPFFS_DIR = "/sys/fs/bpf/flannel-xdp"
+
+# Flannel's vxlan defaults (flannel-compat.md): VNI 1, port 0 meaning 8472.
+VXLAN_VNI = 1
+VXLAN_PORT = 8472
+
+# Capacity of the remote subnets map: one entry per remote node.
+MAX_SUBNETS = 16384
+
+# Outer Ethernet + IPv4 + UDP + VXLAN that a VXLAN frame adds to the inner
+# frame; checked against bpf/parse.h (VXLAN_ENCAP_LEN) in the tests.
+VXLAN_OVERHEAD = 50
+
+# Name of the tunnel device (flanneld: flannel.<VNI>) and of its BPF-side peer.
+TUNNEL_DEVICE_FORMAT = "flannel.{vni}"
+TUNNEL_PEER_FORMAT = "fxdp.{vni}"

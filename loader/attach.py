@@ -1,0 +1,159 @@
+"""Attaching programs to tc (clsact, direct-action) and XDP, in this netns.
+
+Replacement is atomic on both hooks: tc's replace-filter swaps the program
+of an existing filter, and setting XDP over an attached program swaps it in
+one netlink call, so traffic never sees a gap.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from enum import StrEnum
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+ETH_P_ALL = 0x0003
+TC_PARENT = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
+# Our filter's identity on a clsact hook: other users' filters are left alone.
+TC_PRIO = 1
+TC_HANDLE = 1
+
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_ATTACHED_DRV = 1
+XDP_ATTACHED_SKB = 2
+
+
+class AttachError(RuntimeError):
+    pass
+
+
+class XdpMode(StrEnum):
+    AUTO = "auto"
+    NATIVE = "native"
+    GENERIC = "generic"
+
+
+def _index(ipr: IPRoute, dev: str) -> int:
+    found = ipr.link_lookup(ifname=dev)
+    if not found:
+        raise AttachError(f"interface {dev!r} does not exist in this network namespace")
+    return found[0]
+
+
+def attach_tc(dev: str, direction: str, prog_fd: int, prog_name: str) -> None:
+    with IPRoute() as ipr:
+        idx = _index(ipr, dev)
+        try:
+            ipr.tc("add", "clsact", idx)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise AttachError(f"{dev}: cannot add clsact qdisc: {exc}") from exc
+        try:
+            ipr.tc(
+                "replace-filter",
+                "bpf",
+                idx,
+                TC_HANDLE,
+                fd=prog_fd,
+                name=prog_name,
+                parent=TC_PARENT[direction],
+                prio=TC_PRIO,
+                protocol=ETH_P_ALL,
+                classid=1,
+                direct_action=True,
+            )
+        except NetlinkError as exc:
+            raise AttachError(f"{dev}: cannot attach {prog_name} to tc {direction}: {exc}") from exc
+    log.info("attached %s to tc %s of %s", prog_name, direction, dev)
+
+
+def detach_tc(dev: str, direction: str) -> bool:
+    """Remove our filter; drop the clsact qdisc when no filter is left on it."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=dev)
+        if not found:
+            return False
+        idx = found[0]
+        try:
+            ipr.tc(
+                "del-filter",
+                "bpf",
+                idx,
+                TC_HANDLE,
+                parent=TC_PARENT[direction],
+                prio=TC_PRIO,
+                protocol=ETH_P_ALL,
+            )
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.EINVAL):
+                raise AttachError(f"{dev}: cannot detach tc {direction} filter: {exc}") from exc
+            return False
+        left = [
+            f
+            for parent in TC_PARENT.values()
+            for f in ipr.get_filters(idx, parent=parent)
+            if f.get_attr("TCA_KIND")
+        ]
+        if not left:
+            try:
+                ipr.tc("del", "clsact", idx)
+            except NetlinkError as exc:
+                log.debug("clsact on %s not removed: %s", dev, exc)
+    log.info("detached tc %s filter from %s", direction, dev)
+    return True
+
+
+def xdp_state(dev: str) -> tuple[int, int]:
+    """(attach mode, program id) of the XDP program on dev; (0, 0) when none."""
+    with IPRoute() as ipr:
+        link = ipr.get_links(_index(ipr, dev))[0]
+    xdp = link.get_attr("IFLA_XDP")
+    if not xdp:
+        return 0, 0
+    return xdp.get_attr("IFLA_XDP_ATTACHED") or 0, xdp.get_attr("IFLA_XDP_PROG_ID") or 0
+
+
+def _set_xdp(dev: str, fd: int, flags: int) -> int:
+    from bcc import libbcc  # bcc's netlink helper; works in the caller's netns
+
+    return libbcc.lib.bpf_attach_xdp(dev.encode(), fd, flags)
+
+
+def attach_xdp(dev: str, prog_fd: int, mode: XdpMode = XdpMode.AUTO) -> XdpMode:
+    """Attach (or atomically replace) the XDP program of dev; returns the mode used."""
+    attached, _ = xdp_state(dev)
+    # Replacing keeps the mode in use: switching modes would need a detach (a gap).
+    if attached == XDP_ATTACHED_DRV and mode == XdpMode.AUTO:
+        mode = XdpMode.NATIVE
+    elif attached == XDP_ATTACHED_SKB and mode == XdpMode.AUTO:
+        mode = XdpMode.GENERIC
+    if mode in (XdpMode.AUTO, XdpMode.NATIVE):
+        if _set_xdp(dev, prog_fd, XDP_FLAGS_DRV_MODE) == 0:
+            log.info("attached XDP to %s (native)", dev)
+            return XdpMode.NATIVE
+        if mode == XdpMode.NATIVE:
+            raise AttachError(f"{dev}: native XDP attach failed (driver lacks XDP support?)")
+        log.warning("%s: native XDP not available, falling back to generic XDP (slower)", dev)
+    if _set_xdp(dev, prog_fd, XDP_FLAGS_SKB_MODE) != 0:
+        raise AttachError(f"{dev}: generic XDP attach failed")
+    log.info("attached XDP to %s (generic)", dev)
+    return XdpMode.GENERIC
+
+
+def detach_xdp(dev: str) -> bool:
+    try:
+        attached, _ = xdp_state(dev)
+    except AttachError:
+        return False
+    if not attached:
+        return False
+    flags = XDP_FLAGS_DRV_MODE if attached == XDP_ATTACHED_DRV else XDP_FLAGS_SKB_MODE
+    if _set_xdp(dev, -1, flags) != 0:
+        raise AttachError(f"{dev}: cannot detach XDP program")
+    log.info("detached XDP from %s", dev)
+    return True

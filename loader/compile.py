@@ -1,0 +1,83 @@
+"""Compile the C programs in bpf/ with bcc.
+
+bcc rewrites map operations (``map.lookup(&key)``) only in the main source
+file, not in included headers, so local headers are inlined into one text
+before compiling; ``#line`` markers keep compiler messages pointing at the
+real file and line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from flannel_xdp import defaults
+
+log = logging.getLogger(__name__)
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+class CompileError(RuntimeError):
+    """A program in bpf/ failed to compile or load."""
+
+
+def bpf_source_dir() -> Path:
+    return Path(str(resources.files("flannel_xdp.bpf")))
+
+
+def expand_includes(path: Path, seen: set[Path] | None = None) -> str:
+    """Inline every ``#include "x.h"`` of path (recursively, each header once)."""
+    seen = set() if seen is None else seen
+    out: list[str] = [f'#line 1 "{path}"']
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        m = _LOCAL_INCLUDE.match(line)
+        if not m:
+            out.append(line)
+            continue
+        header = (path.parent / m.group(1)).resolve()
+        if not header.is_file():
+            raise CompileError(f"{path}:{lineno}: header {m.group(1)!r} not found")
+        if header not in seen:
+            seen.add(header)
+            out.append(expand_includes(header, seen))
+        out.append(f'#line {lineno + 1} "{path}"')
+    return "\n".join(out) + "\n"
+
+
+@dataclass(frozen=True)
+class BuildParams:
+    """The -D parameters a program is compiled with (see bpf/layout.h)."""
+
+    maps_dir: str
+    max_subnets: int = defaults.MAX_SUBNETS
+
+    def cflags(self) -> list[str]:
+        if '"' in self.maps_dir or "\\" in self.maps_dir:
+            raise CompileError(f"bpffs path may not contain quotes: {self.maps_dir!r}")
+        if not 1 <= self.max_subnets <= 1 << 24:
+            raise CompileError(f"max subnets must be 1..16777216, not {self.max_subnets}")
+        return [
+            f'-DFXDP_MAPS_DIR="{self.maps_dir}"',
+            f"-DFXDP_MAX_SUBNETS={self.max_subnets}",
+            "-Wno-unused-function",
+        ]
+
+
+def compile_program(source: str, params: BuildParams):
+    """Compile bpf/<source>.c; returns the bcc.BPF module (maps created or reused pinned)."""
+    from bcc import (
+        BPF,
+    )  # Debian's python3-bpfcc; imported late so pure-Python tools work without it
+
+    path = bpf_source_dir() / f"{source}.c"
+    if not path.is_file():
+        raise CompileError(f"no BPF program {source!r} at {path}")
+    text = expand_includes(path)
+    try:
+        return BPF(text=text, cflags=params.cflags())
+    except Exception as exc:  # bcc raises bare Exception; compiler output went to stderr
+        raise CompileError(f"bcc failed to compile {path}: {exc}") from exc

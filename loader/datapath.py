@@ -1,0 +1,140 @@
+"""Install, replace and remove the whole BPF data path of one node.
+
+Order matters for "nothing half-applied": every check and every compile and
+verification happens before the first attach; a failure before that point
+leaves no pin and no device behind that was not there before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+from flannel_xdp.loader import attach, devices
+from flannel_xdp.loader.bpffs import PinDir
+from flannel_xdp.loader.compile import BuildParams, compile_program
+from flannel_xdp.maps import libbpf
+from flannel_xdp.maps.views import NodeConfigMap, NodeSettings
+
+from flannel_xdp import defaults
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str  # function in bpf/<name>.c, program name in the kernel and pin name
+    hook: str  # "xdp" or "tc"
+    direction: str = ""  # tc only
+
+
+TUNNEL_EGRESS = Program("tunnel_egress", "tc", "egress")
+UNDERLAY_XDP = Program("underlay_xdp", "xdp")
+PROGRAMS = (TUNNEL_EGRESS, UNDERLAY_XDP)
+
+
+@dataclass(frozen=True)
+class NodeParams:
+    """This node as its lease describes it."""
+
+    public_ip: IPv4Address
+    subnet: IPv4Network
+    vtep_mac: str
+    vni: int = defaults.VXLAN_VNI
+    vxlan_port: int = defaults.VXLAN_PORT
+
+
+@dataclass(frozen=True)
+class DataPathConfig:
+    underlay: str
+    bpffs: str = defaults.BPFFS_DIR
+    max_subnets: int = defaults.MAX_SUBNETS
+    xdp_mode: attach.XdpMode = attach.XdpMode.AUTO
+    tunnel_mtu: int | None = None  # default: underlay MTU - VXLAN overhead
+
+
+@dataclass
+class InstalledDataPath:
+    pins: PinDir
+    tunnel: devices.TunnelDevice
+    underlay_ifindex: int
+    xdp_mode: attach.XdpMode
+    program_ids: dict[str, int] = field(default_factory=dict)
+
+
+def _pin_replacing(fd: int, path: str) -> None:
+    tmp = f"{path}_new"  # bpffs forbids dots in names
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    libbpf.obj_pin(fd, tmp)
+    os.replace(tmp, path)
+
+
+def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
+    """Create or adopt the tunnel device, load, attach and pin both programs."""
+    from bcc import BPF
+
+    underlay_ifindex = devices.require_ifindex(cfg.underlay)
+    tunnel_mtu = cfg.tunnel_mtu or devices.link_mtu(cfg.underlay) - defaults.VXLAN_OVERHEAD
+    pins = PinDir(cfg.bpffs)
+    fresh = not os.path.isdir(pins.maps)
+    pins.ensure()
+    params = BuildParams(maps_dir=pins.maps, max_subnets=cfg.max_subnets)
+
+    kinds = {"xdp": BPF.XDP, "tc": BPF.SCHED_CLS}
+    modules, fds = [], {}
+    try:
+        for prog in PROGRAMS:
+            module = compile_program(prog.name, params)
+            modules.append(module)
+            fds[prog.name] = module.load_func(prog.name, kinds[prog.hook]).fd
+    except Exception:
+        if fresh:
+            pins.remove()
+        raise
+
+    tunnel = devices.ensure_tunnel(node.vni, node.vtep_mac, tunnel_mtu)
+    settings = NodeSettings(
+        public_ip=node.public_ip,
+        subnet=node.subnet,
+        vni=node.vni,
+        vxlan_port=node.vxlan_port,
+        vtep_mac=node.vtep_mac,
+        underlay_ifindex=underlay_ifindex,
+        tunnel_ifindex=tunnel.ifindex,
+        tunnel_peer_ifindex=tunnel.peer_ifindex,
+    )
+    with NodeConfigMap(pins.maps) as node_config:
+        node_config.write(settings)
+
+    attach.attach_tc(
+        tunnel.name, TUNNEL_EGRESS.direction, fds[TUNNEL_EGRESS.name], TUNNEL_EGRESS.name
+    )
+    mode = attach.attach_xdp(cfg.underlay, fds[UNDERLAY_XDP.name], cfg.xdp_mode)
+    for prog in PROGRAMS:
+        _pin_replacing(fds[prog.name], pins.prog(prog.name))
+    log.info(
+        "data path installed: underlay %s (XDP %s), tunnel %s, pins under %s",
+        cfg.underlay,
+        mode.value,
+        tunnel.name,
+        pins.root,
+    )
+    for module in modules:
+        module.cleanup()
+    return InstalledDataPath(
+        pins=pins, tunnel=tunnel, underlay_ifindex=underlay_ifindex, xdp_mode=mode
+    )
+
+
+def uninstall(bpffs: str, underlay: str | None, vni: int = defaults.VXLAN_VNI) -> None:
+    """Detach everything, delete the tunnel device and unpin; safe to repeat."""
+    tunnel, _ = devices.tunnel_names(vni)
+    if underlay:
+        attach.detach_xdp(underlay)
+    attach.detach_tc(tunnel, TUNNEL_EGRESS.direction)
+    devices.remove_tunnel(vni)
+    PinDir(bpffs).remove()
+    log.info("data path removed (bpffs %s)", bpffs)

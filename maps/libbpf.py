@@ -1,0 +1,215 @@
+"""ctypes bindings to the few libbpf calls that maps/ and loader/ need.
+
+libbpf.so.1 comes with Debian's libbpf1 (a dependency of bcc). Every call
+raises BpfError with the kernel's errno and the object it was about.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from functools import cache
+
+
+class BpfError(OSError):
+    """A bpf(2) operation failed."""
+
+
+def _load() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise BpfError(
+            errno.ENOENT, f"libbpf not found ({name}): install Debian's libbpf1"
+        ) from exc
+
+
+@cache
+def lib() -> ctypes.CDLL:
+    so = _load()
+    c_void_p, c_int, c_uint32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32
+    so.bpf_obj_get.argtypes = [ctypes.c_char_p]
+    so.bpf_obj_pin.argtypes = [c_int, ctypes.c_char_p]
+    so.bpf_map_lookup_elem.argtypes = [c_int, c_void_p, c_void_p]
+    so.bpf_map_update_elem.argtypes = [c_int, c_void_p, c_void_p, ctypes.c_uint64]
+    so.bpf_map_delete_elem.argtypes = [c_int, c_void_p]
+    so.bpf_map_get_next_key.argtypes = [c_int, c_void_p, c_void_p]
+    so.bpf_map_update_batch.argtypes = [
+        c_int,
+        c_void_p,
+        c_void_p,
+        ctypes.POINTER(c_uint32),
+        c_void_p,
+    ]
+    so.bpf_map_delete_batch.argtypes = [c_int, c_void_p, ctypes.POINTER(c_uint32), c_void_p]
+    so.bpf_prog_test_run_opts.argtypes = [c_int, c_void_p]
+    so.libbpf_num_possible_cpus.argtypes = []
+    return so
+
+
+def _check(rc: int, what: str) -> int:
+    # libbpf 1.x returns -errno and also sets errno.
+    if rc < 0:
+        err = -rc if rc != -1 else ctypes.get_errno()
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return rc
+
+
+def obj_get(path: str) -> int:
+    return _check(lib().bpf_obj_get(path.encode()), f"open pinned object {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(lib().bpf_obj_pin(fd, path.encode()), f"pin fd {fd} at {path}")
+
+
+def num_possible_cpus() -> int:
+    return _check(lib().libbpf_num_possible_cpus(), "count possible CPUs")
+
+
+def lookup(fd: int, key: ctypes.Array | ctypes.Structure, value) -> bool:
+    rc = lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
+    if rc < 0 and -rc == errno.ENOENT:
+        return False
+    _check(rc, f"lookup in map fd {fd}")
+    return True
+
+
+def update(fd: int, key, value, flags: int = 0) -> None:
+    _check(
+        lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), flags),
+        f"update map fd {fd}",
+    )
+
+
+def delete(fd: int, key) -> bool:
+    rc = lib().bpf_map_delete_elem(fd, ctypes.byref(key))
+    if rc < 0 and -rc == errno.ENOENT:
+        return False
+    _check(rc, f"delete from map fd {fd}")
+    return True
+
+
+def next_key(fd: int, key, next_out) -> bool:
+    """Write the key after key (or the first, if key is None) into next_out."""
+    rc = lib().bpf_map_get_next_key(
+        fd, None if key is None else ctypes.byref(key), ctypes.byref(next_out)
+    )
+    if rc < 0 and -rc == errno.ENOENT:
+        return False
+    _check(rc, f"iterate map fd {fd}")
+    return True
+
+
+class _BatchOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+def update_batch(fd: int, keys, values, count: int) -> None:
+    n = ctypes.c_uint32(count)
+    opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+    _check(
+        lib().bpf_map_update_batch(
+            fd, ctypes.byref(keys), ctypes.byref(values), ctypes.byref(n), ctypes.byref(opts)
+        ),
+        f"batch update of {count} entries in map fd {fd} ({n.value} done)",
+    )
+
+
+def delete_batch(fd: int, keys, count: int) -> None:
+    n = ctypes.c_uint32(count)
+    opts = _BatchOpts(ctypes.sizeof(_BatchOpts), 0, 0)
+    _check(
+        lib().bpf_map_delete_batch(fd, ctypes.byref(keys), ctypes.byref(n), ctypes.byref(opts)),
+        f"batch delete of {count} entries in map fd {fd} ({n.value} done)",
+    )
+
+
+class _TestRunOpts(ctypes.Structure):
+    # struct bpf_test_run_opts (libbpf 1.1)
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", ctypes.c_void_p),
+        ("data_out", ctypes.c_void_p),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_void_p),
+        ("ctx_out", ctypes.c_void_p),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("repeat", ctypes.c_int),
+        ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+    ]
+
+
+def prog_test_run(
+    prog_fd: int,
+    data: bytes,
+    *,
+    repeat: int = 1,
+    ctx: bytes | None = None,
+    flags: int = 0,
+    batch_size: int = 0,
+    out_size: int = 16384,
+) -> tuple[int, bytes, int]:
+    """Run a program on one frame with BPF_PROG_TEST_RUN: (retval, frame out, ns per run)."""
+    data_in = ctypes.create_string_buffer(data, len(data))
+    data_out = ctypes.create_string_buffer(out_size)
+    opts = _TestRunOpts()
+    opts.sz = ctypes.sizeof(_TestRunOpts)
+    opts.data_in = ctypes.cast(data_in, ctypes.c_void_p)
+    opts.data_size_in = len(data)
+    if not flags:
+        opts.data_out = ctypes.cast(data_out, ctypes.c_void_p)
+        opts.data_size_out = out_size
+    if ctx is not None:
+        ctx_in = ctypes.create_string_buffer(ctx, len(ctx))
+        opts.ctx_in = ctypes.cast(ctx_in, ctypes.c_void_p)
+        opts.ctx_size_in = len(ctx)
+    opts.repeat = repeat
+    opts.flags = flags
+    opts.batch_size = batch_size
+    _check(
+        lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), f"test run of prog fd {prog_fd}"
+    )
+    return opts.retval, data_out.raw[: opts.data_size_out] if not flags else b"", opts.duration
+
+
+class MapInfo(ctypes.Structure):
+    # The head of struct bpf_map_info (uapi); the kernel fills what fits.
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    so = lib()
+    so.bpf_obj_get_info_by_fd.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_uint32),
+    ]
+    _check(
+        so.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+        f"info of map fd {fd}",
+    )
+    return info

@@ -1,0 +1,260 @@
+"""Typed views of the pinned maps, and applying a desired state as a diff."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from flannel_xdp.maps import layout, libbpf
+from flannel_xdp.maps.layout import Backend, Counter, NodeConfig, RemoteSubnet, SubnetKey
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 512
+
+
+class CapacityError(RuntimeError):
+    """The desired state does not fit the map: nothing was applied."""
+
+
+class LayoutMismatch(RuntimeError):
+    """A pinned map's key or value size differs from bpf/layout.h as we know it."""
+
+
+def parse_mac(mac: str) -> bytes:
+    parts = mac.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+def format_mac(raw: Iterable[int]) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+@dataclass(frozen=True, order=True)
+class Peer:
+    """One remote subnet and how to reach it."""
+
+    subnet: IPv4Network
+    public_ip: IPv4Address
+    backend: Backend
+    vtep_mac: str = "00:00:00:00:00:00"
+
+    def key(self) -> SubnetKey:
+        return subnet_key(self.subnet)
+
+    def value(self) -> RemoteSubnet:
+        v = RemoteSubnet()
+        v.public_ip[:] = self.public_ip.packed
+        v.vtep_mac[:] = parse_mac(self.vtep_mac)
+        v.backend = int(self.backend)
+        return v
+
+
+def subnet_key(subnet: IPv4Network) -> SubnetKey:
+    k = SubnetKey()
+    k.prefixlen = subnet.prefixlen
+    k.addr[:] = subnet.network_address.packed
+    return k
+
+
+def peer_from_entry(key: SubnetKey, value: RemoteSubnet) -> Peer:
+    subnet = IPv4Network((bytes(key.addr), key.prefixlen))
+    return Peer(
+        subnet=subnet,
+        public_ip=IPv4Address(bytes(value.public_ip)),
+        backend=Backend(value.backend),
+        vtep_mac=format_mac(value.vtep_mac),
+    )
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What the programs need to know about this node (struct node_config)."""
+
+    public_ip: IPv4Address
+    subnet: IPv4Network
+    vni: int
+    vxlan_port: int
+    vtep_mac: str
+    underlay_ifindex: int
+    tunnel_ifindex: int
+    tunnel_peer_ifindex: int
+
+    def value(self) -> NodeConfig:
+        if not 0 < self.vni < 1 << 24:
+            raise ValueError(f"VNI must be 1..16777215, not {self.vni}")
+        if not 0 < self.vxlan_port < 1 << 16:
+            raise ValueError(f"VXLAN port must be 1..65535, not {self.vxlan_port}")
+        c = NodeConfig()
+        c.public_ip[:] = self.public_ip.packed
+        c.subnet_addr[:] = self.subnet.network_address.packed
+        c.subnet_prefixlen = self.subnet.prefixlen
+        c.vni = self.vni
+        c.vxlan_port[:] = self.vxlan_port.to_bytes(2, "big")
+        c.vtep_mac[:] = parse_mac(self.vtep_mac)
+        c.underlay_ifindex = self.underlay_ifindex
+        c.tunnel_ifindex = self.tunnel_ifindex
+        c.tunnel_peer_ifindex = self.tunnel_peer_ifindex
+        return c
+
+    @classmethod
+    def from_value(cls, c: NodeConfig) -> NodeSettings:
+        return cls(
+            public_ip=IPv4Address(bytes(c.public_ip)),
+            subnet=IPv4Network((bytes(c.subnet_addr), c.subnet_prefixlen)),
+            vni=c.vni,
+            vxlan_port=int.from_bytes(bytes(c.vxlan_port), "big"),
+            vtep_mac=format_mac(c.vtep_mac),
+            underlay_ifindex=c.underlay_ifindex,
+            tunnel_ifindex=c.tunnel_ifindex,
+            tunnel_peer_ifindex=c.tunnel_peer_ifindex,
+        )
+
+
+class PinnedMap:
+    """A map pinned at <maps_dir>/<name>, opened by path, checked against its layout."""
+
+    name: str = ""
+
+    def __init__(self, maps_dir: str):
+        self.path = os.path.join(maps_dir, self.name)
+        self.key_type, self.value_type = layout.MAP_LAYOUTS[self.name]
+        self.fd = libbpf.obj_get(self.path)
+        info = libbpf.map_info(self.fd)
+        self.max_entries = info.max_entries
+        value_size = ctypes.sizeof(self.value_type)
+        if info.key_size != ctypes.sizeof(self.key_type) or info.value_size != value_size:
+            self.close()
+            raise LayoutMismatch(
+                f"{self.path}: key/value size {info.key_size}/{info.value_size}, "
+                f"expected {ctypes.sizeof(self.key_type)}/{value_size}"
+            )
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def keys(self) -> Iterator:
+        key, nxt = None, self.key_type()
+        while libbpf.next_key(self.fd, key, nxt):
+            yield nxt
+            key, nxt = nxt, self.key_type()
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    added: int
+    changed: int
+    removed: int
+
+
+class SubnetsMap(PinnedMap):
+    name = "subnets"
+
+    def peers(self) -> dict[IPv4Network, Peer]:
+        out: dict[IPv4Network, Peer] = {}
+        for key in self.keys():
+            value = RemoteSubnet()
+            if libbpf.lookup(self.fd, key, value):
+                peer = peer_from_entry(key, value)
+                out[peer.subnet] = peer
+        return out
+
+    def apply(self, desired: Iterable[Peer], batch: int = DEFAULT_BATCH) -> ApplyResult:
+        """Make the map hold exactly desired: upserts first, then removals."""
+        want = {p.subnet: p for p in desired}
+        if len(want) > self.max_entries:
+            raise CapacityError(
+                f"{len(want)} remote subnets do not fit {self.path} "
+                f"(max_entries {self.max_entries}); nothing applied"
+            )
+        have = self.peers()
+        upserts = [p for s, p in want.items() if have.get(s) != p]
+        removals = [s for s in have if s not in want]
+        added = sum(1 for p in upserts if p.subnet not in have)
+        for i in range(0, len(upserts), batch):
+            self._update(upserts[i : i + batch])
+        for i in range(0, len(removals), batch):
+            self._delete(removals[i : i + batch])
+        return ApplyResult(added=added, changed=len(upserts) - added, removed=len(removals))
+
+    def _update(self, peers: list[Peer]) -> None:
+        keys = (SubnetKey * len(peers))(*(p.key() for p in peers))
+        values = (RemoteSubnet * len(peers))(*(p.value() for p in peers))
+        try:
+            libbpf.update_batch(self.fd, keys, values, len(peers))
+        except libbpf.BpfError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            for k, v in zip(keys, values, strict=True):
+                libbpf.update(self.fd, k, v)
+
+    def _delete(self, subnets: list[IPv4Network]) -> None:
+        for s in subnets:
+            libbpf.delete(self.fd, subnet_key(s))
+
+
+class NodeConfigMap(PinnedMap):
+    name = "node_config"
+
+    def read(self) -> NodeSettings | None:
+        value = NodeConfig()
+        if not libbpf.lookup(self.fd, ctypes.c_uint32(0), value) or not any(value.public_ip):
+            return None
+        return NodeSettings.from_value(value)
+
+    def write(self, settings: NodeSettings) -> None:
+        libbpf.update(self.fd, ctypes.c_uint32(0), settings.value())
+
+
+class CounterMap(PinnedMap):
+    """A per-CPU array of struct counter: values are summed over CPUs on read."""
+
+    def totals(self) -> list[tuple[int, int]]:
+        ncpu = libbpf.num_possible_cpus()
+        out: list[tuple[int, int]] = []
+        for slot in range(self.max_entries):
+            values = (Counter * ncpu)()
+            libbpf.lookup(self.fd, ctypes.c_uint32(slot), values)
+            out.append((sum(v.packets for v in values), sum(v.bytes for v in values)))
+        return out
+
+
+class TrafficMap(CounterMap):
+    name = "traffic"
+
+    def by_label(self) -> dict[tuple[str, str], tuple[int, int]]:
+        out = {}
+        for slot, total in enumerate(self.totals()):
+            backend, direction = divmod(slot, layout.DIRECTION_MAX)
+            label = layout.BACKEND_LABELS[layout.Backend(backend)]
+            out[(label, layout.Direction(direction).name.lower())] = total
+        return out
+
+
+class ReasonsMap(CounterMap):
+    name = "reasons"
+
+    def by_label(self) -> dict[tuple[str, str], tuple[int, int]]:
+        out = {}
+        for slot, total in enumerate(self.totals()):
+            backend, reason = divmod(slot, layout.REASON_MAX)
+            if reason == layout.Reason.REASON_NONE:
+                continue
+            label = layout.BACKEND_LABELS[layout.Backend(backend)]
+            out[(label, layout.Reason(reason).name)] = total
+        return out
