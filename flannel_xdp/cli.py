@@ -1,19 +1,70 @@
-"""The `flannel-xdp` command line."""
+"""flannel-xdp: an eBPF (XDP and tc) data path for Flannel clusters."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+from flannel_xdp import defaults
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("flannel_xdp")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    print(
+        "flannel-xdp demo: not yet. The virtual-cluster demo lands with the lab (issue 4).\n"
+        "Meanwhile `make test` builds two-node clusters in network namespaces and sends\n"
+        "ping, TCP and UDP across BPF VXLAN and BPF host-gw."
+    )
+    return EXIT_OK
+
+
+def _cmd_teardown(args: argparse.Namespace) -> int:
+    from flannel_xdp.loader import datapath
+
+    datapath.uninstall(args.bpffs, args.iface, args.vni)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flannel-xdp", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run the local virtual-cluster demo")
+    demo.add_argument("--keep", action="store_true", help="leave the cluster running")
+    demo.set_defaults(func=_cmd_demo)
+
+    teardown = sub.add_parser(
+        "teardown", help="detach the programs, delete the tunnel device and unpin everything"
+    )
+    teardown.add_argument("--bpffs", default=defaults.BPFFS_DIR, help="pin directory (%(default)s)")
+    teardown.add_argument("--iface", help="underlay interface whose XDP program to detach")
+    teardown.add_argument("--vni", type=int, default=defaults.VXLAN_VNI, help="VNI (%(default)s)")
+    teardown.set_defaults(func=_cmd_teardown)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flannel-xdp", description=__doc__)
-    parser.add_subparsers(dest="command")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.command is None:
         parser.print_help()
-        return 2
-    return 0
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except (OSError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

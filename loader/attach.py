@@ -26,6 +26,8 @@ XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_ATTACHED_DRV = 1
 XDP_ATTACHED_SKB = 2
+# pyroute2 decodes IFLA_XDP_ATTACHED to names; the kernel's numbers are the API.
+_XDP_ATTACHED_NAMES = {None: 0, "xdp": 1, "xdpgeneric": 2, "xdpoffload": 3, "xdpmulti": 4}
 
 
 class AttachError(RuntimeError):
@@ -115,7 +117,9 @@ def xdp_state(dev: str) -> tuple[int, int]:
     xdp = link.get_attr("IFLA_XDP")
     if not xdp:
         return 0, 0
-    return xdp.get_attr("IFLA_XDP_ATTACHED") or 0, xdp.get_attr("IFLA_XDP_PROG_ID") or 0
+    mode = xdp.get_attr("IFLA_XDP_ATTACHED")
+    mode = _XDP_ATTACHED_NAMES.get(mode, mode) if not isinstance(mode, int) else mode
+    return mode or 0, xdp.get_attr("IFLA_XDP_PROG_ID") or 0
 
 
 def _set_xdp(dev: str, fd: int, flags: int) -> int:

@@ -78,6 +78,6 @@ def compile_program(source: str, params: BuildParams):
         raise CompileError(f"no BPF program {source!r} at {path}")
     text = expand_includes(path)
     try:
-        return BPF(text=text, cflags=params.cflags())
+        return BPF(text=text.encode(), cflags=params.cflags())
     except Exception as exc:  # bcc raises bare Exception; compiler output went to stderr
         raise CompileError(f"bcc failed to compile {path}: {exc}") from exc

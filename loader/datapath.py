@@ -89,7 +89,7 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
         for prog in PROGRAMS:
             module = compile_program(prog.name, params)
             modules.append(module)
-            fds[prog.name] = module.load_func(prog.name, kinds[prog.hook]).fd
+            fds[prog.name] = module.load_func(prog.name.encode(), kinds[prog.hook]).fd
     except Exception:
         if fresh:
             pins.remove()

@@ -1,0 +1,132 @@
+"""The loader against the real kernel: install, replace, remove, refuse bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from flannel_xdp import netns
+from flannel_xdp.loader import attach, datapath, devices
+from flannel_xdp.maps.layout import Backend
+from flannel_xdp.maps.views import CapacityError, NodeConfigMap, Peer, SubnetsMap
+from tests.requirements import require_root_and_bcc
+
+pytestmark = pytest.mark.root
+
+NODE = datapath.NodeParams(
+    public_ip=IPv4Address("192.0.2.1"),
+    subnet=IPv4Network("198.18.1.0/24"),
+    vtep_mac="02:00:00:00:01:01",
+)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True)
+
+
+@pytest.fixture
+def node():
+    """A netns with an underlay veth 'eth0'; yields (netns name, bpffs dir)."""
+    require_root_and_bcc("bpftool")
+    tag = uuid.uuid4().hex[:8]
+    name, bpffs = f"fxl-{tag}", f"/sys/fs/bpf/fxl-{tag}"
+    _ip("netns", "add", name)
+    try:
+        _ip("-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+        _ip("-n", name, "addr", "add", "192.0.2.1/24", "dev", "eth0")
+        for dev in ("eth0", "eth0p"):
+            _ip("-n", name, "link", "set", dev, "up")
+        yield name, bpffs
+    finally:
+        with netns.entered(name):
+            datapath.uninstall(bpffs, "eth0", NODE.vni)
+        _ip("netns", "del", name)
+        assert not os.path.exists(bpffs)
+
+
+def _bpftool_net(ns: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "bpftool", "net"], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_missing_underlay_is_a_clear_error_and_changes_nothing(node):
+    ns, bpffs = node
+    with netns.entered(ns), pytest.raises(devices.DeviceError, match="'nosuch0' does not exist"):
+        datapath.install(datapath.DataPathConfig(underlay="nosuch0", bpffs=bpffs), NODE)
+    assert not os.path.exists(bpffs)
+    assert "flannel.1" not in subprocess.run(
+        ["ip", "-n", ns, "link"], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_install_replace_and_uninstall(node):
+    ns, bpffs = node
+    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs)
+    with netns.entered(ns):
+        first = datapath.install(cfg, NODE)
+        _, first_id = attach.xdp_state("eth0")
+        with NodeConfigMap(first.pins.maps) as m:
+            settings = m.read()
+        assert settings is not None
+        assert settings.tunnel_ifindex == first.tunnel.ifindex
+        assert settings.tunnel_peer_ifindex == first.tunnel.peer_ifindex
+        assert settings.underlay_ifindex == first.underlay_ifindex
+        assert devices.link_mtu("flannel.1") == devices.link_mtu("eth0") - 50
+
+        second = datapath.install(cfg, NODE)  # replace in place: same devices, new programs
+        _, second_id = attach.xdp_state("eth0")
+    assert second.tunnel == first.tunnel
+    assert second_id != first_id
+    net = _bpftool_net(ns)
+    assert "tunnel_egress" in net and f"id {second_id}" in net
+    assert sorted(os.listdir(os.path.join(bpffs, "progs"))) == ["tunnel_egress", "underlay_xdp"]
+
+    with netns.entered(ns):
+        datapath.uninstall(bpffs, "eth0", NODE.vni)
+        assert attach.xdp_state("eth0") == (0, 0)
+    assert "tunnel_egress" not in _bpftool_net(ns)
+    links = subprocess.run(["ip", "-n", ns, "link"], capture_output=True, text=True).stdout
+    assert "flannel.1" not in links and "fxdp.1" not in links
+    assert not os.path.exists(bpffs)
+
+
+def test_refuses_to_adopt_a_foreign_flannel_device(node):
+    ns, bpffs = node
+    _ip("-n", ns, "link", "add", "flannel.1", "type", "bridge")
+    with netns.entered(ns), pytest.raises(devices.DeviceError, match="is flanneld running here"):
+        datapath.install(datapath.DataPathConfig(underlay="eth0", bpffs=bpffs), NODE)
+    _ip("-n", ns, "link", "del", "flannel.1")
+
+
+def _peer(i: int, backend: Backend = Backend.VXLAN) -> Peer:
+    return Peer(
+        subnet=IPv4Network(f"198.18.{i}.0/24"),
+        public_ip=IPv4Address(f"192.0.2.{i}"),
+        backend=backend,
+        vtep_mac=f"02:00:00:00:{i:02x}:01",
+    )
+
+
+def test_subnets_apply_is_a_diff_and_respects_capacity(node):
+    ns, bpffs = node
+    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, max_subnets=4)
+    with netns.entered(ns):
+        installed = datapath.install(cfg, NODE)
+    with SubnetsMap(installed.pins.maps) as m:
+        assert m.max_entries == 4
+        r = m.apply([_peer(2), _peer(3), _peer(4)])
+        assert (r.added, r.changed, r.removed) == (3, 0, 0)
+        r = m.apply([_peer(2), _peer(3, Backend.HOST_GW), _peer(5)])
+        assert (r.added, r.changed, r.removed) == (1, 1, 1)
+        assert m.peers() == {p.subnet: p for p in [_peer(2), _peer(3, Backend.HOST_GW), _peer(5)]}
+        r = m.apply([_peer(2), _peer(3, Backend.HOST_GW), _peer(5)])
+        assert (r.added, r.changed, r.removed) == (0, 0, 0)
+        before = m.peers()
+        with pytest.raises(CapacityError, match="5 remote subnets do not fit"):
+            m.apply([_peer(i) for i in range(2, 7)])
+        assert m.peers() == before

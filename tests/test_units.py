@@ -1,0 +1,85 @@
+"""Pure logic: no kernel, no root."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from flannel_xdp.loader.compile import BuildParams, CompileError, expand_includes
+from flannel_xdp.maps import layout
+from flannel_xdp.maps.views import NodeSettings, Peer, format_mac, parse_mac, peer_from_entry
+
+
+def test_expand_includes_inlines_local_headers_once_with_line_markers(tmp_path):
+    (tmp_path / "a.h").write_text('#include "b.h"\nint a;\n')
+    (tmp_path / "b.h").write_text("int b;\n")
+    (tmp_path / "main.c").write_text('#include <x.h>\n#include "a.h"\n#include "b.h"\nint main;\n')
+    text = expand_includes(tmp_path / "main.c")
+    assert text.count("int b;") == 1
+    assert text.index("int b;") < text.index("int a;") < text.index("int main;")
+    assert "#include <x.h>" in text
+    assert f'#line 3 "{tmp_path / "main.c"}"' in text
+    assert f'#line 1 "{(tmp_path / "b.h").resolve()}"' in text
+
+
+def test_expand_includes_names_a_missing_header(tmp_path):
+    (tmp_path / "main.c").write_text('#include "gone.h"\n')
+    with pytest.raises(CompileError, match=r"main.c:1: header 'gone.h' not found"):
+        expand_includes(tmp_path / "main.c")
+
+
+def test_build_params_validate():
+    assert '-DFXDP_MAX_SUBNETS=8' in BuildParams(maps_dir="/sys/fs/bpf/x", max_subnets=8).cflags()
+    with pytest.raises(CompileError, match="max subnets"):
+        BuildParams(maps_dir="/x", max_subnets=0).cflags()
+    with pytest.raises(CompileError, match="quotes"):
+        BuildParams(maps_dir='/x"y').cflags()
+
+
+@pytest.mark.parametrize("mac", ["", "02:00:00:00:00", "02:00:00:00:00:0g", "0200.0000.0001"])
+def test_parse_mac_rejects_garbage(mac):
+    with pytest.raises(ValueError):
+        parse_mac(mac)
+
+
+def test_mac_round_trip():
+    assert format_mac(parse_mac("c6:D2:32:6f:8f:44")) == "c6:d2:32:6f:8f:44"
+
+
+def test_peer_round_trips_through_the_c_layout():
+    peer = Peer(
+        subnet=IPv4Network("198.18.3.0/24"),
+        public_ip=IPv4Address("192.0.2.3"),
+        backend=layout.Backend.VXLAN,
+        vtep_mac="c6:d2:32:6f:8f:44",
+    )
+    key, value = peer.key(), peer.value()
+    assert key.prefixlen == 24 and bytes(key.addr) == bytes([198, 18, 3, 0])
+    assert bytes(value.public_ip) == bytes([192, 0, 2, 3]) and value.backend == 1
+    assert peer_from_entry(key, value) == peer
+
+
+def test_node_settings_round_trip_and_validation():
+    s = NodeSettings(
+        public_ip=IPv4Address("192.0.2.1"),
+        subnet=IPv4Network("198.18.1.0/24"),
+        vni=4096,
+        vxlan_port=4789,
+        vtep_mac="02:00:00:00:01:01",
+        underlay_ifindex=2,
+        tunnel_ifindex=3,
+        tunnel_peer_ifindex=4,
+    )
+    raw = s.value()
+    assert bytes(raw.vxlan_port) == (4789).to_bytes(2, "big")
+    assert NodeSettings.from_value(raw) == s
+    for bad in ({"vni": 0}, {"vni": 1 << 24}, {"vxlan_port": 0}, {"vxlan_port": 70000}):
+        with pytest.raises(ValueError):
+            NodeSettings(**{**s.__dict__, **bad}).value()
+
+
+def test_reason_labels():
+    assert layout.reason_label(layout.Reason.DROP_SPOOFED_SOURCE) == "spoofed_source"
+    assert layout.reason_verdict(layout.Reason.DROP_SPOOFED_SOURCE) == "drop"
+    assert layout.reason_verdict(layout.Reason.PASS_VLAN) == "pass"
