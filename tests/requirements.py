@@ -10,7 +10,9 @@ import pytest
 
 def require_root_and_bcc(*tools: str) -> None:
     if os.geteuid() != 0:
-        pytest.fail("this test needs root (BPF programs, network namespaces): run `make test` as root")
+        pytest.fail(
+            "this test needs root (BPF programs, network namespaces): run `make test` as root"
+        )
     try:
         import bcc  # noqa: F401
     except ImportError:

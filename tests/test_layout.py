@@ -5,8 +5,8 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import subprocess
 import re
+import subprocess
 import uuid
 
 import pytest
@@ -87,7 +87,9 @@ def test_pinned_maps_are_btf_typed_and_private(compiled):
     assert sorted(os.listdir(pins.maps)) == sorted(layout.MAP_LAYOUTS)
     dump = subprocess.run(
         ["bpftool", "-j", "map", "dump", "pinned", os.path.join(pins.maps, "node_config")],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     entry = json.loads(dump.stdout)[0]
     assert set(entry["formatted"]["value"]) == {name for name, *_ in layout.NodeConfig._fields_}

@@ -59,9 +59,12 @@ def test_missing_underlay_is_a_clear_error_and_changes_nothing(node):
     with netns.entered(ns), pytest.raises(devices.DeviceError, match="'nosuch0' does not exist"):
         datapath.install(datapath.DataPathConfig(underlay="nosuch0", bpffs=bpffs), NODE)
     assert not os.path.exists(bpffs)
-    assert "flannel.1" not in subprocess.run(
-        ["ip", "-n", ns, "link"], capture_output=True, text=True, check=True
-    ).stdout
+    assert (
+        "flannel.1"
+        not in subprocess.run(
+            ["ip", "-n", ns, "link"], capture_output=True, text=True, check=True
+        ).stdout
+    )
 
 
 def test_install_replace_and_uninstall(node):

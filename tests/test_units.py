@@ -30,7 +30,7 @@ def test_expand_includes_names_a_missing_header(tmp_path):
 
 
 def test_build_params_validate():
-    assert '-DFXDP_MAX_SUBNETS=8' in BuildParams(maps_dir="/sys/fs/bpf/x", max_subnets=8).cflags()
+    assert "-DFXDP_MAX_SUBNETS=8" in BuildParams(maps_dir="/sys/fs/bpf/x", max_subnets=8).cflags()
     with pytest.raises(CompileError, match="max subnets"):
         BuildParams(maps_dir="/x", max_subnets=0).cflags()
     with pytest.raises(CompileError, match="quotes"):
