@@ -63,13 +63,13 @@ link_kernel_headers() {
 make_venv() {
   local stamp=.venv/.setup-stamp
   local want
-  want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/flannel-xdp ]; then
     return 0
   fi
   log "creating venv .venv (system python, for bcc)"
   [ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
   .venv/bin/python -c 'import bcc, pyroute2, prometheus_client' \
     || { echo "setup: venv cannot import bcc/pyroute2/prometheus_client" >&2; exit 1; }
   echo "$want" >"$stamp"
