@@ -34,14 +34,39 @@ static __always_inline int redirect_to_next_hop(struct __sk_buff *skb, __be32 sr
 	fib.ipv4_src = src;
 	fib.ipv4_dst = next_hop;
 	fib.ifindex = underlay_ifindex;
-	/* A GSO packet is segmented to the route MTU later; only check single frames. */
-	if (!skb->gso_segs || skb->gso_segs == 1)
+	/*
+	 * A GSO packet is segmented to the route MTU later; only check single frames.
+	 * Test gso_size, not gso_segs: bpf_skb_adjust_room() zeroes gso_segs when it
+	 * grows a GSO packet (vxlan encap), which made every encapsulated GSO packet
+	 * look like one oversized frame.
+	 */
+	if (!skb->gso_size)
 		fib.tot_len = skb->len - ETH_HLEN;
 
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		/* Let the neighbour subsystem resolve and queue, as ip_finish_output2 does. */
-		return fxdp_redirect_neigh(fib.ifindex, 0, 0, 0);
+		/*
+		 * Let the neighbour subsystem resolve and queue, as ip_finish_output2 does.
+		 * A packet addressed to the peer itself (vxlan: the outer header) is best
+		 * routed by the kernel: that also replaces the skb's route, still the
+		 * one into the tunnel device, which the neighbour code would otherwise use
+		 * to send the packet it queued. Any other packet (host-gw: addressed to a
+		 * remote pod) needs the next hop named, or the kernel resolves the pod's
+		 * address on the underlay, which nobody answers.
+		 */
+		struct bpf_redir_neigh nh = { .nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst };
+		struct iphdr *ip;
+
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		ip = data + ETH_HLEN;
+		if ((void *)(ip + 1) > data_end) {
+			*reason = DROP_MALFORMED;
+			return TC_ACT_SHOT;
+		}
+		if (ip->daddr == next_hop)
+			return fxdp_redirect_neigh(fib.ifindex, 0, 0, 0);
+		return fxdp_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 	}
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 		*reason = DROP_TOO_BIG;

@@ -11,6 +11,8 @@
 #define VXLAN_SPORT_MIN		32768
 #define VXLAN_SPORT_MAX		61000
 #define ECN_MASK		0x03
+#define ECN_ECT_0		0x02
+#define ECN_CE			0x03
 
 #ifndef BPF_F_ADJ_ROOM_ENCAP_L2_ETH
 #define BPF_F_ADJ_ROOM_ENCAP_L2_ETH	(1ULL << 6)
@@ -23,6 +25,14 @@ struct vxlan_encap_headers {
 	struct vxlanhdr vxlan;
 	struct ethhdr inner_eth;
 } __attribute__((packed));
+
+/* Outer ECN as the kernel's INET_ECN_encapsulate(): inner ECN copied, CE sent as ECT(0). */
+static __always_inline __u8 vxlan_outer_ecn(__u8 inner_tos)
+{
+	__u8 ecn = inner_tos & ECN_MASK;
+
+	return ecn == ECN_CE ? ECN_ECT_0 : ecn;
+}
 
 /*
  * The sender of a decapsulated frame must own the subnet of its inner source
@@ -101,12 +111,16 @@ static __always_inline int vxlan_encap(struct __sk_buff *skb, const struct node_
 	h->udp.source = sport;
 	h->udp.dest = cfg->vxlan_port;
 	h->udp.len = bpf_htons(outer_len - IPV4_HLEN);
-	h->udp.check = 0;	/* no outer UDP checksum, as flanneld's vxlan device */
+	/*
+	 * No outer UDP checksum: valid for IPv4 and what RFC 7348 recommends; the
+	 * kernel's vxlan device (udpcsum on by default) would compute one.
+	 */
+	h->udp.check = 0;
 
 	h->eth.h_proto = bpf_htons(ETH_P_IP);
 	h->ip.version = 4;
 	h->ip.ihl = IPV4_HLEN / 4;
-	h->ip.tos = inner_tos & ECN_MASK;	/* ECN copied out, RFC 6040 */
+	h->ip.tos = vxlan_outer_ecn(inner_tos);
 	h->ip.tot_len = bpf_htons(outer_len);
 	h->ip.id = 0;
 	h->ip.frag_off = bpf_htons(IP_DF);

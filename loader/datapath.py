@@ -12,13 +12,12 @@ import os
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
+from flannel_xdp import defaults
 from flannel_xdp.loader import attach, devices
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.maps import libbpf
 from flannel_xdp.maps.views import NodeConfigMap, NodeSettings
-
-from flannel_xdp import defaults
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,195 @@
+"""The node state flanneld makes around its tunnel device, made for flannel.<VNI>.
+
+flanneld's vxlan backend gives the device ``<own subnet .0>/32`` and, per remote
+lease, a permanent neighbour ``<remote subnet .0> -> VtepMAC`` and a route
+``<remote subnet> via <remote subnet .0> dev flannel.<VNI> onlink``
+(shared/flannel-compat.md). flannel-xdp keeps that shape so that netfilter,
+``ip route`` and everything that reads them see what they see with flanneld,
+with one difference: *every* remote subnet goes to the tunnel device, host-gw
+peers included. The device's tc egress program decides per destination
+whether to encapsulate (vxlan) or only rewrite MACs (host-gw); for host-gw
+peers the neighbour's MAC is a placeholder that only keeps the kernel from
+sending ARP on a device that carries routed IPv4 only.
+
+Every function is idempotent (replace semantics) and acts in the caller's
+network namespace: enter the node's netns first (flannel_xdp.netns.entered).
+pyroute2's sync IPRoute is used, so do not call these from a running asyncio
+event loop (use asyncio.to_thread there).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from socket import AF_INET
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import ndmsg
+from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
+
+from flannel_xdp import defaults
+from flannel_xdp.maps.views import Peer
+
+log = logging.getLogger(__name__)
+
+MAIN_TABLE = 254
+NUD_PERMANENT = ndmsg.states["permanent"]
+# Deleting what is already gone is success: removal must be repeatable.
+_GONE = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
+
+
+class NodeStateError(RuntimeError):
+    """The tunnel device is missing, or the kernel refused a change."""
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What sync_peers() changed: peers written (replaced), stale entries removed."""
+
+    written: int
+    removed_routes: int
+    removed_neighbours: int
+
+
+def tunnel_name(vni: int = defaults.VXLAN_VNI) -> str:
+    return defaults.TUNNEL_DEVICE_FORMAT.format(vni=vni)
+
+
+def gateway(subnet: IPv4Network) -> IPv4Address:
+    """flanneld's next hop for a remote subnet: its network address (the peer's flannel.N)."""
+    return subnet.network_address
+
+
+def tunnel_ifindex(ipr: IPRoute, vni: int = defaults.VXLAN_VNI) -> int:
+    name = tunnel_name(vni)
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise NodeStateError(f"tunnel device {name} does not exist in this network namespace")
+    return found[0]
+
+
+def set_tunnel_address(ipr: IPRoute, subnet: IPv4Network, vni: int = defaults.VXLAN_VNI) -> None:
+    """Put <subnet .0>/32 on the tunnel device and drop any other IPv4 address there.
+
+    Other addresses are what an earlier lease left behind; flanneld removes them
+    too, otherwise the node would keep answering for a subnet it gave up.
+    """
+    idx = tunnel_ifindex(ipr, vni)
+    want = gateway(subnet)
+    try:
+        ipr.addr("replace", index=idx, address=str(want), prefixlen=32)
+        for msg in ipr.get_addr(family=AF_INET, index=idx):
+            have = IPv4Address(msg.get_attr("IFA_ADDRESS"))
+            if have != want or msg["prefixlen"] != 32:
+                ipr.addr("del", index=idx, address=str(have), prefixlen=msg["prefixlen"])
+                log.info("removed stale address %s/%s from %s", have, msg["prefixlen"], idx)
+    except NetlinkError as exc:
+        raise NodeStateError(f"cannot set {want}/32 on {tunnel_name(vni)}: {exc}") from exc
+
+
+def add_peer(ipr: IPRoute, peer: Peer, vni: int = defaults.VXLAN_VNI) -> None:
+    """Permanent neighbour and onlink route for one remote subnet (replacing older ones)."""
+    idx = tunnel_ifindex(ipr, vni)
+    gw = str(gateway(peer.subnet))
+    try:
+        ipr.neigh("replace", dst=gw, lladdr=peer.vtep_mac, ifindex=idx, state=NUD_PERMANENT)
+        ipr.route(
+            "replace",
+            dst=str(peer.subnet),
+            gateway=gw,
+            oif=idx,
+            flags=RTNH_F_ONLINK,
+            table=MAIN_TABLE,
+        )
+    except NetlinkError as exc:
+        raise NodeStateError(f"cannot route {peer.subnet} into {tunnel_name(vni)}: {exc}") from exc
+
+
+def remove_peer(ipr: IPRoute, subnet: IPv4Network, vni: int = defaults.VXLAN_VNI) -> None:
+    """Remove the route and neighbour of one remote subnet; absent entries are fine."""
+    idx = tunnel_ifindex(ipr, vni)
+    gw = str(gateway(subnet))
+    try:
+        ipr.route("del", dst=str(subnet), gateway=gw, oif=idx, table=MAIN_TABLE)
+    except NetlinkError as exc:
+        if exc.code not in _GONE:
+            raise NodeStateError(f"cannot remove route {subnet}: {exc}") from exc
+    try:
+        ipr.neigh("del", dst=gw, ifindex=idx)
+    except NetlinkError as exc:
+        if exc.code not in _GONE:
+            raise NodeStateError(f"cannot remove neighbour {gw}: {exc}") from exc
+
+
+def _tunnel_routes(ipr: IPRoute, idx: int) -> list[IPv4Network]:
+    out = []
+    for msg in ipr.get_routes(family=AF_INET, table=MAIN_TABLE):
+        if msg.get_attr("RTA_OIF") != idx or msg.get_attr("RTA_DST") is None:
+            continue
+        out.append(IPv4Network(f"{msg.get_attr('RTA_DST')}/{msg['dst_len']}"))
+    return out
+
+
+def _permanent_neighbours(ipr: IPRoute, idx: int) -> list[IPv4Address]:
+    out = []
+    for msg in ipr.get_neighbours(family=AF_INET, ifindex=idx):
+        if msg["state"] & NUD_PERMANENT and msg.get_attr("NDA_DST"):
+            out.append(IPv4Address(msg.get_attr("NDA_DST")))
+    return out
+
+
+def sync_peers(ipr: IPRoute, peers: Iterable[Peer], vni: int = defaults.VXLAN_VNI) -> SyncResult:
+    """Make the tunnel's routes and permanent neighbours exactly those of peers.
+
+    Everything routed through flannel.<VNI> is ours (flanneld owns its device the
+    same way), so a route or neighbour there that no peer wants is stale and goes.
+    """
+    want = {p.subnet: p for p in peers}
+    for peer in want.values():
+        add_peer(ipr, peer, vni)
+    idx = tunnel_ifindex(ipr, vni)
+    routes = 0
+    for subnet in _tunnel_routes(ipr, idx):
+        if subnet not in want:
+            try:
+                ipr.route("del", dst=str(subnet), oif=idx, table=MAIN_TABLE)
+                routes += 1
+            except NetlinkError as exc:
+                if exc.code not in _GONE:
+                    raise NodeStateError(f"cannot remove stale route {subnet}: {exc}") from exc
+    gateways = {gateway(s) for s in want}
+    neighbours = 0
+    for addr in _permanent_neighbours(ipr, idx):
+        if addr not in gateways:
+            try:
+                ipr.neigh("del", dst=str(addr), ifindex=idx)
+                neighbours += 1
+            except NetlinkError as exc:
+                if exc.code not in _GONE:
+                    raise NodeStateError(f"cannot remove stale neighbour {addr}: {exc}") from exc
+    return SyncResult(written=len(want), removed_routes=routes, removed_neighbours=neighbours)
+
+
+def apply(subnet: IPv4Network, peers: Iterable[Peer], vni: int = defaults.VXLAN_VNI) -> SyncResult:
+    """The whole node state in one call: own address, then exactly these peers."""
+    with IPRoute() as ipr:
+        set_tunnel_address(ipr, subnet, vni)
+        return sync_peers(ipr, peers, vni)
+
+
+__all__ = [
+    "NodeStateError",
+    "SyncResult",
+    "add_peer",
+    "apply",
+    "gateway",
+    "remove_peer",
+    "set_tunnel_address",
+    "sync_peers",
+    "tunnel_ifindex",
+    "tunnel_name",
+]

@@ -1,0 +1,33 @@
+"""Shared fixtures and hooks for the tests that build lab clusters."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.requirements import require_root_and_bcc
+
+# Everything the lab and the traffic tests run (iproute2, util-linux, bpftool, iputils, iperf3).
+LAB_TOOLS = ("ip", "nsenter", "bpftool", "ethtool", "ping", "iperf3", "ss")
+
+
+@pytest.fixture(scope="session")
+def lab_prerequisites() -> None:
+    """Fail (never skip) with the reason when the machine cannot run a lab."""
+    require_root_and_bcc(*LAB_TOOLS)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Attach the lab's links, routes, neighbours and BPF counters to a failed test's
+    report: the first things to read when traffic does not flow, taken before the
+    cluster is torn down."""
+    report = yield
+    if report.when == "call" and report.failed:
+        cluster = getattr(item, "funcargs", {}).get("cluster")
+        diagnostics = getattr(cluster, "diagnostics", None)
+        if callable(diagnostics):
+            try:
+                report.sections.append(("lab diagnostics", diagnostics()))
+            except Exception as exc:  # diagnostics must never hide the real failure
+                report.sections.append(("lab diagnostics", f"unavailable: {exc!r}"))
+    return report
