@@ -9,6 +9,9 @@ BPFFS_DIR = "/sys/fs/bpf/flannel-xdp"
 VXLAN_VNI = 1
 VXLAN_PORT = 8472
 
+# Where VXLAN is decapsulated on the underlay: "xdp" or "tc" (see loader/datapath.py).
+INGRESS_HOOK = "xdp"
+
 # Capacity of the remote subnets map: one entry per remote node.
 MAX_SUBNETS = 16384
 

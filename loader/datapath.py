@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
 
 from flannel_xdp import defaults
@@ -31,7 +32,25 @@ class Program:
 
 TUNNEL_EGRESS = Program("tunnel_egress", "tc", "egress")
 UNDERLAY_XDP = Program("underlay_xdp", "xdp")
-PROGRAMS = (TUNNEL_EGRESS, UNDERLAY_XDP)
+UNDERLAY_TC = Program("underlay_tc", "tc", "ingress")
+
+
+class IngressHook(StrEnum):
+    """Where VXLAN is decapsulated: XDP (per frame, fastest per packet) or tc ingress
+    (keeps GRO/GSO aggregates whole, and with them TCP throughput on veth underlays)."""
+
+    XDP = "xdp"
+    TC = "tc"
+
+
+UNDERLAY_PROGRAM = {IngressHook.XDP: UNDERLAY_XDP, IngressHook.TC: UNDERLAY_TC}
+
+
+DEFAULT_INGRESS_HOOK = IngressHook(defaults.INGRESS_HOOK)
+
+
+def programs(hook: IngressHook) -> tuple[Program, Program]:
+    return TUNNEL_EGRESS, UNDERLAY_PROGRAM[hook]
 
 
 @dataclass(frozen=True)
@@ -51,6 +70,7 @@ class DataPathConfig:
     bpffs: str = defaults.BPFFS_DIR
     max_subnets: int = defaults.MAX_SUBNETS
     xdp_mode: attach.XdpMode = attach.XdpMode.AUTO
+    ingress_hook: IngressHook = DEFAULT_INGRESS_HOOK
     tunnel_mtu: int | None = None  # default: underlay MTU - VXLAN overhead
 
 
@@ -59,7 +79,7 @@ class InstalledDataPath:
     pins: PinDir
     tunnel: devices.TunnelDevice
     underlay_ifindex: int
-    xdp_mode: attach.XdpMode
+    xdp_mode: attach.XdpMode | None
     program_ids: dict[str, int] = field(default_factory=dict)
 
 
@@ -83,9 +103,10 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     params = BuildParams(maps_dir=pins.maps, max_subnets=cfg.max_subnets)
 
     kinds = {"xdp": BPF.XDP, "tc": BPF.SCHED_CLS}
+    progs = programs(cfg.ingress_hook)
     modules, fds = [], {}
     try:
-        for prog in PROGRAMS:
+        for prog in progs:
             module = compile_program(prog.name, params)
             modules.append(module)
             fds[prog.name] = module.load_func(prog.name.encode(), kinds[prog.hook]).fd
@@ -111,13 +132,16 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     attach.attach_tc(
         tunnel.name, TUNNEL_EGRESS.direction, fds[TUNNEL_EGRESS.name], TUNNEL_EGRESS.name
     )
-    mode = attach.attach_xdp(cfg.underlay, fds[UNDERLAY_XDP.name], cfg.xdp_mode)
-    for prog in PROGRAMS:
+    mode = _attach_underlay(cfg, fds)
+    for prog in progs:
         _pin_replacing(fds[prog.name], pins.prog(prog.name))
+    for prog in UNDERLAY_PROGRAM.values():
+        if prog not in progs and os.path.exists(pins.prog(prog.name)):
+            os.unlink(pins.prog(prog.name))
     log.info(
-        "data path installed: underlay %s (XDP %s), tunnel %s, pins under %s",
+        "data path installed: underlay %s (%s), tunnel %s, pins under %s",
         cfg.underlay,
-        mode.value,
+        f"XDP {mode.value}" if mode else "tc ingress",
         tunnel.name,
         pins.root,
     )
@@ -128,11 +152,24 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     )
 
 
+def _attach_underlay(cfg: DataPathConfig, fds: dict[str, int]) -> attach.XdpMode | None:
+    """Attach the chosen ingress program, then remove the other one: both run for a
+    moment rather than neither, so a switch of hook loses no packet."""
+    if cfg.ingress_hook == IngressHook.XDP:
+        mode = attach.attach_xdp(cfg.underlay, fds[UNDERLAY_XDP.name], cfg.xdp_mode)
+        attach.detach_tc(cfg.underlay, UNDERLAY_TC.direction)
+        return mode
+    attach.attach_tc(cfg.underlay, UNDERLAY_TC.direction, fds[UNDERLAY_TC.name], UNDERLAY_TC.name)
+    attach.detach_xdp(cfg.underlay)
+    return None
+
+
 def uninstall(bpffs: str, underlay: str | None, vni: int = defaults.VXLAN_VNI) -> None:
     """Detach everything, delete the tunnel device and unpin; safe to repeat."""
     tunnel, _ = devices.tunnel_names(vni)
     if underlay:
         attach.detach_xdp(underlay)
+        attach.detach_tc(underlay, UNDERLAY_TC.direction)
     attach.detach_tc(tunnel, TUNNEL_EGRESS.direction)
     devices.remove_tunnel(vni)
     PinDir(bpffs).remove()

@@ -30,11 +30,14 @@ from flannel_xdp.lab import (
     Pod,
     process,
 )
+from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps.layout import BACKEND_LABELS, Backend
 
 pytestmark = pytest.mark.root
 
 BACKENDS = [NetworkBackend.VXLAN, NetworkBackend.HOST_GW]
+# Every backend with each place VXLAN can be decapsulated on the underlay.
+CASES = [(b, h) for b in BACKENDS for h in IngressHook]
 IPERF_SECONDS = 3
 # Far below what a veth testbed does (Gbit/s), far above what a broken data path
 # limps along at (a path that drops every GSO packet still moves some kbit/s).
@@ -120,9 +123,11 @@ print(json.dumps(results))
 """
 
 
-@pytest.fixture(scope="module", params=BACKENDS, ids=[b.value for b in BACKENDS])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{b.value}-{h.value}" for b, h in CASES])
 def cluster(request: pytest.FixtureRequest, lab_prerequisites: None) -> Iterator[Cluster]:
-    with Cluster(ClusterSpec.uniform(nodes=2, pods=2, backend=request.param)) as lab:
+    backend, hook = request.param
+    spec = ClusterSpec.uniform(nodes=2, pods=2, backend=backend, ingress_hook=hook)
+    with Cluster(spec) as lab:
         yield lab
 
 
@@ -321,9 +326,13 @@ def test_bpftool_shows_programs_and_typed_maps(cluster: Cluster):
         tc = [p for p in net["tc"] if p["devname"] == "flannel.1"]
         assert [(p["kind"], p["name"]) for p in tc] == [("clsact/egress", "tunnel_egress")], net
         xdp = [p for p in net["xdp"] if p["devname"] == "eth0"]
-        assert len(xdp) == 1, net
-        prog = _bpftool(node, "prog", "show", "id", str(xdp[0]["id"]))
-        assert prog["name"] == "underlay_xdp"
+        underlay_tc = [(p["kind"], p["name"]) for p in net["tc"] if p["devname"] == "eth0"]
+        if cluster.spec.ingress_hook is IngressHook.XDP:
+            assert len(xdp) == 1 and not underlay_tc, net
+            prog = _bpftool(node, "prog", "show", "id", str(xdp[0]["id"]))
+            assert prog["name"] == "underlay_xdp"
+        else:
+            assert not xdp and underlay_tc == [("clsact/ingress", "underlay_tc")], net
 
         entries = _bpftool(node, "map", "dump", "pinned", f"{node.bpffs}/maps/subnets")
         (peer,) = [n for n in cluster.nodes if n is not node]

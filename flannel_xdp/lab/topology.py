@@ -104,6 +104,7 @@ class ClusterSpec:
     vni: int = defaults.VXLAN_VNI
     vxlan_port: int = defaults.VXLAN_PORT
     xdp_mode: XdpMode = XdpMode.AUTO
+    ingress_hook: datapath.IngressHook = datapath.DEFAULT_INGRESS_HOOK
     max_subnets: int = defaults.MAX_SUBNETS
     bpffs_root: str = BPFFS_ROOT
 
@@ -503,6 +504,7 @@ class Cluster:
                         bpffs=node.bpffs,
                         max_subnets=spec.max_subnets,
                         xdp_mode=spec.xdp_mode,
+                        ingress_hook=spec.ingress_hook,
                         tunnel_mtu=spec.pod_mtu,
                     ),
                     datapath.NodeParams(
