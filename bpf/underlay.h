@@ -60,13 +60,13 @@ static __always_inline int inner_reason(const struct node_config *cfg,
 
 /*
  * Classify a frame and count it unless it is to be decapsulated (the caller
- * counts that, with the inner frame's length, once it succeeded).
+ * counts that, with the inner frame's length, once it succeeded). bytes is the
+ * whole frame's length: on an skb, [data, data_end) is only the linear head.
  */
 static __always_inline int classify_underlay(const struct node_config *cfg, void *data,
-					     void *data_end)
+					     void *data_end, __u64 bytes)
 {
 	struct outer_headers h = {};
-	__u64 bytes = data_end - data;
 	int reason;
 
 	reason = parse_eth_ipv4(data, data_end, &h);

@@ -17,6 +17,7 @@
 #include "layout.h"
 #include "parse.h"
 #include "counters.h"
+#include "csum.h"
 #include "vxlan.h"
 #include "underlay.h"
 
@@ -45,7 +46,7 @@ int underlay_tc(struct __sk_buff *skb)
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
 	}
-	switch (classify_underlay(cfg, data, data_end)) {
+	switch (classify_underlay(cfg, data, data_end, bytes)) {
 	case UNDERLAY_PASS:
 		return TC_ACT_OK;
 	case UNDERLAY_DROP:

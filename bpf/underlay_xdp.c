@@ -30,7 +30,7 @@ int underlay_xdp(struct xdp_md *ctx)
 		count_reason(BACKEND_NONE, PASS_NOT_CONFIGURED, bytes);
 		return XDP_PASS;
 	}
-	switch (classify_underlay(cfg, data, data_end)) {
+	switch (classify_underlay(cfg, data, data_end, bytes)) {
 	case UNDERLAY_PASS:
 		return XDP_PASS;
 	case UNDERLAY_DROP:

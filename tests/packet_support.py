@@ -378,12 +378,13 @@ class Counters:
 
 @dataclass
 class Lab:
-    """Both programs, their pinned maps and a test netns to run them in."""
+    """The programs, their pinned maps and a test netns to run them in."""
 
     ns: str
     maps_dir: str
     egress_fd: int
     xdp_fd: int
+    tc_fd: int  # underlay_tc
     underlay_ifindex: int
     tunnel_ifindex: int
     tunnel_peer_ifindex: int
@@ -409,19 +410,27 @@ class Lab:
         with SubnetsMap(self.maps_dir) as m:
             m.apply([p.peer() if isinstance(p, RemotePeer) else p for p in peers])
 
-    def egress(self, frame: bytes) -> tuple[int, bytes]:
-        """tunnel_egress on frame, in the netns whose FIB it must see."""
+    def run(self, prog: str, frame: bytes) -> tuple[int, bytes]:
+        """Run prog ("egress", "xdp" or "tc") on frame in the netns whose FIB it must see."""
+        fd = {"egress": self.egress_fd, "xdp": self.xdp_fd, "tc": self.tc_fd}[prog]
         with netns.entered(self.ns):
-            rv, out, _ = prog_test_run(self.egress_fd, frame)
+            rv, out, _ = prog_test_run(fd, frame)
         return rv, out
 
+    def egress(self, frame: bytes) -> tuple[int, bytes]:
+        """tunnel_egress on frame."""
+        return self.run("egress", frame)
+
     def xdp(self, frame: bytes) -> tuple[int, bytes]:
-        with netns.entered(self.ns):
-            rv, out, _ = prog_test_run(self.xdp_fd, frame)
-        return rv, out
+        """underlay_xdp on frame."""
+        return self.run("xdp", frame)
+
+    def tc(self, frame: bytes) -> tuple[int, bytes]:
+        """underlay_tc on frame."""
+        return self.run("tc", frame)
 
     def counted(self, prog: str, frame: bytes):
         """Run prog on frame: (verdict, output, counter delta)."""
         before = self.counters.snapshot()
-        rv, out = self.egress(frame) if prog == "egress" else self.xdp(frame)
+        rv, out = self.run(prog, frame)
         return rv, out, Counters.delta(before, self.counters.snapshot())

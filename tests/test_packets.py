@@ -1,5 +1,11 @@
 """Packets through the BPF programs with BPF_PROG_TEST_RUN: exact bytes, verdicts, counters.
 
+Three programs: tunnel_egress (tc, on flannel.1), and the two interchangeable underlay
+programs underlay_xdp (XDP) and underlay_tc (tc ingress), which share classify_underlay()
+and must give every frame the same verdict (XDP_PASS/TC_ACT_OK, XDP_DROP/TC_ACT_SHOT,
+XDP_REDIRECT/TC_ACT_REDIRECT) and count it the same way. The underlay tests are
+parametrized over both ("xdp", "tc"); where the two differ, the test says so.
+
 The programs are compiled once for the module, with their maps pinned in a private bpffs
 directory. They run inside a test netns (bpf_fib_lookup resolves in the netns of the
 calling thread) that holds the underlay veth u0 (192.0.2.1/24) and permanent neighbours
@@ -7,8 +13,14 @@ for the peers. Every test starts from the same node config and peer set (PEERS).
 
 Kernel limits that shape the tests: BPF_PROG_TEST_RUN refuses frames shorter than an
 Ethernet header (14 bytes) with EINVAL for XDP and tc alike, so "truncated Ethernet" can
-only be tested as that refusal; redirects are not performed by a test run, the verdict and
-the frame as it would leave are returned.
+only be tested as that refusal. For tc programs it also refuses IPv4-typed frames shorter
+than Ethernet + 20 and IPv6-typed ones shorter than Ethernet + 40 (tc_test_run_refuses), so
+underlay_tc's PASS_TRUNCATED for a cut outer IPv4 header cannot be reached either. A tc
+test run builds a linear skb (CHECKSUM_NONE, the whole frame in the head), so where
+underlay_tc pulls headers or counts the linear part (data_end - data) instead of skb->len,
+it cannot show here: for a non-linear skb (a GSO aggregate off a veth) only real traffic
+tells. Redirects are not performed by a test run, the verdict and the frame as it would
+leave are returned.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from tests.packet_support import (
     ETH_P_8021Q,
     ETH_P_ARP,
     ETH_P_IPV6,
+    IPPROTO_TCP,
     IPPROTO_UDP,
     OWN_IP,
     OWN_SUBNET,
@@ -48,6 +61,7 @@ from tests.packet_support import (
     PORT,
     SPORT_MAX,
     SPORT_MIN,
+    TC_ACT_OK,
     TC_ACT_REDIRECT,
     TC_ACT_SHOT,
     UDP_HLEN,
@@ -70,6 +84,7 @@ from tests.packet_support import (
     ipv4_header,
     ipv6_packet,
     l4_csum_ok,
+    mac,
     partial_csum,
     run,
     setup_underlay,
@@ -91,6 +106,43 @@ OWN_HOST = str(OWN_SUBNET.network_address + 5)
 
 XDP_VERDICTS = {XDP_PASS, XDP_DROP, XDP_REDIRECT}
 TC_VERDICTS = {TC_ACT_SHOT, TC_ACT_REDIRECT}  # tunnel_egress has no PASS_* reason
+
+# The underlay programs, and each one's verdict for what the tables below state as XDP's.
+UNDERLAY_PROGS = ["xdp", "tc"]
+UNDERLAY_VERDICTS = {
+    "xdp": {v: v for v in XDP_VERDICTS},
+    "tc": {XDP_PASS: TC_ACT_OK, XDP_DROP: TC_ACT_SHOT, XDP_REDIRECT: TC_ACT_REDIRECT},
+}
+
+
+def verdict_of(prog: str, xdp_verdict: int) -> int:
+    """prog's verdict for a frame underlay_xdp gives xdp_verdict."""
+    return UNDERLAY_VERDICTS[prog][xdp_verdict]
+
+
+def tc_test_run_refuses(frame: bytes) -> bool:
+    """BPF_PROG_TEST_RUN for tc refuses (EINVAL) frames shorter than an Ethernet header,
+    and IPv4 / IPv6 typed frames shorter than Ethernet + the fixed IP header (20 / 40)."""
+    ethertype = frame[12:14] if len(frame) >= ETH_HLEN else b""
+    minimum = {b"\x08\x00": ETH_HLEN + 20, b"\x86\xdd": ETH_HLEN + 40}.get(ethertype, ETH_HLEN)
+    return len(frame) < minimum
+
+
+def refused_by_test_run(prog: str, frame: bytes) -> bool:
+    """Does BPF_PROG_TEST_RUN refuse frame for prog (an XDP or a tc program)?"""
+    return len(frame) < ETH_HLEN if prog == "xdp" else tc_test_run_refuses(frame)
+
+
+def decapped(prog: str, frame: bytes) -> bytes:
+    """The frame an underlay program makes of a VXLAN frame that is ours (built from the
+    frame's bytes, not from the C code). underlay_xdp: the inner Ethernet frame as it came
+    (the checks guarantee its destination is our VtepMAC and its type IPv4). underlay_tc:
+    the inner IPv4 packet behind an Ethernet header it writes itself: our VtepMAC, the inner
+    source MAC, IPv4. Either way, the same bytes for a frame whose checksums are complete."""
+    if prog == "xdp":
+        return frame[VXLAN_OVERHEAD:]
+    inner_src = frame[VXLAN_OVERHEAD + 6 : VXLAN_OVERHEAD + 12]
+    return mac(OWN_VTEP) + inner_src + b"\x08\x00" + frame[VXLAN_OVERHEAD + ETH_HLEN :]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -114,6 +166,8 @@ def lab(requirements):
         stack.callback(egress.cleanup)
         xdp = compile_program("underlay_xdp", params)
         stack.callback(xdp.cleanup)
+        underlay_tc = compile_program("underlay_tc", params)
+        stack.callback(underlay_tc.cleanup)
         counters = Counters(pins.maps)
         stack.callback(counters.close)
         yield Lab(
@@ -121,6 +175,7 @@ def lab(requirements):
             maps_dir=pins.maps,
             egress_fd=egress.load_func(b"tunnel_egress", BPF.SCHED_CLS).fd,
             xdp_fd=xdp.load_func(b"underlay_xdp", BPF.XDP).fd,
+            tc_fd=underlay_tc.load_func(b"underlay_tc", BPF.SCHED_CLS).fd,
             underlay_ifindex=underlay,
             tunnel_ifindex=tunnel,
             tunnel_peer_ifindex=tunnel_peer,
@@ -483,39 +538,132 @@ def inner_frame(inner_ip: bytes, src_mac: str = PEER_A.vtep_mac) -> bytes:
     return eth(OWN_VTEP, src_mac) + inner_ip
 
 
+@pytest.mark.parametrize("prog", UNDERLAY_PROGS)
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
-def test_decap_returns_exactly_the_inner_frame(lab, proto):
+def test_decap_returns_exactly_the_inner_frame(lab, proto, prog):
     inner_ip = inner_from_a(proto)
     frame = vxlan_frame(inner_ip)
 
-    rv, out, delta = lab.counted("xdp", frame)
+    rv, out, delta = lab.counted(prog, frame)
 
-    assert rv == XDP_REDIRECT
+    assert rv == verdict_of(prog, XDP_REDIRECT)
     assert out.hex() == inner_frame(inner_ip).hex()
-    one(delta, ("traffic", "vxlan", "decap"), 1, len(out))
+    assert out[ETH_HLEN:] == inner_ip, "inner packet must be byte-for-byte"
+    one(delta, ("traffic", "vxlan", "decap"), 1, len(frame) - VXLAN_OVERHEAD)
 
 
-def test_decap_with_a_configured_port_and_vni(lab):
+@pytest.mark.parametrize("prog", UNDERLAY_PROGS)
+@pytest.mark.parametrize("size", [0, 1, 1000, 1460], ids=lambda n: f"payload-{n}")
+def test_decap_of_every_size_is_exact(lab, prog, size):
+    """From an empty TCP payload up to a 1500-byte inner packet (a 1550-byte frame)."""
+    inner_ip = inner_from_a("tcp", bytes(random.Random(size).randbytes(size)))
+    frame = vxlan_frame(inner_ip)
+    rv, out, delta = lab.counted(prog, frame)
+    assert rv == verdict_of(prog, XDP_REDIRECT)
+    assert out.hex() == inner_frame(inner_ip).hex()
+    one(delta, ("traffic", "vxlan", "decap"), 1, ETH_HLEN + len(inner_ip))
+
+
+@pytest.mark.parametrize("prog", UNDERLAY_PROGS)
+def test_decap_keeps_the_inner_source_mac(lab, prog):
+    """The decapsulated frame comes from the sender's VtepMAC, whatever the outer Ethernet
+    header said: underlay_xdp keeps the inner header, underlay_tc writes it from it."""
+    inner_ip = inner_from_a("udp", b"from another VTEP")
+    frame = vxlan_frame(inner_ip, inner_src_mac="02:00:00:00:ab:cd")
+    assert frame[:ETH_HLEN] == eth(UNDERLAY_MAC, PEER_A.neigh_mac)  # the outer header
+
+    rv, out = lab.run(prog, frame)
+
+    assert rv == verdict_of(prog, XDP_REDIRECT)
+    assert out.hex() == (eth(OWN_VTEP, "02:00:00:00:ab:cd") + inner_ip).hex()
+
+
+@pytest.mark.parametrize("prog", UNDERLAY_PROGS)
+def test_decap_with_a_configured_port_and_vni(lab, prog):
     lab.configure(lab.settings(vni=0xABCDE, vxlan_port=4789))
     inner_ip = inner_from_a("udp")
-    assert lab.xdp(vxlan_frame(inner_ip))[0] == XDP_PASS  # 8472 is not ours any more
-    rv, out = lab.xdp(vxlan_frame(inner_ip, dport=4789, vni=0xABCDE))
-    assert (rv, out) == (XDP_REDIRECT, inner_frame(inner_ip))
+    old = vxlan_frame(inner_ip)
+    assert lab.run(prog, old) == (verdict_of(prog, XDP_PASS), old)  # 8472 is not ours now
+    rv, out = lab.run(prog, vxlan_frame(inner_ip, dport=4789, vni=0xABCDE))
+    assert (rv, out) == (verdict_of(prog, XDP_REDIRECT), inner_frame(inner_ip))
 
 
-@pytest.mark.parametrize("payload_len", [0, 1, 2, 3, 255, 256, 257, 1001, 1400])
-@pytest.mark.parametrize("proto", ["tcp", "udp"])
-def test_decap_completes_a_partial_checksum(lab, proto, payload_len):
+@pytest.mark.parametrize("prog", UNDERLAY_PROGS)
+def test_decap_with_another_vtep_mac(lab, prog):
+    """The inner destination must be the configured VtepMAC; underlay_tc writes that one."""
+    vtep = "02:00:00:00:77:77"
+    lab.configure(lab.settings(vtep_mac=vtep))
+    inner_ip = inner_from_a("udp")
+    old = vxlan_frame(inner_ip)
+    rv, out, delta = lab.counted(prog, old)
+    assert (rv, out) == (verdict_of(prog, XDP_DROP), old)
+    one(delta, ("reason", "vxlan", "DROP_WRONG_INNER_MAC"), 1, len(old))
+    rv, out = lab.run(prog, vxlan_frame(inner_ip, inner_dst_mac=vtep))
+    assert rv == verdict_of(prog, XDP_REDIRECT)
+    assert out.hex() == (eth(vtep, PEER_A.vtep_mac) + inner_ip).hex()
+
+
+CSUM_PAYLOAD_LENS = [0, 1, 2, 3, 255, 256, 257, 1001, 1400]
+
+
+def partial_inner(proto: str, payload_len: int) -> tuple[bytes, bytes]:
+    """(correct, partial): an inner packet from A, and the same with a partial checksum."""
     payload = bytes(random.Random(payload_len).randrange(256) for _ in range(payload_len))
     correct = inner_from_a(proto, payload)
     partial = partial_csum(correct)
     assert partial != correct and not l4_csum_ok(partial)
+    return correct, partial
+
+
+@pytest.mark.parametrize("payload_len", CSUM_PAYLOAD_LENS)
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_xdp_decap_completes_a_partial_checksum(lab, proto, payload_len):
+    """XDP_REDIRECT loses the skb's checksum state: underlay_xdp must finish the sum."""
+    correct, partial = partial_inner(proto, payload_len)
 
     rv, out = lab.xdp(vxlan_frame(partial))
 
     assert rv == XDP_REDIRECT
     assert l4_csum_ok(out[ETH_HLEN:])
     assert out.hex() == inner_frame(correct).hex()
+
+
+@pytest.mark.parametrize("payload_len", CSUM_PAYLOAD_LENS)
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_tc_decap_leaves_a_partial_checksum_as_is(lab, proto, payload_len):
+    """underlay_tc keeps the skb, and with it the checksum state (CHECKSUM_PARTIAL stays
+    partial for the receiver to trust): the field must come out exactly as it came in.
+    This is where the two underlay programs' outputs differ, and only here."""
+    correct, partial = partial_inner(proto, payload_len)
+    frame = vxlan_frame(partial)
+
+    rv, out, delta = lab.counted("tc", frame)
+
+    assert rv == TC_ACT_REDIRECT
+    assert out.hex() == inner_frame(partial).hex()
+    one(delta, ("traffic", "vxlan", "decap"), 1, len(frame) - VXLAN_OVERHEAD)
+    assert lab.xdp(frame) == (XDP_REDIRECT, inner_frame(correct))
+
+
+# struct __sk_buff (uapi linux/bpf.h): its size, and the fields a tc test run may set
+# that are used here.
+SKB_CTX_SIZE, SKB_CTX_GSO_SEGS, SKB_CTX_GSO_SIZE = 192, 164, 176
+
+
+def test_tc_decap_the_kernel_refuses_is_a_counted_drop(lab):
+    """bpf_skb_adjust_room() refuses to shrink a GSO skb whose gso_type is not TCP (a
+    test run can make a GSO skb, gso_size in the __sk_buff context, but leaves its gso_type
+    0). That is how underlay_tc's refusal branch is reached: the frame must come back
+    untouched, dropped and counted as DROP_ENCAP_FAILED with its whole length."""
+    ctx = bytearray(SKB_CTX_SIZE)
+    struct.pack_into("=I", ctx, SKB_CTX_GSO_SEGS, 2)
+    struct.pack_into("=I", ctx, SKB_CTX_GSO_SIZE, len(GOOD_INNER) // 2)
+    before = lab.counters.snapshot()
+    with netns.entered(lab.ns):
+        rv, out, _ = prog_test_run(lab.tc_fd, GOOD, ctx=bytes(ctx))
+    assert (rv, out) == (TC_ACT_SHOT, GOOD)
+    delta = Counters.delta(before, lab.counters.snapshot())
+    one(delta, ("reason", "vxlan", "DROP_ENCAP_FAILED"), 1, len(GOOD))
 
 
 @pytest.mark.parametrize(
@@ -528,18 +676,20 @@ def test_decap_completes_a_partial_checksum(lab, proto, payload_len):
     ],
     ids=["tcp-correct", "udp-correct", "udp-zero", "tcp-corrupt"],
 )
-def test_decap_leaves_other_checksums_alone(lab, inner_ip):
-    rv, out = lab.xdp(vxlan_frame(inner_ip))
-    assert rv == XDP_REDIRECT
+@pytest.mark.parametrize("prog", UNDERLAY_PROGS)
+def test_decap_leaves_other_checksums_alone(lab, inner_ip, prog):
+    rv, out = lab.run(prog, vxlan_frame(inner_ip))
+    assert rv == verdict_of(prog, XDP_REDIRECT)
     assert out.hex() == inner_frame(inner_ip).hex()
 
 
-def test_host_gw_delivery_passes_untouched_and_is_counted(lab):
+@pytest.mark.parametrize("prog", UNDERLAY_PROGS)
+def test_host_gw_delivery_passes_untouched_and_is_counted(lab, prog):
     frame = eth(UNDERLAY_MAC, PEER_HOSTGW.neigh_mac) + tcp_packet(
         PEER_HOSTGW.host(9), OWN_HOST, 80, 40000, b"via host-gw"
     )
-    rv, out, delta = lab.counted("xdp", frame)
-    assert (rv, out) == (XDP_PASS, frame)
+    rv, out, delta = lab.counted(prog, frame)
+    assert (rv, out) == (verdict_of(prog, XDP_PASS), frame)
     one(delta, ("traffic", "host-gw", "deliver"), 1, len(frame))
 
 
@@ -676,13 +826,17 @@ UNDERLAY_CASES = {
 }
 
 
+@pytest.mark.parametrize("prog", UNDERLAY_PROGS)
 @pytest.mark.parametrize("case", list(UNDERLAY_CASES))
-def test_underlay_verdict_and_reason(lab, case):
+def test_underlay_verdict_and_reason(lab, case, prog):
+    """The table states underlay_xdp's verdicts; underlay_tc must give the same, mapped."""
     frame, verdict, key = UNDERLAY_CASES[case]
-    rv, out, delta = lab.counted("xdp", frame)
-    assert rv == verdict
-    if verdict == XDP_PASS:
-        assert out == frame, "XDP_PASS must hand the frame on untouched"
+    rv, out, delta = lab.counted(prog, frame)
+    assert rv == verdict_of(prog, verdict)
+    if verdict == XDP_REDIRECT:
+        assert out.hex() == decapped(prog, frame).hex()
+    else:
+        assert out == frame, "a pass or a drop must leave the frame untouched"
     nbytes = len(frame) - VXLAN_OVERHEAD if verdict == XDP_REDIRECT else len(frame)
     one(delta, key, 1, nbytes)
 
@@ -709,47 +863,67 @@ def truncation_expectation(length: int):
     return XDP_REDIRECT, ("traffic", "vxlan", "decap")
 
 
-def check_truncated(lab, length: int) -> None:
+def check_truncated(lab, prog: str, length: int) -> None:
     frame = GOOD[:length]
-    if length < ETH_HLEN:
-        # The kernel refuses XDP test runs shorter than an Ethernet header.
+    if refused_by_test_run(prog, frame):
+        # XDP: under 14 bytes; tc: under 14, and (GOOD being IPv4-typed) under 34 bytes.
+        assert length < (ETH_HLEN if prog == "xdp" else ETH_HLEN + 20), length
         before = lab.counters.snapshot()
         with pytest.raises(BpfError) as err:
-            lab.xdp(frame)
-        assert err.value.errno == errno.EINVAL
+            lab.run(prog, frame)
+        assert err.value.errno == errno.EINVAL, f"cut at {length}"
         assert Counters.delta(before, lab.counters.snapshot()) == {}, f"cut at {length}"
         return
     verdict, key = truncation_expectation(length)
-    rv, out, delta = lab.counted("xdp", frame)
-    assert rv == verdict, f"cut at {length}"
-    if verdict == XDP_PASS:
-        assert out == frame
+    rv, out, delta = lab.counted(prog, frame)
+    assert rv == verdict_of(prog, verdict), f"cut at {length}"
+    if verdict == XDP_REDIRECT:
+        assert out.hex() == decapped(prog, frame).hex(), f"cut at {length}"
+    else:
+        assert out == frame, f"cut at {length}"
     nbytes = length - VXLAN_OVERHEAD if verdict == XDP_REDIRECT else length
     assert delta == {key: (1, nbytes)}, f"cut at {length}: {delta}"
 
 
+@pytest.mark.parametrize("prog", UNDERLAY_PROGS)
 @pytest.mark.parametrize("where", ["missing", "half", "one-byte-short"])
 @pytest.mark.parametrize("header", list(HEADERS))
-def test_underlay_truncated_in_each_header(lab, header, where):
+def test_underlay_truncated_in_each_header(lab, header, where, prog):
     """The frame ends before, in the middle of, or one byte short of the end of a header.
-    Ethernet: BPF_PROG_TEST_RUN refuses XDP frames under 14 bytes (EINVAL, nothing
-    counted), so that is all that can be tested for it."""
+    Ethernet: BPF_PROG_TEST_RUN refuses frames under 14 bytes (EINVAL, nothing counted),
+    so that is all that can be tested for it; for underlay_tc the same holds for the outer
+    IPv4 header (an IPv4-typed tc frame under 34 bytes is refused)."""
     offset, size = HEADERS[header]
     check_truncated(
-        lab, {"missing": offset, "half": offset + size // 2}.get(where, offset + size - 1)
+        lab, prog, {"missing": offset, "half": offset + size // 2}.get(where, offset + size - 1)
     )
 
 
-def test_underlay_truncated_at_every_length(lab):
+@pytest.mark.parametrize("prog", UNDERLAY_PROGS)
+def test_underlay_truncated_at_every_length(lab, prog):
     for length in range(INNER_IPV4_END + 8):
-        check_truncated(lab, length)
+        check_truncated(lab, prog, length)
+
+
+def test_tc_test_run_refusals_are_as_documented(lab):
+    """What tc_test_run_refuses() (and so every tc test here) assumes of the kernel: for
+    each ethertype, the shortest frame a tc test run accepts, and one byte less."""
+    for ethertype, minimum in ((0x0800, 34), (0x86DD, 54), (0x0806, 14), (0x8100, 14)):
+        frame = eth(UNDERLAY_MAC, PEER_A.neigh_mac, ethertype) + bytes(minimum - ETH_HLEN)
+        assert not tc_test_run_refuses(frame) and tc_test_run_refuses(frame[:-1])
+        with pytest.raises(BpfError) as err:
+            lab.tc(frame[:-1])
+        assert err.value.errno == errno.EINVAL, hex(ethertype)
+        rv, out = lab.tc(frame)
+        assert (rv, out) == (TC_ACT_OK, frame), hex(ethertype)
 
 
 def test_not_configured(lab):
     lab.configure(lab.settings(public_ip=IPv4Address("0.0.0.0")))
-    rv, out, delta = lab.counted("xdp", GOOD)
-    assert (rv, out) == (XDP_PASS, GOOD)
-    one(delta, ("reason", "none", "PASS_NOT_CONFIGURED"), 1, len(GOOD))
+    for prog in UNDERLAY_PROGS:
+        rv, out, delta = lab.counted(prog, GOOD)
+        assert (rv, out) == (verdict_of(prog, XDP_PASS), GOOD), prog
+        one(delta, ("reason", "none", "PASS_NOT_CONFIGURED"), 1, len(GOOD))
     frame = tunnel_frame(inner_from_a("udp"))
     rv, _, delta = lab.counted("egress", frame)
     assert rv == TC_ACT_SHOT
@@ -782,14 +956,6 @@ def test_egress_drops_with_reason(lab, case):
     one(delta, ("reason", backend, reason), 1, len(frame))
 
 
-def tc_test_run_refuses(frame: bytes) -> bool:
-    """BPF_PROG_TEST_RUN for tc refuses (EINVAL) frames shorter than an Ethernet header,
-    and IPv4 / IPv6 typed frames shorter than Ethernet + the fixed IP header (20 / 40)."""
-    ethertype = frame[12:14] if len(frame) >= ETH_HLEN else b""
-    minimum = {b"\x08\x00": ETH_HLEN + 20, b"\x86\xdd": ETH_HLEN + 40}.get(ethertype, ETH_HLEN)
-    return len(frame) < minimum
-
-
 def test_egress_truncated_at_every_length(lab):
     """tunnel_egress's DROP_MALFORMED (an IPv4 frame without a whole IPv4 header) cannot be
     reached through BPF_PROG_TEST_RUN: the kernel refuses such frames itself. Check the
@@ -820,10 +986,11 @@ N = 17
     ("prog", "frame", "key", "counted_len"),
     [
         ("xdp", GOOD, ("traffic", "vxlan", "decap"), len(GOOD) - VXLAN_OVERHEAD),
+        ("tc", GOOD, ("traffic", "vxlan", "decap"), len(GOOD) - VXLAN_OVERHEAD),
         ("egress", to(PEER_A, b"e" * 333), ("traffic", "vxlan", "encap"), None),
         ("egress", to(PEER_HOSTGW, b"h" * 99), ("traffic", "host-gw", "forward"), None),
     ],
-    ids=["vxlan-decap", "vxlan-encap", "host-gw-forward"],
+    ids=["vxlan-decap-xdp", "vxlan-decap-tc", "vxlan-encap", "host-gw-forward"],
 )
 def test_traffic_counters_count_packets_and_inner_frame_bytes(lab, prog, frame, key, counted_len):
     """Bytes are the inner Ethernet frame: as it left the stack (encap, forward) or as it
@@ -831,19 +998,40 @@ def test_traffic_counters_count_packets_and_inner_frame_bytes(lab, prog, frame, 
     counted_len = counted_len or len(frame)
     before = lab.counters.snapshot()
     for _ in range(N):
-        rv, _ = lab.egress(frame) if prog == "egress" else lab.xdp(frame)
-        assert rv in (TC_ACT_REDIRECT, XDP_REDIRECT)
+        rv, _ = lab.run(prog, frame)
+        assert rv == (XDP_REDIRECT if prog == "xdp" else TC_ACT_REDIRECT)
     delta = Counters.delta(before, lab.counters.snapshot())
     one(delta, key, N, N * counted_len)
 
 
-def test_traffic_counters_sum_mixed_lengths(lab):
+REASON_COUNTER_CASES = ["wrong-vni", "arp", "spoofed-source-from-peer-a", "inner-ipv6"]
+
+
+@pytest.mark.parametrize("prog", UNDERLAY_PROGS)
+@pytest.mark.parametrize("case", [*REASON_COUNTER_CASES, "host-gw-deliver"])
+def test_underlay_pass_and_drop_counters_count_whole_frames(lab, case, prog):
+    """A pass or a drop counts the frame as it came, N times N bytes exactly."""
+    if case == "host-gw-deliver":
+        frame = eth(UNDERLAY_MAC, PEER_HOSTGW.neigh_mac) + udp_packet(
+            PEER_HOSTGW.host(9), OWN_HOST, 1, 2, b"d" * 301
+        )
+        verdict, key = XDP_PASS, ("traffic", "host-gw", "deliver")
+    else:
+        frame, verdict, key = UNDERLAY_CASES[case]
+    before = lab.counters.snapshot()
+    for _ in range(N):
+        assert lab.run(prog, frame) == (verdict_of(prog, verdict), frame)
+    one(Counters.delta(before, lab.counters.snapshot()), key, N, N * len(frame))
+
+
+@pytest.mark.parametrize("decap_prog", UNDERLAY_PROGS)
+def test_traffic_counters_sum_mixed_lengths(lab, decap_prog):
     sizes = (0, 1, 100, 1000, 1410)
     incoming = [inner_from_a("tcp", b"z" * n) for n in sizes]
     outgoing = [tcp_packet(OWN_HOST, PEER_A.host(7), 80, 443, b"z" * n) for n in sizes]
     before = lab.counters.snapshot()
     for inner_ip in incoming:
-        assert lab.xdp(vxlan_frame(inner_ip))[0] == XDP_REDIRECT
+        assert lab.run(decap_prog, vxlan_frame(inner_ip))[0] == verdict_of(decap_prog, XDP_REDIRECT)
     for inner_ip in outgoing:
         assert lab.egress(tunnel_frame(inner_ip))[0] == TC_ACT_REDIRECT
     delta = Counters.delta(before, lab.counters.snapshot())
@@ -913,47 +1101,99 @@ def reason_verdict(name: str) -> str:
     return "drop" if name.startswith("DROP_") else "pass"
 
 
-@pytest.mark.parametrize("prog", ["xdp", "egress"])
-def test_every_frame_is_counted_exactly_once(lab, prog):
-    if prog == "xdp":
-        frames = fuzz_frames(0xF1A77E1, xdp_templates())
+def decap_matches(prog: str, frame: bytes, out: bytes) -> bool:
+    """Is out what prog makes of frame when it decapsulates it? underlay_xdp may also have
+    completed a partial L4 checksum: those two bytes are all it may change."""
+    want = decapped(prog, frame)
+    if out == want:
+        return True
+    if prog != "xdp" or len(out) != len(want):
+        return False
+    csum_at = ETH_HLEN + 20 + (16 if want[ETH_HLEN + 9] == IPPROTO_TCP else 6)
+    return out[:csum_at] + out[csum_at + 2 :] == want[:csum_at] + want[csum_at + 2 :]
+
+
+FUZZ_SEEDS = {"xdp": 0xF1A77E1, "egress": 0xF1A77E2, "tc": 0xF1A77E3}
+
+
+def fuzz_frames_for(prog: str) -> list[bytes]:
+    if prog == "egress":
+        return fuzz_frames(FUZZ_SEEDS[prog], egress_templates(), tc_test_run_refuses)
+    return fuzz_frames(FUZZ_SEEDS[prog], xdp_templates(), lambda f: refused_by_test_run(prog, f))
+
+
+def check_underlay_outcome(prog, frame, rv, out, key, nbytes, where) -> None:
+    """One fuzzed frame through an underlay program: a consistent verdict, counter, output."""
+    kind, _, what = key
+    verdicts = UNDERLAY_VERDICTS[prog]
+    assert rv in verdicts.values(), where
+    if rv == verdicts[XDP_REDIRECT]:
+        assert key == ("traffic", "vxlan", "decap"), where
+        assert nbytes == len(frame) - VXLAN_OVERHEAD == len(out), where
+        assert decap_matches(prog, frame, out), where
+    elif rv == verdicts[XDP_PASS]:
+        assert out == frame, where
+        assert nbytes == len(frame), where
+        assert key == ("traffic", "host-gw", "deliver") or (
+            kind == "reason" and reason_verdict(what) == "pass"
+        ), where
     else:
-        frames = fuzz_frames(0xF1A77E2, egress_templates(), tc_test_run_refuses)
-    run_prog = lab.xdp if prog == "xdp" else lab.egress
+        assert out == frame, where
+        assert nbytes == len(frame), where
+        assert kind == "reason" and reason_verdict(what) == "drop", where
+
+
+@pytest.mark.parametrize("prog", ["xdp", "tc", "egress"])
+def test_every_frame_is_counted_exactly_once(lab, prog):
+    frames = fuzz_frames_for(prog)
     start = snapshot = lab.counters.snapshot()
     seen_verdicts: dict[int, int] = {}
     for i, frame in enumerate(frames):
-        rv, out = run_prog(frame)
+        rv, out = lab.run(prog, frame)
         after = lab.counters.snapshot()
         delta = Counters.delta(snapshot, after)
         snapshot = after
         seen_verdicts[rv] = seen_verdicts.get(rv, 0) + 1
         where = f"frame {i} ({frame.hex()}): verdict {rv}, counters {delta}"
         assert len(delta) == 1, where
-        (kind, backend, what), (packets, nbytes) = next(iter(delta.items()))
+        key, (packets, nbytes) = next(iter(delta.items()))
         assert packets == 1, where
-        if prog == "xdp":
-            assert rv in XDP_VERDICTS, where
-            if rv == XDP_REDIRECT:
-                assert (kind, backend, what) == ("traffic", "vxlan", "decap"), where
-                assert nbytes == len(frame) - VXLAN_OVERHEAD == len(out), where
-            elif rv == XDP_PASS:
-                assert out == frame, where
-                assert nbytes == len(frame), where
-                assert (kind, backend, what) == ("traffic", "host-gw", "deliver") or (
-                    kind == "reason" and reason_verdict(what) == "pass"
-                ), where
-            else:
-                assert nbytes == len(frame), where
-                assert kind == "reason" and reason_verdict(what) == "drop", where
+        if prog != "egress":
+            check_underlay_outcome(prog, frame, rv, out, key, nbytes, where)
+            continue
+        kind, _, what = key
+        assert rv in TC_VERDICTS, where
+        assert nbytes == len(frame), where
+        if rv == TC_ACT_REDIRECT:
+            assert kind == "traffic" and what in ("encap", "forward"), where
         else:
-            assert rv in TC_VERDICTS, where
-            assert nbytes == len(frame), where
-            if rv == TC_ACT_REDIRECT:
-                assert kind == "traffic" and what in ("encap", "forward"), where
-            else:
-                assert kind == "reason" and reason_verdict(what) == "drop", where
+            assert kind == "reason" and reason_verdict(what) == "drop", where
     total = Counters.delta(start, snapshot)
     assert sum(p for p, _ in total.values()) == len(frames)
     # The run must reach more than one outcome to mean anything.
     assert len(seen_verdicts) >= 2 and len(total) >= 6, (seen_verdicts, total)
+    if prog != "egress":
+        assert len(seen_verdicts) == 3, seen_verdicts  # pass, drop and decap all reached
+
+
+def test_underlay_programs_agree_on_every_frame(lab):
+    """underlay_xdp and underlay_tc share classify_underlay(): on every fuzzed frame (those
+    a tc test run accepts) they must reach the same verdict, move the same counter by the
+    same bytes, and produce the same frame, up to a partial checksum only XDP completes."""
+    to_xdp = {tc: xdp for xdp, tc in UNDERLAY_VERDICTS["tc"].items()}
+    snapshot = lab.counters.snapshot()
+    for i, frame in enumerate(fuzz_frames_for("tc")):
+        outcomes = []
+        for prog in UNDERLAY_PROGS:
+            rv, out = lab.run(prog, frame)
+            after = lab.counters.snapshot()
+            outcomes.append((rv if prog == "xdp" else to_xdp[rv], Counters.delta(snapshot, after)))
+            snapshot = after
+            if prog == "xdp":
+                xdp_out = out
+        where = f"frame {i} ({frame.hex()}): xdp, tc (as XDP verdicts) {outcomes}"
+        assert outcomes[0] == outcomes[1], where
+        if outcomes[0][0] == XDP_REDIRECT:
+            assert decap_matches("xdp", frame, xdp_out) and out == decapped("tc", frame), where
+        else:
+            assert xdp_out == out == frame, where
