@@ -40,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="leave the cluster running")
     demo.set_defaults(func=_cmd_demo)
 
+    from flannel_xdp.agent import cli as agent_cli
+
+    agent = sub.add_parser(
+        "agent",
+        help="run the node agent (flanneld's flags; each also as FLANNELD_<NAME>)",
+        description="Take a subnet lease from etcd as flanneld does, install the BPF data "
+        "path and keep its maps equal to the registry.",
+    )
+    agent_cli.add_arguments(agent)
+    agent.set_defaults(func=agent_cli.run)
+
     teardown = sub.add_parser(
         "teardown", help="detach the programs, delete the tunnel device and unpin everything"
     )

@@ -192,6 +192,13 @@ class SubnetsMap(PinnedMap):
             self._delete(removals[i : i + batch])
         return ApplyResult(added=added, changed=len(upserts) - added, removed=len(removals))
 
+    def upsert(self, peer: Peer) -> None:
+        """Add or replace one entry (a single registry event)."""
+        libbpf.update(self.fd, peer.key(), peer.value())
+
+    def remove(self, subnet: IPv4Network) -> bool:
+        return libbpf.delete(self.fd, subnet_key(subnet))
+
     def _update(self, peers: list[Peer]) -> None:
         keys = (SubnetKey * len(peers))(*(p.key() for p in peers))
         values = (RemoteSubnet * len(peers))(*(p.value() for p in peers))

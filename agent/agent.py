@@ -1,0 +1,461 @@
+"""The node agent: lease, data path, and the loop that keeps the maps equal to the registry.
+
+Data flows one way: registry events -> desired peers -> BPF maps and routes.
+The data path outlives the agent: on SIGTERM (or a crash) programs, maps and
+routes stay, and traffic keeps flowing; a restarted agent adopts them
+(same tunnel device, same VtepMAC, same lease) and reconciles by diff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+from pyroute2 import IPRoute
+
+from flannel_xdp import defaults
+from flannel_xdp.agent import acquire, health, masq, node_state, subnet_env
+from flannel_xdp.agent.config import ConfigError, NetworkConfig
+from flannel_xdp.agent.interface import Underlay, find_underlay
+from flannel_xdp.agent.lease import LeaseAttrs
+from flannel_xdp.agent.peers import Ignored, desired_peers, peer_for
+from flannel_xdp.agent.registry import (
+    Compacted,
+    ConfigMissing,
+    Endpoint,
+    EtcdRegistry,
+    EventKind,
+    LeaseEvent,
+    RegistryError,
+    RegistryUnavailable,
+    TlsFiles,
+)
+from flannel_xdp.loader import datapath, devices
+from flannel_xdp.maps.views import Peer, SubnetsMap
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL = 24 * 3600
+RENEW_RETRY = 60.0
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+PROBE_INTERVAL = 1.0
+
+
+class _ProbeFailed(Exception):
+    pass
+
+
+class AgentExit(Exception):
+    """Stop the agent with an exit code."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    etcd_endpoints: list[Endpoint]
+    etcd_prefix: str = "/coreos.com/network"
+    tls: TlsFiles | None = None
+    etcd_username: str | None = None
+    etcd_password: str | None = None
+    ifaces: list[str] = field(default_factory=list)
+    iface_regex: list[str] = field(default_factory=list)
+    public_ip: IPv4Address | None = None
+    subnet_file: str = subnet_env.DEFAULT_PATH
+    renew_margin_minutes: int = 60
+    ip_masq: bool = False
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0
+    bpffs: str = defaults.BPFFS_DIR
+    ingress_hook: datapath.IngressHook = datapath.DEFAULT_INGRESS_HOOK
+    xdp_mode: str = "auto"
+    max_subnets: int = defaults.MAX_SUBNETS
+    lease_ttl: int = LEASE_TTL
+
+
+@dataclass
+class Stats:
+    """What the agent has done, for logs now and metrics later."""
+
+    events: int = 0
+    event_errors: int = 0
+    full_syncs: int = 0
+    last_sync: float = 0.0
+    last_sync_seconds: float = 0.0
+    registry_ok: bool = False
+    lease_expiry: float = 0.0
+
+
+def random_vtep_mac(rng: random.Random | None = None) -> str:
+    """Locally administered, unicast, as flanneld's VtepMAC."""
+    rng = rng or random.SystemRandom()
+    raw = bytearray(rng.getrandbits(8) for _ in range(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def _existing_tunnel_mac(vni: int) -> str | None:
+    name, _ = devices.tunnel_names(vni)
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        return ipr.get_links(found[0])[0].get_attr("IFLA_ADDRESS")
+
+
+class Agent:
+    def __init__(self, opts: AgentOptions):
+        self.opts = opts
+        self.registry = EtcdRegistry(
+            opts.etcd_endpoints,
+            prefix=opts.etcd_prefix,
+            tls=opts.tls,
+            username=opts.etcd_username,
+            password=opts.etcd_password,
+        )
+        self.stats = Stats()
+        self.config: NetworkConfig | None = None
+        self.underlay: Underlay | None = None
+        self.subnet: IPv4Network | None = None
+        self.attrs: LeaseAttrs | None = None
+        self.leases: dict[IPv4Network, LeaseAttrs] = {}
+        self.programmed: dict[IPv4Network, Peer] = {}
+        self.subnets_map: SubnetsMap | None = None
+        self.ready = False
+        self._revision = 0
+        self._stop = asyncio.Event()
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    async def _fetch_config(self) -> NetworkConfig:
+        backoff = BACKOFF_MIN
+        while True:
+            try:
+                return await self.registry.get_config()
+            except ConfigError as exc:
+                raise AgentExit(2, f"invalid network config in etcd: {exc}") from exc
+            except (RegistryUnavailable, ConfigMissing) as exc:
+                log.warning("waiting for the network config: %s", exc)
+            await self._sleep_or_stop(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _tunnel_mtu(self, config: NetworkConfig, underlay: Underlay) -> int:
+        if config.backend.type == "vxlan":
+            return config.backend.vxlan.mtu or underlay.mtu - defaults.VXLAN_OVERHEAD
+        return underlay.mtu
+
+    async def start(self) -> None:
+        opts = self.opts
+        self.config = config = await self._fetch_config()
+        if config.backend.type not in ("vxlan", "host-gw"):
+            raise AgentExit(
+                2,
+                f"backend {config.backend.type!r} has no BPF data path "
+                "(flannel-xdp runs vxlan and host-gw)",
+            )
+        try:
+            self.underlay = underlay = await asyncio.to_thread(
+                find_underlay, opts.ifaces, opts.iface_regex
+            )
+        except RuntimeError as exc:
+            raise AgentExit(2, str(exc)) from exc
+        public_ip = opts.public_ip or underlay.address.ip
+        vni = config.backend.vxlan.vni
+        if config.backend.type == "host-gw" and public_ip != underlay.address.ip:
+            raise AgentExit(
+                2,
+                f"host-gw needs the public IP on {underlay.name} "
+                f"({underlay.address.ip}), not {public_ip}",
+            )
+        vtep_mac = await asyncio.to_thread(_existing_tunnel_mac, vni) or random_vtep_mac()
+        if config.backend.type == "vxlan":
+            self.attrs = LeaseAttrs(public_ip, "vxlan", vni=vni, vtep_mac=vtep_mac)
+        else:
+            self.attrs = LeaseAttrs(public_ip, "host-gw")
+        log.info(
+            "underlay %s (%s), public IP %s, backend %s",
+            underlay.name,
+            underlay.address,
+            public_ip,
+            config.backend.type,
+        )
+
+        previous = subnet_env.read_subnet(opts.subnet_file)
+        try:
+            self.subnet = await acquire.acquire(
+                self.registry, config, self.attrs, opts.lease_ttl, previous=previous
+            )
+        except acquire.NoSubnetAvailable as exc:
+            raise AgentExit(1, str(exc)) from exc
+        self.stats.lease_expiry = time.time() + opts.lease_ttl
+
+        mtu = self._tunnel_mtu(config, underlay)
+        await asyncio.to_thread(self._install_data_path, vtep_mac, public_ip, mtu)
+        subnet_env.write(
+            opts.subnet_file,
+            subnet_env.SubnetEnv(config.network, self.subnet, mtu, opts.ip_masq),
+        )
+        log.info("wrote %s: subnet %s, MTU %d", opts.subnet_file, self.subnet, mtu)
+        await asyncio.to_thread(masq.install, config.network, self.subnet, opts.ip_masq)
+
+        listing = await self.registry.list_leases()
+        await self._full_sync(listing.leases, listing.revision)
+        self.ready = True
+
+    def _install_data_path(self, vtep_mac: str, public_ip: IPv4Address, mtu: int) -> None:
+        assert self.config and self.underlay and self.subnet
+        cfg = datapath.DataPathConfig(
+            underlay=self.underlay.name,
+            bpffs=self.opts.bpffs,
+            max_subnets=self.opts.max_subnets,
+            xdp_mode=datapath.attach.XdpMode(self.opts.xdp_mode),
+            ingress_hook=self.opts.ingress_hook,
+            tunnel_mtu=mtu,
+        )
+        node = datapath.NodeParams(
+            public_ip=public_ip,
+            subnet=self.subnet,
+            vtep_mac=vtep_mac,
+            vni=self.config.backend.vxlan.vni,
+            vxlan_port=self.config.backend.vxlan.port,
+        )
+        installed = datapath.install(cfg, node)
+        with IPRoute() as ipr:
+            node_state.set_tunnel_address(ipr, self.subnet, node.vni)
+        self.subnets_map = SubnetsMap(installed.pins.maps)
+
+    # -- keeping the maps equal to the registry ---------------------------------------------
+
+    def _direct_networks(self) -> list[IPv4Network]:
+        return [self.underlay.network] if self.underlay else []
+
+    async def _full_sync(self, leases: dict[IPv4Network, LeaseAttrs], revision: int) -> None:
+        assert self.config and self.subnet and self.subnets_map
+        started = time.monotonic()
+        own = leases.get(self.subnet)
+        if own is None or own.public_ip != self.attrs.public_ip:  # type: ignore[union-attr]
+            raise AgentExit(1, f"Lease has been revoked: {self.subnet} is no longer ours")
+        self.leases = dict(leases)
+        want = desired_peers(leases, self.subnet, self.config, self._direct_networks())
+        for ignored in want.ignored:
+            log.warning("ignoring lease %s: %s", ignored.subnet, ignored.why)
+        peers = list(want.peers.values())
+        # Map entries before routes, routes removed before map entries: no packet is
+        # routed into the tunnel without an entry telling the program where it goes.
+        self.subnets_map.apply(
+            peers + [p for s, p in self.programmed.items() if s not in want.peers]
+        )
+        vni = self.config.backend.vxlan.vni
+        await asyncio.to_thread(self._sync_routes, peers, vni)
+        result = self.subnets_map.apply(peers)
+        self.programmed = dict(want.peers)
+        self._revision = revision
+        self.stats.full_syncs += 1
+        self.stats.last_sync = time.time()
+        self.stats.last_sync_seconds = time.monotonic() - started
+        log.info(
+            "synced %d peers from revision %d (%d added, %d changed, %d removed) in %.3f s",
+            len(peers),
+            revision,
+            result.added,
+            result.changed,
+            result.removed,
+            self.stats.last_sync_seconds,
+        )
+
+    @staticmethod
+    def _sync_routes(peers: list[Peer], vni: int) -> None:
+        with IPRoute() as ipr:
+            node_state.sync_peers(ipr, peers, vni)
+
+    async def _on_event(self, ev: LeaseEvent) -> None:
+        assert self.config and self.subnet and self.subnets_map and self.attrs
+        self.stats.events += 1
+        self._revision = ev.revision
+        if ev.subnet == self.subnet:
+            if ev.kind == EventKind.REMOVED or (
+                ev.attrs and ev.attrs.public_ip != self.attrs.public_ip
+            ):
+                raise AgentExit(1, f"Lease has been revoked: {self.subnet}")
+            return
+        if ev.kind == EventKind.ADDED and ev.attrs is not None:
+            self.leases[ev.subnet] = ev.attrs
+            got: Peer | Ignored | None = peer_for(
+                ev.subnet, ev.attrs, self.config, self._direct_networks()
+            )
+        else:
+            self.leases.pop(ev.subnet, None)
+            got = None
+        old = self.programmed.get(ev.subnet)
+        vni = self.config.backend.vxlan.vni
+        if isinstance(got, Peer):
+            if got != old:
+                self.subnets_map.upsert(got)
+                await asyncio.to_thread(self._add_route, got, vni)
+                self.programmed[ev.subnet] = got
+                log.info("peer %s via %s (%s)", got.subnet, got.public_ip, got.backend.name)
+            return
+        if isinstance(got, Ignored):
+            log.warning("ignoring lease %s: %s", got.subnet, got.why)
+        if old is not None:
+            await asyncio.to_thread(self._remove_route, ev.subnet, vni)
+            self.subnets_map.remove(ev.subnet)
+            del self.programmed[ev.subnet]
+            log.info("peer %s removed", ev.subnet)
+
+    @staticmethod
+    def _add_route(peer: Peer, vni: int) -> None:
+        with IPRoute() as ipr:
+            node_state.add_peer(ipr, peer, vni)
+
+    @staticmethod
+    def _remove_route(subnet: IPv4Network, vni: int) -> None:
+        with IPRoute() as ipr:
+            node_state.remove_peer(ipr, subnet, vni)
+
+    # -- loops -----------------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        backoff = BACKOFF_MIN
+        while not self._stop.is_set():
+            try:
+                await self._watch_once()
+                backoff = BACKOFF_MIN
+                continue
+            except Compacted as exc:
+                log.warning("watch: %s; listing again", exc)
+                if await self._relist_quietly():
+                    continue
+                self.stats.registry_ok = False
+            except (RegistryError, _ProbeFailed) as exc:
+                self.stats.registry_ok = False
+                log.warning("registry unreachable (%s); retrying in %.1f s", exc, backoff)
+            await self._sleep_or_stop(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            if not self._stop.is_set():
+                await self._relist_quietly()
+
+    async def _watch_once(self) -> None:
+        """Apply watch events until the watch or the probe beside it fails."""
+
+        async def consume() -> None:
+            async for ev in self.registry.watch_leases(self._revision + 1):
+                try:
+                    await self._on_event(ev)
+                except AgentExit:
+                    raise
+                except Exception:
+                    self.stats.event_errors += 1
+                    log.exception("applying %s %s failed", ev.kind, ev.subnet)
+
+        tasks = {asyncio.create_task(consume()), asyncio.create_task(self._probe())}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+        for t in done:
+            t.result()  # re-raises what ended it
+
+    async def _relist(self) -> None:
+        listing = await self.registry.list_leases()
+        await self._full_sync(listing.leases, listing.revision)
+        self.stats.registry_ok = True
+
+    async def _relist_quietly(self) -> bool:
+        try:
+            await self._relist()
+            return True
+        except RegistryError as exc:
+            log.debug("relist failed: %s", exc)
+            return False
+
+    async def _probe(self) -> None:
+        """A watch on a dead member can wait forever: probe the registry beside it."""
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                await self.registry.get_config()
+                self.stats.registry_ok = True
+            except (RegistryError, ConfigError) as exc:
+                self.stats.registry_ok = False
+                raise _ProbeFailed(str(exc)) from exc
+
+    async def _renew_loop(self) -> None:
+        assert self.subnet and self.attrs
+        ttl, margin = self.opts.lease_ttl, self.opts.renew_margin_minutes * 60
+        while not self._stop.is_set():
+            await self._sleep_or_stop(max(self.stats.lease_expiry - time.time() - margin, 1.0))
+            if self._stop.is_set():
+                return
+            try:
+                await self.registry.renew_lease(self.subnet, self.attrs, ttl)
+                self.stats.lease_expiry = time.time() + ttl
+                log.info("renewed lease %s", self.subnet)
+            except RegistryError as exc:
+                log.warning(
+                    "renewing lease %s failed (%s); retrying in %.0f s",
+                    self.subnet,
+                    exc,
+                    RENEW_RETRY,
+                )
+                await self._sleep_or_stop(RENEW_RETRY)
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    def is_ready(self) -> bool:
+        return self.ready and self.stats.registry_ok
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        server = None
+        try:
+            if self.opts.healthz_port:
+                server = await health.serve(
+                    self.opts.healthz_ip, self.opts.healthz_port, self.is_ready
+                )
+            starting = asyncio.create_task(self.start())
+            stopping = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                log.info("stopped during start-up")
+                return 0
+            stopping.cancel()
+            starting.result()
+            self.stats.registry_ok = True
+            log.info("ready: %d peers programmed", len(self.programmed))
+            tasks = [
+                asyncio.create_task(self._watch_loop()),
+                asyncio.create_task(self._renew_loop()),
+            ]
+            stop = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+            for t in (*tasks, stop):
+                t.cancel()
+            for t in done:
+                if t is not stop and t.exception():
+                    raise t.exception()  # type: ignore[misc]
+            log.info("stopping; the data path stays in place (flannel-xdp teardown removes it)")
+            return 0
+        except AgentExit as exc:
+            log.error("%s", exc)
+            return exc.code
+        finally:
+            if server is not None:
+                server.close()
+            if self.subnets_map is not None:
+                self.subnets_map.close()
+            await self.registry.close()

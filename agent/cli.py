@@ -1,0 +1,140 @@
+"""`flannel-xdp agent`: flanneld's flag names and defaults, each also as FLANNELD_<NAME>."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from ipaddress import IPv4Address
+
+from flannel_xdp import defaults
+from flannel_xdp.agent.registry import DEFAULT_ENDPOINTS, DEFAULT_PREFIX, TlsFiles, parse_endpoints
+from flannel_xdp.agent.subnet_env import DEFAULT_PATH as DEFAULT_SUBNET_FILE
+from flannel_xdp.loader.datapath import IngressHook
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "FLANNELD_"
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _env_default(flag: str, default):
+    value = os.environ.get(_env_name(flag))
+    if value is None:
+        return default
+    if isinstance(default, bool):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, list):
+        return [v for v in value.split(",") if v]
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    def flag(name: str, default, help: str, **kw) -> None:
+        env_default = _env_default(name, default)
+        extra = f" (env {_env_name(name)}; default: {default!r})"
+        if isinstance(default, bool):
+            p.add_argument(name, action="store_true", default=env_default, help=help + extra)
+        elif isinstance(default, list):
+            p.add_argument(name, action="append", default=None, help=help + extra, **kw)
+            p.set_defaults(**{name.lstrip("-").replace("-", "_") + "_env": env_default})
+        else:
+            p.add_argument(name, default=env_default, help=help + extra, **kw)
+
+    flag("--etcd-endpoints", DEFAULT_ENDPOINTS, "comma-separated etcd endpoints")
+    flag("--etcd-prefix", DEFAULT_PREFIX, "etcd prefix of the network config and leases")
+    flag("--etcd-cafile", "", "CA file for etcd TLS")
+    flag("--etcd-certfile", "", "client certificate for etcd TLS")
+    flag("--etcd-keyfile", "", "client key for etcd TLS")
+    flag("--etcd-username", "", "etcd user name")
+    flag("--etcd-password", "", "etcd password")
+    flag("--iface", [], "underlay interface, by name or IP (repeatable: first that exists)")
+    flag("--iface-regex", [], "regex matching the underlay interface name (repeatable)")
+    flag("--public-ip", "", "IP other nodes reach this one at (default: the interface's)")
+    flag("--subnet-file", DEFAULT_SUBNET_FILE, "where to write subnet.env for the CNI plugin")
+    flag(
+        "--subnet-lease-renew-margin",
+        60,
+        "renew the lease this many minutes before expiry",
+        type=int,
+    )
+    flag("--ip-masq", False, "masquerade pod traffic leaving the cluster network")
+    flag("--healthz-ip", "0.0.0.0", "address of the /healthz and /readyz server")
+    flag("--healthz-port", 0, "port of the health server (0: off)", type=int)
+    flag("--bpffs", defaults.BPFFS_DIR, "bpffs directory for pinned programs and maps")
+    flag("--metrics-port", 0, "port of the Prometheus endpoint (0: off)", type=int)
+    flag(
+        "--ingress-hook",
+        defaults.INGRESS_HOOK,
+        "where VXLAN is decapsulated",
+        choices=[h.value for h in IngressHook],
+    )
+    flag("--xdp-mode", "auto", "XDP attach mode", choices=["auto", "native", "generic"])
+    flag("--max-subnets", defaults.MAX_SUBNETS, "capacity of the remote subnets map", type=int)
+
+
+def options_from(args: argparse.Namespace):
+    """AgentOptions from parsed flags; ValueError names the bad flag."""
+    from flannel_xdp.agent.agent import AgentOptions
+
+    try:
+        endpoints = parse_endpoints(args.etcd_endpoints)
+    except ValueError as exc:
+        raise ValueError(f"--etcd-endpoints: {exc}") from exc
+    tls_files = (args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile)
+    for name, path in zip(
+        ("--etcd-cafile", "--etcd-certfile", "--etcd-keyfile"), tls_files, strict=True
+    ):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{name}: no such file: {path}")
+    tls = TlsFiles(*(p or None for p in tls_files)) if any(tls_files) else None
+    if any(e.tls for e in endpoints) and tls is None:
+        tls = TlsFiles()
+    try:
+        public_ip = IPv4Address(args.public_ip) if args.public_ip else None
+    except ValueError as exc:
+        raise ValueError(f"--public-ip: {exc}") from exc
+    for name, port in (
+        ("--healthz-port", args.healthz_port),
+        ("--metrics-port", args.metrics_port),
+    ):
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{name}: {port} is not a port")
+    if args.subnet_lease_renew_margin < 1:
+        raise ValueError("--subnet-lease-renew-margin: must be at least 1 minute")
+    if not 1 <= args.max_subnets <= 1 << 24:
+        raise ValueError(f"--max-subnets: must be 1..16777216, not {args.max_subnets}")
+    return AgentOptions(
+        etcd_endpoints=endpoints,
+        etcd_prefix=args.etcd_prefix,
+        tls=tls,
+        etcd_username=args.etcd_username or None,
+        etcd_password=args.etcd_password or None,
+        ifaces=args.iface if args.iface is not None else args.iface_env,
+        iface_regex=args.iface_regex if args.iface_regex is not None else args.iface_regex_env,
+        public_ip=public_ip,
+        subnet_file=args.subnet_file,
+        renew_margin_minutes=args.subnet_lease_renew_margin,
+        ip_masq=args.ip_masq,
+        healthz_ip=args.healthz_ip,
+        healthz_port=args.healthz_port,
+        bpffs=args.bpffs,
+        ingress_hook=IngressHook(args.ingress_hook),
+        xdp_mode=args.xdp_mode,
+        max_subnets=args.max_subnets,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from flannel_xdp.agent.agent import Agent
+
+    try:
+        opts = options_from(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    return asyncio.run(Agent(opts).run())

@@ -1,0 +1,354 @@
+"""The subnet registry on etcd v3, as flanneld uses it.
+
+Layout under the prefix (default /coreos.com/network): ``config`` holds the
+network config, ``subnets/<net>-<len>`` one lease per node. A lease key is
+written with an etcd lease (TTL), created only if absent (a transaction on
+create_revision == 0) so that two nodes can never own one subnet.
+
+Several endpoints may be given: every call goes to the current one and, when
+it cannot be reached, moves on to the next (wrapping around) before failing
+with RegistryUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from ipaddress import IPv4Network
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions
+import grpc
+
+from flannel_xdp.agent.config import NetworkConfig, parse_config
+from flannel_xdp.agent.lease import LeaseAttrs, LeaseError, parse_subnet_key, subnet_key_name
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "/coreos.com/network"
+DEFAULT_ENDPOINTS = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+CALL_TIMEOUT = 5.0
+# etcd's clientv3.WithRequireLeader: fail instead of hanging on a member without a leader.
+REQUIRE_LEADER = (("hasleader", "true"),)
+
+_UNREACHABLE = (
+    aetcd.exceptions.ConnectionFailedError,
+    aetcd.exceptions.ConnectionTimeoutError,
+    aetcd.exceptions.InternalError,
+    asyncio.TimeoutError,
+    grpc.RpcError,
+    OSError,
+)
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+class RegistryUnavailable(RegistryError):
+    """No endpoint answered."""
+
+
+class ConfigMissing(RegistryError):
+    pass
+
+
+class Compacted(RegistryError):
+    """The watch start revision was compacted away: list again and diff."""
+
+    def __init__(self, revision: int):
+        super().__init__(f"revision {revision} has been compacted")
+        self.revision = revision
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    tls: bool
+    unix_path: str | None = None  # unix:///path: reachable from any network namespace
+
+    @property
+    def target(self) -> str:
+        return f"unix://{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        if self.unix_path:
+            return f"unix://{self.unix_path}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+
+def parse_endpoints(text: str) -> list[Endpoint]:
+    """'http://127.0.0.1:2379,https://[::1]:2379,unix:///run/etcd.sock' -> endpoints."""
+    out: list[Endpoint] = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if item.startswith("unix://"):
+            path = item.removeprefix("unix://")
+            if not path.startswith("/"):
+                raise ValueError(f"etcd endpoint {item!r}: expected unix:///absolute/path")
+            out.append(Endpoint("", 0, False, unix_path=path))
+            continue
+        url = urlsplit(item if "://" in item else f"http://{item}")
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"etcd endpoint {item!r}: expected http(s)://host:port")
+        try:
+            port = url.port or 2379
+        except ValueError as exc:
+            raise ValueError(f"etcd endpoint {item!r}: {exc}") from exc
+        out.append(Endpoint(url.hostname, port, url.scheme == "https"))
+    if not out:
+        raise ValueError("no etcd endpoint given")
+    return out
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.cafile),
+            private_key=read(self.keyfile),
+            certificate_chain=read(self.certfile),
+        )
+
+
+class _Client(aetcd.Client):
+    """aetcd's client, with TLS: aetcd 1.0 only makes insecure channels."""
+
+    def __init__(self, endpoint: Endpoint, tls: TlsFiles | None, **kwargs):
+        super().__init__(host=endpoint.host, port=endpoint.port, **kwargs)
+        self._target = endpoint.target
+        self._plain = not endpoint.tls and endpoint.unix_path is None
+        self._credentials = (tls or TlsFiles()).credentials() if endpoint.tls else None
+        self.metadata = REQUIRE_LEADER
+
+    async def connect(self) -> None:
+        if self._plain:
+            return await super().connect()
+        if self._connected.is_set():
+            return None
+        # aetcd's set-up, on a channel it cannot make itself (TLS, unix socket).
+        from aetcd import rpc, watcher
+
+        options = self._options.items()
+        if self._credentials is not None:
+            self.channel = grpc.aio.secure_channel(self._target, self._credentials, options)
+        else:
+            self.channel = grpc.aio.insecure_channel(self._target, options)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
+        return None
+
+
+class EventKind(StrEnum):
+    ADDED = "added"  # new or changed
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    kind: EventKind
+    subnet: IPv4Network
+    attrs: LeaseAttrs | None  # None for REMOVED
+    revision: int
+
+
+@dataclass(frozen=True)
+class Listing:
+    leases: dict[IPv4Network, LeaseAttrs]
+    revision: int
+    skipped: list[str]  # keys whose value was malformed
+
+
+class EtcdRegistry:
+    def __init__(
+        self,
+        endpoints: list[Endpoint],
+        prefix: str = DEFAULT_PREFIX,
+        tls: TlsFiles | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = CALL_TIMEOUT,
+    ):
+        if not endpoints:
+            raise ValueError("no etcd endpoint given")
+        self.endpoints = endpoints
+        self.prefix = prefix.rstrip("/")
+        self._tls = tls
+        self._auth = {"username": username, "password": password} if username else {}
+        self._timeout = timeout
+        self._current = 0
+        self._client: _Client | None = None
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.endpoints[self._current]
+
+    def _key(self, *parts: str) -> bytes:
+        return "/".join((self.prefix, *parts)).encode()
+
+    @property
+    def subnets_prefix(self) -> bytes:
+        return self._key("subnets", "")
+
+    def subnet_key(self, subnet: IPv4Network) -> bytes:
+        return self._key("subnets", subnet_key_name(subnet))
+
+    async def _client_now(self) -> _Client:
+        if self._client is None:
+            self._client = _Client(self.endpoint, self._tls, timeout=self._timeout, **self._auth)
+        return self._client
+
+    async def _drop_client(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            try:
+                await client.close()
+            except Exception as exc:  # closing a broken channel may fail in many ways
+                log.debug("closing etcd client: %s", exc)
+
+    async def _call(self, op: Callable[[_Client], Awaitable[T]], what: str) -> T:
+        """Run op on the current endpoint, failing over through all of them once."""
+        last: BaseException | None = None
+        for _ in range(len(self.endpoints)):
+            client = await self._client_now()
+            try:
+                return await asyncio.wait_for(op(client), self._timeout)
+            except _UNREACHABLE as exc:
+                last = exc
+                log.warning(
+                    "etcd %s: %s failed (%s); trying the next endpoint",
+                    self.endpoint,
+                    what,
+                    type(exc).__name__,
+                )
+                await self._drop_client()
+                self._current = (self._current + 1) % len(self.endpoints)
+        raise RegistryUnavailable(
+            f"{what}: no etcd endpoint answered ({', '.join(map(str, self.endpoints))}): {last}"
+        )
+
+    async def close(self) -> None:
+        await self._drop_client()
+
+    # -- config ---------------------------------------------------------------------------
+
+    async def get_config(self) -> NetworkConfig:
+        key = self._key("config")
+        got = await self._call(lambda c: c.get(key), "read the network config")
+        if got is None:
+            raise ConfigMissing(f"no network config at {key.decode()} in etcd")
+        return parse_config(got.value)
+
+    # -- leases ---------------------------------------------------------------------------
+
+    async def list_leases(self) -> Listing:
+        prefix = self.subnets_prefix
+        rng = await self._call(lambda c: c.get_prefix(prefix), "list leases")
+        leases: dict[IPv4Network, LeaseAttrs] = {}
+        skipped: list[str] = []
+        for kv in rng:
+            key = kv.key.decode(errors="replace")
+            try:
+                leases[parse_subnet_key(key)] = LeaseAttrs.from_json(kv.value)
+            except LeaseError as exc:
+                log.warning("skipping malformed lease %s: %s", key, exc)
+                skipped.append(key)
+        return Listing(leases=leases, revision=rng.header.revision, skipped=skipped)
+
+    async def get_lease(self, subnet: IPv4Network) -> tuple[LeaseAttrs, int] | None:
+        """The lease of subnet and its etcd lease id, or None."""
+        key = self.subnet_key(subnet)
+        got = await self._call(lambda c: c.get(key), f"read lease {subnet}")
+        if got is None:
+            return None
+        return LeaseAttrs.from_json(got.value), got.lease
+
+    async def create_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> bool:
+        """Create the lease only if nobody holds subnet; True when it is ours now."""
+        key, value = self.subnet_key(subnet), attrs.to_json().encode()
+
+        async def op(c: _Client) -> bool:
+            grant = await c.lease(ttl)
+            ok, _ = await c.transaction(
+                compare=[c.transactions.create(key) == 0],
+                success=[c.transactions.put(key, value, lease=grant)],
+                failure=[],
+            )
+            if not ok:
+                await grant.revoke()
+            return ok
+
+        return await self._call(op, f"create lease {subnet}")
+
+    async def renew_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> None:
+        """Put our lease again under a fresh etcd lease, as flanneld renews."""
+        key, value = self.subnet_key(subnet), attrs.to_json().encode()
+
+        async def op(c: _Client) -> None:
+            grant = await c.lease(ttl)
+            await c.put(key, value, lease=grant)
+
+        await self._call(op, f"renew lease {subnet}")
+
+    async def delete_lease(self, subnet: IPv4Network) -> None:
+        key = self.subnet_key(subnet)
+        await self._call(lambda c: c.delete(key), f"delete lease {subnet}")
+
+    async def watch_leases(self, start_revision: int) -> AsyncIterator[LeaseEvent]:
+        """Lease events from start_revision on. Raises Compacted, RegistryUnavailable."""
+        prefix = self.subnets_prefix
+        client = await self._client_now()
+        try:
+            watch = await asyncio.wait_for(
+                client.watch_prefix(prefix, start_revision=start_revision), self._timeout
+            )
+            async for ev in watch:
+                event = self._event(ev)
+                if event is not None:
+                    yield event
+        except aetcd.exceptions.RevisionCompactedError as exc:
+            raise Compacted(getattr(exc, "compacted_revision", start_revision)) from exc
+        except _UNREACHABLE as exc:
+            await self._drop_client()
+            self._current = (self._current + 1) % len(self.endpoints)
+            raise RegistryUnavailable(f"watch on {self.endpoint} broke: {exc}") from exc
+
+    def _event(self, ev) -> LeaseEvent | None:
+        key = ev.kv.key.decode(errors="replace")
+        try:
+            subnet = parse_subnet_key(key)
+        except LeaseError as exc:
+            log.warning("ignoring event on %s: %s", key, exc)
+            return None
+        revision = ev.kv.mod_revision
+        if ev.kind == "DELETE":
+            return LeaseEvent(EventKind.REMOVED, subnet, None, revision)
+        try:
+            attrs = LeaseAttrs.from_json(ev.kv.value)
+        except LeaseError as exc:
+            log.warning("skipping malformed lease %s: %s", key, exc)
+            return None
+        return LeaseEvent(EventKind.ADDED, subnet, attrs, revision)
