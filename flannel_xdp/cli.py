@@ -25,9 +25,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_teardown(args: argparse.Namespace) -> int:
+    from flannel_xdp.agent import masq
     from flannel_xdp.loader import datapath
 
     datapath.uninstall(args.bpffs, args.iface, args.vni)
+    masq.remove()
     return EXIT_OK
 
 
@@ -52,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.set_defaults(func=agent_cli.run)
 
     teardown = sub.add_parser(
-        "teardown", help="detach the programs, delete the tunnel device and unpin everything"
+        "teardown",
+        help="remove what the agent made: programs, pins, the tunnel device (and with it its "
+        "routes and neighbours), the iptables chains",
     )
     teardown.add_argument("--bpffs", default=defaults.BPFFS_DIR, help="pin directory (%(default)s)")
     teardown.add_argument("--iface", help="underlay interface whose XDP program to detach")
