@@ -16,6 +16,8 @@ from flannel_xdp.maps.layout import Backend, Counter, NodeConfig, RemoteSubnet, 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 512
+# Kernels whose map type has no batch operations answer with one of these.
+_NO_BATCH = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
 class CapacityError(RuntimeError):
@@ -205,14 +207,20 @@ class SubnetsMap(PinnedMap):
         try:
             libbpf.update_batch(self.fd, keys, values, len(peers))
         except libbpf.BpfError as exc:
-            if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            if exc.errno not in _NO_BATCH:
                 raise
             for k, v in zip(keys, values, strict=True):
                 libbpf.update(self.fd, k, v)
 
     def _delete(self, subnets: list[IPv4Network]) -> None:
-        for s in subnets:
-            libbpf.delete(self.fd, subnet_key(s))
+        keys = (SubnetKey * len(subnets))(*(subnet_key(s) for s in subnets))
+        try:
+            libbpf.delete_batch(self.fd, keys, len(subnets))
+        except libbpf.BpfError as exc:
+            if exc.errno not in _NO_BATCH:
+                raise
+            for k in keys:
+                libbpf.delete(self.fd, k)
 
 
 class NodeConfigMap(PinnedMap):

@@ -133,3 +133,23 @@ def test_subnets_apply_is_a_diff_and_respects_capacity(node):
         with pytest.raises(CapacityError, match="5 remote subnets do not fit"):
             m.apply([_peer(i) for i in range(2, 7)])
         assert m.peers() == before
+
+
+def test_xdp_falls_back_to_generic_with_a_warning(node, caplog):
+    """A bridge has no native XDP: AUTO must fall back to generic and say so."""
+    ns, _ = node
+    from bcc import BPF
+
+    prog = BPF(text=b"int pass_all(struct xdp_md *ctx) { return XDP_PASS; }")
+    fd = prog.load_func(b"pass_all", BPF.XDP).fd
+    _ip("-n", ns, "link", "add", "br-x", "type", "bridge")
+    with netns.entered(ns):
+        with caplog.at_level("WARNING"):
+            mode = attach.attach_xdp("br-x", fd, attach.XdpMode.AUTO)
+        assert mode == attach.XdpMode.GENERIC
+        assert "falling back to generic XDP" in caplog.text
+        assert attach.xdp_state("br-x")[0] == attach.XDP_ATTACHED_SKB
+        with pytest.raises(attach.AttachError, match="br-x: native XDP attach failed"):
+            attach.attach_xdp("br-x", fd, attach.XdpMode.NATIVE)
+        assert attach.detach_xdp("br-x")
+        assert attach.xdp_state("br-x") == (0, 0)
