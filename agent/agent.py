@@ -37,7 +37,9 @@ from flannel_xdp.agent.registry import (
     TlsFiles,
 )
 from flannel_xdp.loader import datapath, devices
+from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.maps.views import Peer, SubnetsMap
+from flannel_xdp.metrics.agent import AgentMetrics
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class AgentOptions:
     ip_masq: bool = False
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0
+    metrics_ip: str = "0.0.0.0"
+    metrics_port: int = 0
     bpffs: str = defaults.BPFFS_DIR
     ingress_hook: datapath.IngressHook = datapath.DEFAULT_INGRESS_HOOK
     xdp_mode: str = "auto"
@@ -87,6 +91,8 @@ class Stats:
 
     events: int = 0
     event_errors: int = 0
+    registry_errors: int = 0
+    ignored: int = 0
     full_syncs: int = 0
     last_sync: float = 0.0
     last_sync_seconds: float = 0.0
@@ -130,6 +136,7 @@ class Agent:
         self.programmed: dict[IPv4Network, Peer] = {}
         self.subnets_map: SubnetsMap | None = None
         self.ready = False
+        self.metrics = AgentMetrics(self, PinDir(opts.bpffs).maps)
         self._revision = 0
         self._stop = asyncio.Event()
 
@@ -143,6 +150,7 @@ class Agent:
             except ConfigError as exc:
                 raise AgentExit(2, f"invalid network config in etcd: {exc}") from exc
             except (RegistryUnavailable, ConfigMissing) as exc:
+                self.stats.registry_errors += 1
                 log.warning("waiting for the network config: %s", exc)
             await self._sleep_or_stop(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
@@ -247,27 +255,29 @@ class Agent:
         want = desired_peers(leases, self.subnet, self.config, self._direct_networks())
         for ignored in want.ignored:
             log.warning("ignoring lease %s: %s", ignored.subnet, ignored.why)
+        self.stats.ignored = len(want.ignored)
         peers = list(want.peers.values())
         # Map entries before routes, routes removed before map entries: no packet is
         # routed into the tunnel without an entry telling the program where it goes.
-        self.subnets_map.apply(
+        staged = self.subnets_map.apply(
             peers + [p for s, p in self.programmed.items() if s not in want.peers]
         )
         vni = self.config.backend.vxlan.vni
         await asyncio.to_thread(self._sync_routes, peers, vni)
-        result = self.subnets_map.apply(peers)
+        result = self.subnets_map.apply(peers)  # only removals are left to do here
         self.programmed = dict(want.peers)
         self._revision = revision
         self.stats.full_syncs += 1
         self.stats.last_sync = time.time()
         self.stats.last_sync_seconds = time.monotonic() - started
+        self.metrics.sync_seconds.labels("full").observe(self.stats.last_sync_seconds)
         log.info(
             "synced %d peers from revision %d (%d added, %d changed, %d removed) in %.3f s",
             len(peers),
             revision,
-            result.added,
-            result.changed,
-            result.removed,
+            staged.added,
+            staged.changed,
+            staged.removed + result.removed,
             self.stats.last_sync_seconds,
         )
 
@@ -277,6 +287,14 @@ class Agent:
             node_state.sync_peers(ipr, peers, vni)
 
     async def _on_event(self, ev: LeaseEvent) -> None:
+        started = time.monotonic()
+        try:
+            await self._apply_event(ev)
+        finally:
+            self.metrics.sync_seconds.labels("event").observe(time.monotonic() - started)
+            self.stats.last_sync = time.time()
+
+    async def _apply_event(self, ev: LeaseEvent) -> None:
         assert self.config and self.subnet and self.subnets_map and self.attrs
         self.stats.events += 1
         self._revision = ev.revision
@@ -337,6 +355,7 @@ class Agent:
                 self.stats.registry_ok = False
             except (RegistryError, _ProbeFailed) as exc:
                 self.stats.registry_ok = False
+                self.stats.registry_errors += 1
                 log.warning("registry unreachable (%s); retrying in %.1f s", exc, backoff)
             await self._sleep_or_stop(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
@@ -422,6 +441,11 @@ class Agent:
             loop.add_signal_handler(sig, self._stop.set)
         server = None
         try:
+            if self.opts.metrics_port:
+                self.metrics.serve(self.opts.metrics_ip, self.opts.metrics_port)
+                log.info(
+                    "metrics on http://%s:%d/metrics", self.opts.metrics_ip, self.opts.metrics_port
+                )
             if self.opts.healthz_port:
                 server = await health.serve(
                     self.opts.healthz_ip, self.opts.healthz_port, self.is_ready

@@ -66,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("--healthz-ip", "0.0.0.0", "address of the /healthz and /readyz server")
     flag("--healthz-port", 0, "port of the health server (0: off)", type=int)
     flag("--bpffs", defaults.BPFFS_DIR, "bpffs directory for pinned programs and maps")
+    flag("--metrics-ip", "0.0.0.0", "address of the Prometheus endpoint")
     flag("--metrics-port", 0, "port of the Prometheus endpoint (0: off)", type=int)
     flag(
         "--ingress-hook",
@@ -122,6 +123,8 @@ def options_from(args: argparse.Namespace):
         ip_masq=args.ip_masq,
         healthz_ip=args.healthz_ip,
         healthz_port=args.healthz_port,
+        metrics_ip=args.metrics_ip,
+        metrics_port=args.metrics_port,
         bpffs=args.bpffs,
         ingress_hook=IngressHook(args.ingress_hook),
         xdp_mode=args.xdp_mode,

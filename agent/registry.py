@@ -25,7 +25,7 @@ import aetcd
 import aetcd.exceptions
 import grpc
 
-from flannel_xdp.agent.config import NetworkConfig, parse_config
+from flannel_xdp.agent.config import ConfigError, NetworkConfig, parse_config
 from flannel_xdp.agent.lease import LeaseAttrs, LeaseError, parse_subnet_key, subnet_key_name
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,10 @@ class EtcdRegistry:
         got = await self._call(lambda c: c.get(key), "read the network config")
         if got is None:
             raise ConfigMissing(f"no network config at {key.decode()} in etcd")
-        return parse_config(got.value)
+        try:
+            return parse_config(got.value)
+        except ConfigError as exc:  # name the etcd key too: the prefix is a flag
+            raise ConfigError(f"{key.decode()}: {exc}") from exc
 
     # -- leases ---------------------------------------------------------------------------
 

@@ -33,6 +33,12 @@ def _cmd_teardown(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from flannel_xdp import inspect
+
+    return inspect.run(args.bpffs, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flannel-xdp", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -52,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent_cli.add_arguments(agent)
     agent.set_defaults(func=agent_cli.run)
+
+    inspect = sub.add_parser("inspect", help="show the node's lease, peers, programs and counters")
+    inspect.add_argument("--bpffs", default=defaults.BPFFS_DIR, help="pin directory (%(default)s)")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=_cmd_inspect)
 
     teardown = sub.add_parser(
         "teardown",

@@ -150,7 +150,7 @@ class PinnedMap:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def keys(self) -> Iterator:
+    def iter_keys(self) -> Iterator:
         key, nxt = None, self.key_type()
         while libbpf.next_key(self.fd, key, nxt):
             yield nxt
@@ -169,7 +169,7 @@ class SubnetsMap(PinnedMap):
 
     def peers(self) -> dict[IPv4Network, Peer]:
         out: dict[IPv4Network, Peer] = {}
-        for key in self.keys():
+        for key in self.iter_keys():
             value = RemoteSubnet()
             if libbpf.lookup(self.fd, key, value):
                 peer = peer_from_entry(key, value)

@@ -1,0 +1,108 @@
+"""Prometheus metrics of the agent's control plane, computed at scrape time from its stats."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import Counter
+from collections.abc import Iterator
+from importlib import metadata
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from flannel_xdp.metrics.datapath import PREFIX, DataPathCollector
+
+if TYPE_CHECKING:
+    from flannel_xdp.agent.agent import Agent
+
+SYNC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+def version() -> str:
+    try:
+        return metadata.version("flannel-xdp")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class AgentCollector(Collector):
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    def collect(self) -> Iterator[Metric]:
+        a, s = self.agent, self.agent.stats
+        leases = GaugeMetricFamily(
+            PREFIX + "leases",
+            "Remote leases programmed into the data path, by backend.",
+            labels=["backend"],
+        )
+        by_backend = Counter(
+            "host-gw" if p.backend.name == "HOST_GW" else p.backend.name.lower()
+            for p in a.programmed.values()
+        )
+        for backend in ("vxlan", "host-gw"):
+            leases.add_metric([backend], by_backend.get(backend, 0))
+        yield leases
+        yield GaugeMetricFamily(
+            PREFIX + "leases_ignored",
+            "Leases in the registry that this node cannot use.",
+            value=s.ignored,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "registry_events", "Lease events received from the registry.", value=s.events
+        )
+        yield CounterMetricFamily(
+            PREFIX + "registry_errors",
+            "Failed registry calls and broken watches (each retried with backoff).",
+            value=s.registry_errors,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "event_errors",
+            "Lease events that could not be applied.",
+            value=s.event_errors,
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "registry_up", "1 while the registry answers.", value=int(s.registry_ok)
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "ready", "1 once ready (see /readyz).", value=int(a.is_ready())
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "last_sync_age_seconds",
+            "Seconds since the maps were last brought in line with the registry.",
+            value=time.time() - s.last_sync if s.last_sync else float("nan"),
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "lease_expiry_timestamp_seconds",
+            "When this node's own subnet lease expires unless renewed (Unix time).",
+            value=s.lease_expiry,
+        )
+        info = GaugeMetricFamily(
+            PREFIX + "build_info",
+            "Version and kernel; always 1.",
+            labels=["version", "kernel", "ingress_hook"],
+        )
+        info.add_metric([version(), platform.release(), a.opts.ingress_hook.value], 1)
+        yield info
+
+
+class AgentMetrics:
+    """The agent's registry: data path counters, control plane figures, sync timings."""
+
+    def __init__(self, agent: Agent, maps_dir: str):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DataPathCollector(maps_dir))
+        self.registry.register(AgentCollector(agent))
+        self.sync_seconds = Histogram(
+            PREFIX + "map_sync_seconds",
+            "Time to bring maps and routes in line with the registry (full syncs and events).",
+            labelnames=["kind"],
+            buckets=SYNC_BUCKETS,
+            registry=self.registry,
+        )
+
+    def serve(self, addr: str, port: int) -> None:
+        start_http_server(port, addr=addr, registry=self.registry)
