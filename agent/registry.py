@@ -41,6 +41,7 @@ REQUIRE_LEADER = (("hasleader", "true"),)
 _UNREACHABLE = (
     aetcd.exceptions.ConnectionFailedError,
     aetcd.exceptions.ConnectionTimeoutError,
+    aetcd.exceptions.WatchTimeoutError,
     aetcd.exceptions.InternalError,
     asyncio.TimeoutError,
     grpc.RpcError,
@@ -151,6 +152,13 @@ class _Client(aetcd.Client):
             self.channel = grpc.aio.secure_channel(self._target, self._credentials, options)
         else:
             self.channel = grpc.aio.insecure_channel(self._target, options)
+        if self._username is not None and self._password is not None:
+            auth = rpc.AuthStub(self.channel)
+            resp = await auth.Authenticate(
+                rpc.AuthenticateRequest(name=self._username, password=self._password),
+                timeout=self._timeout,
+            )
+            self.metadata = (*REQUIRE_LEADER, ("token", resp.token))
         self.kvstub = rpc.KVStub(self.channel)
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)

@@ -1,0 +1,733 @@
+"""Control-plane benchmark (issue 3): python -m flannel_xdp.bench.controlplane
+
+A real `flannel-xdp agent` process against a real etcd, measured from outside:
+
+* full sync: 5,000 leases in etcd -> all 5,000 peers in the agent's pinned
+  subnets map. Timed from the agent's "wrote <subnet file>" line (it has its lease
+  and its data path; next come the ip-masq rules, the listing and the sync) to the
+  moment the bench sees the last entry in the map; also the agent's own figure for
+  the sync and the time to "ready" (map *and* 5,000 routes).
+* one lease added -> in the map: an etcd put of a new lease, then the pinned map
+  polled every millisecond until the entry is there; p50/p99 over 200 additions,
+  each timed from just before the put. Removals likewise (no target).
+* agent memory: VmRSS at 5,000 leases (and after the additions).
+* CPU while idle: utime + stime of the agent process over 10 s with nothing changing
+  (its registry probe keeps running, as in production).
+
+Targets: full sync < 2 s, addition p99 < 100 ms, RSS < 100 MB, idle CPU < 1 %.
+
+Set-up, all throwaway: etcd 3.4 on a free 127.0.0.1 port and on a unix socket (the
+agent reaches it through the socket from its network namespace); two network
+namespaces joined by a veth pair named eth0 on both sides, 192.0.2.1/24 on the node's
+side (inside the namespace only: the host's own network is never touched); the agent
+started with `nsenter --net` so that its bpffs pins (under /sys/fs/bpf/<unique>) stay
+visible to the bench. Everything is torn down at the end, also on failure or Ctrl-C:
+agent SIGTERM, `flannel-xdp teardown`, namespaces deleted, etcd stopped.
+
+Writes a table to stdout and bench/controlplane.json; exits 0 when the measurement
+ran (whether or not the targets were met: see "ok" in the table), 1 when it could not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import os
+import platform
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import aetcd
+
+from flannel_xdp.agent.config import parse_config
+from flannel_xdp.agent.lease import LeaseAttrs, subnet_key_name
+from flannel_xdp.maps import libbpf
+from flannel_xdp.maps.layout import RemoteSubnet, SubnetKey
+from flannel_xdp.maps.views import SubnetsMap, subnet_key
+
+log = logging.getLogger("flannel_xdp.bench.controlplane")
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "controlplane.json"
+ETCD, ETCDCTL = "/usr/bin/etcd", "/usr/bin/etcdctl"
+TOOLS = ("ip", "nsenter")
+PREFIX = "/coreos.com/network"
+CONFIG = {"Network": "10.128.0.0/9", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}
+NODE_ADDRESS = "192.0.2.1/24"  # inside the node's namespace only
+MAX_SUBNETS = 8192
+TXN_OPS = 100  # etcd's --max-txn-ops is 128
+POLL_INTERVAL = 0.001
+EVENT_TIMEOUT = 5.0
+START_TIMEOUT = 120.0  # the agent compiles its BPF programs with bcc first
+
+TARGETS = {
+    "full_sync_s": ("<", 2.0),
+    "add_p99_ms": ("<", 100.0),
+    "rss_mb": ("<", 100.0),
+    "idle_cpu_pct": ("<", 1.0),
+}
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def _die_with_parent(argv: list[str], sig: str = "KILL") -> list[str]:
+    """argv, signalled when the bench dies. setpriv rather than a preexec_fn: that would
+    fork() a process in which gRPC runs, and gRPC's fork handlers can abort the child."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", sig, "--", *argv] if setpriv else argv
+
+
+def _run(argv: list[str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited {res.returncode}: {res.stderr.strip()}")
+    return res
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil
+    return ordered[int(rank) - 1]
+
+
+# -- etcd --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Etcd:
+    workdir: str
+    port: int = 0
+    peer_port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def unix_url(self) -> str:
+        # etcd names the socket file after the URL's host:port, in its working directory
+        return f"unix://{self.workdir}/etcd.sock:{self.port}"
+
+    def start(self) -> None:
+        self.port, self.peer_port = _free_port(), _free_port()
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        argv = [
+            ETCD,
+            "--name", "bench",
+            "--data-dir", os.path.join(self.workdir, "data"),
+            "--listen-client-urls", f"{self.url},unix://etcd.sock:{self.port}",
+            "--advertise-client-urls", self.url,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"bench={peer}",
+            "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
+        ]  # fmt: skip
+        with open(os.path.join(self.workdir, "etcd.log"), "ab") as out:
+            self.proc = subprocess.Popen(
+                _die_with_parent(argv),
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                raise BenchError(f"etcd exited with {self.proc.returncode}; see {self.workdir}")
+            with (
+                contextlib.suppress(OSError, ValueError),
+                urllib.request.urlopen(f"{self.url}/health", timeout=0.5) as resp,
+            ):
+                if json.loads(resp.read()).get("health") == "true":
+                    return
+            if time.monotonic() > deadline:
+                raise BenchError("etcd did not become healthy in 20 s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+# -- the node: two namespaces and the agent ------------------------------------------------------
+
+
+@dataclass
+class Node:
+    tag: str
+    workdir: str
+    namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def netns(self) -> str:
+        return f"fxdp-cp-{self.tag}-node"
+
+    @property
+    def peer_netns(self) -> str:
+        return f"fxdp-cp-{self.tag}-peer"
+
+    @property
+    def bpffs(self) -> str:
+        return f"/sys/fs/bpf/fxdp-cp-{self.tag}"
+
+    @property
+    def maps_dir(self) -> str:
+        return os.path.join(self.bpffs, "maps")
+
+    @property
+    def subnet_file(self) -> str:
+        return os.path.join(self.workdir, "subnet.env")
+
+    def nsenter(self, argv: list[str]) -> list[str]:
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
+
+    def create(self) -> None:
+        for ns in (self.netns, self.peer_netns):
+            _run(["ip", "netns", "add", ns])
+            self.namespaces.append(ns)
+        # Made inside the node's namespace, the peer end moved straight to the other one:
+        # nothing ever appears in the host's namespace.
+        _run(["ip", "-n", self.netns, "link", "add", "eth0", "type", "veth",
+              "peer", "name", "eth0", "netns", self.peer_netns])  # fmt: skip
+        _run(["ip", "-n", self.netns, "addr", "add", NODE_ADDRESS, "dev", "eth0"])
+        for ns in (self.netns, self.peer_netns):
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+
+    def agent_argv(self, etcd: Etcd) -> list[str]:
+        return self.nsenter(
+            [
+                sys.executable, "-m", "flannel_xdp.cli", "agent",
+                "--etcd-endpoints", etcd.unix_url,
+                "--etcd-prefix", PREFIX,
+                "--iface", "eth0",
+                "--bpffs", self.bpffs,
+                "--subnet-file", self.subnet_file,
+                "--max-subnets", str(MAX_SUBNETS),
+            ]
+        )  # fmt: skip
+
+    def teardown(self) -> list[str]:
+        """Remove everything; returns what went wrong (teardown goes on regardless)."""
+        problems = []
+        if self.netns in self.namespaces:
+            res = _run(
+                self.nsenter(
+                    [sys.executable, "-m", "flannel_xdp.cli", "teardown",
+                     "--bpffs", self.bpffs, "--iface", "eth0"]
+                ),
+                check=False,
+            )  # fmt: skip
+            if res.returncode != 0:
+                problems.append(f"flannel-xdp teardown: {res.stderr.strip()[-500:]}")
+        for ns in reversed(self.namespaces):
+            res = _run(["ip", "netns", "del", ns], check=False)
+            if res.returncode != 0:
+                problems.append(f"ip netns del {ns}: {res.stderr.strip()}")
+        self.namespaces.clear()
+        if os.path.exists(self.bpffs):
+            from flannel_xdp.loader.bpffs import PinDir
+
+            try:
+                PinDir(self.bpffs).remove()
+            except OSError as exc:
+                problems.append(f"removing {self.bpffs}: {exc}")
+        return problems
+
+
+class AgentProcess:
+    """The agent's process; its log lines, each stamped when the bench read it."""
+
+    def __init__(self, argv: list[str], log_path: str):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            _die_with_parent(argv, "TERM"),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        self.lines: list[tuple[float, str]] = []
+        self._cond = threading.Condition()
+        self._log = open(log_path, "w")  # noqa: SIM115 (closed by the reader thread)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            for line in self.proc.stdout:
+                now = time.monotonic()
+                self._log.write(line)
+                with self._cond:
+                    self.lines.append((now, line.rstrip("\n")))
+                    self._cond.notify_all()
+        finally:
+            self._log.close()
+            with self._cond:
+                self._cond.notify_all()
+
+    def wait_line(self, pattern: str, timeout: float) -> tuple[float, re.Match]:
+        """The first line matching pattern (regex) and when it was read."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for stamp, line in self.lines[seen:]:
+                    if m := rx.search(line):
+                        return stamp, m
+                seen = len(self.lines)
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    raise BenchError(
+                        f"the agent exited with {self.proc.returncode} before {pattern!r}; "
+                        f"last lines:\n{self.tail()}"
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BenchError(
+                        f"no agent line {pattern!r} in {timeout:.0f} s:\n{self.tail()}"
+                    )
+                self._cond.wait(min(left, 0.2))
+
+    def tail(self, n: int = 15) -> str:
+        return "\n".join(line for _, line in self.lines[-n:])
+
+    def memory_mb(self) -> dict[str, float]:
+        """VmRSS and its parts: RssAnon (heap), RssFile (mapped files: libraries)."""
+        out = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                    out[name] = round(int(rest.split()[0]) / 1024, 1)
+        if "VmRSS" not in out:
+            raise BenchError("no VmRSS for the agent")
+        return out
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+# -- leases ------------------------------------------------------------------------------------
+
+
+def lease_plan(count: int, additions: int) -> tuple[list[IPv4Network], list[IPv4Network]]:
+    """Subnets preloaded and subnets added later; the agent picks its own among the 100
+    free subnets after the preloaded ones, so the added ones come from far above."""
+    subnets = parse_config(json.dumps(CONFIG)).subnets()
+    if count + 100 + additions > len(subnets):
+        raise BenchError(f"{count} leases and {additions} additions do not fit {CONFIG}")
+    return subnets[:count], subnets[-additions:] if additions else []
+
+
+def lease_value(i: int, rng: random.Random) -> bytes:
+    mac = [rng.getrandbits(8) for _ in range(6)]
+    mac[0] = (mac[0] & 0xFE) | 0x02
+    ip = IPv4Address(int(IPv4Address("198.18.0.0")) + 1 + i)  # off-link: vxlan peers
+    vtep = ":".join(f"{b:02x}" for b in mac)
+    return LeaseAttrs(ip, "vxlan", vni=1, vtep_mac=vtep).to_json().encode()
+
+
+def lease_key(subnet: IPv4Network) -> bytes:
+    return f"{PREFIX}/subnets/{subnet_key_name(subnet)}".encode()
+
+
+async def preload(client: aetcd.Client, subnets: list[IPv4Network], rng: random.Random) -> None:
+    grant = await client.lease(24 * 3600)
+    await client.put(f"{PREFIX}/config".encode(), json.dumps(CONFIG).encode())
+    for start in range(0, len(subnets), TXN_OPS):
+        ops = [
+            client.transactions.put(lease_key(s), lease_value(start + j, rng), lease=grant)
+            for j, s in enumerate(subnets[start : start + TXN_OPS])
+        ]
+        await client.transaction(compare=[], success=ops, failure=[])
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+def _present(fd: int, subnet: IPv4Network) -> bool:
+    return libbpf.lookup(fd, subnet_key(subnet), RemoteSubnet())
+
+
+def poll(cond: Callable[[], bool], timeout: float) -> float | None:
+    """Poll cond every POLL_INTERVAL; the time it became true, or None on timeout."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        if cond():
+            return time.perf_counter()
+        if time.perf_counter() > deadline:
+            return None
+        time.sleep(POLL_INTERVAL)
+
+
+def open_map(node: Node, agent: AgentProcess, timeout: float) -> SubnetsMap:
+    deadline = time.monotonic() + timeout
+    path = os.path.join(node.maps_dir, "subnets")
+    while not os.path.exists(path):
+        if agent.proc.poll() is not None:
+            raise BenchError(f"the agent exited with {agent.proc.returncode}:\n{agent.tail()}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{path} did not appear in {timeout:.0f} s:\n{agent.tail()}")
+        time.sleep(0.01)
+    return SubnetsMap(node.maps_dir)
+
+
+def count_entries(m: SubnetsMap) -> int:
+    count, key, nxt = 0, None, SubnetKey()
+    while libbpf.next_key(m.fd, key, nxt):
+        count += 1
+        key, nxt = nxt, SubnetKey()
+    return count
+
+
+async def measure_events(
+    client: aetcd.Client,
+    m: SubnetsMap,
+    subnets: list[IPv4Network],
+    rng: random.Random,
+    remove: bool,
+) -> tuple[list[float], list[float]]:
+    """Per lease: put (or delete) in etcd -> entry in (or out of) the map, in ms; and how
+    long the etcd call itself took (part of the first figure)."""
+    out, etcd_ms = [], []
+    for i, subnet in enumerate(subnets):
+        key = lease_key(subnet)
+        started = time.perf_counter()
+        if remove:
+            await client.delete(key)
+            written = time.perf_counter()
+            done = poll(lambda s=subnet: not _present(m.fd, s), EVENT_TIMEOUT)
+        else:
+            await client.put(key, lease_value(100_000 + i, rng))
+            written = time.perf_counter()
+            done = poll(lambda s=subnet: _present(m.fd, s), EVENT_TIMEOUT)
+        if done is None:
+            what = "removed from" if remove else "added to"
+            raise BenchError(f"{subnet} not {what} the map {EVENT_TIMEOUT} s after the etcd call")
+        out.append((done - started) * 1000)
+        etcd_ms.append((written - started) * 1000)
+        await asyncio.sleep(0.01 + rng.random() * 0.01)  # independent events, not a burst
+    return out, etcd_ms
+
+
+@dataclass
+class Settings:
+    leases: int
+    additions: int
+    idle_seconds: float
+    out: Path
+    keep: bool
+
+
+async def measure(settings: Settings, etcd: Etcd, node: Node, workdir: str) -> dict:
+    rng = random.Random(3)
+    preloaded, added = lease_plan(settings.leases, settings.additions)
+    results: dict = {}
+    client = aetcd.Client(host="127.0.0.1", port=etcd.port, timeout=10)
+    agent: AgentProcess | None = None
+    try:
+        t = time.perf_counter()
+        await preload(client, preloaded, rng)
+        results["preload_s"] = round(time.perf_counter() - t, 3)
+        log.info("%d leases in etcd (%.2f s)", len(preloaded), results["preload_s"])
+
+        agent = AgentProcess(node.agent_argv(etcd), os.path.join(workdir, "agent.log"))
+        results["agent_pid"] = agent.pid
+        # The bench's "in the map" checks: the entry applied last (the listing is in key
+        # order and applied in that order), then every entry.
+        last = max(preloaded, key=subnet_key_name)
+        m = open_map(node, agent, START_TIMEOUT)
+        try:
+            t_wrote, _ = agent.wait_line(r"wrote .*subnet\.env", START_TIMEOUT)
+            if poll(lambda: _present(m.fd, last), 60) is None:
+                raise BenchError(f"{last} never reached the map:\n{agent.tail()}")
+            t_last = time.monotonic()
+            if poll(lambda: count_entries(m) >= len(preloaded), 30) is None:
+                raise BenchError(f"the map never held {len(preloaded)} entries")
+            t_all = time.monotonic()
+            t_ready, _ = agent.wait_line(r"ready: \d+ peers programmed", 120)
+            _, synced = agent.wait_line(r"synced (\d+) peers .* in ([\d.]+) s", 5)
+            results["entries_after_sync"] = count_entries(m)
+            results["full_sync_s"] = round(t_all - t_wrote, 3)
+            results["full_sync_last_entry_s"] = round(t_last - t_wrote, 3)
+            results["agent_reported_sync_s"] = float(synced.group(2))
+            results["agent_reported_peers"] = int(synced.group(1))
+            results["ready_after_listing_s"] = round(t_ready - t_wrote, 3)
+            results["start_to_map_complete_s"] = round(t_all - agent.started, 3)
+            await asyncio.sleep(2)
+            results["memory_mb"] = agent.memory_mb()
+            results["rss_mb"] = results["memory_mb"]["VmRSS"]
+            log.info(
+                "full sync %.3f s (agent: %.3f s), ready after %.3f s, RSS %.1f MB",
+                results["full_sync_s"],
+                results["agent_reported_sync_s"],
+                results["ready_after_listing_s"],
+                results["rss_mb"],
+            )
+
+            adds, put_ms = await measure_events(client, m, added, rng, remove=False)
+            results["add_ms"] = summarize(adds)
+            results["add_etcd_put_ms"] = summarize(put_ms)
+            results["rss_after_additions_mb"] = agent.memory_mb()["VmRSS"]
+            removes, delete_ms = await measure_events(client, m, added, rng, remove=True)
+            results["remove_ms"] = summarize(removes)
+            results["remove_etcd_delete_ms"] = summarize(delete_ms)
+            log.info(
+                "addition p50 %.1f ms p99 %.1f ms; removal p50 %.1f ms p99 %.1f ms",
+                results["add_ms"]["p50"],
+                results["add_ms"]["p99"],
+                results["remove_ms"]["p50"],
+                results["remove_ms"]["p99"],
+            )
+
+            await asyncio.sleep(1)
+            cpu0, t0 = agent.cpu_seconds(), time.monotonic()
+            await asyncio.sleep(settings.idle_seconds)
+            cpu1, t1 = agent.cpu_seconds(), time.monotonic()
+            results["idle_cpu_pct"] = round((cpu1 - cpu0) / (t1 - t0) * 100, 3)
+            results["idle_seconds"] = round(t1 - t0, 2)
+            results["final_entries"] = count_entries(m)
+            log.info("idle CPU %.3f %% over %.1f s", results["idle_cpu_pct"], t1 - t0)
+        finally:
+            m.close()
+    finally:
+        if agent is not None:
+            results["agent_exit"] = agent.stop()
+            results["agent_log_tail"] = agent.tail(5)
+        await client.close()
+    return results
+
+
+def summarize(ms: list[float]) -> dict:
+    return {
+        "n": len(ms),
+        "p50": round(percentile(ms, 50), 2),
+        "p99": round(percentile(ms, 99), 2),
+        "max": round(max(ms), 2),
+        "mean": round(statistics.fmean(ms), 2),
+        # (index, ms) of the slowest five: are outliers early, periodic, random?
+        "slowest": [(i, round(v, 2)) for i, v in sorted(enumerate(ms), key=lambda x: -x[1])[:5]],
+    }
+
+
+def verdicts(results: dict) -> dict[str, dict]:
+    values = {
+        "full_sync_s": results.get("full_sync_s"),
+        "add_p99_ms": results.get("add_ms", {}).get("p99"),
+        "rss_mb": results.get("rss_mb"),
+        "idle_cpu_pct": results.get("idle_cpu_pct"),
+    }
+    out = {}
+    for name, (op, target) in TARGETS.items():
+        v = values[name]
+        out[name] = {"value": v, "target": f"{op} {target}", "ok": v is not None and v < target}
+    return out
+
+
+def table(results: dict, checks: dict[str, dict], leases: int) -> str:
+    add, rem = results.get("add_ms", {}), results.get("remove_ms", {})
+    mem = results.get("memory_mb", {})
+    rows = [
+        ("metric", "value", "target", "ok"),
+        (f"full sync, {leases} leases -> map", f"{results['full_sync_s']:.3f} s", "< 2 s",
+         checks["full_sync_s"]["ok"]),
+        ("  agent's own sync figure (map + routes)", f"{results['agent_reported_sync_s']:.3f} s",
+         "", ""),
+        ("  listing -> ready (map + routes)", f"{results['ready_after_listing_s']:.3f} s", "", ""),
+        ("  process start -> map complete", f"{results['start_to_map_complete_s']:.3f} s", "", ""),
+        (f"lease added -> in map, p50 (n={add.get('n')})", f"{add.get('p50')} ms", "", ""),
+        (f"lease added -> in map, p99 (n={add.get('n')})", f"{add.get('p99')} ms", "< 100 ms",
+         checks["add_p99_ms"]["ok"]),
+        ("lease removed -> out of map, p50/p99", f"{rem.get('p50')} / {rem.get('p99')} ms", "",
+         ""),
+        (f"agent RSS at {leases} leases", f"{results['rss_mb']:.1f} MB", "< 100 MB",
+         checks["rss_mb"]["ok"]),
+        ("  of which anonymous / file-backed",
+         f"{mem.get('RssAnon')} / {mem.get('RssFile')} MB", "", ""),
+        (f"agent CPU idle ({results['idle_seconds']:.0f} s)", f"{results['idle_cpu_pct']:.3f} %",
+         "< 1 %", checks["idle_cpu_pct"]["ok"]),
+    ]  # fmt: skip
+    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
+    lines = []
+    for i, r in enumerate(rows):
+        cells = [str(c) if c != "" else "" for c in r]
+        if isinstance(r[3], bool):
+            cells[3] = "yes" if r[3] else "NO"
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _check_prerequisites() -> None:
+    if os.geteuid() != 0:
+        raise BenchError("needs root: network namespaces, BPF programs, bpffs pins")
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    missing += [p for p in (ETCD, ETCDCTL) if not os.access(p, os.X_OK)]
+    if missing:
+        raise BenchError(f"missing {missing} (Debian: iproute2, util-linux, etcd-server)")
+
+
+@contextlib.contextmanager
+def _terminate_on_signals() -> Iterator[None]:
+    """SIGTERM (and SIGINT) unwind through every finally: nothing is left behind."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run(settings: Settings) -> int:
+    _check_prerequisites()
+    tag = secrets.token_hex(3)
+    root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    workdir = tempfile.mkdtemp(prefix=f"fxdp-cp-{tag}-", dir=root)
+    etcd = Etcd(workdir)
+    node = Node(tag, workdir)
+    results: dict = {}
+    problems: list[str] = []
+    error: BaseException | None = None
+    with _terminate_on_signals():
+        try:
+            etcd.start()
+            node.create()
+            results = asyncio.run(measure(settings, etcd, node, workdir))
+        except BaseException as exc:  # report, tear down, then fail
+            error = exc
+        finally:
+            problems += node.teardown()
+            etcd.stop()
+            if settings.keep:
+                print(f"kept {workdir} (agent.log, etcd.log)", file=sys.stderr)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+    for p in problems:
+        log.warning("teardown: %s", p)
+    if error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            log.error("interrupted; everything torn down")
+        else:
+            log.error("control-plane benchmark failed: %s", error)
+        return 1
+
+    checks = verdicts(results)
+    report = {
+        "schema": 1,
+        "benchmark": "control-plane",
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": {
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "leases": settings.leases,
+            "additions": settings.additions,
+            "idle_seconds": settings.idle_seconds,
+            "max_subnets": MAX_SUBNETS,
+            "poll_interval_ms": POLL_INTERVAL * 1000,
+            "config": CONFIG,
+        },
+        "results": results,
+        "targets": checks,
+        "teardown_problems": problems,
+    }
+    settings.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = settings.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, settings.out)
+    print(table(results, checks, settings.leases))
+    print(f"\nwrote {settings.out}")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    p = argparse.ArgumentParser(
+        prog="python -m flannel_xdp.bench.controlplane",
+        description="Control-plane benchmark: full sync of N leases, per-lease event latency, "
+        "agent memory and idle CPU, against a real etcd and a real agent process.",
+    )
+    p.add_argument("--leases", type=int, default=5000, help="leases in etcd (default 5000)")
+    p.add_argument("--additions", type=int, default=200, help="leases added one by one (200)")
+    p.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU window (10 s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output ({DEFAULT_OUT})")
+    p.add_argument("--keep", action="store_true", help="keep the agent's and etcd's logs")
+    a = p.parse_args(argv)
+    if a.leases < 1 or a.additions < 1 or a.leases + a.additions > MAX_SUBNETS - 1:
+        p.error(f"need 1 <= leases, additions and leases + additions < {MAX_SUBNETS}")
+    return Settings(a.leases, a.additions, a.idle_seconds, a.out, a.keep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        return run(parse_args(argv))
+    except BenchError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

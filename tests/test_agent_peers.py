@@ -1,0 +1,124 @@
+"""From leases to peers (agent/peers.py): which backend each remote lease gets, and
+which leases are ignored and why. Pure logic: no etcd, no kernel."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from flannel_xdp.agent.config import parse_config
+from flannel_xdp.agent.lease import LeaseAttrs
+from flannel_xdp.agent.peers import Ignored, desired_peers, on_link, peer_for
+from flannel_xdp.maps.layout import Backend
+from flannel_xdp.maps.views import Peer
+
+UNDERLAY = IPv4Network("198.18.0.0/24")  # the node's own L2 network
+ON_LINK_IP = IPv4Address("198.18.0.7")
+OFF_LINK_IP = IPv4Address("198.19.5.7")
+MAC = "c6:d2:32:6f:8f:44"
+SUBNET = IPv4Network("10.244.3.0/24")
+
+
+def vxlan_config(**backend):
+    return parse_config(
+        json.dumps({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", **backend}})
+    )
+
+
+HOST_GW = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}')
+UDP = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}')
+
+
+def vxlan_lease(ip: IPv4Address = OFF_LINK_IP, vni: int = 1, mac: str | None = MAC) -> LeaseAttrs:
+    return LeaseAttrs(ip, "vxlan", vni=vni, vtep_mac=mac)
+
+
+def test_vxlan_lease_becomes_a_vxlan_peer():
+    got = peer_for(SUBNET, vxlan_lease(), vxlan_config(), [UNDERLAY])
+    assert got == Peer(SUBNET, OFF_LINK_IP, Backend.VXLAN, MAC)
+
+
+def test_vxlan_lease_on_link_without_direct_routing_stays_vxlan():
+    got = peer_for(SUBNET, vxlan_lease(ON_LINK_IP), vxlan_config(), [UNDERLAY])
+    assert got == Peer(SUBNET, ON_LINK_IP, Backend.VXLAN, MAC)
+
+
+def test_direct_routing_with_on_link_public_ip_is_host_gw():
+    got = peer_for(SUBNET, vxlan_lease(ON_LINK_IP), vxlan_config(DirectRouting=True), [UNDERLAY])
+    assert isinstance(got, Peer)
+    assert (got.backend, got.public_ip) == (Backend.HOST_GW, ON_LINK_IP)
+
+
+def test_direct_routing_with_off_link_public_ip_stays_vxlan():
+    got = peer_for(SUBNET, vxlan_lease(), vxlan_config(DirectRouting=True), [UNDERLAY])
+    assert got == Peer(SUBNET, OFF_LINK_IP, Backend.VXLAN, MAC)
+
+
+def test_host_gw_lease_on_link_is_a_host_gw_peer():
+    got = peer_for(SUBNET, LeaseAttrs(ON_LINK_IP, "host-gw"), HOST_GW, [UNDERLAY])
+    assert got == Peer(SUBNET, ON_LINK_IP, Backend.HOST_GW)
+
+
+def test_host_gw_lease_off_link_is_ignored_with_the_reason():
+    got = peer_for(SUBNET, LeaseAttrs(OFF_LINK_IP, "host-gw"), HOST_GW, [UNDERLAY])
+    assert isinstance(got, Ignored)
+    assert got.subnet == SUBNET
+    assert str(OFF_LINK_IP) in got.why
+    assert "directly connected" in got.why and "L2" in got.why
+
+
+@pytest.mark.parametrize(
+    ("attrs", "config", "words"),
+    [
+        (LeaseAttrs(ON_LINK_IP, "host-gw"), vxlan_config(), ("'host-gw'", "'vxlan'")),
+        (vxlan_lease(ON_LINK_IP), HOST_GW, ("'vxlan'", "'host-gw'")),
+        (LeaseAttrs(ON_LINK_IP, "udp"), vxlan_config(), ("'udp'", "'vxlan'")),
+        (vxlan_lease(vni=2), vxlan_config(), ("VNI 2", "(1)")),
+        (vxlan_lease(vni=1), vxlan_config(VNI=4096), ("VNI 1", "(4096)")),
+        (vxlan_lease(mac=None), vxlan_config(), ("VtepMAC",)),
+        (LeaseAttrs(ON_LINK_IP, "udp"), UDP, ("'udp'", "no BPF data path")),
+    ],
+    ids=[
+        "host-gw-lease-in-vxlan-network",
+        "vxlan-lease-in-host-gw-network",
+        "udp-lease-in-vxlan-network",
+        "vni-2-in-vni-1-network",
+        "vni-1-in-vni-4096-network",
+        "vxlan-without-mac",
+        "udp-network",
+    ],
+)
+def test_mismatched_leases_are_ignored_with_the_reason(attrs, config, words):
+    got = peer_for(SUBNET, attrs, config, [UNDERLAY])
+    assert isinstance(got, Ignored), got
+    for word in words:
+        assert word in got.why, got.why
+
+
+def test_desired_peers_skips_own_subnet_and_collects_ignored():
+    own = IPv4Network("10.244.1.0/24")
+    leases = {
+        own: vxlan_lease(IPv4Address("198.18.0.2")),
+        IPv4Network("10.244.2.0/24"): vxlan_lease(IPv4Address("198.19.0.2")),
+        IPv4Network("10.244.3.0/24"): vxlan_lease(ON_LINK_IP),
+        IPv4Network("10.244.4.0/24"): vxlan_lease(vni=7),
+        IPv4Network("10.244.5.0/24"): LeaseAttrs(ON_LINK_IP, "host-gw"),
+    }
+    got = desired_peers(leases, own, vxlan_config(DirectRouting=True), [UNDERLAY])
+    assert got.peers == {
+        IPv4Network("10.244.2.0/24"): Peer(
+            IPv4Network("10.244.2.0/24"), IPv4Address("198.19.0.2"), Backend.VXLAN, MAC
+        ),
+        IPv4Network("10.244.3.0/24"): Peer(
+            IPv4Network("10.244.3.0/24"), ON_LINK_IP, Backend.HOST_GW, MAC
+        ),
+    }
+    assert sorted(str(i.subnet) for i in got.ignored) == ["10.244.4.0/24", "10.244.5.0/24"]
+
+
+def test_on_link():
+    assert on_link(ON_LINK_IP, [IPv4Network("10.0.0.0/8"), UNDERLAY])
+    assert not on_link(OFF_LINK_IP, [UNDERLAY])
+    assert not on_link(ON_LINK_IP, [])
