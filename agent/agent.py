@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -36,6 +37,7 @@ from flannel_xdp.agent.registry import (
     RegistryUnavailable,
     TlsFiles,
 )
+from flannel_xdp.loader import __main__ as loader_main
 from flannel_xdp.loader import datapath, devices
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.maps.views import Peer, SubnetsMap
@@ -206,7 +208,7 @@ class Agent:
         self.stats.lease_expiry = time.time() + opts.lease_ttl
 
         mtu = self._tunnel_mtu(config, underlay)
-        await asyncio.to_thread(self._install_data_path, vtep_mac, public_ip, mtu)
+        await self._install_data_path(vtep_mac, public_ip, mtu)
         subnet_env.write(
             opts.subnet_file,
             subnet_env.SubnetEnv(config.network, self.subnet, mtu, opts.ip_masq),
@@ -218,7 +220,8 @@ class Agent:
         await self._full_sync(listing.leases, listing.revision)
         self.ready = True
 
-    def _install_data_path(self, vtep_mac: str, public_ip: IPv4Address, mtu: int) -> None:
+    async def _install_data_path(self, vtep_mac: str, public_ip: IPv4Address, mtu: int) -> None:
+        """Compile and attach in a child process: bcc and LLVM stay out of the agent."""
         assert self.config and self.underlay and self.subnet
         cfg = datapath.DataPathConfig(
             underlay=self.underlay.name,
@@ -235,10 +238,25 @@ class Agent:
             vni=self.config.backend.vxlan.vni,
             vxlan_port=self.config.backend.vxlan.port,
         )
-        installed = datapath.install(cfg, node)
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "flannel_xdp.loader",
+            "install",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await child.communicate(loader_main.request_json(cfg, node).encode())
+        if child.returncode != 0:
+            raise AgentExit(1, f"installing the data path failed (loader exit {child.returncode})")
+        log.debug("loader: %s", out.decode().strip())
+        await asyncio.to_thread(self._set_tunnel_address, self.subnet, node.vni)
+        self.subnets_map = SubnetsMap(PinDir(self.opts.bpffs).maps)
+
+    @staticmethod
+    def _set_tunnel_address(subnet: IPv4Network, vni: int) -> None:
         with IPRoute() as ipr:
-            node_state.set_tunnel_address(ipr, self.subnet, node.vni)
-        self.subnets_map = SubnetsMap(installed.pins.maps)
+            node_state.set_tunnel_address(ipr, subnet, vni)
 
     # -- keeping the maps equal to the registry ---------------------------------------------
 

@@ -70,7 +70,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "controlplane.json"
 ETCD, ETCDCTL = "/usr/bin/etcd", "/usr/bin/etcdctl"
 TOOLS = ("ip", "nsenter")
 PREFIX = "/coreos.com/network"
-CONFIG = {"Network": "10.128.0.0/9", "SubnetLen": 24, "Backend": {"Type": "vxlan"}}
+# Documentation/benchmark ranges only: 8191 /28 pod subnets in 198.18.0.0/15.
+CONFIG = {"Network": "198.18.0.0/15", "SubnetLen": 28, "Backend": {"Type": "vxlan"}}
 NODE_ADDRESS = "192.0.2.1/24"  # inside the node's namespace only
 MAX_SUBNETS = 8192
 TXN_OPS = 100  # etcd's --max-txn-ops is 128
@@ -378,7 +379,7 @@ def lease_plan(count: int, additions: int) -> tuple[list[IPv4Network], list[IPv4
 def lease_value(i: int, rng: random.Random) -> bytes:
     mac = [rng.getrandbits(8) for _ in range(6)]
     mac[0] = (mac[0] & 0xFE) | 0x02
-    ip = IPv4Address(int(IPv4Address("198.18.0.0")) + 1 + i)  # off-link: vxlan peers
+    ip = IPv4Address(int(IPv4Address("198.51.100.0")) + 1 + i % 254)  # off-link: vxlan peers
     vtep = ":".join(f"{b:02x}" for b in mac)
     return LeaseAttrs(ip, "vxlan", vni=1, vtep_mac=vtep).to_json().encode()
 
