@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -246,3 +247,34 @@ def test_inspect_shows_the_known_peers(lab):
             check=True,
         ).stdout
         assert str(lease.subnet) in text and str(lease.public_ip) in text
+
+
+def test_every_metric_the_dashboard_queries_exists(lab):
+    """Scrape an agent's full registry (data path + control plane) and check the dashboard."""
+    from prometheus_client import generate_latest
+
+    from flannel_xdp.agent.agent import Agent, AgentOptions
+    from flannel_xdp.agent.registry import parse_endpoints
+
+    cluster, _ = lab
+    agent = Agent(
+        AgentOptions(
+            etcd_endpoints=parse_endpoints("http://127.0.0.1:1"), bpffs=cluster.nodes[0].bpffs
+        )
+    )
+    agent.metrics.sync_seconds.labels("full").observe(0.01)
+    scraped = generate_latest(agent.metrics.registry).decode()
+    names = {
+        line.split("{")[0].split(" ")[0]
+        for line in scraped.splitlines()
+        if line and not line.startswith("#")
+    }
+    path = os.path.join(os.path.dirname(__file__), "..", "metrics", "grafana-dashboard.json")
+    with open(path) as f:
+        dashboard = json.load(f)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    queried = {m for e in exprs for m in re.findall(r"flannel_xdp_\w+", e)}
+    assert queried, "the dashboard queries no flannel_xdp metric"
+    missing = queried - names
+    assert not missing, f"the dashboard queries metrics the agent does not export: {missing}"
