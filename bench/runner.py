@@ -1,0 +1,171 @@
+"""What one `make bench` run does: every workload, repetitions interleaved across variants.
+
+For each workload, repetition r visits every variant in turn (A, B, C, ... then
+again A, B, C, ...), so slow phases of a noisy machine spread over all variants;
+a failed measurement is recorded with its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from flannel_xdp.lab.process import CommandError
+from flannel_xdp.maps.libbpf import BpfError
+
+from . import progcost, rxpps, workloads
+from .bpfprogs import EmptyPrograms, GeneratorCache
+from .variants import VARIANT_NAMES, Bed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    reps: int = 3
+    seconds: float = 4.0  # per TCP, UDP and latency measurement
+    udp_senders: int = 2
+    rx_frames: int = 1_000_000
+    rx_batch: int = rxpps.DEFAULT_BATCH
+    prog_calls: int = 20_000  # repeat=1 calls per single-method measurement
+    prog_repeat: int = 1_000_000  # repeat count of a repeat-method measurement
+    variants: tuple[str, ...] = VARIANT_NAMES
+    workloads: tuple[str, ...] = ()  # empty: all
+    quick: bool = False
+
+    @classmethod
+    def quick_settings(cls, **overrides) -> Settings:
+        base = dict(reps=1, seconds=1.0, rx_frames=100_000, prog_calls=2_000, prog_repeat=100_000)
+        base.update(overrides)
+        return cls(quick=True, **base)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    title: str
+    run: Callable[[Bed, Settings, GeneratorCache], dict]
+    warm_up: bool = True  # pods exchange a ping each way first (see workloads.warm_up)
+
+
+WORKLOADS: tuple[Workload, ...] = (
+    Workload("tcp1", "TCP, 1 stream", lambda b, s, g: workloads.tcp(b, s.seconds, 1)),
+    Workload("tcp4", "TCP, 4 streams", lambda b, s, g: workloads.tcp(b, s.seconds, 4)),
+    Workload(
+        "udp64",
+        "UDP 64 B, iperf3 senders",
+        lambda b, s, g: workloads.udp64(b, s.seconds, s.udp_senders),
+    ),
+    Workload(
+        "rx_pps",
+        "UDP 64 B live frames at the receiver's underlay",
+        lambda b, s, g: rxpps.measure(b, g, s.rx_frames, s.rx_batch),
+        warm_up=False,  # injected at the receiver: no neighbour to resolve
+    ),
+    Workload("latency", "sockperf ping-pong", lambda b, s, g: workloads.latency(b, s.seconds)),
+)
+WORKLOAD_KEYS = tuple(w.key for w in WORKLOADS)
+# What a single measurement may fail with without ending the run.
+MEASUREMENT_ERRORS = (
+    workloads.WorkloadError,
+    CommandError,
+    subprocess.SubprocessError,
+    OSError,
+    BpfError,
+    ValueError,
+    KeyError,
+)
+
+
+@dataclass
+class RawResults:
+    # workload -> variant -> one dict per repetition (an "error" key when it failed)
+    workloads: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+    # case -> method -> one dict per repetition
+    progcost: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+    progcost_cases: list[progcost.CostCase] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _headline(key: str, result: dict) -> str:
+    if "error" in result:
+        return f"FAILED: {result['error'].splitlines()[0][:160]}"
+    if key in ("tcp1", "tcp4"):
+        return f"{result['gbps']:.2f} Gbit/s"
+    if key == "udp64":
+        return f"{result['delivered_pps'] / 1e3:.0f} kpps (sent {result['sent_pps'] / 1e3:.0f})"
+    if key == "rx_pps":
+        frac = result["delivered_fraction"] * 100
+        return f"{result['delivered_pps'] / 1e3:.0f} kpps ({frac:.1f} % delivered)"
+    if key == "latency":
+        return f"p50 {result['p50_us']:.1f} us, p99 {result['p99_us']:.1f} us"
+    return ""
+
+
+def run_workloads(beds: list[Bed], settings: Settings, raw: RawResults) -> None:
+    selected = [w for w in WORKLOADS if not settings.workloads or w.key in settings.workloads]
+    generators = GeneratorCache()
+    try:
+        for wl in selected:
+            per_variant = raw.workloads.setdefault(wl.key, {})
+            for rep in range(settings.reps):
+                for bed in beds:
+                    name = bed.variant.name
+                    t0 = time.monotonic()
+                    try:
+                        lost = workloads.warm_up(bed) if wl.warm_up else 0
+                        result = wl.run(bed, settings, generators)
+                        if wl.warm_up:
+                            result["warmup_pings_lost"] = lost
+                    except MEASUREMENT_ERRORS as exc:
+                        result = {"error": f"{type(exc).__name__}: {exc}"}
+                        raw.errors.append(f"{wl.key} rep {rep + 1} {name}: {result['error']}")
+                        log.debug("%s %s failed", wl.key, name, exc_info=True)
+                    result["rep"] = rep + 1
+                    result["took_s"] = round(time.monotonic() - t0, 2)
+                    per_variant.setdefault(name, []).append(result)
+                    _say(
+                        f"[{wl.key} {rep + 1}/{settings.reps}] {name:<14} "
+                        f"{_headline(wl.key, result)}"
+                    )
+    finally:
+        generators.close()
+
+
+def run_progcost(beds: list[Bed], settings: Settings, raw: RawResults) -> None:
+    with contextlib.ExitStack() as stack:
+        empty = EmptyPrograms()
+        stack.callback(empty.close)
+        programs = progcost.Programs()
+        stack.enter_context(programs.stack)
+        cases = progcost.build_cases(beds, programs, empty)
+        raw.progcost_cases = cases
+        for rep in range(settings.reps):
+            for bed in beds:
+                if bed.variant.is_xdp:
+                    workloads.resolve_underlay(bed)
+            for case in cases:
+                for method in case.methods:
+                    try:
+                        result = progcost.run_case(
+                            case, method, settings.prog_calls, settings.prog_repeat
+                        )
+                    except BpfError as exc:
+                        result = {"error": f"{type(exc).__name__}: {exc}"}
+                    if "error" in result:
+                        raw.errors.append(f"progcost {case.name} {method}: {result['error']}")
+                    result["rep"] = rep + 1
+                    raw.progcost.setdefault(case.name, {}).setdefault(method, []).append(result)
+            _say(f"[progcost {rep + 1}/{settings.reps}] {len(cases)} cases measured")

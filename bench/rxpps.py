@@ -1,0 +1,165 @@
+"""The receive path alone: 64-byte UDP frames injected at the receiving node's underlay.
+
+BPF_PROG_TEST_RUN in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES) runs an XDP program
+on `count` frames as if they had arrived on the receiving node's eth0 and carries out
+its verdict. No sender competes for the CPU, so the figure is what one CPU can push
+through the receive path, from the underlay to the pod's socket:
+
+* vxlan variants get the VXLAN frame the peer node would send (its public IP, our
+  VNI, inner UDP from the peer's pod to ours); host-gw variants get the plain frame.
+* flannel-xdp with the XDP hook: the injected program chains (tail call) to the
+  node's pinned underlay_xdp, which decapsulates and redirects to the tunnel veth.
+* stock flannel and the tc hook: the injected program returns XDP_PASS, so the
+  frames enter the stack on eth0 (tc ingress and the kernel's vxlan socket take
+  them from there).
+
+Either way the injected program first restores the template frame (bpfprogs.py says
+why). What counts is what reached the pod's UDP socket (InDatagrams after draining
+the socket, plus RcvbufErrors), divided by the wall time of the injecting call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import time
+from contextlib import closing
+
+from flannel_xdp import netns
+from flannel_xdp.lab import NetworkBackend
+from flannel_xdp.loader.bpffs import PinDir
+from flannel_xdp.loader.datapath import UNDERLAY_XDP, IngressHook
+from flannel_xdp.maps import libbpf
+
+from . import frames
+from .bpfprogs import GeneratorCache
+from .variants import Bed
+from .workloads import UDP_PAYLOAD, udp_counters
+
+BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+RX_PORT = 9000
+# Larger batches overflow the tunnel veth's 256-frame XDP ring with the XDP hook: its
+# NAPI runs deferred (ksoftirqd on the injecting CPU), so frames beyond the ring are
+# dropped at redirect time (batch 64: about half were lost). 16 lets every variant
+# deliver everything it is given; the same size is used for all.
+DEFAULT_BATCH = 16
+
+
+class XdpMd(ctypes.Structure):
+    """struct xdp_md (uapi) as BPF_PROG_TEST_RUN takes it for its ctx."""
+
+    _fields_ = [
+        ("data", ctypes.c_uint32),
+        ("data_end", ctypes.c_uint32),
+        ("data_meta", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32),
+        ("rx_queue_index", ctypes.c_uint32),
+        ("egress_ifindex", ctypes.c_uint32),
+    ]
+
+
+def rx_frame(bed: Bed) -> bytes:
+    """The 64-byte UDP datagram from the sender pod to the receiver pod, as it arrives
+    on the receiver node's underlay for this backend."""
+    sender_node, receiver_node = bed.sender_node, bed.receiver_node
+    sender_mac, receiver_mac = bed.underlay_macs
+    inner_ip = frames.udp(
+        str(bed.sender.ip),
+        str(bed.receiver.ip),
+        40000,
+        RX_PORT,
+        frames.payload_bytes(UDP_PAYLOAD),
+    )
+    spec = bed.cluster.spec
+    if spec.backend is NetworkBackend.HOST_GW:
+        return frames.ethernet(receiver_mac, sender_mac, inner_ip)
+    inner = frames.ethernet(receiver_node.vtep_mac, sender_node.vtep_mac, inner_ip)
+    return frames.vxlan(
+        outer_dst_mac=receiver_mac,
+        outer_src_mac=sender_mac,
+        outer_src=str(sender_node.public_ip),
+        outer_dst=str(receiver_node.public_ip),
+        vni=spec.vni,
+        port=spec.vxlan_port,
+        inner_frame=inner,
+    )
+
+
+def _drain(sock: socket.socket) -> int:
+    n = 0
+    sock.setblocking(False)
+    while True:
+        try:
+            sock.recv(2048)
+        except BlockingIOError:
+            return n
+        n += 1
+
+
+def measure(bed: Bed, generators: GeneratorCache, count: int, batch: int) -> dict:
+    """Inject count frames at the receiving node's underlay; what the pod received."""
+    frame = rx_frame(bed)
+    gen = generators.get(frame)
+    pinned_fd = -1
+    if bed.variant.is_xdp and bed.variant.hook is IngressHook.XDP:
+        pin = PinDir(bed.receiver_node.bpffs).prog(UNDERLAY_XDP.name)
+        pinned_fd = libbpf.obj_get(pin)
+        prog_fd, how = gen.chain_to(pinned_fd), "restore + tail call to underlay_xdp"
+    else:
+        prog_fd, how = gen.pass_fd, "restore + XDP_PASS into the stack on eth0"
+    ifindex = bed.underlay_ifindexes[1]
+    ctx = bytes(XdpMd(data=0, data_end=len(frame), ingress_ifindex=ifindex))
+    receiver = bed.receiver
+    counted = bed.cluster.counters(bed.receiver_node) if bed.variant.is_xdp else None
+    try:
+        with netns.entered(receiver.netns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with closing(sock):
+            sock.bind((str(receiver.ip), RX_PORT))
+            before = udp_counters(receiver.netns)
+            with netns.entered(bed.receiver_node.netns):
+                t0 = time.perf_counter()
+                _, _, ns_per_frame = libbpf.prog_test_run(
+                    prog_fd,
+                    frame,
+                    repeat=count,
+                    ctx=ctx,
+                    flags=BPF_F_TEST_XDP_LIVE_FRAMES,
+                    batch_size=batch,
+                )
+                elapsed = time.perf_counter() - t0
+            time.sleep(0.1)  # the backlog and NAPI queues empty within microseconds
+            queued = _drain(sock)
+            after = udp_counters(receiver.netns)
+    except libbpf.BpfError as exc:
+        if exc.errno == errno.EINTR:
+            raise KeyboardInterrupt from exc
+        raise
+    finally:
+        if pinned_fd >= 0:
+            os.close(pinned_fd)
+    delta = {k: after[k] - before[k] for k in after}
+    delivered = delta["InDatagrams"] + delta["RcvbufErrors"]
+    bpf_counted = None
+    if counted is not None:  # what the node's ingress program counted: one per frame
+        grown = bed.cluster.counters(bed.receiver_node).since(counted)
+        bpf_counted = {f"{b}/{d}": v[0] for (b, d), v in grown.traffic.items() if v[0]}
+        bpf_counted |= {f"{b}/{r}": v[0] for (b, r), v in grown.reasons.items() if v[0]}
+    return {
+        "delivered_pps": delivered / elapsed,
+        "injected": count,
+        "delivered": delivered,
+        "delivered_fraction": delivered / count,
+        "queued_in_socket": queued,
+        "rcvbuf_errors": delta["RcvbufErrors"],
+        "csum_errors": delta.get("InCsumErrors", 0),
+        "no_ports": delta["NoPorts"],
+        "elapsed_s": elapsed,
+        "kernel_ns_per_frame": ns_per_frame,
+        "frame_bytes": len(frame),
+        "batch_size": batch,
+        "program": how,
+        "bpf_counted": bpf_counted,
+    }

@@ -1,0 +1,283 @@
+"""The data paths the benchmark compares, and the testbed that holds one lab cluster each.
+
+Every variant is the lab's two-node cluster (one pod per node) with one data path:
+stock flannel (the kernel's vxlan device or host-gw routes, programmed exactly as
+flanneld programs them) or flannel-xdp with either ingress hook. All clusters are
+built once, before the first measurement, and stay up until the end: the workloads
+then visit the variants interleaved (A, B, C, A, B, C, ...) without a rebuild between
+repetitions, so a slow phase of this noisy machine lands on every variant alike
+rather than on whichever was being rebuilt. An idle cluster costs no CPU (nothing
+runs in it between measurements) and a few MB of memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from types import FrameType
+
+from pyroute2 import IPRoute
+
+from flannel_xdp import defaults, netns
+from flannel_xdp.lab import (
+    Cluster,
+    ClusterSpec,
+    Dataplane,
+    NetworkBackend,
+    Node,
+    Pod,
+    process,
+)
+from flannel_xdp.lab.topology import UNDERLAY_IFNAME
+from flannel_xdp.loader.datapath import IngressHook
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    backend: NetworkBackend
+    dataplane: Dataplane
+    hook: IngressHook | None  # flannel-xdp only
+    code: str  # short tag in lab names
+    description: str
+
+    @property
+    def is_xdp(self) -> bool:
+        return self.dataplane is Dataplane.FLANNEL_XDP
+
+    def spec(self, prefix: str) -> ClusterSpec:
+        if self.is_xdp:
+            assert self.hook is not None
+            return ClusterSpec.uniform(
+                nodes=2, pods=1, backend=self.backend, ingress_hook=self.hook, prefix=prefix
+            )
+        return ClusterSpec.uniform(
+            nodes=2, pods=1, dataplane=Dataplane.FLANNELD, backend=self.backend, prefix=prefix
+        )
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {
+            "backend": self.backend.value,
+            "dataplane": self.dataplane.value,
+            "ingress_hook": self.hook.value if self.hook else None,
+            "description": self.description,
+        }
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant(
+        "stock-vxlan",
+        NetworkBackend.VXLAN,
+        Dataplane.FLANNELD,
+        None,
+        "sv",
+        "stock flannel vxlan: kernel vxlan device flannel.1, as flanneld programs it",
+    ),
+    Variant(
+        "xdp-vxlan",
+        NetworkBackend.VXLAN,
+        Dataplane.FLANNEL_XDP,
+        IngressHook.XDP,
+        "xv",
+        "flannel-xdp vxlan: encap in tc egress, decap in XDP on the underlay",
+    ),
+    Variant(
+        "xdp-vxlan-tc",
+        NetworkBackend.VXLAN,
+        Dataplane.FLANNEL_XDP,
+        IngressHook.TC,
+        "xvt",
+        "flannel-xdp vxlan: encap in tc egress, decap in tc ingress on the underlay",
+    ),
+    Variant(
+        "stock-hostgw",
+        NetworkBackend.HOST_GW,
+        Dataplane.FLANNELD,
+        None,
+        "sh",
+        "stock flannel host-gw: kernel routes via the peer's public IP",
+    ),
+    Variant(
+        "xdp-hostgw",
+        NetworkBackend.HOST_GW,
+        Dataplane.FLANNEL_XDP,
+        IngressHook.XDP,
+        "xh",
+        "flannel-xdp host-gw: MAC rewrite in tc egress, XDP (pass + count) on the underlay",
+    ),
+    Variant(
+        "xdp-hostgw-tc",
+        NetworkBackend.HOST_GW,
+        Dataplane.FLANNEL_XDP,
+        IngressHook.TC,
+        "xht",
+        "flannel-xdp host-gw: MAC rewrite in tc egress, tc ingress (pass + count)",
+    ),
+)
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+DEFAULT_HOOK = IngressHook(defaults.INGRESS_HOOK)
+
+
+def by_name(name: str) -> Variant:
+    for v in VARIANTS:
+        if v.name == name:
+            return v
+    raise KeyError(f"unknown variant {name!r}; known: {', '.join(VARIANT_NAMES)}")
+
+
+def select(names: list[str] | None) -> list[Variant]:
+    """The variants to run, in the canonical order whatever the order asked."""
+    if not names:
+        return list(VARIANTS)
+    wanted = {by_name(n).name for n in names}
+    return [v for v in VARIANTS if v.name in wanted]
+
+
+def flannel_xdp_variant(backend: NetworkBackend, hook: IngressHook) -> Variant:
+    for v in VARIANTS:
+        if v.is_xdp and v.backend is backend and v.hook is hook:
+            return v
+    raise KeyError(f"no flannel-xdp variant for {backend} with hook {hook}")
+
+
+def stock_variant(backend: NetworkBackend) -> Variant:
+    for v in VARIANTS:
+        if not v.is_xdp and v.backend is backend:
+            return v
+    raise KeyError(f"no stock variant for {backend}")
+
+
+@dataclass
+class Bed:
+    """One variant's running cluster, seen from the workloads: traffic goes from the
+    pod on node 0 (sender) to the pod on node 1 (receiver)."""
+
+    variant: Variant
+    cluster: Cluster
+    underlay_macs: tuple[str, str] = ("", "")
+    underlay_ifindexes: tuple[int, int] = (0, 0)
+
+    @property
+    def sender_node(self) -> Node:
+        return self.cluster.nodes[0]
+
+    @property
+    def receiver_node(self) -> Node:
+        return self.cluster.nodes[1]
+
+    @property
+    def sender(self) -> Pod:
+        return self.sender_node.pods[0]
+
+    @property
+    def receiver(self) -> Pod:
+        return self.receiver_node.pods[0]
+
+
+def _underlay_link(node: Node) -> tuple[str, int]:
+    with netns.entered(node.netns), IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=UNDERLAY_IFNAME)[0]
+        return ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS"), idx
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, turned into an exception so that every cluster is torn down."""
+
+
+_TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+_IGNORED_IN_TEARDOWN = (signal.SIGINT, *_TERMINATING)
+
+
+def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise BenchInterrupted(f"signal {signal.Signals(signum).name}")
+
+
+@dataclass
+class Testbed:
+    """Every selected variant's cluster, up at once; a context manager that tears all of
+    them down on the way out, whether the run finished, failed or was interrupted
+    (Ctrl-C, SIGTERM, SIGHUP). While tearing down, those signals are ignored so that no
+    namespace is left half-removed. A variant whose cluster cannot be built or whose
+    pods cannot reach each other is dropped (in `broken`, with the reason); the
+    others are measured."""
+
+    variants: list[Variant]
+    beds: dict[str, Bed] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)  # variant -> why it was dropped
+    run_id: str = field(default_factory=lambda: secrets.token_hex(2))
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _handlers: dict = field(default_factory=dict)  # signal handlers to restore
+
+    def __enter__(self) -> Testbed:
+        self._handlers = {
+            signum: signal.signal(signum, _raise_interrupt) for signum in _TERMINATING
+        }
+        try:
+            for variant in self.variants:
+                self._bring_up(variant)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        held = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _IGNORED_IN_TEARDOWN}
+        try:
+            self._stack.close()
+        finally:
+            for signum, handler in {**held, **self._handlers}.items():
+                signal.signal(signum, handler)
+            self._handlers = {}
+
+    @property
+    def prefix(self) -> str:
+        """What every lab name of this run starts with (netns, bpffs pin directories)."""
+        return f"fxb{self.run_id}-"
+
+    def _bring_up(self, variant: Variant) -> None:
+        prefix = self.prefix + variant.code
+        cluster = Cluster(variant.spec(prefix))
+        log.info("bringing up %s (%s)", variant.name, prefix)
+        # Registered first: down() skips what does not exist, so an interrupt at any
+        # point of up() still has everything removed.
+        self._stack.callback(self._tear_down, variant, cluster)
+        try:
+            cluster.up()
+        except Exception as exc:  # the others can still be measured
+            self.broken[variant.name] = f"bring-up failed: {type(exc).__name__}: {exc}"
+            log.error("%s: bring-up failed, variant dropped: %s", variant.name, exc)
+            return
+        bed = Bed(variant, cluster)
+        try:
+            links = [_underlay_link(n) for n in cluster.nodes]
+            bed.underlay_macs = (links[0][0], links[1][0])
+            bed.underlay_ifindexes = (links[0][1], links[1][1])
+            self._check_connectivity(bed)
+        except (OSError, subprocess.SubprocessError, process.CommandError) as exc:
+            self.broken[variant.name] = f"{exc}\n{cluster.diagnostics()}"
+            log.error("%s: pods cannot reach each other, variant dropped: %s", variant.name, exc)
+            return
+        self.beds[variant.name] = bed
+
+    @staticmethod
+    def _check_connectivity(bed: Bed) -> None:
+        """Ping both ways (also resolves every neighbour before the first measurement)."""
+        for src, dst in ((bed.sender, bed.receiver), (bed.receiver, bed.sender)):
+            process.run(src.netns, ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", str(dst.ip)])
+
+    @staticmethod
+    def _tear_down(variant: Variant, cluster: Cluster) -> None:
+        log.info("tearing down %s (%s)", variant.name, cluster.spec.prefix)
+        try:
+            cluster.down()
+        except Exception:
+            log.exception("%s: teardown failed; prefix %s", variant.name, cluster.spec.prefix)
+
+    def ready(self) -> list[Bed]:
+        return [self.beds[v.name] for v in self.variants if v.name in self.beds]
