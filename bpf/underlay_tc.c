@@ -7,9 +7,11 @@
  * packets enter the stack on flannel.<VNI>, as with flanneld.
  *
  * Kernels before BPF_F_ADJ_ROOM_DECAP_L4_UDP (bpf-next, after 6.18) cannot clear
- * the UDP-tunnel GSO state of an aggregate on decap. A decapsulated aggregate is
- * delivered locally (pods, host) unharmed; one that would be encapsulated again
- * is refused by bpf_skb_adjust_room and counted as DROP_ENCAP_FAILED.
+ * the UDP-tunnel GSO state of an aggregate on decap. The packet is still
+ * delivered correctly, but a device without tunnel offloads on its way (the
+ * cni0 bridge) segments it in software, which costs TCP throughput (see the
+ * README's benchmark); one that would be encapsulated again is refused by
+ * bpf_skb_adjust_room and counted as DROP_ENCAP_FAILED.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
