@@ -40,6 +40,7 @@ from flannel_xdp.agent.registry import (
 from flannel_xdp.loader import __main__ as loader_main
 from flannel_xdp.loader import datapath, devices
 from flannel_xdp.loader.bpffs import PinDir
+from flannel_xdp.maps.layout import Backend
 from flannel_xdp.maps.views import Peer, SubnetsMap
 from flannel_xdp.metrics.agent import AgentMetrics
 
@@ -281,7 +282,7 @@ class Agent:
             peers + [p for s, p in self.programmed.items() if s not in want.peers]
         )
         vni = self.config.backend.vxlan.vni
-        await asyncio.to_thread(self._sync_routes, peers, vni)
+        await asyncio.to_thread(self._sync_routes, peers, vni, self._underlay_index())
         result = self.subnets_map.apply(peers)  # only removals are left to do here
         self.programmed = dict(want.peers)
         self._revision = revision
@@ -299,9 +300,15 @@ class Agent:
             self.stats.last_sync_seconds,
         )
 
+    def _underlay_index(self) -> int:
+        assert self.underlay is not None
+        return self.underlay.index
+
     @staticmethod
-    def _sync_routes(peers: list[Peer], vni: int) -> None:
+    def _sync_routes(peers: list[Peer], vni: int, underlay_index: int) -> None:
         with IPRoute() as ipr:
+            # host-gw next hops resolved before any route sends a packet their way
+            node_state.sync_next_hops(ipr, underlay_index, peers)
             node_state.sync_peers(ipr, peers, vni)
 
     async def _on_event(self, ev: LeaseEvent) -> None:
@@ -332,11 +339,14 @@ class Agent:
             got = None
         old = self.programmed.get(ev.subnet)
         vni = self.config.backend.vxlan.vni
+        underlay = self._underlay_index()
         if isinstance(got, Peer):
             if got != old:
                 self.subnets_map.upsert(got)
-                await asyncio.to_thread(self._add_route, got, vni)
+                await asyncio.to_thread(self._add_route, got, vni, underlay)
                 self.programmed[ev.subnet] = got
+                if old is not None:
+                    await asyncio.to_thread(self._drop_next_hop, old, underlay)
                 log.info("peer %s via %s (%s)", got.subnet, got.public_ip, got.backend.name)
             return
         if isinstance(got, Ignored):
@@ -345,17 +355,28 @@ class Agent:
             await asyncio.to_thread(self._remove_route, ev.subnet, vni)
             self.subnets_map.remove(ev.subnet)
             del self.programmed[ev.subnet]
+            await asyncio.to_thread(self._drop_next_hop, old, underlay)
             log.info("peer %s removed", ev.subnet)
 
     @staticmethod
-    def _add_route(peer: Peer, vni: int) -> None:
+    def _add_route(peer: Peer, vni: int, underlay_index: int) -> None:
         with IPRoute() as ipr:
+            if peer.backend is Backend.HOST_GW:
+                node_state.ensure_next_hop(ipr, underlay_index, peer.public_ip)
             node_state.add_peer(ipr, peer, vni)
 
     @staticmethod
     def _remove_route(subnet: IPv4Network, vni: int) -> None:
         with IPRoute() as ipr:
             node_state.remove_peer(ipr, subnet, vni)
+
+    def _drop_next_hop(self, gone: Peer, underlay_index: int) -> None:
+        """Forget gone's next hop unless another programmed peer still uses it."""
+        if gone.backend is not Backend.HOST_GW:
+            return
+        if gone.public_ip not in node_state.next_hops(self.programmed.values()):
+            with IPRoute() as ipr:
+                node_state.remove_next_hop(ipr, underlay_index, gone.public_ip)
 
     # -- loops -----------------------------------------------------------------------------
 

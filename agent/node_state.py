@@ -32,6 +32,7 @@ from pyroute2.netlink.rtnl import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
 
 from flannel_xdp import defaults
+from flannel_xdp.maps.layout import Backend
 from flannel_xdp.maps.views import Peer
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,93 @@ def sync_peers(ipr: IPRoute, peers: Iterable[Peer], vni: int = defaults.VXLAN_VN
     return SyncResult(written=len(want), removed_routes=routes, removed_neighbours=neighbours)
 
 
+# -- host-gw next hops on the underlay ----------------------------------------------------
+#
+# host-gw (and DirectRouting) frames leave through tunnel_egress, which asks the kernel's
+# FIB for the next hop's MAC (bpf_fib_lookup). When the neighbour is not resolved yet,
+# bpf_redirect_neigh() queues the frame for ARP, but the queued frame keeps its route
+# into the tunnel device, and once ARP answers the kernel sends it with that route's
+# neighbour: the tunnel's placeholder MAC, on the underlay. It is lost. So the agent keeps
+# a *managed* neighbour entry (NTF_EXT_MANAGED, Linux 5.16+) for every host-gw next hop:
+# the kernel resolves it at once and keeps it resolved, and the program always finds the
+# MAC. Entries are marked with NEIGH_PROTOCOL so that only ours are ever removed.
+
+NUD_NONE = 0
+NUD_VALID = 0xDE  # NUD_REACHABLE|NOARP|PERMANENT|STALE|DELAY|PROBE (include/net/neighbour.h)
+NTF_EXT_MANAGED = 0x1
+NEIGH_PROTOCOL = 0x66  # "f": flannel-xdp's underlay neighbours
+
+
+def next_hops(peers: Iterable[Peer]) -> set[IPv4Address]:
+    """The underlay next hops that need a resolved neighbour: host-gw peers' public IPs."""
+    return {p.public_ip for p in peers if p.backend is Backend.HOST_GW}
+
+
+def _neighbour(ipr: IPRoute, ifindex: int, addr: IPv4Address):
+    try:
+        found = ipr.neigh("get", dst=str(addr), ifindex=ifindex)
+    except NetlinkError as exc:
+        if exc.code in _GONE:
+            return None
+        raise
+    return found[0] if found else None
+
+
+def ensure_next_hop(ipr: IPRoute, underlay_ifindex: int, addr: IPv4Address) -> None:
+    """A managed neighbour entry for addr on the underlay; an entry that is resolved
+    already keeps its MAC and state (no moment without one)."""
+    have = _neighbour(ipr, underlay_ifindex, addr)
+    if (
+        have is not None
+        and have.get_attr("NDA_FLAGS_EXT", 0) & NTF_EXT_MANAGED
+        and have.get_attr("NDA_PROTOCOL") == NEIGH_PROTOCOL
+    ):
+        return
+    kwargs = {"state": NUD_NONE}
+    if have is not None and have["state"] & NUD_VALID and have.get_attr("NDA_LLADDR"):
+        kwargs = {"state": have["state"], "lladdr": have.get_attr("NDA_LLADDR")}
+    try:
+        ipr.neigh(
+            "replace",
+            dst=str(addr),
+            ifindex=underlay_ifindex,
+            NDA_FLAGS_EXT=NTF_EXT_MANAGED,
+            NDA_PROTOCOL=NEIGH_PROTOCOL,
+            **kwargs,
+        )
+    except NetlinkError as exc:
+        raise NodeStateError(
+            f"cannot keep the neighbour of next hop {addr} resolved: {exc}"
+        ) from exc
+
+
+def remove_next_hop(ipr: IPRoute, underlay_ifindex: int, addr: IPv4Address) -> None:
+    """Remove our managed neighbour entry for addr, if there is one."""
+    have = _neighbour(ipr, underlay_ifindex, addr)
+    if have is None or have.get_attr("NDA_PROTOCOL") != NEIGH_PROTOCOL:
+        return
+    try:
+        ipr.neigh("del", dst=str(addr), ifindex=underlay_ifindex)
+    except NetlinkError as exc:
+        if exc.code not in _GONE:
+            raise NodeStateError(f"cannot remove the neighbour of {addr}: {exc}") from exc
+
+
+def sync_next_hops(ipr: IPRoute, underlay_ifindex: int, peers: Iterable[Peer]) -> int:
+    """Managed neighbours for exactly the host-gw next hops of peers; returns how many
+    stale ones (ours) were removed."""
+    want = next_hops(peers)
+    for addr in want:
+        ensure_next_hop(ipr, underlay_ifindex, addr)
+    removed = 0
+    for msg in ipr.get_neighbours(family=AF_INET, ifindex=underlay_ifindex):
+        dst = msg.get_attr("NDA_DST")
+        if msg.get_attr("NDA_PROTOCOL") == NEIGH_PROTOCOL and dst and IPv4Address(dst) not in want:
+            remove_next_hop(ipr, underlay_ifindex, IPv4Address(dst))
+            removed += 1
+    return removed
+
+
 def apply(subnet: IPv4Network, peers: Iterable[Peer], vni: int = defaults.VXLAN_VNI) -> SyncResult:
     """The whole node state in one call: own address, then exactly these peers."""
     with IPRoute() as ipr:
@@ -186,9 +274,13 @@ __all__ = [
     "SyncResult",
     "add_peer",
     "apply",
+    "ensure_next_hop",
     "gateway",
+    "next_hops",
+    "remove_next_hop",
     "remove_peer",
     "set_tunnel_address",
+    "sync_next_hops",
     "sync_peers",
     "tunnel_ifindex",
     "tunnel_name",

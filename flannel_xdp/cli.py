@@ -15,21 +15,21 @@ EXIT_USAGE = 2
 log = logging.getLogger("flannel_xdp")
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    print(
-        "flannel-xdp demo: not yet. The virtual-cluster demo lands with the lab (issue 4).\n"
-        "Meanwhile `make test` builds two-node clusters in network namespaces and sends\n"
-        "ping, TCP and UDP across BPF VXLAN and BPF host-gw."
-    )
-    return EXIT_OK
-
-
 def _cmd_teardown(args: argparse.Namespace) -> int:
     from flannel_xdp.agent import masq
     from flannel_xdp.loader import datapath
 
     datapath.uninstall(args.bpffs, args.iface, args.vni)
     masq.remove()
+    if args.iface:
+        from pyroute2 import IPRoute
+
+        from flannel_xdp.agent import node_state
+
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=args.iface)
+            if found:  # the managed neighbours kept for host-gw next hops
+                node_state.sync_next_hops(ipr, found[0], [])
     return EXIT_OK
 
 
@@ -44,9 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the local virtual-cluster demo")
-    demo.add_argument("--keep", action="store_true", help="leave the cluster running")
-    demo.set_defaults(func=_cmd_demo)
+    from flannel_xdp.lab import options as lab_options
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the local virtual-cluster demo (make demo)",
+        description="Bring up a virtual cluster of flannel-xdp nodes in network namespaces, "
+        "send traffic between every pod pair, show what the data path counted, tear down.",
+    )
+    lab_options.demo_arguments(demo)
+
+    lab = sub.add_parser(
+        "lab",
+        help="a virtual cluster that keeps running: lab up|down|status",
+        description="Build, inspect and remove a virtual Flannel cluster (network namespaces, "
+        "a local etcd, one agent per node) that outlives the command.",
+    )
+    lab_options.lab_arguments(lab)
 
     from flannel_xdp.agent import cli as agent_cli
 

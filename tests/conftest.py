@@ -23,11 +23,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     cluster is torn down."""
     report = yield
     if report.when == "call" and report.failed:
-        cluster = getattr(item, "funcargs", {}).get("cluster")
-        diagnostics = getattr(cluster, "diagnostics", None)
-        if callable(diagnostics):
+        # every lab the test used (Cluster or AgentCluster), whatever its fixture is called
+        for name, value in getattr(item, "funcargs", {}).items():
+            diagnostics = getattr(value, "diagnostics", None)
+            if not callable(diagnostics):
+                continue
             try:
-                report.sections.append(("lab diagnostics", diagnostics()))
+                report.sections.append((f"lab diagnostics ({name})", diagnostics()))
             except Exception as exc:  # diagnostics must never hide the real failure
-                report.sections.append(("lab diagnostics", f"unavailable: {exc!r}"))
+                report.sections.append((f"lab diagnostics ({name})", f"unavailable: {exc!r}"))
     return report

@@ -337,10 +337,10 @@ def kernel_free_agent(monkeypatch, cluster: EtcdCluster, prefix: str, **registry
     cluster.put(key_of(prefix, str(OWN)), OWN_ATTRS.to_json())
     routes: list[tuple[str, object]] = []
     monkeypatch.setattr(
-        Agent, "_sync_routes", staticmethod(lambda peers, vni: routes.append(("sync", peers)))
+        Agent, "_sync_routes", staticmethod(lambda peers, vni, *_: routes.append(("sync", peers)))
     )
     monkeypatch.setattr(
-        Agent, "_add_route", staticmethod(lambda p, vni: routes.append(("add", p.subnet)))
+        Agent, "_add_route", staticmethod(lambda p, vni, *_: routes.append(("add", p.subnet)))
     )
     monkeypatch.setattr(
         Agent, "_remove_route", staticmethod(lambda s, vni: routes.append(("remove", s)))

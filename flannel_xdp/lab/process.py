@@ -11,9 +11,13 @@ Two ways in, for two needs:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Sequence
+from typing import IO
 
 NETNS_RUN_DIR = "/var/run/netns"
 
@@ -86,3 +90,94 @@ def netns_pids(netns: str) -> list[int]:
         ["ip", "netns", "pids", netns], capture_output=True, text=True, check=False
     )
     return [int(p) for p in result.stdout.split() if p.isdigit()]
+
+
+def start_daemon(
+    argv: Sequence[str],
+    out: IO[bytes] | int,
+    *,
+    detach: bool,
+    netns: str | None = None,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running process (etcd, an agent), output to out.
+
+    netns: run it there with ``nsenter --net`` (not ``ip netns exec``, whose fresh
+    /sys hides the pins on /sys/fs/bpf). detach: it outlives the caller in a session
+    of its own (``flannel-xdp lab up``); otherwise ``setpriv --pdeathsig KILL`` ends it
+    with the calling *thread* (the kernel's parent-death signal follows the thread, so
+    start such processes from a thread that lives as long as they should), and even a
+    killed test run leaves no process behind. No
+    preexec_fn: after grpc is imported a Python-level hook in the forked child can abort.
+    """
+    cmd = list(argv)
+    if netns is not None:
+        cmd = ["nsenter", f"--net={netns_path(netns)}", "--", *cmd]
+    if not detach:
+        cmd = ["setpriv", "--pdeathsig", "KILL", "--", *cmd]
+    return subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=env,
+        start_new_session=detach,
+    )
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
+def pid_alive(pid: int, marker: str) -> bool:
+    """pid runs and its command line names marker (a path unique to the lab): a pid the
+    kernel has since given to an unrelated process is never taken for ours."""
+    cmdline = _cmdline(pid)
+    if cmdline is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                _reap(pid)
+                return False
+    except (OSError, IndexError):
+        return False
+    return marker in cmdline
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def kill_pid(pid: int, marker: str, sig: int = signal.SIGKILL, timeout: float = 5.0) -> bool:
+    """Send sig to pid if it is ours (see pid_alive) and, for SIGKILL, wait until it is
+    gone. False when there was nothing to kill."""
+    if not pid_alive(pid, marker):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    if sig != signal.SIGKILL:
+        return True
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid, marker) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.01)
+    return True
+
+
+def pids_with(marker: str) -> list[int]:
+    """Every process whose command line names marker (for a teardown without state)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            cmdline = _cmdline(int(entry))
+            if cmdline and marker in cmdline:
+                out.append(int(entry))
+    return out

@@ -285,6 +285,110 @@ def _sysctl(name: str, value: str) -> None:
         f.write(value)
 
 
+# -- building blocks, shared with the agent-driven lab (agentcluster.py) -------------------
+
+
+def new_netns(ns: str) -> None:
+    """An empty netns with lo up and IPv6 off."""
+    subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, text=True)
+    with netns.entered(ns):
+        # IPv6 stays off: no DAD, router or MLD chatter on the wire and through
+        # the tunnel, so counters and captures show only the tests' traffic.
+        _sysctl("net.ipv6.conf.all.disable_ipv6", "1")
+        _sysctl("net.ipv6.conf.default.disable_ipv6", "1")
+        with IPRoute() as ipr:
+            ipr.link("set", index=_index(ipr, "lo"), state="up")
+
+
+def delete_netns(ns: str, owner: str = "lab") -> None:
+    """Delete ns after killing what still runs in it; quiet when it is gone."""
+    if not process.netns_exists(ns):
+        return
+    # Servers a test left behind would keep the netns (and its devices) alive.
+    for pid in process.netns_pids(ns):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for _ in range(50):
+        res = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
+        if res.returncode == 0 or not process.netns_exists(ns):
+            return
+        time.sleep(0.1)
+    log.error("%s: cannot delete netns %s: %s", owner, ns, res.stderr)
+
+
+def make_switch(ns: str) -> None:
+    """The underlay switch: a bridge in a netns of its own."""
+    new_netns(ns)
+    with _iproute(ns) as ipr:
+        ipr.link("add", ifname=SWITCH_BRIDGE, kind="bridge")
+        ipr.link("set", index=_index(ipr, SWITCH_BRIDGE), state="up")
+
+
+def plug_into_switch(switch: str, port: str, ns: str, mtu: int) -> None:
+    """A veth from the switch bridge (port) to eth0 in ns, both up."""
+    with _iproute(switch) as ipr:
+        ipr.link("add", ifname=port, kind="veth", peer={"ifname": UNDERLAY_IFNAME, "net_ns_fd": ns})
+        idx = _index(ipr, port)
+        ipr.link("set", index=idx, master=_index(ipr, SWITCH_BRIDGE), mtu=mtu)
+        ipr.link("set", index=idx, state="up")
+    with _iproute(ns) as ipr:
+        eth = _index(ipr, UNDERLAY_IFNAME)
+        ipr.link("set", index=eth, mtu=mtu)
+        ipr.link("set", index=eth, state="up")
+
+
+def make_node_netns(
+    ns: str,
+    switch: str,
+    port: str,
+    addresses: Sequence[tuple[IPv4Address, int]],
+    mtu: int,
+) -> None:
+    """A node: its netns, eth0 on the switch with addresses (the first is the underlay
+    address), forwarding on and loose reverse-path filtering."""
+    new_netns(ns)
+    plug_into_switch(switch, port, ns, mtu)
+    with _iproute(ns) as ipr:
+        eth = _index(ipr, UNDERLAY_IFNAME)
+        for address, prefixlen in addresses:
+            ipr.addr("add", index=eth, address=str(address), prefixlen=prefixlen)
+        _sysctl("net.ipv4.ip_forward", "1")
+        # Pinned, not inherited from the host: with strict filtering (1) the
+        # host-gw replies arriving on eth0 fail the check, because flannel-xdp
+        # routes remote subnets into the tunnel device.
+        _sysctl("net.ipv4.conf.all.rp_filter", RP_FILTER_LOOSE)
+        _sysctl("net.ipv4.conf.default.rp_filter", RP_FILTER_LOOSE)
+
+
+def make_cni_bridge(ipr: IPRoute, gateway: IPv4Address, prefixlen: int, mtu: int) -> None:
+    """cni0 with the pods' gateway address, as the flannel CNI plugin's bridge makes it."""
+    ipr.link("add", ifname=CNI_BRIDGE, kind="bridge", mtu=mtu)
+    cni = _index(ipr, CNI_BRIDGE)
+    ipr.addr("add", index=cni, address=str(gateway), prefixlen=prefixlen)
+    ipr.link("set", index=cni, state="up")
+
+
+def make_pod(node_ns: str, pod: Pod) -> None:
+    """A pod: its netns, a veth into the node's cni0, its address and default route."""
+    new_netns(pod.netns)
+    with _iproute(node_ns) as ipr:
+        ipr.link(
+            "add",
+            ifname=pod.host_veth,
+            kind="veth",
+            peer={"ifname": POD_IFNAME, "net_ns_fd": pod.netns},
+        )
+        host = _index(ipr, pod.host_veth)
+        ipr.link("set", index=host, master=_index(ipr, CNI_BRIDGE), mtu=pod.mtu)
+        ipr.link("set", index=host, state="up")
+    with _iproute(pod.netns) as ipr:
+        eth = _index(ipr, POD_IFNAME)
+        ipr.link("set", index=eth, mtu=pod.mtu)
+        ipr.addr("add", index=eth, address=str(pod.ip), prefixlen=pod.prefixlen)
+        ipr.link("set", index=eth, state="up")
+        ipr.route("add", dst="0.0.0.0/0", gateway=str(pod.gateway))
+
+
 class Cluster:
     """Build (up) and tear down (down) one lab cluster; also a context manager.
 
@@ -415,84 +519,27 @@ class Cluster:
     # -- building ----------------------------------------------------------
 
     def _new_netns(self, ns: str) -> None:
-        subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, text=True)
-        with netns.entered(ns):
-            # IPv6 stays off: no DAD, router or MLD chatter on the wire and through
-            # the tunnel, so counters and captures show only the tests' traffic.
-            _sysctl("net.ipv6.conf.all.disable_ipv6", "1")
-            _sysctl("net.ipv6.conf.default.disable_ipv6", "1")
-            with IPRoute() as ipr:
-                ipr.link("set", index=_index(ipr, "lo"), state="up")
+        new_netns(ns)
 
     def _delete_netns(self, ns: str) -> None:
-        if not process.netns_exists(ns):
-            return
-        # Servers a test left behind would keep the netns (and its devices) alive.
-        for pid in process.netns_pids(ns):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for _ in range(50):
-            res = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
-            if res.returncode == 0 or not process.netns_exists(ns):
-                return
-            time.sleep(0.1)
-        log.error("lab %s: cannot delete netns %s: %s", self.spec.prefix, ns, res.stderr)
+        delete_netns(ns, self.spec.prefix)
 
     def _make_switch(self) -> None:
-        self._new_netns(self.switch)
-        with _iproute(self.switch) as ipr:
-            ipr.link("add", ifname=SWITCH_BRIDGE, kind="bridge")
-            ipr.link("set", index=_index(ipr, SWITCH_BRIDGE), state="up")
+        make_switch(self.switch)
 
     def _make_node(self, node: Node) -> None:
-        mtu = self.spec.underlay_mtu
-        self._new_netns(node.netns)
-        with _iproute(self.switch) as ipr:
-            ipr.link(
-                "add",
-                ifname=node.switch_port,
-                kind="veth",
-                peer={"ifname": UNDERLAY_IFNAME, "net_ns_fd": node.netns},
-            )
-            port = _index(ipr, node.switch_port)
-            ipr.link("set", index=port, master=_index(ipr, SWITCH_BRIDGE), mtu=mtu)
-            ipr.link("set", index=port, state="up")
+        make_node_netns(
+            node.netns,
+            self.switch,
+            node.switch_port,
+            [(node.public_ip, node.underlay_prefixlen)],
+            self.spec.underlay_mtu,
+        )
         with _iproute(node.netns) as ipr:
-            eth = _index(ipr, UNDERLAY_IFNAME)
-            ipr.link("set", index=eth, mtu=mtu)
-            ipr.addr(
-                "add", index=eth, address=str(node.public_ip), prefixlen=node.underlay_prefixlen
-            )
-            ipr.link("set", index=eth, state="up")
-            _sysctl("net.ipv4.ip_forward", "1")
-            # Pinned, not inherited from the host: with strict filtering (1) the
-            # host-gw replies arriving on eth0 fail the check, because flannel-xdp
-            # routes remote subnets into the tunnel device.
-            _sysctl("net.ipv4.conf.all.rp_filter", RP_FILTER_LOOSE)
-            _sysctl("net.ipv4.conf.default.rp_filter", RP_FILTER_LOOSE)
-            ipr.link("add", ifname=CNI_BRIDGE, kind="bridge", mtu=self.spec.pod_mtu)
-            cni = _index(ipr, CNI_BRIDGE)
-            ipr.addr("add", index=cni, address=str(node.gateway), prefixlen=node.subnet.prefixlen)
-            ipr.link("set", index=cni, state="up")
+            make_cni_bridge(ipr, node.gateway, node.subnet.prefixlen, self.spec.pod_mtu)
 
     def _make_pod(self, node: Node, pod: Pod) -> None:
-        self._new_netns(pod.netns)
-        with _iproute(node.netns) as ipr:
-            ipr.link(
-                "add",
-                ifname=pod.host_veth,
-                kind="veth",
-                peer={"ifname": POD_IFNAME, "net_ns_fd": pod.netns},
-            )
-            host = _index(ipr, pod.host_veth)
-            ipr.link("set", index=host, master=_index(ipr, CNI_BRIDGE), mtu=pod.mtu)
-            ipr.link("set", index=host, state="up")
-        with _iproute(pod.netns) as ipr:
-            eth = _index(ipr, POD_IFNAME)
-            ipr.link("set", index=eth, mtu=pod.mtu)
-            ipr.addr("add", index=eth, address=str(pod.ip), prefixlen=pod.prefixlen)
-            ipr.link("set", index=eth, state="up")
-            ipr.route("add", dst="0.0.0.0/0", gateway=str(pod.gateway))
+        make_pod(node.netns, pod)
 
     def _install_dataplane(self, node: Node) -> None:
         spec = self.spec
@@ -532,4 +579,5 @@ class Cluster:
         with SubnetsMap(PinDir(node.bpffs).maps) as subnets:
             subnets.apply(peers)
         with IPRoute() as ipr:
+            node_state.sync_next_hops(ipr, _index(ipr, UNDERLAY_IFNAME), peers)
             node_state.sync_peers(ipr, peers, self.spec.vni)
