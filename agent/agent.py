@@ -82,7 +82,7 @@ class AgentOptions:
     metrics_ip: str = "0.0.0.0"
     metrics_port: int = 0
     bpffs: str = defaults.BPFFS_DIR
-    ingress_hook: datapath.IngressHook = datapath.DEFAULT_INGRESS_HOOK
+    ingress_hook: datapath.IngressHook | None = None  # None: chosen by backend, see below
     xdp_mode: str = "auto"
     max_subnets: int = defaults.MAX_SUBNETS
     lease_ttl: int = LEASE_TTL
@@ -101,6 +101,15 @@ class Stats:
     last_sync_seconds: float = 0.0
     registry_ok: bool = False
     lease_expiry: float = 0.0
+
+
+def ingress_hook_for(backend_type: str) -> datapath.IngressHook:
+    """The hook `make bench` favours per backend: host-gw has nothing to decapsulate, and
+    XDP on a (veth) underlay costs it its GRO/GSO aggregates (TCP 0.23x of the kernel
+    against 0.87x with tc); vxlan keeps the default XDP decap."""
+    if backend_type == "host-gw":
+        return datapath.IngressHook.TC
+    return datapath.DEFAULT_INGRESS_HOOK
 
 
 def random_vtep_mac(rng: random.Random | None = None) -> str:
@@ -139,6 +148,7 @@ class Agent:
         self.programmed: dict[IPv4Network, Peer] = {}
         self.subnets_map: SubnetsMap | None = None
         self.ready = False
+        self.ingress_hook = opts.ingress_hook or datapath.DEFAULT_INGRESS_HOOK
         self.metrics = AgentMetrics(self, PinDir(opts.bpffs).maps)
         self._revision = 0
         self._stop = asyncio.Event()
@@ -166,6 +176,8 @@ class Agent:
     async def start(self) -> None:
         opts = self.opts
         self.config = config = await self._fetch_config()
+        if self.opts.ingress_hook is None:
+            self.ingress_hook = ingress_hook_for(config.backend.type)
         if config.backend.type not in ("vxlan", "host-gw"):
             raise AgentExit(
                 2,
@@ -229,7 +241,7 @@ class Agent:
             bpffs=self.opts.bpffs,
             max_subnets=self.opts.max_subnets,
             xdp_mode=datapath.attach.XdpMode(self.opts.xdp_mode),
-            ingress_hook=self.opts.ingress_hook,
+            ingress_hook=self.ingress_hook,
             tunnel_mtu=mtu,
         )
         node = datapath.NodeParams(

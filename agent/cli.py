@@ -16,6 +16,7 @@ from flannel_xdp.loader.datapath import IngressHook
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "FLANNELD_"
+AUTO = "auto"
 
 
 def _env_name(flag: str) -> str:
@@ -70,9 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag("--metrics-port", 0, "port of the Prometheus endpoint (0: off)", type=int)
     flag(
         "--ingress-hook",
-        defaults.INGRESS_HOOK,
-        "where VXLAN is decapsulated",
-        choices=[h.value for h in IngressHook],
+        AUTO,
+        "where the underlay's traffic is taken in: xdp or tc; auto picks tc for host-gw "
+        "networks (nothing to decapsulate, GRO kept) and xdp for vxlan",
+        choices=[AUTO, *(h.value for h in IngressHook)],
     )
     flag("--xdp-mode", "auto", "XDP attach mode", choices=["auto", "native", "generic"])
     flag("--max-subnets", defaults.MAX_SUBNETS, "capacity of the remote subnets map", type=int)
@@ -126,7 +128,7 @@ def options_from(args: argparse.Namespace):
         metrics_ip=args.metrics_ip,
         metrics_port=args.metrics_port,
         bpffs=args.bpffs,
-        ingress_hook=IngressHook(args.ingress_hook),
+        ingress_hook=None if args.ingress_hook == AUTO else IngressHook(args.ingress_hook),
         xdp_mode=args.xdp_mode,
         max_subnets=args.max_subnets,
     )

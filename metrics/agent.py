@@ -85,7 +85,7 @@ class AgentCollector(Collector):
             "Version and kernel; always 1.",
             labels=["version", "kernel", "ingress_hook"],
         )
-        info.add_metric([version(), platform.release(), a.opts.ingress_hook.value], 1)
+        info.add_metric([version(), platform.release(), a.ingress_hook.value], 1)
         yield info
 
 

@@ -122,3 +122,11 @@ def test_on_link():
     assert on_link(ON_LINK_IP, [IPv4Network("10.0.0.0/8"), UNDERLAY])
     assert not on_link(OFF_LINK_IP, [UNDERLAY])
     assert not on_link(ON_LINK_IP, [])
+
+
+def test_ingress_hook_follows_the_backend_when_not_given():
+    from flannel_xdp.agent.agent import ingress_hook_for
+    from flannel_xdp.loader.datapath import DEFAULT_INGRESS_HOOK, IngressHook
+
+    assert ingress_hook_for("host-gw") is IngressHook.TC
+    assert ingress_hook_for("vxlan") is DEFAULT_INGRESS_HOOK
