@@ -17,7 +17,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from flannel_xdp import netns
-from flannel_xdp.lab import Pod, process
+from flannel_xdp.lab import Pod, process, traffic
 from flannel_xdp.lab.topology import POD_IFNAME
 
 from .variants import Bed
@@ -57,13 +57,8 @@ class CpuTimes:
 
 
 def wait_listening(pod: Pod, port: int, proto: str = "t", timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        res = process.run(pod.netns, ["ss", f"-Hl{proto}n", f"sport = :{port}"], check=False)
-        if res.stdout.strip():
-            return
-        time.sleep(0.05)
-    raise WorkloadError(f"nothing listens on {pod.ip}:{port} ({proto}) after {timeout} s")
+    if not traffic.wait_listening(pod.netns, port, proto, timeout):
+        raise WorkloadError(f"nothing listens on {pod.ip}:{port} ({proto}) after {timeout} s")
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from flannel_xdp.lab import (
     NodeSpec,
     Pod,
     process,
+    traffic,
 )
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps.layout import BACKEND_LABELS, Backend
@@ -142,13 +143,8 @@ def backend_label(cluster: Cluster) -> str:
 
 
 def wait_listening(pod: Pod, port: int, proto: str = "t", timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        res = process.run(pod.netns, ["ss", f"-Hl{proto}n", f"sport = :{port}"], check=False)
-        if res.stdout.strip():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"nothing listens on {pod.ip}:{port} after {timeout} s")
+    if not traffic.wait_listening(pod.netns, port, proto, timeout):
+        pytest.fail(f"nothing listens on {pod.ip}:{port} after {timeout} s")
 
 
 def start_server(pod: Pod, script: str, *args: object) -> subprocess.Popen[str]:

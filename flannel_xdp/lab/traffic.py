@@ -225,12 +225,27 @@ def ping_many(jobs: Sequence[tuple[str, str]], count: int = 3) -> list[PingResul
     return out
 
 
+def listening(ns: str, port: int, proto: str = "t") -> bool:
+    """Whether a socket listens on port in ns (proto "t": TCP, "u": UDP)."""
+    res = process.run(ns, ["ss", f"-Hl{proto}n", f"sport = :{port}"], check=False)
+    return bool(res.stdout.strip())
+
+
+def wait_listening(ns: str, port: int, proto: str = "t", timeout: float = 5.0) -> bool:
+    """Wait until something listens on port in ns; False when timeout passed first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if listening(ns, port, proto):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def start_iperf3_server(ns: str, ip: str, port: int = IPERF_PORT) -> subprocess.Popen[str]:
     proc = process.spawn(ns, ["iperf3", "-s", "-B", ip, "-p", str(port)])
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        res = process.run(ns, ["ss", "-Hltn", f"sport = :{port}"], check=False)
-        if res.stdout.strip():
+        if listening(ns, port):
             return proc
         if proc.poll() is not None:
             break
