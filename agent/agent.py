@@ -22,7 +22,7 @@ from pyroute2 import IPRoute
 
 from flannel_xdp import defaults
 from flannel_xdp.agent import acquire, health, masq, node_state, subnet_env
-from flannel_xdp.agent.config import ConfigError, NetworkConfig
+from flannel_xdp.agent.config import ConfigError, NetworkConfig, check_underlay
 from flannel_xdp.agent.interface import Underlay, find_underlay
 from flannel_xdp.agent.lease import LeaseAttrs
 from flannel_xdp.agent.peers import Ignored, desired_peers, peer_for
@@ -191,6 +191,12 @@ class Agent:
         except RuntimeError as exc:
             raise AgentExit(2, str(exc)) from exc
         public_ip = opts.public_ip or underlay.address.ip
+        try:
+            check_underlay(config, underlay.name, underlay.address, public_ip)
+        except ConfigError as exc:
+            raise AgentExit(
+                2, f"network config {opts.etcd_prefix}/config does not fit this node: {exc}"
+            ) from exc
         vni = config.backend.vxlan.vni
         if config.backend.type == "host-gw" and public_ip != underlay.address.ip:
             raise AgentExit(

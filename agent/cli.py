@@ -6,16 +6,19 @@ import argparse
 import asyncio
 import logging
 import os
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 
 from flannel_xdp import defaults
+from flannel_xdp.agent import privileges
 from flannel_xdp.agent.registry import DEFAULT_ENDPOINTS, DEFAULT_PREFIX, TlsFiles, parse_endpoints
 from flannel_xdp.agent.subnet_env import DEFAULT_PATH as DEFAULT_SUBNET_FILE
+from flannel_xdp.loader.bpffs import BpffsError, PinDir
 from flannel_xdp.loader.datapath import IngressHook
 
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "FLANNELD_"
+EXIT_CONFIG = 2  # bad flags, network config or node set-up: nothing was changed
 AUTO = "auto"
 
 
@@ -107,6 +110,11 @@ def options_from(args: argparse.Namespace):
     ):
         if not 0 <= port <= 65535:
             raise ValueError(f"{name}: {port} is not a port")
+    for name, addr in (("--healthz-ip", args.healthz_ip), ("--metrics-ip", args.metrics_ip)):
+        try:
+            ip_address(addr)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {addr!r} is not an IP address to listen on") from exc
     if args.subnet_lease_renew_margin < 1:
         raise ValueError("--subnet-lease-renew-margin: must be at least 1 minute")
     if not 1 <= args.max_subnets <= 1 << 24:
@@ -134,6 +142,19 @@ def options_from(args: argparse.Namespace):
     )
 
 
+def preflight(opts) -> str | None:
+    """What stops the agent from running on this node, found before it touches anything
+    (etcd included): missing capabilities, a --bpffs that cannot hold pins. The interface
+    and the network config are checked by the agent before it takes a lease."""
+    if (problem := privileges.problem()) is not None:
+        return problem
+    try:
+        PinDir(opts.bpffs).check()
+    except BpffsError as exc:
+        return str(exc)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from flannel_xdp.agent.agent import Agent
 
@@ -141,5 +162,8 @@ def run(args: argparse.Namespace) -> int:
         opts = options_from(args)
     except ValueError as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_CONFIG
+    if (problem := preflight(opts)) is not None:
+        log.error("%s", problem)
+        return EXIT_CONFIG
     return asyncio.run(Agent(opts).run())

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network
 from typing import Any
 
 from flannel_xdp import defaults
 
 DEFAULT_SUBNET_LEN = 24  # when the network is /22 or wider
 MAX_SUBNET_LEN = 30
+MIN_SUBNET_BITS = 2  # SubnetLen >= Network prefix + 2: four subnets at least
 SMALLEST_NETWORK_PREFIX = 28
 DEFAULT_IPV6_SUBNET_LEN = 64
 BACKEND_TYPES = ("vxlan", "host-gw", "udp")
@@ -178,10 +179,12 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     if subnet_len:
         if subnet_len > MAX_SUBNET_LEN:
             raise ConfigError(f"SubnetLen: must be at most {MAX_SUBNET_LEN}, got {subnet_len}")
-        if subnet_len < network.prefixlen + 1:
+        # flanneld's rule: the first subnet is never leased, so a Network split in two
+        # would serve a single node; it asks for room for at least four subnets.
+        if subnet_len < network.prefixlen + MIN_SUBNET_BITS:
             raise ConfigError(
-                f"SubnetLen: /{subnet_len} does not split Network {network} into at least two "
-                "subnets"
+                f"SubnetLen: /{subnet_len} leaves Network {network} room for fewer than four "
+                f"subnets (at least /{network.prefixlen + MIN_SUBNET_BITS})"
             )
     elif network.prefixlen > SMALLEST_NETWORK_PREFIX:
         raise ConfigError(
@@ -197,11 +200,12 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     mask = (0xFFFFFFFF << (32 - subnet_len)) & 0xFFFFFFFF
     subnet_min = _parse_ip4(c, "subnetmin", "SubnetMin")
     subnet_max = _parse_ip4(c, "subnetmax", "SubnetMax")
-    if subnet_min is None:
+    # flanneld reads 0.0.0.0 as unset (the zero value of its IP4 type), so do we.
+    if subnet_min is None or int(subnet_min) == 0:
         subnet_min = network.network_address + size
     elif subnet_min not in network:
         raise ConfigError(f"SubnetMin: {subnet_min} is not in Network {network}")
-    if subnet_max is None:
+    if subnet_max is None or int(subnet_max) == 0:
         subnet_max = IPv4Address(int(network.broadcast_address) + 1 - size)
     elif subnet_max not in network:
         raise ConfigError(f"SubnetMax: {subnet_max} is not in Network {network}")
@@ -221,3 +225,32 @@ def parse_config(text: str | bytes) -> NetworkConfig:
         enable_ipv6=enable_ipv6,
         enable_nftables=_typed(c, "enablenftables", bool, "EnableNFTables", False),
     )
+
+
+def check_underlay(
+    config: NetworkConfig, iface: str, address: IPv4Interface, public_ip: IPv4Address
+) -> None:
+    """Refuse a pod Network that overlaps this node's underlay; ConfigError names the clash.
+
+    flanneld makes no such check, but no data path survives one: every leased subnet is
+    routed into the tunnel (and the BPF programs take any address inside one for a pod), so
+    the node's own address, or an on-link neighbour's, inside the Network would be sent
+    into the tunnel, encapsulated packets to a peer included (a loop), or shadowed by a
+    lease. IPv6 networks cannot clash with an IPv4 underlay, and flannel-xdp runs IPv4 only.
+    """
+    net = config.network
+    if public_ip in net:
+        raise ConfigError(
+            f"Network: {net} contains this node's public IP {public_ip}: the pod network "
+            "must not overlap the underlay"
+        )
+    if address.ip in net:
+        raise ConfigError(
+            f"Network: {net} contains {address.ip}, the address of the underlay interface "
+            f"{iface}: the pod network must not overlap the underlay"
+        )
+    if net.overlaps(address.network):
+        raise ConfigError(
+            f"Network: {net} overlaps {address.network}, the on-link network of the underlay "
+            f"interface {iface}: its hosts would be routed into the tunnel"
+        )

@@ -72,7 +72,9 @@ def find_underlay(ifaces: list[str], iface_regex: list[str]) -> Underlay:
                     raise InterfaceError(f"interface {item!r} has no IPv4 address")
                 return found
         if ifaces:
-            raise InterfaceError(f"none of the interfaces {ifaces} exists (or has that address)")
+            raise InterfaceError(
+                f"--iface: none of the interfaces {ifaces} exists (or has that address)"
+            )
         for pattern in iface_regex:
             try:
                 rx = re.compile(pattern)

@@ -35,6 +35,23 @@ def is_bpffs(path: str) -> bool:
     return os.path.isdir(path) and _fs_type(path) == BPF_FS_MAGIC
 
 
+def _fs_name(path: str) -> str:
+    """The type of the filesystem path is on, as /proc/self/mounts names it (for messages)."""
+    mount_point = os.path.abspath(path)
+    while not os.path.ismount(mount_point):
+        mount_point = os.path.dirname(mount_point)
+    kind = "an unknown filesystem"
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:  # the last mount on a mount point is the one on top
+                fields = line.split()
+                if len(fields) >= 3 and fields[1].replace("\\040", " ") == mount_point:
+                    kind = fields[2]
+    except OSError:
+        pass
+    return kind
+
+
 def _mount_bpffs(path: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(b"bpf", path.encode(), b"bpf", 0, None) != 0:
@@ -58,20 +75,34 @@ class PinDir:
     def prog(self, name: str) -> str:
         return os.path.join(self.progs, name)
 
-    def ensure(self) -> None:
-        """Create root/maps/progs (mode 0700), mounting bpffs where none is."""
+    def check(self) -> bool:
+        """Whether pins can go under root, without changing anything: BpffsError names the
+        problem. True when bpffs still has to be mounted (on /sys/fs/bpf, see ensure())."""
         root = os.path.abspath(self.root)
         probe = root
-        while not os.path.isdir(probe):
+        while not os.path.lexists(probe):
             probe = os.path.dirname(probe)
-        if not is_bpffs(probe):
-            # Nothing mounted (a fresh machine, or `ip netns exec`, which remounts
-            # /sys and hides the host's /sys/fs/bpf): mount bpffs ourselves, on the
-            # sysfs mount point if that is where we are, else on root itself.
-            if probe != SYSFS_BPF_DIR:
-                os.makedirs(root, mode=PIN_DIR_MODE, exist_ok=True)
-                probe = root
-            _mount_bpffs(probe)
+        if not os.path.isdir(probe):
+            raise BpffsError(f"--bpffs {self.root}: {probe} exists and is not a directory")
+        if is_bpffs(probe):
+            return False
+        # Nothing mounted on the standard mount point (a fresh machine, or `ip netns exec`,
+        # which remounts /sys and hides the host's /sys/fs/bpf): ensure() mounts it there.
+        if probe == SYSFS_BPF_DIR:
+            return True
+        # Anywhere else we do not mount bpffs ourselves: a mount made here could live in a
+        # mount namespace of ours only, and go (with every pin) when we do. Pins need bpffs.
+        raise BpffsError(
+            f"--bpffs {self.root}: {probe} is on {_fs_name(probe)}, not on a bpf filesystem, "
+            f"so nothing can be pinned there; use a directory under {SYSFS_BPF_DIR} or "
+            f"mount one first (mount -t bpf bpf <dir>)"
+        )
+
+    def ensure(self) -> None:
+        """Create root/maps/progs (mode 0700), mounting bpffs on /sys/fs/bpf if it is not."""
+        if self.check():
+            _mount_bpffs(SYSFS_BPF_DIR)
+        root = os.path.abspath(self.root)
         for d in (root, self.maps, self.progs):
             os.makedirs(d, mode=PIN_DIR_MODE, exist_ok=True)
             if stat.S_IMODE(os.stat(d).st_mode) != PIN_DIR_MODE:
