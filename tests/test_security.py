@@ -2,22 +2,24 @@
 
 A lab of three nodes (n0 and n1 flannel-xdp agents, n2 a stock flanneld node with the
 kernel's vxlan device), one pod each, built once per ingress hook (XDP, tc). Frames
-are forged with an ordinary UDP socket (outer UDP checksum 0, as flannel-xdp's encap sends), so
-the outer headers are the kernel's and only the VXLAN header and the inner frame are
-hand-made: the right VNI and port (read from the target's own data path), the target's
+are forged with an ordinary UDP socket (outer UDP checksum 0, as flannel-xdp's encap
+sends), so the outer headers are the kernel's and only the VXLAN header and the inner
+frame are hand-made: the right VNI and port (read from the target's own data path), the target's
 VtepMAC (from its lease), an inner IPv4/UDP datagram to a pod of the target node.
 
 * An unregistered host (a netns plugged into the lab's underlay switch at 192.0.2.200)
   sends them at an agent node: the pod receives nothing, and the agent counts exactly
   the frames sent under the reason that applies; the same frames from n1's own address
-  arrive (the control).
+  arrive (the control). Once a lease names 192.0.2.200 (anyone who may write to etcd
+  can do that), its frames from that lease's subnet are delivered: the lease check is
+  what stopped them.
 * A registered peer (n1, from its real underlay address) forges another node's pod
   source: nothing through, counted as spoofed; the same frames with n1's own pod
   source are delivered (so the forging itself works).
 * The unregistered host's attack against the stock flanneld node succeeds: the
   payload reaches its pod. That is the weakness of stock flannel the checks fix.
 
-About 13 s for both hooks on 2 cores (the two cluster bring-ups dominate).
+About 15 s for both hooks on 2 cores, 30 s under load (the two cluster bring-ups dominate).
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
 from flannel_xdp import netns
 from flannel_xdp.lab import agents, process
-from flannel_xdp.lab.agentcluster import AgentCluster, LabNode
+from flannel_xdp.lab.agentcluster import ETCD_PREFIX, AgentCluster, LabNode
 from flannel_xdp.lab.topology import (
     UNDERLAY_IFNAME,
     Counters,
@@ -203,7 +205,9 @@ def drop_sample(lab: AgentCluster, node: LabNode, reason: Reason) -> float:
     )
 
 
-def wait_drops(lab: AgentCluster, node: LabNode, before: Counters, reason: Reason, want: int):
+def wait_drops(
+    lab: AgentCluster, node: LabNode, before: Counters, reason: Reason, want: int
+) -> Counters:
     """Counters grown since before, once reason reached want drops (or the timeout)."""
     deadline = time.monotonic() + COUNT_TIMEOUT
     while True:
@@ -213,6 +217,18 @@ def wait_drops(lab: AgentCluster, node: LabNode, before: Counters, reason: Reaso
         time.sleep(0.05)
     time.sleep(GRACE)  # one more frame than sent would show up now
     return lab.counters(node).since(before)
+
+
+def wait_peer(lab: AgentCluster, node: LabNode, subnet: IPv4Network, present: bool) -> None:
+    """Until the node's agent applied a registry change for subnet: map entry and route
+    (without the route, the stack's reverse-path filter drops the decapsulated packet)."""
+    deadline = time.monotonic() + COUNT_TIMEOUT
+    while True:
+        have = (subnet in lab.map_peers(node), subnet in lab.routes(node))
+        if have == (present, present):
+            return
+        assert time.monotonic() < deadline, f"{node.netns}: {subnet} (map, route): {have}"
+        time.sleep(0.05)
 
 
 def payloads(tag: str, count: int) -> set[bytes]:
@@ -280,6 +296,44 @@ def test_unregistered_host_forging_vxlan_gets_nothing_through(
     assert grown.drops() == {("vxlan", reason.name): FORGED}, grown.drops()
     assert grown.packets("vxlan", "decap") == CONTROLS, grown.traffic
     assert drop_sample(cluster, n0, reason) - scraped_before == FORGED
+
+
+def test_a_lease_is_what_lets_the_unregistered_host_in(
+    cluster: AgentCluster, attacker: str, listen
+):
+    """The registry is the root of trust: once a lease names 192.0.2.200 as its public
+    IP (as anyone who may write to etcd can do), the same kind of frames from that host,
+    with sources from that lease's subnet, are delivered. So nothing but the lease check
+    stopped them before. The lease is removed again afterwards."""
+    n0 = cluster.nodes[0]
+    target_pod = n0.pods[0]
+    target = vtep_of(cluster, n0)
+    subnet = IPv4Network((cluster.spec.network.broadcast_address - 255, 24))
+    assert not any(n.subnet and n.subnet.overlaps(subnet) for n in cluster.nodes)
+    key = f"{ETCD_PREFIX}/subnets/{subnet.network_address}-{subnet.prefixlen}"
+    mac = "0e:66:78:00:ee:ee"
+    lease = {
+        "PublicIP": str(ATTACKER_IP),
+        "BackendType": "vxlan",
+        "BackendData": {"VNI": target.vni, "VtepMAC": mac},
+    }
+    listener = listen(target_pod)
+    frames = forged_frames(target, subnet.network_address + 5, mac, target_pod, "leased", FORGED)
+
+    cluster.etcd.put(key, json.dumps(lease))
+    try:
+        wait_peer(cluster, n0, subnet, present=True)
+        before = cluster.counters(n0)
+        send_udp(attacker, ATTACKER_IP, target, frames)
+        got = listener.collect(COUNT_TIMEOUT, until=payloads("leased", FORGED))
+        grown = cluster.counters(n0).since(before)
+    finally:
+        cluster.etcd.delete(key)
+        wait_peer(cluster, n0, subnet, present=False)
+
+    assert payloads("leased", FORGED) <= set(got), f"with a lease, only {sorted(got)} arrived"
+    assert grown.packets("vxlan", "decap") == FORGED, grown.traffic
+    assert not grown.drops(), grown.drops()
 
 
 def test_registered_peer_cannot_forge_another_nodes_pods(cluster: AgentCluster, listen):
