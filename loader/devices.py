@@ -91,8 +91,16 @@ def ensure_tunnel(vni: int, vtep_mac: str, mtu: int) -> TunnelDevice:
         # No IPv6 link-local chatter on a device that only carries routed IPv4.
         for dev in (name, peer):
             _sysctl(f"/proc/sys/net/ipv6/conf/{dev}/disable_ipv6", "1")
+        # Setting the MAC, even to the one it has, makes the kernel flush the device's
+        # neighbours (NETDEV_CHANGEADDR), permanent ones included: an adopting restart
+        # would leave every peer without its neighbour until the agent re-adds it, and
+        # packets to the peers would queue for ARP and overflow. Only set a new MAC.
+        settings = {"mtu": mtu, "gso_max_size": TUNNEL_GSO_MAX_SIZE}
+        current = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS") or ""
+        if current.lower() != vtep_mac.lower():
+            settings["address"] = vtep_mac
         try:
-            ipr.link("set", index=idx, address=vtep_mac, mtu=mtu, gso_max_size=TUNNEL_GSO_MAX_SIZE)
+            ipr.link("set", index=idx, **settings)
             ipr.link("set", index=peer_idx, mtu=mtu)
             ipr.link("set", index=peer_idx, state="up")
             ipr.link("set", index=idx, state="up")
