@@ -1,0 +1,147 @@
+"""One node for agent tests: a network namespace with an underlay, and a real agent in it.
+
+node_netns() makes a namespace with one underlay interface (ul0, 192.0.2.10/24, a veth
+whose peer ul0p stays in the namespace without an address) and always deletes it. The
+agent runs in it through ``nsenter --net`` (so /sys/fs/bpf and the pins stay the host's)
+under ``setpriv --pdeathsig KILL`` (no agent outlives the test), optionally with
+capabilities dropped or another uid; it reaches etcd through etcd's unix socket.
+made_on_node() lists what an agent left on the node: the tests' proof of "nothing made".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+
+from tests.etcd_support import EtcdCluster
+
+UNDERLAY = "ul0"
+UNDERLAY_PEER = "ul0p"
+UNDERLAY_ADDRESS = "192.0.2.10/24"
+TUNNEL_PREFIXES = ("flannel.", "fxdp.")
+AGENT_TIMEOUT = 60.0
+
+
+def _ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
+
+
+@contextlib.contextmanager
+def node_netns(tag: str = "fxnode") -> Iterator[str]:
+    name = f"{tag}-{uuid.uuid4().hex[:8]}"
+    _ip("netns", "add", name)
+    try:
+        _ip("-n", name, "link", "add", UNDERLAY, "type", "veth", "peer", "name", UNDERLAY_PEER)
+        _ip("-n", name, "addr", "add", UNDERLAY_ADDRESS, "dev", UNDERLAY)
+        for dev in ("lo", UNDERLAY, UNDERLAY_PEER):
+            _ip("-n", name, "link", "set", dev, "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def in_node(ns: str, argv: Sequence[str], setpriv: Sequence[str] = ()) -> list[str]:
+    """argv inside netns ns, killed with its parent, with extra setpriv options
+    (dropped capabilities, another uid)."""
+    return [
+        "nsenter", f"--net=/run/netns/{ns}",
+        "setpriv", "--pdeathsig", "KILL", *setpriv, "--",
+        *argv,
+    ]  # fmt: skip
+
+
+def agent_argv(
+    etcd: EtcdCluster,
+    prefix: str,
+    bpffs: str,
+    subnet_file: str,
+    *extra: str,
+    iface: str = UNDERLAY,
+) -> list[str]:
+    return [
+        sys.executable, "-m", "flannel_xdp.cli", "agent",
+        "--etcd-endpoints", etcd.members[0].unix_url,
+        "--etcd-prefix", prefix,
+        "--iface", iface,
+        "--bpffs", bpffs,
+        "--subnet-file", subnet_file,
+        *extra,
+    ]  # fmt: skip
+
+
+def agent_env() -> dict[str, str]:
+    # FLANNELD_* in our environment would silently change the agent's flags
+    return {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
+
+
+def new_bpffs() -> str:
+    return f"/sys/fs/bpf/fxdp-node-{uuid.uuid4().hex[:10]}"
+
+
+def made_on_node(
+    ns: str, bpffs: str, subnet_file: str, etcd: EtcdCluster, prefix: str
+) -> list[str]:
+    """Everything an agent makes, found on the node: tunnel links, XDP programs, clsact
+    qdiscs (where tc programs hang), tc filters, iptables chains, the pin directory, the
+    subnet file, a lease. Empty when the agent made nothing."""
+    found = []
+    links = json.loads(_ip("-n", ns, "-j", "-d", "link", "show"))
+    for link in links:
+        name = link["ifname"]
+        if name.startswith(TUNNEL_PREFIXES):
+            found.append(f"link {name}")
+        if "xdp" in link:
+            found.append(f"XDP program on {name}: {link['xdp']}")
+    qdiscs = subprocess.run(
+        ["tc", "-n", ns, "-j", "qdisc", "show"], capture_output=True, text=True, check=True
+    )
+    for q in json.loads(qdiscs.stdout or "[]"):
+        if q.get("kind") == "clsact":
+            found.append(f"clsact qdisc on {q.get('dev')}")
+    for link in links:
+        for direction in ("ingress", "egress"):
+            res = subprocess.run(
+                ["tc", "-n", ns, "filter", "show", "dev", link["ifname"], direction],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if res.stdout.strip():
+                found.append(f"tc {direction} filter on {link['ifname']}: {res.stdout.strip()}")
+    rules = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{ns}", "iptables-save"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found += [f"iptables {line}" for line in rules.splitlines() if "FLANNEL" in line]
+    if os.path.lexists(bpffs):
+        found.append(f"pin directory {bpffs}")
+    if os.path.exists(subnet_file):
+        found.append(f"subnet file {subnet_file}")
+    found += [f"lease {key}" for key in etcd.keys(f"{prefix}/subnets/")]
+    return found
+
+
+def teardown_node(ns: str, bpffs: str, subnet_file: str, etcd: EtcdCluster, prefix: str) -> None:
+    """Remove whatever an agent made on the node (the control runs need this)."""
+    subprocess.run(
+        in_node(
+            ns,
+            [sys.executable, "-m", "flannel_xdp.cli", "teardown", "--bpffs", bpffs,
+             "--iface", UNDERLAY],
+        ),
+        capture_output=True,
+        text=True,
+        timeout=AGENT_TIMEOUT,
+        check=False,
+    )  # fmt: skip
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(subnet_file)
+    for key in etcd.keys(f"{prefix}/subnets/"):
+        etcd.delete(key)
