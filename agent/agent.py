@@ -101,6 +101,9 @@ class Stats:
     last_sync_seconds: float = 0.0
     registry_ok: bool = False
     lease_expiry: float = 0.0
+    subnets_wanted: int = 0  # remote subnets the registry asks for
+    capacity_exceeded: bool = False  # wanted > capacity: see Agent._fit
+    capacity_refusals: int = 0  # syncs that could not program every wanted subnet
 
 
 def ingress_hook_for(backend_type: str) -> datapath.IngressHook:
@@ -293,16 +296,26 @@ class Agent:
         for ignored in want.ignored:
             log.warning("ignoring lease %s: %s", ignored.subnet, ignored.why)
         self.stats.ignored = len(want.ignored)
-        peers = list(want.peers.values())
+        have = self.subnets_map.peers()
+        target = self._fit(want.peers, have, revision)
+        peers = list(target.values())
+        vni, underlay = self.config.backend.vxlan.vni, self._underlay_index()
+        leaving = [p for s, p in have.items() if s not in target]
         # Map entries before routes, routes removed before map entries: no packet is
         # routed into the tunnel without an entry telling the program where it goes.
-        staged = self.subnets_map.apply(
-            peers + [p for s, p in self.programmed.items() if s not in want.peers]
-        )
-        vni = self.config.backend.vxlan.vni
-        await asyncio.to_thread(self._sync_routes, peers, vni, self._underlay_index())
-        result = self.subnets_map.apply(peers)  # only removals are left to do here
-        self.programmed = dict(want.peers)
+        if len(have) + sum(1 for s in target if s not in have) <= self.subnets_map.max_entries:
+            first = self.subnets_map.apply(peers + leaving)
+            await asyncio.to_thread(self._sync_routes, peers, vni, underlay)
+            second = self.subnets_map.apply(peers)  # only removals are left to do here
+        else:
+            # No room for the leaving and the arriving peers side by side: withdraw the
+            # leaving ones (routes, then entries) before the newcomers get theirs.
+            staying = [p for p in peers if p.subnet in have]
+            await asyncio.to_thread(self._sync_routes, staying, vni, underlay)
+            first = self.subnets_map.apply(staying)
+            second = self.subnets_map.apply(peers)
+            await asyncio.to_thread(self._sync_routes, peers, vni, underlay)
+        self.programmed = target
         self._revision = revision
         self.stats.full_syncs += 1
         self.stats.last_sync = time.time()
@@ -312,11 +325,57 @@ class Agent:
             "synced %d peers from revision %d (%d added, %d changed, %d removed) in %.3f s",
             len(peers),
             revision,
-            staged.added,
-            staged.changed,
-            staged.removed + result.removed,
+            first.added + second.added,
+            first.changed + second.changed,
+            first.removed + second.removed,
             self.stats.last_sync_seconds,
         )
+
+    def _fit(
+        self, want: dict[IPv4Network, Peer], have: dict[IPv4Network, Peer], revision: int
+    ) -> dict[IPv4Network, Peer]:
+        """The peers to program: every wanted one, when they fit the subnets map.
+
+        When they do not, the map is never filled with an arbitrary part of them: it keeps
+        the peers it holds that are still wanted (updated to their current leases; those
+        whose lease went are removed) and takes no new one, so every entry in it is right
+        and the ones missing are the newest. The agent says so (an error in the log,
+        flannel_xdp_map_capacity_exceeded_total, flannel_xdp_subnets_wanted above
+        flannel_xdp_map_capacity{map="subnets"}) and is not ready until the wanted set fits
+        again; then the next sync, full or by event, programs all of it.
+        """
+        assert self.subnets_map is not None
+        capacity = self.subnets_map.max_entries
+        was = (self.stats.capacity_exceeded, self.stats.subnets_wanted)
+        self.stats.subnets_wanted = len(want)
+        if len(want) <= capacity:
+            if was[0]:
+                log.warning(
+                    "the %d wanted remote subnets fit the subnets map again (max_entries %d): "
+                    "programming all of them",
+                    len(want),
+                    capacity,
+                )
+            self.stats.capacity_exceeded = False
+            return dict(want)
+        keep = {s: p for s, p in want.items() if s in have}
+        missing = sorted(s for s in want if s not in keep)
+        self.stats.capacity_exceeded = True
+        self.stats.capacity_refusals += 1
+        if was != (True, len(want)):
+            shown = ", ".join(str(s) for s in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            log.error(
+                "subnets map full: revision %d has %d remote subnets, the map holds %d "
+                "(--max-subnets); keeping the %d peers programmed, not programming %d (%s); "
+                "not ready until they fit: raise --max-subnets",
+                revision,
+                len(want),
+                capacity,
+                len(keep),
+                len(missing),
+                shown,
+            )
+        return keep
 
     def _underlay_index(self) -> int:
         assert self.underlay is not None
@@ -356,6 +415,15 @@ class Agent:
             self.leases.pop(ev.subnet, None)
             got = None
         old = self.programmed.get(ev.subnet)
+        if self.stats.capacity_exceeded or (
+            isinstance(got, Peer)
+            and old is None
+            and len(self.programmed) >= self.subnets_map.max_entries
+        ):
+            # The map is full, or this peer would overfill it: decide over the whole
+            # desired state (see _fit), never entry by entry.
+            await self._full_sync(self.leases, ev.revision)
+            return
         vni = self.config.backend.vxlan.vni
         underlay = self._underlay_index()
         if isinstance(got, Peer):
@@ -490,7 +558,7 @@ class Agent:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     def is_ready(self) -> bool:
-        return self.ready and self.stats.registry_ok
+        return self.ready and self.stats.registry_ok and not self.stats.capacity_exceeded
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

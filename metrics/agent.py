@@ -65,6 +65,18 @@ class AgentCollector(Collector):
             value=s.event_errors,
         )
         yield GaugeMetricFamily(
+            PREFIX + "subnets_wanted",
+            "Remote subnets the registry asks this node to reach (compare with "
+            'flannel_xdp_map_capacity{map="subnets"}).',
+            value=s.subnets_wanted,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "map_capacity_exceeded",
+            "Syncs that found more remote subnets than the subnets map holds (the map then "
+            "keeps the peers it has and takes no new one; the agent is not ready).",
+            value=s.capacity_refusals,
+        )
+        yield GaugeMetricFamily(
             PREFIX + "registry_up", "1 while the registry answers.", value=int(s.registry_ok)
         )
         yield GaugeMetricFamily(

@@ -299,8 +299,13 @@ def test_watch_from_a_compacted_revision_raises_compacted_and_a_relist_recovers(
 class FakeSubnetsMap:
     """The pinned subnets map's interface, in memory (the agent's view of the data path)."""
 
+    max_entries = 16384
+
     def __init__(self):
         self.entries: dict[IPv4Network, Peer] = {}
+
+    def peers(self) -> dict[IPv4Network, Peer]:
+        return dict(self.entries)
 
     def apply(self, desired) -> ApplyResult:
         want = {p.subnet: p for p in desired}
