@@ -18,7 +18,7 @@ from flannel_xdp.loader import attach, devices
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.maps import libbpf
-from flannel_xdp.maps.views import NodeConfigMap, NodeSettings
+from flannel_xdp.maps.views import NodeConfigMap, NodeSettings, SubnetsMap
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,9 @@ class IngressHook(StrEnum):
     XDP = "xdp"
     TC = "tc"
 
+
+# Where a subnets map of another size waits while its replacement is filled (in the pin root).
+RESIZE_DIR = "resizing"
 
 UNDERLAY_PROGRAM = {IngressHook.XDP: UNDERLAY_XDP, IngressHook.TC: UNDERLAY_TC}
 
@@ -101,6 +104,7 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     fresh = not os.path.isdir(pins.maps)
     pins.ensure()
     params = BuildParams(maps_dir=pins.maps, max_subnets=cfg.max_subnets)
+    resized = _set_aside_resized_subnets(pins, cfg.max_subnets)
 
     kinds = {"xdp": BPF.XDP, "tc": BPF.SCHED_CLS}
     progs = programs(cfg.ingress_hook)
@@ -110,7 +114,11 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
             module = compile_program(prog.name, params)
             modules.append(module)
             fds[prog.name] = module.load_func(prog.name.encode(), kinds[prog.hook]).fd
+        if resized:
+            _copy_subnets(resized, pins.maps)
     except Exception:
+        if resized:
+            _put_back_subnets(resized, pins.maps)
         if fresh:
             pins.remove()
         raise
@@ -138,6 +146,8 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     for prog in UNDERLAY_PROGRAM.values():
         if prog not in progs and os.path.exists(pins.prog(prog.name)):
             os.unlink(pins.prog(prog.name))
+    if resized:  # the old programs, and with them the last users of the old map, are gone
+        _drop_set_aside(resized)
     log.info(
         "data path installed: underlay %s (%s), tunnel %s, pins under %s",
         cfg.underlay,
@@ -150,6 +160,51 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     return InstalledDataPath(
         pins=pins, tunnel=tunnel, underlay_ifindex=underlay_ifindex, xdp_mode=mode
     )
+
+
+def _set_aside_resized_subnets(pins: PinDir, max_subnets: int) -> str | None:
+    """Move a pinned subnets map of another size than max_subnets out of bcc's way.
+
+    bcc reuses a pinned map whatever its max_entries, so a restart with another
+    --max-subnets would silently keep the old capacity. Set aside (renamed, still pinned,
+    still used by the attached programs), it is replaced by a map of the asked size;
+    its entries are copied over before the new programs are attached."""
+    if not os.path.exists(os.path.join(pins.maps, SubnetsMap.name)):
+        return None
+    with SubnetsMap(pins.maps) as old:
+        if old.max_entries == max_subnets:
+            return None
+        held = sum(1 for _ in old.iter_keys())
+        if held > max_subnets:
+            raise RuntimeError(
+                f"--max-subnets {max_subnets} is below the {held} remote subnets the "
+                f"pinned map {old.path} holds; raise it (or `flannel-xdp teardown` first)"
+            )
+        log.info(
+            "subnets map: max_entries %d -> %d (--max-subnets); copying its %d entries",
+            old.max_entries,
+            max_subnets,
+            held,
+        )
+    aside = os.path.join(pins.root, RESIZE_DIR)
+    os.makedirs(aside, mode=0o700, exist_ok=True)
+    os.rename(os.path.join(pins.maps, SubnetsMap.name), os.path.join(aside, SubnetsMap.name))
+    return aside
+
+
+def _copy_subnets(aside: str, maps_dir: str) -> None:
+    with SubnetsMap(aside) as old, SubnetsMap(maps_dir) as new:
+        new.apply(old.peers().values())
+
+
+def _put_back_subnets(aside: str, maps_dir: str) -> None:
+    os.replace(os.path.join(aside, SubnetsMap.name), os.path.join(maps_dir, SubnetsMap.name))
+    os.rmdir(aside)
+
+
+def _drop_set_aside(aside: str) -> None:
+    os.unlink(os.path.join(aside, SubnetsMap.name))
+    os.rmdir(aside)
 
 
 def _attach_underlay(cfg: DataPathConfig, fds: dict[str, int]) -> attach.XdpMode | None:

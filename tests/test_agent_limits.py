@@ -1,0 +1,334 @@
+"""Capacity of the remote subnets map, and the agent's listening addresses and pin modes.
+
+A real agent (in a network namespace of its own, against a real etcd) runs with
+--max-subnets 4. The semantics checked (agent/agent.py, Agent._fit): while the registry
+has more usable remote leases than the map holds, the map is never filled with an
+arbitrary part of them. It keeps the peers it holds that are still wanted (a changed
+lease updates its entry, a removed one goes), takes no new one, the agent logs an error,
+counts flannel_xdp_map_capacity_exceeded_total, exports flannel_xdp_subnets_wanted next
+to flannel_xdp_map_capacity{map="subnets"}, and /readyz says 503. When the leases fit
+again, the map becomes exactly the wanted set and the agent ready.
+
+The map size is --max-subnets end to end: the pinned map's max_entries is what was asked,
+also when a restart asks for another size (the map is replaced, entries copied); a size
+below what the pinned map holds is refused, leaving the data path as it was.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from flannel_xdp import netns
+from flannel_xdp.loader.bpffs import PinDir
+from flannel_xdp.maps.layout import Backend
+from flannel_xdp.maps.views import Peer, SubnetsMap
+from tests.etcd_support import EtcdCluster, etcd_cluster
+from tests.node_support import (
+    AGENT_TIMEOUT,
+    agent_argv,
+    agent_env,
+    in_node,
+    made_on_node,
+    new_bpffs,
+    node_netns,
+    teardown_node,
+)
+from tests.requirements import require_root_and_bcc
+
+pytestmark = pytest.mark.root
+
+CONFIG = {"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}
+CAPACITY = 4
+METRICS = ("127.0.0.1", 9100)  # loopback only
+HEALTHZ = ("192.0.2.10", 8081)  # the underlay address only
+WAIT = 30.0
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    with etcd_cluster(1, unix_socket=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[str]:
+    require_root_and_bcc("ip", "tc", "nsenter", "setpriv", "iptables-save", "ss", "bpftool")
+    with node_netns("fxcap") as ns:
+        yield ns
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def http_get(ns: str, addr: tuple[str, int], path: str) -> tuple[int, str]:
+    with netns.entered(ns):
+        conn = http.client.HTTPConnection(*addr, timeout=5)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
+
+
+@dataclass
+class AgentRun:
+    ns: str
+    etcd: EtcdCluster
+    prefix: str
+    bpffs: str
+    subnet_file: str
+    log_path: str
+    proc: subprocess.Popen | None = None
+    log_from: int = 0  # where the current run's output starts in the log file
+
+    def start(self, *extra: str) -> None:
+        argv = agent_argv(self.etcd, self.prefix, self.bpffs, self.subnet_file, *extra)
+        with open(self.log_path, "a") as log:
+            self.log_from = log.tell()
+            self.proc = subprocess.Popen(
+                in_node(self.ns, argv), stdout=log, stderr=subprocess.STDOUT, env=agent_env()
+            )
+
+    def log(self) -> str:
+        """The current run's output."""
+        with open(self.log_path) as f:
+            f.seek(self.log_from)
+            return f.read()
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(AGENT_TIMEOUT)
+
+    def wait_started(self) -> None:
+        """Until the agent has done its first sync (ready or not: see /readyz)."""
+        assert self.proc is not None
+
+        def started() -> bool:
+            assert self.proc.poll() is None, f"agent exited {self.proc.returncode}:\n{self.log()}"
+            return "ready: " in self.log()
+
+        wait_until(started, "the agent's start-up", timeout=AGENT_TIMEOUT)
+
+    def readyz(self) -> int:
+        return http_get(self.ns, HEALTHZ, "/readyz")[0]
+
+    def metrics(self) -> dict[str, float]:
+        status, body = http_get(self.ns, METRICS, "/metrics")
+        assert status == 200
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(body):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    def map(self) -> dict[IPv4Network, Peer]:
+        with SubnetsMap(PinDir(self.bpffs).maps) as m:
+            return m.peers()
+
+    def max_entries(self) -> int:
+        res = subprocess.run(
+            ["bpftool", "-j", "map", "show", "pinned", f"{PinDir(self.bpffs).maps}/subnets"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return json.loads(res.stdout)["max_entries"]
+
+    def routes(self) -> set[IPv4Network]:
+        res = subprocess.run(
+            ["ip", "-n", self.ns, "-j", "route", "show", "dev", "flannel.1"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return {IPv4Network(r["dst"]) for r in json.loads(res.stdout) if "/" in r["dst"]}
+
+
+def subnet(i: int) -> IPv4Network:
+    return IPv4Network(f"198.18.{100 + i}.0/24")
+
+
+def mac(i: int, gen: int = 0) -> str:
+    return f"0e:00:00:00:{gen:02x}:{i:02x}"
+
+
+def public_ip(i: int) -> IPv4Address:
+    return IPv4Address(f"192.0.2.{100 + i}")  # never sent to: no packet leaves the test
+
+
+def put_lease(run: AgentRun, i: int, gen: int = 0) -> Peer:
+    value = {
+        "PublicIP": str(public_ip(i)),
+        "PublicIPv6": None,
+        "BackendType": "vxlan",
+        "BackendData": {"VNI": 1, "VtepMAC": mac(i, gen)},
+    }
+    s = subnet(i)
+    run.etcd.put(f"{run.prefix}/subnets/{s.network_address}-{s.prefixlen}", json.dumps(value))
+    return Peer(s, public_ip(i), Backend.VXLAN, mac(i, gen))
+
+
+def delete_lease(run: AgentRun, i: int) -> None:
+    s = subnet(i)
+    run.etcd.delete(f"{run.prefix}/subnets/{s.network_address}-{s.prefixlen}")
+
+
+def wait_programmed(run: AgentRun, want: dict[IPv4Network, Peer], what: str) -> None:
+    """Until map and routes are exactly want."""
+    wait_until(lambda: run.map() == want and run.routes() == set(want), what)
+
+
+@pytest.fixture
+def agent_run(etcd, node, tmp_path) -> Iterator[AgentRun]:
+    run = AgentRun(
+        node, etcd, etcd.new_prefix(), new_bpffs(), str(tmp_path / "subnet.env"),
+        str(tmp_path / "agent.log"),
+    )  # fmt: skip
+    etcd.put(f"{run.prefix}/config", json.dumps(CONFIG))
+    try:
+        yield run
+    finally:
+        if run.proc is not None and run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+        teardown_node(node, run.bpffs, run.subnet_file, etcd, run.prefix)
+        left = made_on_node(node, run.bpffs, run.subnet_file, etcd, run.prefix)
+        assert left == [], f"left behind: {left}"
+
+
+def test_more_peers_than_the_map_holds(agent_run: AgentRun):
+    run = agent_run
+    flags = (
+        "--max-subnets", str(CAPACITY),
+        "--metrics-ip", METRICS[0], "--metrics-port", str(METRICS[1]),
+        "--healthz-ip", HEALTHZ[0], "--healthz-port", str(HEALTHZ[1]),
+    )  # fmt: skip
+    peers = {p.subnet: p for p in (put_lease(run, i) for i in (1, 2))}
+    run.start(*flags)
+    run.wait_started()
+    assert run.max_entries() == CAPACITY, "--max-subnets did not size the pinned map"
+    wait_programmed(run, peers, "the two first peers")
+    assert run.readyz() == 200
+    for i in (3, 4):  # up to the capacity: still fine
+        p = put_lease(run, i)
+        peers[p.subnet] = p
+    wait_programmed(run, peers, "four peers, a full map")
+    assert run.readyz() == 200
+    m = run.metrics()
+    assert m["flannel_xdp_map_capacity_exceeded_total"] == 0
+    assert m["flannel_xdp_map_capacity{map=subnets}"] == CAPACITY
+
+    # Two more than the map holds: the map keeps exactly the four, and says so.
+    extra = {p.subnet: p for p in (put_lease(run, i) for i in (5, 6))}
+    wait_until(lambda: run.metrics()["flannel_xdp_subnets_wanted"] == 6, "6 wanted subnets")
+    assert run.map() == peers and run.routes() == set(peers), "the full map changed"
+    m = run.metrics()
+    print(
+        "over capacity:",
+        {k: v for k, v in m.items() if "capacity" in k or "wanted" in k or "leases" in k},
+    )
+    assert m["flannel_xdp_map_capacity_exceeded_total"] >= 1
+    assert m["flannel_xdp_map_entries{map=subnets}"] == CAPACITY
+    assert m["flannel_xdp_ready"] == 0
+    assert run.readyz() == 503
+    # one error per change of the wanted count: 5 (one lease over), then 6
+    errors = [ln for ln in run.log().splitlines() if "subnets map full" in ln]
+    error = errors[-1]
+    print(error)
+    assert " ERROR " in error
+    assert "6 remote subnets, the map holds 4 (--max-subnets)" in error
+    assert "not programming 2 (198.18.105.0/24, 198.18.106.0/24)" in error
+
+    # While over: a kept peer's changed lease is applied, a removed one goes, nothing new.
+    changed = put_lease(run, 2, gen=1)
+    peers[changed.subnet] = changed
+    wait_programmed(run, peers, "the changed VtepMAC of peer 2")
+    delete_lease(run, 1)
+    del peers[subnet(1)]
+    wait_programmed(run, peers, "peer 1 removed, no newcomer (5 wanted, 4 room)")
+    time.sleep(1.0)  # and it stays so
+    assert run.map() == peers and run.readyz() == 503
+
+    # Below the capacity again: everything wanted is programmed, and the agent is ready.
+    delete_lease(run, 3)
+    del peers[subnet(3)]
+    peers |= extra
+    wait_programmed(run, peers, "the two pending peers once the leases fit")
+    wait_until(lambda: run.readyz() == 200, "/readyz 200 once everything fits")
+    m = run.metrics()
+    assert m["flannel_xdp_subnets_wanted"] == CAPACITY and m["flannel_xdp_ready"] == 1
+    assert "fit the subnets map again" in run.log()
+
+    # Hygiene: the endpoints listen where they were told to, the pins are root's only.
+    listening = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{run.ns}", "ss", "-ltnH"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    ports = {line.split()[3] for line in listening.splitlines()}
+    assert ports == {f"{METRICS[0]}:{METRICS[1]}", f"{HEALTHZ[0]}:{HEALTHZ[1]}"}, listening
+    pins = PinDir(run.bpffs)
+    for d in (pins.root, pins.maps, pins.progs):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
+    assert run.metrics()["flannel_xdp_event_errors_total"] == 0
+    assert run.stop() == 0
+    assert "Traceback" not in run.log(), run.log()
+
+    # A restart with a bigger --max-subnets gets a bigger map, entries carried over.
+    peers |= {p.subnet: p for p in (put_lease(run, i) for i in (7, 8))}
+    run.start("--max-subnets", "8", "--healthz-ip", HEALTHZ[0], "--healthz-port", str(HEALTHZ[1]))
+    run.wait_started()
+    assert run.max_entries() == 8
+    wait_programmed(run, peers, "six peers in the resized map")
+    wait_until(lambda: run.readyz() == 200, "/readyz after the resize")
+    assert not os.path.exists(os.path.join(run.bpffs, "resizing"))
+    assert "subnets map: max_entries 4 -> 8" in run.log()
+    assert run.stop() == 0
+    assert "Traceback" not in run.log(), run.log()
+
+    # A size below what the map holds is refused; the data path stays as it was.
+    run.start("--max-subnets", "2")
+    assert run.proc is not None and run.proc.wait(AGENT_TIMEOUT) == 1
+    assert "--max-subnets 2 is below the 6 remote subnets" in run.log()
+    assert run.max_entries() == 8 and run.map() == peers and run.routes() == set(peers)
+
+
+def test_a_fresh_start_over_capacity_programs_nothing_until_it_fits(agent_run: AgentRun):
+    """With nothing programmed yet there is nothing to keep: the map stays empty (no
+    arbitrary two of the three), the agent is not ready; one lease fewer and all is in."""
+    run = agent_run
+    peers = {p.subnet: p for p in (put_lease(run, i) for i in (1, 2, 3))}
+    run.start("--max-subnets", "2", "--healthz-ip", HEALTHZ[0], "--healthz-port", str(HEALTHZ[1]))
+    run.wait_started()
+    assert run.max_entries() == 2
+    assert run.map() == {} and run.routes() == set()
+    assert run.readyz() == 503
+    assert "revision" in run.log() and "has 3 remote subnets, the map holds 2" in run.log()
+    delete_lease(run, 2)
+    del peers[subnet(2)]
+    wait_programmed(run, peers, "both peers once they fit")
+    wait_until(lambda: run.readyz() == 200, "/readyz 200")
+    assert run.stop() == 0
+    assert "Traceback" not in run.log(), run.log()
