@@ -107,9 +107,9 @@ class Stats:
 
 
 def ingress_hook_for(backend_type: str) -> datapath.IngressHook:
-    """The hook `make bench` favours per backend: host-gw has nothing to decapsulate, and
-    XDP on a (veth) underlay costs it its GRO/GSO aggregates (TCP 0.23x of the kernel
-    against 0.87x with tc); vxlan keeps the default XDP decap."""
+    """The hook `make bench` favours per backend: host-gw has nothing to decapsulate and
+    keeps its aggregates with tc (XDP on a veth underlay turns GSO off: TCP 0.23x of the
+    kernel against 0.87x with tc); vxlan takes the default, the kernel hook."""
     if backend_type == "host-gw":
         return datapath.IngressHook.TC
     return datapath.DEFAULT_INGRESS_HOOK

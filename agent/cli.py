@@ -75,8 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(
         "--ingress-hook",
         AUTO,
-        "where the underlay's traffic is taken in: xdp or tc; auto picks tc for host-gw "
-        "networks (nothing to decapsulate, GRO kept) and xdp for vxlan",
+        "where VXLAN from the wire is judged and decapsulated: xdp (XDP judges and "
+        "decapsulates), tc (tc ingress does both) or kernel (tc ingress judges, the "
+        "kernel's vxlan device decapsulates); auto picks kernel for vxlan and tc for "
+        "host-gw networks, as make bench measured",
         choices=[AUTO, *(h.value for h in IngressHook)],
     )
     flag("--xdp-mode", "auto", "XDP attach mode", choices=["auto", "native", "generic"])

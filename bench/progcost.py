@@ -46,6 +46,7 @@ XDP_PASS, XDP_REDIRECT = 2, 4
 TC_ACT_OK, TC_ACT_REDIRECT = 0, 7
 SINGLE, REPEAT = "single", "repeat"
 FLOOR = "empty_xdp"
+KERNEL_JUDGE = "underlay_tc_kernel"  # underlay_tc as the kernel hook builds it
 TRIM = 0.05
 
 
@@ -102,18 +103,20 @@ class Programs:
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _fds: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def fd(self, node: Node, name: str, hook: str) -> int:
-        key = (node.netns, name)
+    def fd(self, node: Node, name: str, hook: str, *, kernel_decap: bool | None = None) -> int:
+        """kernel_decap (underlay_tc only): compile that build of it, whichever is pinned."""
+        key = (node.netns, f"{name}+kernel" if kernel_decap else name)
         if key in self._fds:
             return self._fds[key]
         pins = PinDir(node.bpffs)
-        if os.path.exists(pins.prog(name)):
+        if kernel_decap is None and os.path.exists(pins.prog(name)):
             fd = libbpf.obj_get(pins.prog(name))
             self.stack.callback(os.close, fd)
         else:  # the other hook's ingress program, against the same pinned maps
             from bcc import BPF
 
-            module = compile_program(name, BuildParams(maps_dir=pins.maps))
+            params = BuildParams(maps_dir=pins.maps, kernel_decap=bool(kernel_decap))
+            module = compile_program(name, params)
             self.stack.callback(module.cleanup)
             fd = module.load_func(name.encode(), BPF.XDP if hook == "xdp" else BPF.SCHED_CLS).fd
         self._fds[key] = fd
@@ -193,7 +196,8 @@ def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> li
     if vx is not None:
         rx, tx = vx.receiver_node, vx.sender_node
         xdp = programs.fd(rx, UNDERLAY_XDP.name, "xdp")
-        tc = programs.fd(rx, UNDERLAY_TC.name, "tc")
+        tc = programs.fd(rx, UNDERLAY_TC.name, "tc", kernel_decap=False)
+        judge = programs.fd(rx, UNDERLAY_TC.name, "tc", kernel_decap=True)
         egress = programs.fd(tx, "tunnel_egress", "tc")
         decap_udp = rx_frame(vx)
         decap_tcp = _vxlan_frame(vx, _full_size_tcp(vx, partial=True, ttl=64))
@@ -216,6 +220,9 @@ def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> li
                   "VXLAN, inner UDP 64 B: decap, redirect to flannel.1 ingress", typical=True),
             _case("underlay_tc/vxlan_decap_tcp_full", rx.netns, tc, decap_tcp, TC_ACT_REDIRECT,
                   "VXLAN, inner full-size TCP segment: decap, redirect"),
+            _case(f"{KERNEL_JUDGE}/vxlan_accept_udp64", rx.netns, judge, decap_udp, TC_ACT_OK,
+                  "kernel hook: VXLAN, inner UDP 64 B: judged, passed whole to the vxlan "
+                  "device", repeat_ok=True, typical=True),
             _case("tunnel_egress/vxlan_encap_udp64", tx.netns, egress, encap_udp,
                   TC_ACT_REDIRECT, "UDP 64 B to a remote pod: encap, FIB lookup, redirect",
                   typical=True),

@@ -120,7 +120,7 @@ RATIOS: tuple[RatioDef, ...] = (
         False,
     ),
 )
-HOOKS = (IngressHook.XDP, IngressHook.TC)
+HOOKS = tuple(IngressHook)
 BEST_HOOK_RULE = (
     "the hook with the highest geometric mean over the issue's named ratios that every "
     "hook has (latency ratios inverted, so higher is better throughout)"

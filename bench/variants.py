@@ -96,6 +96,15 @@ VARIANTS: tuple[Variant, ...] = (
         "flannel-xdp vxlan: encap in tc egress, decap in tc ingress on the underlay",
     ),
     Variant(
+        "xdp-vxlan-kernel",
+        NetworkBackend.VXLAN,
+        Dataplane.FLANNEL_XDP,
+        IngressHook.KERNEL,
+        "xvk",
+        "flannel-xdp vxlan: encap in tc egress, tc ingress judges, the kernel's vxlan "
+        "device (external mode) decapsulates",
+    ),
+    Variant(
         "stock-hostgw",
         NetworkBackend.HOST_GW,
         Dataplane.FLANNELD,
@@ -140,6 +149,10 @@ def select(names: list[str] | None) -> list[Variant]:
 
 
 def flannel_xdp_variant(backend: NetworkBackend, hook: IngressHook) -> Variant:
+    if backend is NetworkBackend.HOST_GW and hook is IngressHook.KERNEL:
+        # host-gw has nothing to decapsulate: under the kernel hook its packets take
+        # exactly the tc hook's path (the same underlay_tc verdict, tunnel_egress rewrite).
+        hook = IngressHook.TC
     for v in VARIANTS:
         if v.is_xdp and v.backend is backend and v.hook is hook:
             return v

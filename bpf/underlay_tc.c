@@ -12,6 +12,12 @@
  * cni0 bridge) segments it in software, which costs TCP throughput (see the
  * README's benchmark); one that would be encapsulated again is refused by
  * bpf_skb_adjust_room and counted as DROP_ENCAP_FAILED.
+ *
+ * Built with FXDP_KERNEL_DECAP (the "kernel" ingress hook), the program only
+ * judges: what it accepts goes on to the stack whole, and flannel.<VNI>, then
+ * the kernel's vxlan device in external mode, strips the outer headers with
+ * its GRO cells, which leaves clean aggregates. What it refuses never reaches
+ * that device, so anti-spoofing is the same as with the BPF decap.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -61,6 +67,10 @@ int underlay_tc(struct __sk_buff *skb)
 		count_reason(BACKEND_VXLAN, DROP_MALFORMED, bytes);
 		return TC_ACT_SHOT;
 	}
+#ifdef FXDP_KERNEL_DECAP
+	count_traffic(BACKEND_VXLAN, DIR_DECAP, bytes - VXLAN_ENCAP_LEN);
+	return TC_ACT_OK;
+#endif
 	__builtin_memcpy(inner_src, eth->h_source, ETH_ALEN);
 	tunnel = cfg->tunnel_ifindex;
 

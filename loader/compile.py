@@ -54,17 +54,21 @@ class BuildParams:
 
     maps_dir: str
     max_subnets: int = defaults.MAX_SUBNETS
+    kernel_decap: bool = False  # underlay_tc only judges; the vxlan device decapsulates
 
     def cflags(self) -> list[str]:
         if '"' in self.maps_dir or "\\" in self.maps_dir:
             raise CompileError(f"bpffs path may not contain quotes: {self.maps_dir!r}")
         if not 1 <= self.max_subnets <= 1 << 24:
             raise CompileError(f"max subnets must be 1..16777216, not {self.max_subnets}")
-        return [
+        flags = [
             f'-DFXDP_MAPS_DIR="{self.maps_dir}"',
             f"-DFXDP_MAX_SUBNETS={self.max_subnets}",
             "-Wno-unused-function",
         ]
+        if self.kernel_decap:
+            flags.append("-DFXDP_KERNEL_DECAP")
+        return flags
 
 
 def compile_program(source: str, params: BuildParams):

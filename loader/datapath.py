@@ -36,17 +36,34 @@ UNDERLAY_TC = Program("underlay_tc", "tc", "ingress")
 
 
 class IngressHook(StrEnum):
-    """Where VXLAN is decapsulated: XDP (per frame, fastest per packet) or tc ingress
-    (keeps GRO/GSO aggregates whole, and with them TCP throughput on veth underlays)."""
+    """Where VXLAN from the wire is judged and decapsulated.
+
+    - xdp: XDP on the underlay judges and decapsulates each frame, and redirects it
+      into the veth tunnel (fewest instructions per frame, but on a veth underlay XDP
+      turns GSO off on the wire's side, so TCP moves frame by frame).
+    - tc: tc ingress judges and decapsulates the skb (keeps aggregates whole, but the
+      stale UDP-tunnel GSO state makes the cni0 bridge segment them in software).
+    - kernel: tc ingress judges; the kernel's vxlan device in external mode
+      decapsulates what it accepted (clean aggregates: fastest TCP on veth underlays).
+    """
 
     XDP = "xdp"
     TC = "tc"
+    KERNEL = "kernel"
+
+    @property
+    def tunnel_kind(self) -> devices.TunnelKind:
+        return devices.TunnelKind.VXLAN if self is IngressHook.KERNEL else devices.TunnelKind.VETH
 
 
 # Where a subnets map of another size waits while its replacement is filled (in the pin root).
 RESIZE_DIR = "resizing"
 
-UNDERLAY_PROGRAM = {IngressHook.XDP: UNDERLAY_XDP, IngressHook.TC: UNDERLAY_TC}
+UNDERLAY_PROGRAM = {
+    IngressHook.XDP: UNDERLAY_XDP,
+    IngressHook.TC: UNDERLAY_TC,
+    IngressHook.KERNEL: UNDERLAY_TC,
+}
 
 
 DEFAULT_INGRESS_HOOK = IngressHook(defaults.INGRESS_HOOK)
@@ -103,7 +120,11 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     pins = PinDir(cfg.bpffs)
     fresh = not os.path.isdir(pins.maps)
     pins.ensure()
-    params = BuildParams(maps_dir=pins.maps, max_subnets=cfg.max_subnets)
+    params = BuildParams(
+        maps_dir=pins.maps,
+        max_subnets=cfg.max_subnets,
+        kernel_decap=cfg.ingress_hook is IngressHook.KERNEL,
+    )
     resized = _set_aside_resized_subnets(pins, cfg.max_subnets)
 
     kinds = {"xdp": BPF.XDP, "tc": BPF.SCHED_CLS}
@@ -123,7 +144,13 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
             pins.remove()
         raise
 
-    tunnel = devices.ensure_tunnel(node.vni, node.vtep_mac, tunnel_mtu)
+    tunnel = devices.ensure_tunnel(
+        node.vni,
+        node.vtep_mac,
+        tunnel_mtu,
+        kind=cfg.ingress_hook.tunnel_kind,
+        port=node.vxlan_port,
+    )
     settings = NodeSettings(
         public_ip=node.public_ip,
         subnet=node.subnet,
@@ -143,7 +170,7 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     mode = _attach_underlay(cfg, fds)
     for prog in progs:
         _pin_replacing(fds[prog.name], pins.prog(prog.name))
-    for prog in UNDERLAY_PROGRAM.values():
+    for prog in set(UNDERLAY_PROGRAM.values()):
         if prog not in progs and os.path.exists(pins.prog(prog.name)):
             os.unlink(pins.prog(prog.name))
     if resized:  # the old programs, and with them the last users of the old map, are gone
@@ -151,7 +178,7 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     log.info(
         "data path installed: underlay %s (%s), tunnel %s, pins under %s",
         cfg.underlay,
-        f"XDP {mode.value}" if mode else "tc ingress",
+        f"XDP {mode.value}" if mode else f"tc ingress, {cfg.ingress_hook.value} decap",
         tunnel.name,
         pins.root,
     )

@@ -1,9 +1,16 @@
-"""The tunnel device: a veth pair standing in for flanneld's vxlan device.
+"""The tunnel device flannel.<VNI>, in one of two kinds.
 
-flannel.<VNI> is the stack's side: it holds the node's <subnet>.0/32, remote
-subnets are routed to it, and decapsulated packets arrive on it, so netfilter
-and routing see what they see with flanneld. fxdp.<VNI> is the BPF side: the
-XDP program on the underlay redirects decapsulated frames into it.
+Either way flannel.<VNI> is the stack's side: it holds the node's <subnet>.0/32,
+remote subnets are routed to it, tunnel_egress encapsulates on its egress, and
+decapsulated packets arrive on it, so netfilter and routing see what they see
+with flanneld.
+
+- veth: a veth pair; fxdp.<VNI> is the BPF side, into which the underlay program
+  redirects the frames it decapsulated itself (XDP and tc ingress hooks).
+- vxlan: the kernel's vxlan device in external (collect_md) mode, with no
+  forwarding table: it only receives, decapsulating what the underlay tc program
+  accepted (kernel ingress hook). Its own transmit path is never used, because
+  tunnel_egress redirects every packet it encapsulates straight to the underlay.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import logging
 import subprocess
 from dataclasses import dataclass
+from enum import StrEnum
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -27,12 +35,18 @@ class DeviceError(RuntimeError):
     pass
 
 
+class TunnelKind(StrEnum):
+    VETH = "veth"
+    VXLAN = "vxlan"
+
+
 @dataclass(frozen=True)
 class TunnelDevice:
     name: str
     ifindex: int
-    peer_name: str
-    peer_ifindex: int
+    kind: TunnelKind
+    peer_name: str | None = None  # veth only
+    peer_ifindex: int = 0
 
 
 def tunnel_names(vni: int) -> tuple[str, str]:
@@ -61,6 +75,21 @@ def _link_kind(ipr: IPRoute, idx: int) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
+def _tunnel_kind(ipr: IPRoute, idx: int) -> TunnelKind | None:
+    """Which of our tunnel kinds idx is; None for anything else (flanneld's vxlan device
+    has a VNI and a forwarding table, ours is external)."""
+    link = ipr.get_links(idx)[0]
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info else None
+    if kind == "veth":
+        return TunnelKind.VETH
+    if kind == "vxlan":
+        data = info.get_attr("IFLA_INFO_DATA")
+        if data is not None and data.get_attr("IFLA_VXLAN_COLLECT_METADATA"):
+            return TunnelKind.VXLAN
+    return None
+
+
 def _sysctl(path: str, value: str) -> None:
     try:
         with open(path, "w") as f:
@@ -69,27 +98,59 @@ def _sysctl(path: str, value: str) -> None:
         log.warning("could not set %s=%s: %s", path, value, exc)
 
 
-def ensure_tunnel(vni: int, vtep_mac: str, mtu: int) -> TunnelDevice:
-    """Create (or adopt) the tunnel veth pair and bring it up with our settings."""
+def _create(ipr: IPRoute, kind: TunnelKind, name: str, peer: str, port: int) -> None:
+    try:
+        if kind is TunnelKind.VETH:
+            ipr.link("add", ifname=name, kind="veth", peer={"ifname": peer})
+        else:
+            # Not bound to the underlay device: the kernel never transmits on it, and
+            # unbound its MTU is not capped at the underlay's minus 50 (host-gw peers
+            # behind flannel.<VNI> use the underlay's full MTU).
+            ipr.link(
+                "add",
+                ifname=name,
+                kind="vxlan",
+                vxlan_collect_metadata=1,
+                vxlan_port=port,
+                vxlan_learning=0,
+            )
+    except NetlinkError as exc:
+        raise DeviceError(f"cannot create tunnel device {name} ({kind}): {exc}") from exc
+    log.info("created tunnel device %s (%s)", name, kind.value)
+
+
+def ensure_tunnel(
+    vni: int,
+    vtep_mac: str,
+    mtu: int,
+    kind: TunnelKind = TunnelKind.VETH,
+    port: int = defaults.VXLAN_PORT,
+) -> TunnelDevice:
+    """Create (or adopt) the tunnel device of this kind and bring it up with our settings.
+    A tunnel of our other kind is replaced (the ingress hook changed)."""
     name, peer = tunnel_names(vni)
     with IPRoute() as ipr:
         idx = ifindex(ipr, name)
+        if idx is not None:
+            found = _tunnel_kind(ipr, idx)
+            if found is None:
+                raise DeviceError(
+                    f"{name} exists but is not a flannel-xdp tunnel (kind {_link_kind(ipr, idx)}): "
+                    "is flanneld running here?"
+                )
+            if found is not kind:
+                log.warning("replacing tunnel device %s (%s) by a %s", name, found, kind)
+                ipr.link("del", index=idx)
+                idx = None
         if idx is None:
-            try:
-                ipr.link("add", ifname=name, kind="veth", peer={"ifname": peer})
-            except NetlinkError as exc:
-                raise DeviceError(f"cannot create tunnel device {name}: {exc}") from exc
+            _create(ipr, kind, name, peer, port)
             idx = ifindex(ipr, name)
-            log.info("created tunnel device %s (peer %s)", name, peer)
-        kind = _link_kind(ipr, idx)
-        peer_idx = ifindex(ipr, peer)
-        if kind != "veth" or peer_idx is None:
-            raise DeviceError(
-                f"{name} exists but is not a flannel-xdp tunnel (kind {kind}, peer {peer} "
-                f"{'missing' if peer_idx is None else 'present'}): is flanneld running here?"
-            )
+        peer_idx = ifindex(ipr, peer) if kind is TunnelKind.VETH else None
+        if kind is TunnelKind.VETH and peer_idx is None:
+            raise DeviceError(f"{name} is a veth without its peer {peer}: delete it and restart")
+        devs = (name, peer) if kind is TunnelKind.VETH else (name,)
         # No IPv6 link-local chatter on a device that only carries routed IPv4.
-        for dev in (name, peer):
+        for dev in devs:
             _sysctl(f"/proc/sys/net/ipv6/conf/{dev}/disable_ipv6", "1")
         # Setting the MAC, even to the one it has, makes the kernel flush the device's
         # neighbours (NETDEV_CHANGEADDR), permanent ones included: an adopting restart
@@ -101,13 +162,16 @@ def ensure_tunnel(vni: int, vtep_mac: str, mtu: int) -> TunnelDevice:
             settings["address"] = vtep_mac
         try:
             ipr.link("set", index=idx, **settings)
-            ipr.link("set", index=peer_idx, mtu=mtu)
-            ipr.link("set", index=peer_idx, state="up")
+            if peer_idx is not None:
+                ipr.link("set", index=peer_idx, mtu=mtu)
+                ipr.link("set", index=peer_idx, state="up")
             ipr.link("set", index=idx, state="up")
         except NetlinkError as exc:
             raise DeviceError(f"cannot configure tunnel device {name}: {exc}") from exc
+    if kind is TunnelKind.VXLAN:
+        return TunnelDevice(name=name, ifindex=idx, kind=kind)
     _enable_gro(name)
-    return TunnelDevice(name=name, ifindex=idx, peer_name=peer, peer_ifindex=peer_idx)
+    return TunnelDevice(name=name, ifindex=idx, kind=kind, peer_name=peer, peer_ifindex=peer_idx)
 
 
 def _enable_gro(name: str) -> None:
@@ -130,8 +194,8 @@ def remove_tunnel(vni: int) -> bool:
         idx = ifindex(ipr, name)
         if idx is None:
             return False
-        if _link_kind(ipr, idx) != "veth":
-            log.warning("not removing %s: it is not our veth tunnel", name)
+        if _tunnel_kind(ipr, idx) is None:
+            log.warning("not removing %s: it is not a flannel-xdp tunnel", name)
             return False
         ipr.link("del", index=idx)
     log.info("removed tunnel device %s", name)
@@ -149,6 +213,7 @@ def link_mtu(name: str) -> int:
 __all__ = [
     "DeviceError",
     "TunnelDevice",
+    "TunnelKind",
     "ensure_tunnel",
     "link_mtu",
     "remove_tunnel",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import uuid
@@ -67,12 +68,38 @@ def test_missing_underlay_is_a_clear_error_and_changes_nothing(node):
     )
 
 
-def test_install_replace_and_uninstall(node):
+def _underlay_prog_id(ns: str, hook: datapath.IngressHook) -> int:
+    """Id of the program on eth0's ingress hook (XDP or tc)."""
+    if hook is datapath.IngressHook.XDP:
+        with netns.entered(ns):
+            return attach.xdp_state("eth0")[1]
+    res = subprocess.run(
+        ["ip", "netns", "exec", ns, "bpftool", "-j", "net"], capture_output=True, text=True
+    )
+    (net,) = json.loads(res.stdout)
+    ids = [p["id"] for p in net["tc"] if p["devname"] == "eth0" and p["kind"] == "clsact/ingress"]
+    assert len(ids) == 1, net
+    return ids[0]
+
+
+def _tunnel_kind(ns: str) -> str:
+    res = subprocess.run(
+        ["ip", "-n", ns, "-d", "-j", "link", "show", "flannel.1"], capture_output=True, text=True
+    )
+    (link,) = json.loads(res.stdout)
+    info = link["linkinfo"]
+    kind = info["info_kind"]
+    if kind == "vxlan":
+        assert info["info_data"].get("external") is True, info  # collect_md, no FDB
+    return kind
+
+
+@pytest.mark.parametrize("hook", list(datapath.IngressHook))
+def test_install_replace_and_uninstall(node, hook):
     ns, bpffs = node
-    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs)
+    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, ingress_hook=hook)
     with netns.entered(ns):
         first = datapath.install(cfg, NODE)
-        _, first_id = attach.xdp_state("eth0")
         with NodeConfigMap(first.pins.maps) as m:
             settings = m.read()
         assert settings is not None
@@ -80,22 +107,50 @@ def test_install_replace_and_uninstall(node):
         assert settings.tunnel_peer_ifindex == first.tunnel.peer_ifindex
         assert settings.underlay_ifindex == first.underlay_ifindex
         assert devices.link_mtu("flannel.1") == devices.link_mtu("eth0") - 50
+    first_id = _underlay_prog_id(ns, hook)
+    assert _tunnel_kind(ns) == hook.tunnel_kind.value
 
+    with netns.entered(ns):
         second = datapath.install(cfg, NODE)  # replace in place: same devices, new programs
-        _, second_id = attach.xdp_state("eth0")
+    second_id = _underlay_prog_id(ns, hook)
     assert second.tunnel == first.tunnel
     assert second_id != first_id
     net = _bpftool_net(ns)
     assert "tunnel_egress" in net and f"id {second_id}" in net
-    assert sorted(os.listdir(os.path.join(bpffs, "progs"))) == ["tunnel_egress", "underlay_xdp"]
+    underlay = datapath.UNDERLAY_PROGRAM[hook].name
+    assert sorted(os.listdir(os.path.join(bpffs, "progs"))) == sorted(["tunnel_egress", underlay])
 
     with netns.entered(ns):
         datapath.uninstall(bpffs, "eth0", NODE.vni)
         assert attach.xdp_state("eth0") == (0, 0)
-    assert "tunnel_egress" not in _bpftool_net(ns)
+    assert "tunnel_egress" not in _bpftool_net(ns) and "underlay" not in _bpftool_net(ns)
     links = subprocess.run(["ip", "-n", ns, "link"], capture_output=True, text=True).stdout
     assert "flannel.1" not in links and "fxdp.1" not in links
     assert not os.path.exists(bpffs)
+
+
+def test_switching_hooks_replaces_the_tunnel_kind(node):
+    """kernel -> xdp -> kernel: the vxlan device gives way to the veth pair and back, and
+    only the current hook's underlay program stays attached and pinned."""
+    ns, bpffs = node
+    for hook in (
+        datapath.IngressHook.KERNEL,
+        datapath.IngressHook.XDP,
+        datapath.IngressHook.KERNEL,
+    ):
+        cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, ingress_hook=hook)
+        with netns.entered(ns):
+            installed = datapath.install(cfg, NODE)
+            xdp_attached = attach.xdp_state("eth0") != (0, 0)
+        assert _tunnel_kind(ns) == hook.tunnel_kind.value
+        assert installed.tunnel.kind is hook.tunnel_kind
+        assert xdp_attached == (hook is datapath.IngressHook.XDP)
+        links = subprocess.run(["ip", "-n", ns, "link"], capture_output=True, text=True).stdout
+        assert ("fxdp.1" in links) == (hook.tunnel_kind is devices.TunnelKind.VETH)
+        underlay = datapath.UNDERLAY_PROGRAM[hook].name
+        assert sorted(os.listdir(os.path.join(bpffs, "progs"))) == sorted(
+            ["tunnel_egress", underlay]
+        )
 
 
 def test_refuses_to_adopt_a_foreign_flannel_device(node):

@@ -256,7 +256,7 @@ def _traffic_and_counters(lab: AgentCluster, keep: bool) -> list[str]:
     _say(table(headers, rows, right=[5, 6]))
     note = ""
     if lab.spec.ingress_hook is IngressHook.XDP:
-        note = "; XDP decapsulates frame by frame, --ingress-hook tc keeps GRO aggregates"
+        note = "; XDP decapsulates frame by frame, --ingress-hook kernel keeps GRO aggregates"
     _say(f"  ({time.monotonic() - t:.1f} s{note})\n")
 
     _say("[4/5] what the data path counted (scraped from each agent's metrics endpoint)")

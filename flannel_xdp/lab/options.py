@@ -8,7 +8,7 @@ import importlib
 from collections.abc import Callable
 
 BACKENDS = ("vxlan", "host-gw")  # topology.NetworkBackend
-INGRESS_HOOKS = ("xdp", "tc")  # loader.datapath.IngressHook
+INGRESS_HOOKS = ("xdp", "tc", "kernel")  # loader.datapath.IngressHook
 DEFAULT_LAB_NAME = "lab"  # agentcluster.DEFAULT_NAME
 DEFAULT_DEMO_NAME = "demo"
 RUN_ROOT = "/run/flannel-xdp-lab"  # agentcluster.RUN_ROOT
