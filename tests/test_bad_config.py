@@ -303,18 +303,26 @@ def test_bad_configuration_exits_2_and_makes_nothing(name, etcd, node, tmp_path)
     assert _mounts(*watched) == mounts, "the agent mounted something"
 
 
-def test_control_a_good_config_starts_and_is_found(etcd, node, tmp_path):
+# What made_on_node() must find after a good start, by ingress hook: every kind of thing
+# it looks for turns up in one of the two.
+CONTROL_FINDS = {
+    "xdp": ("link fxdp.1", "XDP program on ul0", "clsact qdisc on flannel.1",
+            "tc egress filter on flannel.1"),
+    "kernel": ("clsact qdisc on ul0", "tc ingress filter on ul0"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("hook", list(CONTROL_FINDS))
+def test_control_a_good_config_starts_and_is_found(etcd, node, tmp_path, hook):
     """The same harness with a good config: the agent starts, and made_on_node() finds
-    its link, XDP program, tc filter, pins, subnet file and lease; teardown removes them."""
+    its links, programs, qdiscs, pins, subnet file and lease; teardown removes them."""
     run = Run(node, etcd, etcd.new_prefix(), new_bpffs(), str(tmp_path / "subnet.env"))
     etcd.put(f"{run.prefix}/config", json.dumps(GOOD))
     log_path = tmp_path / "agent.log"
+    argv = agent_argv(etcd, run.prefix, run.bpffs, run.subnet_file, "--ingress-hook", hook)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            in_node(node, agent_argv(etcd, run.prefix, run.bpffs, run.subnet_file)),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=agent_env(),
+            in_node(node, argv), stdout=log, stderr=subprocess.STDOUT, env=agent_env()
         )
     try:
         deadline = time.monotonic() + AGENT_TIMEOUT
@@ -328,11 +336,8 @@ def test_control_a_good_config_starts_and_is_found(etcd, node, tmp_path):
         assert proc.wait(AGENT_TIMEOUT) == 0, log_path.read_text()
         made = " | ".join(run.made())
         for thing in (
+            *CONTROL_FINDS[hook],
             "link flannel.1",
-            "link fxdp.1",
-            "XDP program on ul0",
-            "clsact qdisc on flannel.1",
-            "tc egress filter on flannel.1",
             "iptables -A FLANNEL-FWD",
             f"pin directory {run.bpffs}",
             f"subnet file {run.subnet_file}",

@@ -1,0 +1,122 @@
+"""The checks behind exit code 2, one by one, without a kernel or etcd (tests/test_bad_config.py
+runs them through a real agent): flanneld's SubnetLen rules, the Network against the underlay,
+capabilities, the --bpffs location, listen addresses."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Interface
+
+import pytest
+
+from flannel_xdp.agent import cli, privileges
+from flannel_xdp.agent.config import ConfigError, check_underlay, parse_config
+from flannel_xdp.cli import build_parser
+from flannel_xdp.loader.bpffs import BpffsError, PinDir
+
+
+def config(network: str, subnet_len: int | None = None, **extra: str):
+    text = f'{{"Network": "{network}", "Backend": {{"Type": "vxlan"}}'
+    if subnet_len is not None:
+        text += f', "SubnetLen": {subnet_len}'
+    text += "".join(f', "{k}": "{v}"' for k, v in extra.items())
+    return parse_config(text + "}")
+
+
+@pytest.mark.parametrize(
+    ("network", "subnet_len", "want"),
+    [
+        ("198.18.0.0/16", None, 24),  # /22 or wider: /24
+        ("198.18.0.0/23", None, 25),  # narrower: prefix + 2
+        ("198.18.0.0/28", None, 30),  # the smallest network flanneld takes
+        ("198.18.0.0/16", 18, 18),  # room for four subnets
+        ("198.18.0.0/16", 30, 30),
+        ("198.18.0.0/16", 0, 24),  # 0 is unset, as in flanneld
+    ],
+)
+def test_subnet_len_as_flanneld(network, subnet_len, want):
+    assert config(network, subnet_len).subnet_len == want
+
+
+@pytest.mark.parametrize(
+    ("network", "subnet_len", "message"),
+    [
+        (
+            "198.18.0.0/16",
+            17,
+            "SubnetLen: /17 leaves Network 198.18.0.0/16 room for fewer than four",
+        ),
+        ("198.18.0.0/16", 16, "SubnetLen: /16 leaves"),
+        ("198.18.0.0/16", 31, "SubnetLen: must be at most 30, got 31"),
+        ("198.18.0.0/29", None, "Network: 198.18.0.0/29 is too small"),
+        ("198.18.0.0/16", -8, "SubnetLen: must not be negative"),
+    ],
+)
+def test_subnet_len_out_of_range(network, subnet_len, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        config(network, subnet_len)
+
+
+def test_zero_subnet_min_and_max_are_unset_as_in_flanneld():
+    c = config("198.18.0.0/16", SubnetMin="0.0.0.0", SubnetMax="0.0.0.0")
+    assert (str(c.subnet_min), str(c.subnet_max)) == ("198.18.1.0", "198.18.255.0")
+
+
+@pytest.mark.parametrize(
+    ("network", "address", "public_ip", "message"),
+    [
+        ("192.0.2.0/24", "192.0.2.10/24", "192.0.2.10", "contains this node's public IP"),
+        ("198.18.0.0/16", "192.0.2.10/24", "198.18.3.3", "contains this node's public IP"),
+        ("192.0.2.0/24", "192.0.2.10/24", "198.51.100.1", "contains 192.0.2.10, the address of"),
+        ("192.0.2.128/25", "192.0.2.10/24", "192.0.2.10", "overlaps 192.0.2.0/24, the on-link"),
+        ("192.0.0.0/16", "192.0.2.10/32", "198.51.100.1", "contains 192.0.2.10"),
+    ],
+)
+def test_network_overlapping_the_underlay_is_refused(network, address, public_ip, message):
+    with pytest.raises(ConfigError, match=message):
+        check_underlay(config(network), "ul0", IPv4Interface(address), IPv4Address(public_ip))
+
+
+def test_network_beside_the_underlay_is_fine():
+    check_underlay(
+        config("198.18.0.0/16"), "ul0", IPv4Interface("192.0.2.10/24"), IPv4Address("192.0.2.10")
+    )
+
+
+def test_capabilities():
+    every = (1 << 41) - 1
+    assert privileges.problem(every) is None
+    no_net_admin = every & ~(1 << 12)
+    assert privileges.problem(no_net_admin).startswith("missing capability: CAP_NET_ADMIN (")
+    # CAP_BPF (39) and CAP_PERFMON (38) without CAP_SYS_ADMIN do not do for bcc
+    bpf_only = (1 << 12) | (1 << 38) | (1 << 39)
+    assert privileges.problem(bpf_only).startswith("missing capability: CAP_SYS_ADMIN (")
+    both = privileges.problem(0)
+    assert both and "CAP_NET_ADMIN" in both and "CAP_SYS_ADMIN" in both
+    assert privileges.effective_capabilities() >= 0  # /proc/self/status parses
+
+
+def test_bpffs_location(tmp_path):
+    assert PinDir("/sys/fs/bpf/fxdp-never-made/x").check() in (False, True)  # no raise
+    with pytest.raises(BpffsError, match="not on a bpf filesystem"):
+        PinDir(str(tmp_path / "pins")).check()
+    (tmp_path / "f").write_text("")
+    with pytest.raises(BpffsError, match="exists and is not a directory"):
+        PinDir(str(tmp_path / "f" / "pins")).check()
+    assert not (tmp_path / "pins").exists(), "check() made something"
+
+
+def agent_args(*argv: str):
+    return build_parser().parse_args(["agent", *argv])
+
+
+def test_listen_addresses(monkeypatch):
+    opts = cli.options_from(agent_args())
+    assert (opts.healthz_ip, opts.metrics_ip) == ("0.0.0.0", "0.0.0.0")  # flanneld's default
+    opts = cli.options_from(agent_args("--healthz-ip", "127.0.0.1", "--metrics-ip", "::1"))
+    assert (opts.healthz_ip, opts.metrics_ip) == ("127.0.0.1", "::1")
+    monkeypatch.setenv("FLANNELD_HEALTHZ_IP", "192.0.2.10")
+    monkeypatch.setenv("FLANNELD_METRICS_IP", "192.0.2.11")
+    opts = cli.options_from(agent_args())
+    assert (opts.healthz_ip, opts.metrics_ip) == ("192.0.2.10", "192.0.2.11")
+    with pytest.raises(ValueError, match="--healthz-ip: 'eth0' is not an IP address"):
+        cli.options_from(agent_args("--healthz-ip", "eth0"))
