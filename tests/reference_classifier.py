@@ -288,7 +288,8 @@ def complete_l4_csum(frame: bytearray, ip: int) -> None:
 
 
 def underlay(prog_type: str, frame: bytes, node: Node, peers: PeerTable) -> Outcome:
-    """underlay_xdp (prog_type "xdp") or underlay_tc ("tc") on frame."""
+    """underlay_xdp (prog_type "xdp"), underlay_tc ("tc") or underlay_tc as the kernel
+    ingress hook builds it ("kernel": judges only) on frame."""
     if kernel_refuses(prog_type, frame):
         return REFUSAL
     n = len(frame)
@@ -306,6 +307,9 @@ def underlay(prog_type: str, frame: bytes, node: Node, peers: PeerTable) -> Outc
     why = _inner_drop_reason(frame, node, peers)
     if why is not None:
         return Outcome(DROP, reason("vxlan", why), n, frame)
+    if prog_type == "kernel":
+        # Accepted whole, for the vxlan device to decapsulate; counted with the inner length.
+        return Outcome(REDIRECT, traffic("vxlan", "decap"), n - VXLAN_ENCAP_LEN, frame)
     if prog_type == "xdp":
         # The inner Ethernet frame as it came, its L4 checksum finished if it was partial.
         out = bytearray(frame[VXLAN_ENCAP_LEN:])

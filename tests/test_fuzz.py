@@ -1,9 +1,9 @@
 """Fuzzing the BPF programs: random and mutated frames through BPF_PROG_TEST_RUN, every
 outcome checked against a Python reference model (tests/reference_classifier.py).
 
-For each program (underlay_xdp, underlay_tc, tunnel_egress), at least FRAMES frames that
-the test run accepts (100,000 by default), generated from a seed by tests/fuzz_frames.py
-under four node configurations (SCENARIOS). For every frame:
+For each program (underlay_xdp, underlay_tc in both builds, tunnel_egress), at least
+FRAMES frames that the test run accepts (100,000 by default), generated from a seed by
+tests/fuzz_frames.py under four node configurations (SCENARIOS). For every frame:
 
 - the verdict is the reference's (or both agree the kernel's test run refuses the frame);
 - the counter the reference names moved by exactly one packet and the reference's bytes,
@@ -79,10 +79,13 @@ SEED = int(os.environ.get("FXDP_FUZZ_SEED", "0x7F022"), 0)
 FRAMES = int(os.environ.get("FXDP_FUZZ_FRAMES", "100000"))
 MAX_REPORTED = 10  # mismatches listed in a failure (the run goes on to count them all)
 TAG = f"{os.getpid()}"
+# underlay_tc as the kernel ingress hook builds it (FXDP_KERNEL_DECAP), by the lab's maps dir.
+KERNEL_FD: dict[str, int] = {}
 
 VERDICTS = {
     "xdp": {PASS: XDP_PASS, DROP: XDP_DROP, REDIRECT: XDP_REDIRECT},
     "tc": {PASS: TC_ACT_OK, DROP: TC_ACT_SHOT, REDIRECT: TC_ACT_REDIRECT},
+    "kernel": {PASS: TC_ACT_OK, DROP: TC_ACT_SHOT, REDIRECT: TC_ACT_OK},  # accepted: whole
     "egress": {DROP: TC_ACT_SHOT, REDIRECT: TC_ACT_REDIRECT},
 }
 
@@ -153,6 +156,10 @@ def lab():
         for name in ("tunnel_egress", "underlay_xdp", "underlay_tc"):
             progs[name] = compile_program(name, params)
             stack.callback(progs[name].cleanup)
+        kernel_params = BuildParams(maps_dir=pins.maps, max_subnets=64, kernel_decap=True)
+        progs["kernel"] = compile_program("underlay_tc", kernel_params)
+        stack.callback(progs["kernel"].cleanup)
+        KERNEL_FD[pins.maps] = progs["kernel"].load_func(b"underlay_tc", BPF.SCHED_CLS).fd
         counters = Counters(pins.maps)
         stack.callback(counters.close)
         yield Lab(
@@ -303,7 +310,8 @@ def run_scenario(lab: Lab, run: Run, sc: Scenario, quota: int, net: Underlay) ->
     settings = lab.settings(**sc.overrides())
     lab.configure(settings, peers=sc.table())
     node, peers = Node.from_settings(settings), PeerTable(sc.table())
-    fd = {"xdp": lab.xdp_fd, "tc": lab.tc_fd, "egress": lab.egress_fd}[run.prog]
+    fds = {"xdp": lab.xdp_fd, "tc": lab.tc_fd, "egress": lab.egress_fd}
+    fd = KERNEL_FD[lab.maps_dir] if run.prog == "kernel" else fds[run.prog]
     verdicts = VERDICTS[run.prog]
     slots = Slots(lab.counters)
     accepted = 0
@@ -366,7 +374,7 @@ def quotas(total: int) -> list[tuple[Scenario, int]]:
 
 
 @pytest.mark.parametrize("seed", [SEED], ids=lambda s: f"seed={s:#x}")
-@pytest.mark.parametrize("prog", ["xdp", "tc", "egress"])
+@pytest.mark.parametrize("prog", ["xdp", "tc", "kernel", "egress"])
 def test_fuzz_against_the_reference(lab, prog, seed):
     net = underlay_model(lab.ns)
     run = Run(prog, seed)
