@@ -14,6 +14,7 @@ from flannel_xdp.agent.registry import DEFAULT_ENDPOINTS, DEFAULT_PREFIX, TlsFil
 from flannel_xdp.agent.subnet_env import DEFAULT_PATH as DEFAULT_SUBNET_FILE
 from flannel_xdp.loader.bpffs import BpffsError, PinDir
 from flannel_xdp.loader.datapath import IngressHook
+from flannel_xdp.maps.views import SubnetsMap
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +151,22 @@ def preflight(opts) -> str | None:
     and the network config are checked by the agent before it takes a lease."""
     if (problem := privileges.problem()) is not None:
         return problem
+    pins = PinDir(opts.bpffs)
     try:
-        PinDir(opts.bpffs).check()
+        pins.check()
     except BpffsError as exc:
         return str(exc)
+    if os.path.exists(os.path.join(pins.maps, SubnetsMap.name)):
+        # A restart with another --max-subnets replaces the pinned map (loader/datapath.py),
+        # but it cannot drop the peers the running data path holds.
+        with SubnetsMap(pins.maps) as pinned:
+            held = sum(1 for _ in pinned.iter_keys())
+            if held > opts.max_subnets:
+                return (
+                    f"--max-subnets {opts.max_subnets} is below the {held} remote subnets "
+                    f"the pinned map {pinned.path} holds; raise it (or run `flannel-xdp "
+                    "teardown` first)"
+                )
     return None
 
 

@@ -11,7 +11,7 @@ again, the map becomes exactly the wanted set and the agent ready.
 
 The map size is --max-subnets end to end: the pinned map's max_entries is what was asked,
 also when a restart asks for another size (the map is replaced, entries copied); a size
-below what the pinned map holds is refused, leaving the data path as it was.
+below what the pinned map holds is refused (exit 2), leaving the data path as it was.
 """
 
 from __future__ import annotations
@@ -308,10 +308,10 @@ def test_more_peers_than_the_map_holds(agent_run: AgentRun):
     assert run.stop() == 0
     assert "Traceback" not in run.log(), run.log()
 
-    # A size below what the map holds is refused; the data path stays as it was.
+    # A size below what the map holds is refused up front; the data path stays as it was.
     run.start("--max-subnets", "2")
-    assert run.proc is not None and run.proc.wait(AGENT_TIMEOUT) == 1
-    assert "--max-subnets 2 is below the 6 remote subnets" in run.log()
+    assert run.proc is not None and run.proc.wait(AGENT_TIMEOUT) == 2
+    assert "ERROR flannel_xdp.agent.cli: --max-subnets 2 is below the 6 remote subnets" in run.log()
     assert run.max_entries() == 8 and run.map() == peers and run.routes() == set(peers)
 
 
