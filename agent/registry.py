@@ -37,6 +37,14 @@ DEFAULT_ENDPOINTS = "http://127.0.0.1:4001,http://127.0.0.1:2379"
 CALL_TIMEOUT = 5.0
 # etcd's clientv3.WithRequireLeader: fail instead of hanging on a member without a leader.
 REQUIRE_LEADER = (("hasleader", "true"),)
+# gRPC shares one subchannel per address among all channels, with its reconnect backoff
+# (growing to 120 s): after an outage, a fresh client kept failing with the old error for
+# up to that long although etcd was back. Each client gets a subchannel of its own, and
+# gRPC's own backoff stays within the agent's (which sets the pace of the retries).
+CHANNEL_OPTIONS = {
+    "grpc.use_local_subchannel_pool": 1,
+    "grpc.max_reconnect_backoff_ms": 5000,
+}
 
 _UNREACHABLE = (
     aetcd.exceptions.ConnectionFailedError,
@@ -226,7 +234,13 @@ class EtcdRegistry:
 
     async def _client_now(self) -> _Client:
         if self._client is None:
-            self._client = _Client(self.endpoint, self._tls, timeout=self._timeout, **self._auth)
+            self._client = _Client(
+                self.endpoint,
+                self._tls,
+                timeout=self._timeout,
+                options=dict(CHANNEL_OPTIONS),
+                **self._auth,
+            )
         return self._client
 
     async def _drop_client(self) -> None:
