@@ -22,7 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 
 from flannel_xdp.lab import Cluster, ClusterSpec, NetworkBackend, Node, Pod, process
-from flannel_xdp.loader.datapath import IngressHook
+from flannel_xdp.loader.datapath import UNDERLAY_PROGRAM, IngressHook
 from flannel_xdp.metrics.datapath import DataPathCollector
 from tests.requirements import require_root_and_bcc
 
@@ -237,7 +237,7 @@ def test_inspect_shows_the_known_peers(lab):
         ]
         assert report["node"]["subnet"] == str(node.subnet)
         assert report["node"]["public_ip"] == str(node.public_ip)
-        underlay = f"underlay_{cluster.spec.ingress_hook.value}"
+        underlay = UNDERLAY_PROGRAM[cluster.spec.ingress_hook].name
         programs = {p["pin"]: p["name"] for p in report["programs"]}
         assert programs == {"tunnel_egress": "tunnel_egress", underlay: underlay}
         text = subprocess.run(
