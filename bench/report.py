@@ -308,7 +308,11 @@ def build_results(
     by_hook = {h.value: ratios_for_hook(med, h) for h in HOOKS}
     default = dict(by_hook.get(DEFAULT_HOOK.value, {}))
     prog = prog_ratios(cost)
-    best = best_hook({h: r for h, r in by_hook.items() if r})
+    # A hook competes only on the variants of its own that ran: host-gw under the kernel
+    # hook is the tc hook's variant, so without xdp-vxlan-tc the tc hook has nothing of its own.
+    headline = [r.name for r in RATIOS if r.headline]
+    complete = {h: r for h, r in by_hook.items() if r and all(n in r for n in headline)}
+    best = best_hook(complete or {h: r for h, r in by_hook.items() if r})
     if "ratios" in best:
         best["ratios"] = {**best["ratios"], "prog_ns_vs_empty": prog}
     machine = {**machine, "load_average_at_end": load_average()}
