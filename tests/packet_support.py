@@ -385,6 +385,7 @@ class Lab:
     egress_fd: int
     xdp_fd: int
     tc_fd: int  # underlay_tc
+    kernel_fd: int  # underlay_tc as the kernel ingress hook builds it (judges only)
     underlay_ifindex: int
     tunnel_ifindex: int
     tunnel_peer_ifindex: int
@@ -411,8 +412,14 @@ class Lab:
             m.apply([p.peer() if isinstance(p, RemotePeer) else p for p in peers])
 
     def run(self, prog: str, frame: bytes) -> tuple[int, bytes]:
-        """Run prog ("egress", "xdp" or "tc") on frame in the netns whose FIB it must see."""
-        fd = {"egress": self.egress_fd, "xdp": self.xdp_fd, "tc": self.tc_fd}[prog]
+        """Run prog ("egress", "xdp", "tc" or "kernel") on frame in the netns whose FIB it
+        must see."""
+        fd = {
+            "egress": self.egress_fd,
+            "xdp": self.xdp_fd,
+            "tc": self.tc_fd,
+            "kernel": self.kernel_fd,
+        }[prog]
         with netns.entered(self.ns):
             rv, out, _ = prog_test_run(fd, frame)
         return rv, out
@@ -434,3 +441,47 @@ class Lab:
         before = self.counters.snapshot()
         rv, out = self.run(prog, frame)
         return rv, out, Counters.delta(before, self.counters.snapshot())
+
+
+@contextlib.contextmanager
+def program_lab(name: str) -> Iterator[Lab]:
+    """Every program compiled against pinned maps under /sys/fs/bpf/<name>, in a netns
+    <name> with an underlay; both removed afterwards, also on failure, and checked gone."""
+    from bcc import BPF
+
+    from flannel_xdp.loader.bpffs import PinDir
+    from flannel_xdp.loader.compile import BuildParams, compile_program
+
+    with contextlib.ExitStack() as stack:
+        ns = stack.enter_context(temp_netns(name))
+        underlay, tunnel, tunnel_peer = setup_underlay(ns)
+        pins = PinDir(f"/sys/fs/bpf/{name}")
+        stack.callback(pins.remove)
+        pins.ensure()
+
+        def load(source: str, kind: int, **params) -> int:
+            module = compile_program(
+                source, BuildParams(maps_dir=pins.maps, max_subnets=64, **params)
+            )
+            stack.callback(module.cleanup)
+            return module.load_func(source.encode(), kind).fd
+
+        fds = dict(
+            egress_fd=load("tunnel_egress", BPF.SCHED_CLS),
+            xdp_fd=load("underlay_xdp", BPF.XDP),
+            tc_fd=load("underlay_tc", BPF.SCHED_CLS),
+            kernel_fd=load("underlay_tc", BPF.SCHED_CLS, kernel_decap=True),
+        )
+        counters = Counters(pins.maps)  # the maps exist once a program made them
+        stack.callback(counters.close)
+        yield Lab(
+            ns=ns,
+            maps_dir=pins.maps,
+            **fds,
+            underlay_ifindex=underlay,
+            tunnel_ifindex=tunnel,
+            tunnel_peer_ifindex=tunnel_peer,
+            counters=counters,
+        )
+    assert not os.path.exists(pins.root), f"{pins.root} left behind"
+    assert not os.path.exists(os.path.join(netns.NETNS_RUN_DIR, ns)), f"netns {ns} left behind"

@@ -36,8 +36,6 @@ from ipaddress import IPv4Interface
 import pytest
 
 from flannel_xdp import netns
-from flannel_xdp.loader.bpffs import PinDir
-from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.maps import layout, libbpf
 from flannel_xdp.maps.libbpf import BpfError, prog_test_run
 from tests.fuzz_frames import SCENARIOS, Scenario, frames
@@ -53,8 +51,7 @@ from tests.packet_support import (
     Lab,
     ip,
     mac,
-    setup_underlay,
-    temp_netns,
+    program_lab,
 )
 from tests.reference_classifier import (
     DROP,
@@ -79,8 +76,6 @@ SEED = int(os.environ.get("FXDP_FUZZ_SEED", "0x7F022"), 0)
 FRAMES = int(os.environ.get("FXDP_FUZZ_FRAMES", "100000"))
 MAX_REPORTED = 10  # mismatches listed in a failure (the run goes on to count them all)
 TAG = f"{os.getpid()}"
-# underlay_tc as the kernel ingress hook builds it (FXDP_KERNEL_DECAP), by the lab's maps dir.
-KERNEL_FD: dict[str, int] = {}
 
 VERDICTS = {
     "xdp": {PASS: XDP_PASS, DROP: XDP_DROP, REDIRECT: XDP_REDIRECT},
@@ -143,38 +138,8 @@ MIN_PER_OUTCOME = max(1, FRAMES // 2000)  # 50 in a run of 100,000
 @pytest.fixture(scope="module")
 def lab():
     require_root_and_bcc("ip")
-    from bcc import BPF
-
-    with contextlib.ExitStack() as stack:
-        ns = stack.enter_context(temp_netns(f"fxdp-fuzz-{TAG}"))
-        underlay_if, tunnel, tunnel_peer = setup_underlay(ns)
-        pins = PinDir(f"/sys/fs/bpf/fxdp-fuzz-{TAG}")
-        stack.callback(pins.remove)
-        pins.ensure()
-        params = BuildParams(maps_dir=pins.maps, max_subnets=64)
-        progs = {}
-        for name in ("tunnel_egress", "underlay_xdp", "underlay_tc"):
-            progs[name] = compile_program(name, params)
-            stack.callback(progs[name].cleanup)
-        kernel_params = BuildParams(maps_dir=pins.maps, max_subnets=64, kernel_decap=True)
-        progs["kernel"] = compile_program("underlay_tc", kernel_params)
-        stack.callback(progs["kernel"].cleanup)
-        KERNEL_FD[pins.maps] = progs["kernel"].load_func(b"underlay_tc", BPF.SCHED_CLS).fd
-        counters = Counters(pins.maps)
-        stack.callback(counters.close)
-        yield Lab(
-            ns=ns,
-            maps_dir=pins.maps,
-            egress_fd=progs["tunnel_egress"].load_func(b"tunnel_egress", BPF.SCHED_CLS).fd,
-            xdp_fd=progs["underlay_xdp"].load_func(b"underlay_xdp", BPF.XDP).fd,
-            tc_fd=progs["underlay_tc"].load_func(b"underlay_tc", BPF.SCHED_CLS).fd,
-            underlay_ifindex=underlay_if,
-            tunnel_ifindex=tunnel,
-            tunnel_peer_ifindex=tunnel_peer,
-            counters=counters,
-        )
-    assert not os.path.exists(pins.root), f"{pins.root} left behind"
-    assert not os.path.exists(os.path.join(netns.NETNS_RUN_DIR, ns)), f"netns {ns} left behind"
+    with program_lab(f"fxdp-fuzz-{TAG}") as lab:
+        yield lab
 
 
 def underlay_model(ns: str) -> Underlay:
@@ -310,8 +275,9 @@ def run_scenario(lab: Lab, run: Run, sc: Scenario, quota: int, net: Underlay) ->
     settings = lab.settings(**sc.overrides())
     lab.configure(settings, peers=sc.table())
     node, peers = Node.from_settings(settings), PeerTable(sc.table())
-    fds = {"xdp": lab.xdp_fd, "tc": lab.tc_fd, "egress": lab.egress_fd}
-    fd = KERNEL_FD[lab.maps_dir] if run.prog == "kernel" else fds[run.prog]
+    fd = {"xdp": lab.xdp_fd, "tc": lab.tc_fd, "kernel": lab.kernel_fd, "egress": lab.egress_fd}[
+        run.prog
+    ]
     verdicts = VERDICTS[run.prog]
     slots = Slots(lab.counters)
     accepted = 0

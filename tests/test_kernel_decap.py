@@ -9,31 +9,18 @@ is in tests/test_integration.py and tests/test_lab_e2e.py.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
 
-from flannel_xdp import netns
-from flannel_xdp.loader.bpffs import PinDir
-from flannel_xdp.loader.compile import BuildParams, compile_program
-from flannel_xdp.maps.libbpf import prog_test_run
-from flannel_xdp.maps.views import NodeConfigMap, NodeSettings, SubnetsMap
 from tests.packet_support import (
-    OWN_IP,
     OWN_SUBNET,
-    OWN_VTEP,
     PEER_A,
-    PEERS,
-    PORT,
-    VNI,
     VXLAN_OVERHEAD,
     XDP_DROP,
     XDP_PASS,
     XDP_REDIRECT,
-    Counters,
-    setup_underlay,
-    temp_netns,
+    program_lab,
     udp_packet,
     vxlan_frame,
 )
@@ -48,49 +35,12 @@ KERNEL_VERDICT = {XDP_PASS: TC_ACT_OK, XDP_DROP: TC_ACT_SHOT, XDP_REDIRECT: TC_A
 
 @pytest.fixture(scope="module")
 def judge():
-    """(run, counters): underlay_tc built with kernel decap, on a node configured as in
-    tests/test_packets.py."""
+    """Run underlay_tc's kernel-hook build on a frame, on a node configured as in
+    tests/test_packets.py: (verdict, output, counter delta)."""
     require_root_and_bcc()
-    from bcc import BPF
-
-    tag = f"fxdp-kd-{os.getpid()}"
-    with contextlib.ExitStack() as stack:
-        ns = stack.enter_context(temp_netns(tag))
-        underlay, tunnel, _ = setup_underlay(ns)
-        pins = PinDir(f"/sys/fs/bpf/{tag}")
-        stack.callback(pins.remove)
-        pins.ensure()
-        module = compile_program(
-            "underlay_tc", BuildParams(maps_dir=pins.maps, max_subnets=64, kernel_decap=True)
-        )
-        stack.callback(module.cleanup)
-        fd = module.load_func(b"underlay_tc", BPF.SCHED_CLS).fd
-        with NodeConfigMap(pins.maps) as m:
-            m.write(
-                NodeSettings(
-                    public_ip=OWN_IP,
-                    subnet=OWN_SUBNET,
-                    vni=VNI,
-                    vxlan_port=PORT,
-                    vtep_mac=OWN_VTEP,
-                    underlay_ifindex=underlay,
-                    tunnel_ifindex=tunnel,
-                    tunnel_peer_ifindex=0,  # the vxlan device has no peer
-                )
-            )
-        with SubnetsMap(pins.maps) as m:
-            m.apply([p.peer() for p in PEERS])
-        counters = Counters(pins.maps)
-        stack.callback(counters.close)
-
-        def run(frame: bytes):
-            before = counters.snapshot()
-            with netns.entered(ns):
-                rv, out, _ = prog_test_run(fd, frame)
-            return rv, out, Counters.delta(before, counters.snapshot())
-
-        yield run
-    assert not os.path.exists(pins.root), f"{pins.root} left behind"
+    with program_lab(f"fxdp-kd-{os.getpid()}") as lab:
+        lab.configure()
+        yield lambda frame: lab.counted("kernel", frame)
 
 
 @pytest.mark.parametrize("case", list(UNDERLAY_CASES))

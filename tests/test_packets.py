@@ -38,8 +38,6 @@ from ipaddress import IPv4Address
 import pytest
 
 from flannel_xdp import netns
-from flannel_xdp.loader.bpffs import PinDir
-from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.maps.libbpf import BpfError, prog_test_run
 from tests.packet_support import (
     ETH_HLEN,
@@ -74,7 +72,6 @@ from tests.packet_support import (
     XDP_PASS,
     XDP_REDIRECT,
     Counters,
-    Lab,
     RemotePeer,
     arp_payload,
     eth,
@@ -86,8 +83,8 @@ from tests.packet_support import (
     l4_csum_ok,
     mac,
     partial_csum,
+    program_lab,
     run,
-    setup_underlay,
     sysctl,
     tcp_packet,
     temp_netns,
@@ -153,36 +150,8 @@ def requirements():
 
 @pytest.fixture(scope="module")
 def lab(requirements):
-    from bcc import BPF
-
-    with contextlib.ExitStack() as stack:
-        ns = stack.enter_context(temp_netns(f"fxdp-pkt-{TAG}"))
-        underlay, tunnel, tunnel_peer = setup_underlay(ns)
-        pins = PinDir(f"/sys/fs/bpf/fxdp-pkt-{TAG}")
-        stack.callback(pins.remove)
-        pins.ensure()
-        params = BuildParams(maps_dir=pins.maps, max_subnets=64)
-        egress = compile_program("tunnel_egress", params)
-        stack.callback(egress.cleanup)
-        xdp = compile_program("underlay_xdp", params)
-        stack.callback(xdp.cleanup)
-        underlay_tc = compile_program("underlay_tc", params)
-        stack.callback(underlay_tc.cleanup)
-        counters = Counters(pins.maps)
-        stack.callback(counters.close)
-        yield Lab(
-            ns=ns,
-            maps_dir=pins.maps,
-            egress_fd=egress.load_func(b"tunnel_egress", BPF.SCHED_CLS).fd,
-            xdp_fd=xdp.load_func(b"underlay_xdp", BPF.XDP).fd,
-            tc_fd=underlay_tc.load_func(b"underlay_tc", BPF.SCHED_CLS).fd,
-            underlay_ifindex=underlay,
-            tunnel_ifindex=tunnel,
-            tunnel_peer_ifindex=tunnel_peer,
-            counters=counters,
-        )
-    assert not os.path.exists(pins.root), f"{pins.root} left behind"
-    assert not os.path.exists(os.path.join(netns.NETNS_RUN_DIR, ns)), f"netns {ns} left behind"
+    with program_lab(f"fxdp-pkt-{TAG}") as lab:
+        yield lab
 
 
 @pytest.fixture(autouse=True)
