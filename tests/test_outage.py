@@ -628,6 +628,8 @@ _RETRY = re.compile(r"registry unreachable \((.*)\); retrying in ([\d.]+) s")
 def test_etcd_outage_keeps_traffic_and_resyncs_changed_leases(
     lab: AgentCluster, seen: Seen, tmp_path: Path
 ):
+    """etcd killed for OUTAGE_SECONDS: traffic flows on, the agents stay up, say not ready
+    and back off; changes made before they can reach etcd again are all applied."""
     n0, n1, n2 = lab.agent_nodes
     # Two leases of made-up nodes, to be deleted and changed while etcd is down; a third
     # to be added then. Public IPs on the underlay that no namespace holds.
@@ -758,6 +760,8 @@ def test_etcd_outage_keeps_traffic_and_resyncs_changed_leases(
 def test_sigkill_agent_repeatedly_during_traffic_leaks_nothing(
     lab: AgentCluster, seen: Seen, tmp_path: Path
 ):
+    """CRASH_ROUNDS x (SIGKILL the agent, restart it) under traffic through its node:
+    nothing lost, and the node ends as it began (pins, BPF objects, links, rules)."""
     victim, other, third = lab.agent_nodes
     rng = random.Random(7)
     first_pins = pins(victim)
