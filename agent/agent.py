@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 LEASE_TTL = 24 * 3600
 RENEW_RETRY = 60.0
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+# A watch that stayed up this long means the registry had recovered: its next failure
+# starts the backoff over (a watch rarely ends cleanly, so success alone cannot reset it).
+HEALTHY_WATCH_SECONDS = 30.0
 PROBE_INTERVAL = 1.0
 
 
@@ -469,6 +472,7 @@ class Agent:
     async def _watch_loop(self) -> None:
         backoff = BACKOFF_MIN
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 await self._watch_once()
                 backoff = BACKOFF_MIN
@@ -481,6 +485,8 @@ class Agent:
             except (RegistryError, _ProbeFailed) as exc:
                 self.stats.registry_ok = False
                 self.stats.registry_errors += 1
+                if time.monotonic() - started >= HEALTHY_WATCH_SECONDS:
+                    backoff = BACKOFF_MIN
                 log.warning("registry unreachable (%s); retrying in %.1f s", exc, backoff)
             await self._sleep_or_stop(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)

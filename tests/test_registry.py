@@ -16,6 +16,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
+from flannel_xdp.agent import agent as agent_module
 from flannel_xdp.agent.agent import LEASE_TTL, Agent, AgentExit, AgentOptions
 from flannel_xdp.agent.config import parse_config
 from flannel_xdp.agent.interface import Underlay
@@ -667,3 +668,46 @@ def test_agent_keeps_following_the_registry_through_a_hung_and_a_dead_member(mon
     # probe interval (1 s) + call timeout (1 s) + backoff; a dead member: backoff only
     assert timings["hung"] < 5, timings
     assert timings["dead"] < 3, timings
+
+
+def test_watch_backoff_doubles_and_starts_over_after_a_healthy_watch(
+    etcd, agent_without_kernel, monkeypatch
+):
+    """Failing watches retry after 0.1, 0.2, 0.4 s ...; a watch that stayed up for
+    HEALTHY_WATCH_SECONDS means the registry recovered, so its failure retries after 0.1 s
+    again (watches rarely end cleanly, so a clean end alone would never reset it)."""
+    agent, _ = agent_without_kernel
+    monkeypatch.setattr(agent_module, "HEALTHY_WATCH_SECONDS", 0.5)
+    sleeps: list[float] = []
+    real_sleep = agent._sleep_or_stop
+
+    async def recorded_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        await real_sleep(0.01)
+
+    # Three watches fail at once, the fourth stays up for 0.6 s before failing, then the
+    # fifth fails at once; the sixth ends the test.
+    lifetimes = iter([0.0, 0.0, 0.0, 0.6, 0.0])
+
+    async def watch_once() -> None:
+        try:
+            lifetime = next(lifetimes)
+        except StopIteration:
+            agent._stop.set()
+            raise RegistryUnavailable("test over") from None
+        await asyncio.sleep(lifetime)
+        raise RegistryUnavailable("etcd gone (test)")
+
+    monkeypatch.setattr(agent, "_sleep_or_stop", recorded_sleep)
+    monkeypatch.setattr(agent, "_watch_once", watch_once)
+
+    async def scenario():
+        try:
+            await agent._relist()
+            await asyncio.wait_for(agent._watch_loop(), timeout=30)
+        finally:
+            await agent.registry.close()
+
+    run(scenario())
+    assert sleeps[:5] == [0.1, 0.2, 0.4, 0.1, 0.2], sleeps
+    assert agent.stats.registry_errors == 6
