@@ -267,8 +267,9 @@ def _traffic_and_counters(lab: AgentCluster, keep: bool) -> list[str]:
     _say(table(headers, rows, right=[2, 3, 4, 5, 6, 7, 8]))
     _say(
         "  (packets. encap counts what the kernel hands the tunnel, TCP in GSO aggregates of up\n"
-        "  to 64 KiB; decap counts frames off the wire. passed = underlay traffic that was not\n"
-        "  VXLAN for us, left to the kernel, such as ARP.)\n"
+        "  to 64 KiB; decap counts what arrives on the underlay, aggregates too unless XDP is\n"
+        "  the hook (it makes the wire deliver single frames). passed = underlay traffic that\n"
+        "  was not VXLAN for us, left to the kernel, such as ARP.)\n"
     )
     _say(explore(lab, keep))
     _say("")

@@ -7,6 +7,8 @@ import argparse
 import importlib
 from collections.abc import Callable
 
+from flannel_xdp import defaults
+
 BACKENDS = ("vxlan", "host-gw")  # topology.NetworkBackend
 INGRESS_HOOKS = ("xdp", "tc", "kernel")  # loader.datapath.IngressHook
 DEFAULT_LAB_NAME = "lab"  # agentcluster.DEFAULT_NAME
@@ -36,8 +38,8 @@ def _cluster_shape(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ingress-hook",
         choices=INGRESS_HOOKS,
-        default="xdp",
-        help="where the agents decapsulate VXLAN (%(default)s)",
+        default=defaults.INGRESS_HOOK,
+        help="where the agents judge and decapsulate VXLAN (%(default)s)",
     )
 
 
