@@ -16,6 +16,7 @@
 #define VXLAN_ENCAP_LEN	(ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN)
 #define IP_FRAG_MASK	0x3fff			/* MF flag and fragment offset */
 #define IP_DF		0x4000
+#define IPV4_IHL_BYTES_MASK	0x3c		/* ihl * 4 is at most 60: bounds a header's length */
 
 struct vxlanhdr {
 	__u8 flags;
