@@ -62,6 +62,7 @@ enum reason {
 	DROP_NO_UNDERLAY_ROUTE,	/* tunnel egress: FIB has no usable route to the peer */
 	DROP_TOO_BIG,		/* encapsulated frame would exceed the underlay MTU */
 	DROP_ENCAP_FAILED,	/* the kernel refused to grow or shrink the packet */
+	DROP_FOREIGN_TUNNEL,	/* decapsulated by the vxlan device, but not our VNI or public IP */
 	REASON_MAX
 };
 

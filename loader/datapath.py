@@ -33,6 +33,7 @@ class Program:
 TUNNEL_EGRESS = Program("tunnel_egress", "tc", "egress")
 UNDERLAY_XDP = Program("underlay_xdp", "xdp")
 UNDERLAY_TC = Program("underlay_tc", "tc", "ingress")
+TUNNEL_INGRESS = Program("tunnel_ingress", "tc", "ingress")  # kernel hook: on flannel.<VNI>
 
 
 class IngressHook(StrEnum):
@@ -69,7 +70,9 @@ UNDERLAY_PROGRAM = {
 DEFAULT_INGRESS_HOOK = IngressHook(defaults.INGRESS_HOOK)
 
 
-def programs(hook: IngressHook) -> tuple[Program, Program]:
+def programs(hook: IngressHook) -> tuple[Program, ...]:
+    if hook is IngressHook.KERNEL:
+        return TUNNEL_EGRESS, UNDERLAY_TC, TUNNEL_INGRESS
     return TUNNEL_EGRESS, UNDERLAY_PROGRAM[hook]
 
 
@@ -167,10 +170,15 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     attach.attach_tc(
         tunnel.name, TUNNEL_EGRESS.direction, fds[TUNNEL_EGRESS.name], TUNNEL_EGRESS.name
     )
+    if TUNNEL_INGRESS in progs:
+        # Before the underlay program lets VXLAN through to the device: never unchecked.
+        attach.attach_tc(
+            tunnel.name, TUNNEL_INGRESS.direction, fds[TUNNEL_INGRESS.name], TUNNEL_INGRESS.name
+        )
     mode = _attach_underlay(cfg, fds)
     for prog in progs:
         _pin_replacing(fds[prog.name], pins.prog(prog.name))
-    for prog in set(UNDERLAY_PROGRAM.values()):
+    for prog in {*UNDERLAY_PROGRAM.values(), TUNNEL_INGRESS}:
         if prog not in progs and os.path.exists(pins.prog(prog.name)):
             os.unlink(pins.prog(prog.name))
     if resized:  # the old programs, and with them the last users of the old map, are gone
@@ -253,6 +261,7 @@ def uninstall(bpffs: str, underlay: str | None, vni: int = defaults.VXLAN_VNI) -
         attach.detach_xdp(underlay)
         attach.detach_tc(underlay, UNDERLAY_TC.direction)
     attach.detach_tc(tunnel, TUNNEL_EGRESS.direction)
+    attach.detach_tc(tunnel, TUNNEL_INGRESS.direction)
     devices.remove_tunnel(vni)
     PinDir(bpffs).remove()
     log.info("data path removed (bpffs %s)", bpffs)

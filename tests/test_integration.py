@@ -319,8 +319,11 @@ def _bpftool(node: Node, *args: str):
 def test_bpftool_shows_programs_and_typed_maps(cluster: Cluster):
     for node in cluster.nodes:
         net = _bpftool(node, "net", "show")[0]
-        tc = [p for p in net["tc"] if p["devname"] == "flannel.1"]
-        assert [(p["kind"], p["name"]) for p in tc] == [("clsact/egress", "tunnel_egress")], net
+        tc = sorted((p["kind"], p["name"]) for p in net["tc"] if p["devname"] == "flannel.1")
+        on_tunnel = [("clsact/egress", "tunnel_egress")]
+        if cluster.spec.ingress_hook is IngressHook.KERNEL:
+            on_tunnel.append(("clsact/ingress", "tunnel_ingress"))
+        assert tc == sorted(on_tunnel), net
         xdp = [p for p in net["xdp"] if p["devname"] == "eth0"]
         underlay_tc = [(p["kind"], p["name"]) for p in net["tc"] if p["devname"] == "eth0"]
         if cluster.spec.ingress_hook is IngressHook.XDP:

@@ -22,7 +22,8 @@ import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 
 from flannel_xdp.lab import Cluster, ClusterSpec, NetworkBackend, Node, Pod, process
-from flannel_xdp.loader.datapath import UNDERLAY_PROGRAM, IngressHook
+from flannel_xdp.loader.datapath import IngressHook
+from flannel_xdp.loader.datapath import programs as datapath_programs
 from flannel_xdp.metrics.datapath import DataPathCollector
 from tests.requirements import require_root_and_bcc
 
@@ -237,9 +238,8 @@ def test_inspect_shows_the_known_peers(lab):
         ]
         assert report["node"]["subnet"] == str(node.subnet)
         assert report["node"]["public_ip"] == str(node.public_ip)
-        underlay = UNDERLAY_PROGRAM[cluster.spec.ingress_hook].name
         programs = {p["pin"]: p["name"] for p in report["programs"]}
-        assert programs == {"tunnel_egress": "tunnel_egress", underlay: underlay}
+        assert programs == {p.name: p.name for p in datapath_programs(cluster.spec.ingress_hook)}
         text = subprocess.run(
             [".venv/bin/flannel-xdp", "inspect", "--bpffs", node.bpffs],
             capture_output=True,

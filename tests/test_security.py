@@ -366,6 +366,70 @@ def test_registered_peer_cannot_forge_another_nodes_pods(cluster: AgentCluster, 
     assert scraped == FORGED
 
 
+def test_another_vni_gets_nothing_through(cluster: AgentCluster, listen):
+    """n1, registered, sends frames that would be accepted but for their VNI (ours + 1).
+    The xdp and tc hooks leave them to the stack, where no socket takes them; with the
+    kernel hook the vxlan device (external mode: every VNI) decapsulates them and
+    tunnel_ingress drops each one as DROP_FOREIGN_TUNNEL. Nothing reaches the pod."""
+    n0, n1, _ = cluster.nodes
+    target_pod = n0.pods[0]
+    target = vtep_of(cluster, n0)
+    other = Vtep(target.public_ip, target.vni + 1, target.port, target.vtep_mac)
+    n1_mac = lease_of(cluster, n1)["BackendData"]["VtepMAC"]
+    listener = listen(target_pod)
+    before = cluster.counters(n0)
+
+    send_udp(n1.netns, n1.public_ip, target, forged_frames(
+        other, n1.pods[0].ip, n1_mac, target_pod, "other-vni", FORGED))  # fmt: skip
+    control = forged_frames(target, n1.pods[0].ip, n1_mac, target_pod, "control", CONTROLS)
+    send_udp(n1.netns, n1.public_ip, target, control)
+    listener.collect(COUNT_TIMEOUT, until=payloads("control", CONTROLS))
+    kernel = cluster.spec.ingress_hook is IngressHook.KERNEL
+    if kernel:
+        wait_drops(cluster, n0, before, Reason.DROP_FOREIGN_TUNNEL, FORGED)
+    got = listener.collect(GRACE)
+    grown = lab_counters_since(cluster, n0, before)
+
+    assert payloads("control", CONTROLS) <= set(got), f"the control did not arrive: {got}"
+    leaked = [p for p in got if p.startswith(b"other-vni")]
+    assert not leaked, f"frames for VNI {other.vni} reached {target_pod.ip}: {leaked}"
+    assert grown.drops() == ({("vxlan", "DROP_FOREIGN_TUNNEL"): FORGED} if kernel else {})
+
+
+def test_a_pod_tunnelling_vxlan_to_the_node_gets_nothing_through(cluster: AgentCluster, listen):
+    """A pod on n1 (a legitimate source) sends UDP to port 8472 of n0's cni0 address,
+    carrying VXLAN whose inner source is n2's pod. n1 encapsulates it, n0 accepts and
+    delivers it to its own stack. With the xdp and tc hooks nothing listens there; with
+    the kernel hook the vxlan device's socket (any address) decapsulates it again, and
+    tunnel_ingress drops it: not to our public IP (DROP_FOREIGN_TUNNEL). Without that
+    check any pod could inject packets under any other pod's address."""
+    n0, n1, n2 = cluster.nodes
+    target_pod = n0.pods[0]
+    target = vtep_of(cluster, n0)
+    via_gateway = Vtep(n0.gateway, target.vni, target.port, target.vtep_mac)
+    listener = listen(target_pod)
+    before = cluster.counters(n0)
+
+    inner = forged_frames(via_gateway, n2.pods[0].ip, "0e:66:78:00:ee:01", target_pod,
+                          "nested", FORGED)  # fmt: skip
+    send_udp(n1.pods[0].netns, n1.pods[0].ip, via_gateway, inner)
+    kernel = cluster.spec.ingress_hook is IngressHook.KERNEL
+    if kernel:
+        wait_drops(cluster, n0, before, Reason.DROP_FOREIGN_TUNNEL, FORGED)
+    got = listener.collect(COUNT_TIMEOUT if not kernel else GRACE)
+    grown = lab_counters_since(cluster, n0, before)
+
+    leaked = [p for p in got if p.startswith(b"nested")]
+    assert not leaked, f"nested VXLAN with n2's pod source reached {target_pod.ip}: {leaked}"
+    assert grown.packets("vxlan", "decap") == FORGED, grown.traffic  # the outer tunnel
+    assert grown.drops() == ({("vxlan", "DROP_FOREIGN_TUNNEL"): FORGED} if kernel else {})
+
+
+def lab_counters_since(lab: AgentCluster, node: LabNode, before: Counters) -> Counters:
+    time.sleep(GRACE)  # a late frame would be counted by now
+    return lab.counters(node).since(before)
+
+
 @XDP_ONLY
 def test_stock_flannel_accepts_the_unregistered_hosts_frames(
     cluster: AgentCluster, attacker: str, listen
