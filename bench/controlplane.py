@@ -43,14 +43,12 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -60,6 +58,7 @@ import aetcd
 
 from flannel_xdp.agent.config import parse_config
 from flannel_xdp.agent.lease import LeaseAttrs, subnet_key_name
+from flannel_xdp.lab.etcd import ETCD, ETCDCTL, EtcdServer
 from flannel_xdp.maps import libbpf
 from flannel_xdp.maps.layout import RemoteSubnet, SubnetKey
 from flannel_xdp.maps.views import SubnetsMap, subnet_key
@@ -67,7 +66,6 @@ from flannel_xdp.maps.views import SubnetsMap, subnet_key
 log = logging.getLogger("flannel_xdp.bench.controlplane")
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "controlplane.json"
-ETCD, ETCDCTL = "/usr/bin/etcd", "/usr/bin/etcdctl"
 TOOLS = ("ip", "nsenter")
 PREFIX = "/coreos.com/network"
 # Documentation/benchmark ranges only: 8191 /28 pod subnets in 198.18.0.0/15.
@@ -105,82 +103,11 @@ def _run(argv: list[str], check: bool = True, timeout: float = 60) -> subprocess
     return res
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * q // 100))  # ceil
     return ordered[int(rank) - 1]
-
-
-# -- etcd --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Etcd:
-    workdir: str
-    port: int = 0
-    peer_port: int = 0
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def unix_url(self) -> str:
-        # etcd names the socket file after the URL's host:port, in its working directory
-        return f"unix://{self.workdir}/etcd.sock:{self.port}"
-
-    def start(self) -> None:
-        self.port, self.peer_port = _free_port(), _free_port()
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        argv = [
-            ETCD,
-            "--name", "bench",
-            "--data-dir", os.path.join(self.workdir, "data"),
-            "--listen-client-urls", f"{self.url},unix://etcd.sock:{self.port}",
-            "--advertise-client-urls", self.url,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"bench={peer}",
-            "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
-        ]  # fmt: skip
-        with open(os.path.join(self.workdir, "etcd.log"), "ab") as out:
-            self.proc = subprocess.Popen(
-                _die_with_parent(argv),
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 20
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"etcd exited with {self.proc.returncode}; see {self.workdir}")
-            with (
-                contextlib.suppress(OSError, ValueError),
-                urllib.request.urlopen(f"{self.url}/health", timeout=0.5) as resp,
-            ):
-                if json.loads(resp.read()).get("health") == "true":
-                    return
-            if time.monotonic() > deadline:
-                raise BenchError("etcd did not become healthy in 20 s")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 # -- the node: two namespaces and the agent ------------------------------------------------------
@@ -228,11 +155,11 @@ class Node:
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
             _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
 
-    def agent_argv(self, etcd: Etcd) -> list[str]:
+    def agent_argv(self, etcd: EtcdServer) -> list[str]:
         return self.nsenter(
             [
                 sys.executable, "-m", "flannel_xdp.cli", "agent",
-                "--etcd-endpoints", etcd.unix_url,
+                "--etcd-endpoints", etcd.endpoint,
                 "--etcd-prefix", PREFIX,
                 "--iface", "eth0",
                 "--bpffs", self.bpffs,
@@ -476,11 +403,11 @@ class Settings:
     keep: bool
 
 
-async def measure(settings: Settings, etcd: Etcd, node: Node, workdir: str) -> dict:
+async def measure(settings: Settings, etcd: EtcdServer, node: Node, workdir: str) -> dict:
     rng = random.Random(3)
     preloaded, added = lease_plan(settings.leases, settings.additions)
     results: dict = {}
-    client = aetcd.Client(host="127.0.0.1", port=etcd.port, timeout=10)
+    client = aetcd.Client(host="127.0.0.1", port=etcd.client_port, timeout=10)
     agent: AgentProcess | None = None
     try:
         t = time.perf_counter()
@@ -645,14 +572,14 @@ def run(settings: Settings) -> int:
     tag = secrets.token_hex(3)
     root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     workdir = tempfile.mkdtemp(prefix=f"fxdp-cp-{tag}-", dir=root)
-    etcd = Etcd(workdir)
+    etcd = EtcdServer(os.path.join(workdir, "etcd"))
     node = Node(tag, workdir)
     results: dict = {}
     problems: list[str] = []
     error: BaseException | None = None
     with _terminate_on_signals():
         try:
-            etcd.start()
+            etcd.start(detach=False)
             node.create()
             results = asyncio.run(measure(settings, etcd, node, workdir))
         except BaseException as exc:  # report, tear down, then fail
