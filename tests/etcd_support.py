@@ -33,13 +33,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from flannel_xdp.agent.registry import Endpoint, EtcdRegistry, parse_endpoints
+from flannel_xdp.lab.etcd import ETCD, ETCDCTL, member_argv
 
-ETCD = "/usr/bin/etcd"
-ETCDCTL = "/usr/bin/etcdctl"
 START_TIMEOUT = 15.0
-# Short Raft timers: a 3-member cluster elects a leader in well under a second.
-HEARTBEAT_MS = 50
-ELECTION_MS = 500
 
 
 def require_etcd() -> None:
@@ -110,26 +106,15 @@ class EtcdMember:
 
     def start(self, initial_cluster: str, token: str) -> None:
         os.makedirs(self.workdir, exist_ok=True)
-        listen = self.url
-        if self.unix_socket:
-            listen += f",unix://etcd.sock:{self.client_port}"
-        argv = [
-            ETCD,
-            "--name", self.name,
-            "--data-dir", os.path.join(self.workdir, "data"),
-            "--listen-client-urls", listen,
-            "--advertise-client-urls", self.url,
-            "--listen-peer-urls", self.peer_url,
-            "--initial-advertise-peer-urls", self.peer_url,
-            "--initial-cluster", initial_cluster,
-            "--initial-cluster-token", token,
-            "--initial-cluster-state", "new",
-            "--heartbeat-interval", str(HEARTBEAT_MS),
-            "--election-timeout", str(ELECTION_MS),
-            "--logger", "zap",
-            "--log-outputs", "stderr",
-            "--log-level", "warn",
-        ]  # fmt: skip
+        argv = member_argv(
+            self.name,
+            self.workdir,
+            self.client_port,
+            self.peer_port,
+            initial_cluster,
+            unix_socket=self.unix_socket,
+            token=token,
+        )
         self.log_path = os.path.join(self.workdir, "etcd.log")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

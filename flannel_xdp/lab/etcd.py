@@ -44,6 +44,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Short Raft timers: members on loopback elect a leader in well under a second.
+HEARTBEAT_MS = 50
+ELECTION_MS = 500
+
+
+def member_argv(
+    name: str,
+    workdir: str,
+    client_port: int,
+    peer_port: int,
+    initial_cluster: str,
+    *,
+    unix_socket: bool = True,
+    token: str | None = None,
+) -> list[str]:
+    """etcd's command line for one member on loopback; run it with cwd=workdir, where
+    etcd creates the unix socket file `etcd.sock:<client_port>`."""
+    url, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    listen = f"{url},unix://etcd.sock:{client_port}" if unix_socket else url
+    argv = [
+        ETCD,
+        "--name", name,
+        "--data-dir", os.path.join(workdir, "data"),
+        "--listen-client-urls", listen,
+        "--advertise-client-urls", url,
+        "--listen-peer-urls", peer,
+        "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", initial_cluster,
+        "--initial-cluster-state", "new",
+        "--heartbeat-interval", str(HEARTBEAT_MS),
+        "--election-timeout", str(ELECTION_MS),
+        "--logger", "zap",
+        "--log-outputs", "stderr",
+        "--log-level", "warn",
+    ]  # fmt: skip
+    if token is not None:
+        argv += ["--initial-cluster-token", token]
+    return argv
+
+
 @dataclass
 class EtcdServer:
     """One member; start() it, or attach to a running one from its state (pid, ports)."""
@@ -104,23 +144,7 @@ class EtcdServer:
 
     def _spawn(self, detach: bool) -> None:
         peer = f"http://127.0.0.1:{self.peer_port}"
-        argv = [
-            ETCD,
-            "--name", "lab",
-            "--data-dir", os.path.join(self.workdir, "data"),
-            "--listen-client-urls", f"{self.url},unix://etcd.sock:{self.client_port}",
-            "--advertise-client-urls", self.url,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"lab={peer}",
-            "--initial-cluster-state", "new",
-            # short Raft timers: the single member elects itself in well under a second
-            "--heartbeat-interval", "50",
-            "--election-timeout", "500",
-            "--logger", "zap",
-            "--log-outputs", "stderr",
-            "--log-level", "warn",
-        ]  # fmt: skip
+        argv = member_argv("lab", self.workdir, self.client_port, self.peer_port, f"lab={peer}")
         with open(self.log_path, "ab") as out:
             proc = process.start_daemon(argv, out, cwd=self.workdir, detach=detach)
         self.pid = proc.pid
