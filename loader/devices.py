@@ -69,24 +69,27 @@ def require_ifindex(name: str) -> int:
     return idx
 
 
+def _link_info(ipr: IPRoute, idx: int):
+    return ipr.get_links(idx)[0].get_attr("IFLA_LINKINFO")
+
+
 def _link_kind(ipr: IPRoute, idx: int) -> str | None:
-    link = ipr.get_links(idx)[0]
-    info = link.get_attr("IFLA_LINKINFO")
+    info = _link_info(ipr, idx)
     return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
-def _tunnel_kind(ipr: IPRoute, idx: int) -> TunnelKind | None:
-    """Which of our tunnel kinds idx is; None for anything else (flanneld's vxlan device
-    has a VNI and a forwarding table, ours is external)."""
-    link = ipr.get_links(idx)[0]
-    info = link.get_attr("IFLA_LINKINFO")
+def _tunnel_kind(ipr: IPRoute, idx: int) -> tuple[TunnelKind, int] | None:
+    """Which of our tunnel kinds idx is, and (vxlan) the UDP port it listens on; None for
+    anything else (flanneld's vxlan device has a VNI and a forwarding table, ours is
+    external)."""
+    info = _link_info(ipr, idx)
     kind = info.get_attr("IFLA_INFO_KIND") if info else None
     if kind == "veth":
-        return TunnelKind.VETH
+        return TunnelKind.VETH, 0
     if kind == "vxlan":
         data = info.get_attr("IFLA_INFO_DATA")
         if data is not None and data.get_attr("IFLA_VXLAN_COLLECT_METADATA"):
-            return TunnelKind.VXLAN
+            return TunnelKind.VXLAN, data.get_attr("IFLA_VXLAN_PORT")
     return None
 
 
@@ -138,8 +141,12 @@ def ensure_tunnel(
                     f"{name} exists but is not a flannel-xdp tunnel (kind {_link_kind(ipr, idx)}): "
                     "is flanneld running here?"
                 )
-            if found is not kind:
-                log.warning("replacing tunnel device %s (%s) by a %s", name, found, kind)
+            found_kind, found_port = found
+            if found_kind is not kind or (kind is TunnelKind.VXLAN and found_port != port):
+                log.warning(
+                    "replacing tunnel device %s (%s, port %s) by a %s on port %s",
+                    name, found_kind, found_port, kind, port,
+                )  # fmt: skip
                 ipr.link("del", index=idx)
                 idx = None
         if idx is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -208,3 +209,32 @@ def test_xdp_falls_back_to_generic_with_a_warning(node, caplog):
             attach.attach_xdp("br-x", fd, attach.XdpMode.NATIVE)
         assert attach.detach_xdp("br-x")
         assert attach.xdp_state("br-x") == (0, 0)
+
+
+def test_kernel_hook_follows_a_changed_vxlan_port(node):
+    """The vxlan device's socket listens where the network config says: a restart with
+    another port replaces the adopted device (an adopted one would keep the old port)."""
+    ns, bpffs = node
+    cfg = datapath.DataPathConfig(
+        underlay="eth0", bpffs=bpffs, ingress_hook=datapath.IngressHook.KERNEL
+    )
+
+    def port() -> int:
+        res = subprocess.run(
+            ["ip", "-n", ns, "-d", "-j", "link", "show", "flannel.1"],
+            capture_output=True,
+            text=True,
+        )
+        (link,) = json.loads(res.stdout)
+        assert link["linkinfo"]["info_data"].get("external") is True, link
+        return link["linkinfo"]["info_data"]["port"]
+
+    with netns.entered(ns):
+        first = datapath.install(cfg, NODE)
+    assert port() == NODE.vxlan_port
+    with netns.entered(ns):
+        same = datapath.install(cfg, NODE)
+    assert same.tunnel.ifindex == first.tunnel.ifindex, "an unchanged port must be adopted"
+    with netns.entered(ns):
+        datapath.install(cfg, dataclasses.replace(NODE, vxlan_port=4789))
+    assert port() == 4789
