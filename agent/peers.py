@@ -37,7 +37,17 @@ def peer_for(
     config: NetworkConfig,
     direct: Iterable[IPv4Network],
 ) -> Peer | Ignored:
-    """How to reach one remote lease, or why we cannot (flanneld ignores the same ones)."""
+    """How to reach one remote lease, or why we cannot (flanneld ignores the same ones,
+    except a PublicIP inside the Network, which flanneld would program into a loop)."""
+    if attrs.public_ip in config.network:
+        # Every leased subnet is routed into the tunnel, so the encapsulated packets to this
+        # tunnel endpoint would be routed into the tunnel again (check_underlay refuses the
+        # same for this node's own public IP).
+        why = (
+            f"lease PublicIP {attrs.public_ip} is inside the pod Network {config.network}: "
+            "its tunnel endpoint would be routed into the tunnel (a routing loop)"
+        )
+        return Ignored(subnet, why)
     kind = config.backend.type
     if attrs.backend_type != kind:
         why = f"lease backend {attrs.backend_type!r} is not the network's {kind!r}"

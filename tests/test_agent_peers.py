@@ -97,6 +97,43 @@ def test_mismatched_leases_are_ignored_with_the_reason(attrs, config, words):
         assert word in got.why, got.why
 
 
+@pytest.mark.parametrize(
+    ("attrs", "config"),
+    [
+        (vxlan_lease(IPv4Address("10.244.9.1")), vxlan_config()),
+        (vxlan_lease(IPv4Address("10.244.9.1")), vxlan_config(DirectRouting=True)),
+        (vxlan_lease(IPv4Address("10.244.3.1")), vxlan_config()),  # inside its own subnet
+        (LeaseAttrs(IPv4Address("10.244.9.1"), "host-gw"), HOST_GW),
+    ],
+    ids=["vxlan", "vxlan-direct-routing", "vxlan-own-subnet", "host-gw"],
+)
+def test_lease_with_public_ip_inside_the_network_is_refused(attrs, config):
+    """Its tunnel endpoint would be routed into the tunnel: a routing loop."""
+    got = peer_for(SUBNET, attrs, config, [UNDERLAY, IPv4Network("10.244.9.0/24")])
+    assert isinstance(got, Ignored), got
+    assert got.subnet == SUBNET
+    assert str(attrs.public_ip) in got.why and "10.244.0.0/16" in got.why, got.why
+    assert "routing loop" in got.why, got.why
+
+
+def test_desired_peers_refuses_only_the_lease_inside_the_network():
+    own = IPv4Network("10.244.1.0/24")
+    looping = IPv4Network("10.244.4.0/24")
+    good = {
+        IPv4Network("10.244.2.0/24"): vxlan_lease(IPv4Address("198.19.0.2")),
+        IPv4Network("10.244.3.0/24"): vxlan_lease(IPv4Address("198.19.0.3")),
+    }
+    leases = {
+        own: vxlan_lease(IPv4Address("198.19.0.1")),
+        looping: vxlan_lease(IPv4Address("10.244.2.5")),  # a pod address of 10.244.2.0/24
+        **good,
+    }
+    got = desired_peers(leases, own, vxlan_config(), [UNDERLAY])
+    assert got.peers == {s: Peer(s, a.public_ip, Backend.VXLAN, MAC) for s, a in good.items()}
+    assert [i.subnet for i in got.ignored] == [looping]
+    assert "10.244.2.5" in got.ignored[0].why
+
+
 def test_desired_peers_skips_own_subnet_and_collects_ignored():
     own = IPv4Network("10.244.1.0/24")
     leases = {
