@@ -566,6 +566,22 @@ class Agent:
     def is_ready(self) -> bool:
         return self.ready and self.stats.registry_ok and not self.stats.capacity_exceeded
 
+    def _not_ready_why(self) -> str:
+        """Why is_ready() is False, in words (each of its conditions that fails)."""
+        why = []
+        if not self.ready:
+            why.append("the first full sync has not finished")
+        if not self.stats.registry_ok:
+            why.append("the registry does not answer")
+        if self.stats.capacity_exceeded:
+            capacity = self.subnets_map.max_entries if self.subnets_map else 0
+            why.append(
+                f"{self.stats.subnets_wanted} remote subnets wanted, "
+                f"{len(self.programmed)} programmed: the subnets map holds {capacity} "
+                "(--max-subnets); /readyz answers 503 until they fit"
+            )
+        return "; ".join(why)
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -591,7 +607,10 @@ class Agent:
             stopping.cancel()
             starting.result()
             self.stats.registry_ok = True
-            log.info("ready: %d peers programmed", len(self.programmed))
+            if self.is_ready():
+                log.info("ready: %d peers programmed", len(self.programmed))
+            else:
+                log.warning("started but NOT ready: %s", self._not_ready_why())
             tasks = [
                 asyncio.create_task(self._watch_loop()),
                 asyncio.create_task(self._renew_loop()),

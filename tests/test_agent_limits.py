@@ -125,9 +125,16 @@ class AgentRun:
 
         def started() -> bool:
             assert self.proc.poll() is None, f"agent exited {self.proc.returncode}:\n{self.log()}"
-            return "ready: " in self.log()
+            return self.start_line() is not None
 
         wait_until(started, "the agent's start-up", timeout=AGENT_TIMEOUT)
+
+    def start_line(self) -> str | None:
+        """The line the agent logs once started: "ready: ..." or "started but NOT ready"."""
+        for line in self.log().splitlines():
+            if "flannel_xdp.agent.agent: ready: " in line or "started but NOT ready" in line:
+                return line
+        return None
 
     def readyz(self) -> int:
         return http_get(self.ns, HEALTHZ, "/readyz")[0]
@@ -227,6 +234,7 @@ def test_more_peers_than_the_map_holds(agent_run: AgentRun):
     peers = {p.subnet: p for p in (put_lease(run, i) for i in (1, 2))}
     run.start(*flags)
     run.wait_started()
+    assert " INFO flannel_xdp.agent.agent: ready: 2 peers programmed" in str(run.start_line())
     assert run.max_entries() == CAPACITY, "--max-subnets did not size the pinned map"
     wait_programmed(run, peers, "the two first peers")
     assert run.readyz() == 200
@@ -326,6 +334,15 @@ def test_a_fresh_start_over_capacity_programs_nothing_until_it_fits(agent_run: A
     assert run.map() == {} and run.routes() == set()
     assert run.readyz() == 503
     assert "revision" in run.log() and "has 3 remote subnets, the map holds 2" in run.log()
+    # The start-up line says so too, as /readyz does: not "ready" with 0 of 3 programmed.
+    start_line = run.start_line()
+    print(start_line)
+    assert start_line is not None and " WARNING " in start_line, start_line
+    assert (
+        "started but NOT ready: 3 remote subnets wanted, 0 programmed: "
+        "the subnets map holds 2 (--max-subnets)"
+    ) in start_line, start_line
+    assert "flannel_xdp.agent.agent: ready: " not in run.log()
     delete_lease(run, 2)
     del peers[subnet(2)]
     wait_programmed(run, peers, "both peers once they fit")
