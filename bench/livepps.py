@@ -1,21 +1,29 @@
-"""The receive path alone: 64-byte UDP frames injected at the receiving node's underlay.
+"""64-byte UDP packet rates with a generator that is never the bottleneck.
 
 BPF_PROG_TEST_RUN in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES) runs an XDP program
-on `count` frames as if they had arrived on the receiving node's eth0 and carries out
-its verdict. No sender competes for the CPU, so the figure is what one CPU can push
-through the receive path, from the underlay to the pod's socket:
+on `count` frames as if they had arrived on an interface and carries out its verdict.
+No user-space sender competes for the CPU (one iperf3 sendto() per datagram costs more
+than either data path), so the figure is what one CPU can push through the path, up to
+the receiving pod's UDP socket. Two injection points:
 
-* vxlan variants get the VXLAN frame the peer node would send (its public IP, our
+* `measure_path` (workload udp64): at the sender pod's veth end in its node, the frame
+  the pod itself would send (to cni0's MAC, from the pod's address to the receiver
+  pod's). XDP_PASS hands it to the node's stack exactly where the pod's packets enter
+  it, so it crosses the whole pod-to-pod path: cni0, routing, the sender node's
+  encapsulation or host-gw route, the underlay, the receiver node's ingress, cni0 and
+  the receiving pod's veth. The stages after each veth run from the same CPU's
+  backlog, so the injecting CPU does all the work.
+* `measure_rx` (workload rx_pps): the receive path alone, at the receiving node's eth0.
+  vxlan variants get the VXLAN frame the peer node would send (its public IP, our
   VNI, inner UDP from the peer's pod to ours); host-gw variants get the plain frame.
-* flannel-xdp with the XDP hook: the injected program chains (tail call) to the
-  node's pinned underlay_xdp, which decapsulates and redirects to the tunnel veth.
-* stock flannel and the tc hook: the injected program returns XDP_PASS, so the
-  frames enter the stack on eth0 (tc ingress and the kernel's vxlan socket take
-  them from there).
+  With flannel-xdp's XDP hook the injected program chains (tail call) to the node's
+  pinned underlay_xdp, which decapsulates and redirects to the tunnel veth; otherwise
+  it returns XDP_PASS, so the frames enter the stack on eth0 (tc ingress and the
+  kernel's vxlan socket take them from there).
 
 Either way the injected program first restores the template frame (bpfprogs.py says
-why). What counts is what reached the pod's UDP socket (InDatagrams after draining
-the socket, plus RcvbufErrors), divided by the wall time of the injecting call.
+why). What counts is what reached the receiving pod's UDP socket (InDatagrams after
+draining the socket, plus RcvbufErrors), divided by the wall time of the injecting call.
 """
 
 from __future__ import annotations
@@ -27,8 +35,11 @@ import socket
 import time
 from contextlib import closing
 
+from pyroute2 import IPRoute
+
 from flannel_xdp import netns
 from flannel_xdp.lab import NetworkBackend
+from flannel_xdp.lab.topology import CNI_BRIDGE, POD_IFNAME
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import UNDERLAY_XDP, IngressHook
 from flannel_xdp.maps import libbpf
@@ -98,7 +109,40 @@ def _drain(sock: socket.socket) -> int:
         n += 1
 
 
-def measure(bed: Bed, generators: GeneratorCache, count: int, batch: int) -> dict:
+def pod_frame(bed: Bed) -> bytes:
+    """The 64-byte UDP datagram from the sender pod to the receiver pod, as the sender
+    pod puts it on its veth: addressed to its gateway's (cni0's) MAC."""
+    pod = bed.sender
+    with netns.entered(pod.netns), IPRoute() as ipr:
+        pod_mac = ipr.get_links(ipr.link_lookup(ifname=POD_IFNAME)[0])[0].get_attr("IFLA_ADDRESS")
+    with netns.entered(bed.sender_node.netns), IPRoute() as ipr:
+        cni_mac = ipr.get_links(ipr.link_lookup(ifname=CNI_BRIDGE)[0])[0].get_attr("IFLA_ADDRESS")
+    inner_ip = frames.udp(
+        str(pod.ip), str(bed.receiver.ip), 40000, RX_PORT, frames.payload_bytes(UDP_PAYLOAD)
+    )
+    return frames.ethernet(cni_mac, pod_mac, inner_ip)
+
+
+def _host_veth_ifindex(bed: Bed) -> int:
+    with netns.entered(bed.sender_node.netns), IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=bed.sender.host_veth)
+    if not found:
+        raise LookupError(f"no {bed.sender.host_veth} in {bed.sender_node.netns}")
+    return found[0]
+
+
+def measure_path(bed: Bed, generators: GeneratorCache, count: int, batch: int) -> dict:
+    """Inject count frames where the sender pod's packets enter its node; what the
+    receiver pod received."""
+    frame = pod_frame(bed)
+    gen = generators.get(frame)
+    ifindex = _host_veth_ifindex(bed)
+    how = "restore + XDP_PASS into the sender node's stack on the pod's veth"
+    result = _inject(bed, gen.pass_fd, frame, bed.sender_node.netns, ifindex, count, batch)
+    return result | {"program": how, "injected_at": bed.sender.host_veth}
+
+
+def measure_rx(bed: Bed, generators: GeneratorCache, count: int, batch: int) -> dict:
     """Inject count frames at the receiving node's underlay; what the pod received."""
     frame = rx_frame(bed)
     gen = generators.get(frame)
@@ -109,7 +153,20 @@ def measure(bed: Bed, generators: GeneratorCache, count: int, batch: int) -> dic
         prog_fd, how = gen.chain_to(pinned_fd), "restore + tail call to underlay_xdp"
     else:
         prog_fd, how = gen.pass_fd, "restore + XDP_PASS into the stack on eth0"
-    ifindex = bed.underlay_ifindexes[1]
+    try:
+        ifindex = bed.underlay_ifindexes[1]
+        result = _inject(bed, prog_fd, frame, bed.receiver_node.netns, ifindex, count, batch)
+    finally:
+        if pinned_fd >= 0:
+            os.close(pinned_fd)
+    return result | {"program": how, "injected_at": "eth0"}
+
+
+def _inject(
+    bed: Bed, prog_fd: int, frame: bytes, ns: str, ifindex: int, count: int, batch: int
+) -> dict:
+    """Run prog_fd on count live frames arriving on ifindex in ns; count what reached
+    the receiver pod's UDP socket and what the receiving node's program counted."""
     ctx = bytes(XdpMd(data=0, data_end=len(frame), ingress_ifindex=ifindex))
     receiver = bed.receiver
     counted = bed.cluster.counters(bed.receiver_node) if bed.variant.is_xdp else None
@@ -119,7 +176,7 @@ def measure(bed: Bed, generators: GeneratorCache, count: int, batch: int) -> dic
         with closing(sock):
             sock.bind((str(receiver.ip), RX_PORT))
             before = udp_counters(receiver.netns)
-            with netns.entered(bed.receiver_node.netns):
+            with netns.entered(ns):
                 t0 = time.perf_counter()
                 _, _, ns_per_frame = libbpf.prog_test_run(
                     prog_fd,
@@ -137,9 +194,6 @@ def measure(bed: Bed, generators: GeneratorCache, count: int, batch: int) -> dic
         if exc.errno == errno.EINTR:
             raise KeyboardInterrupt from exc
         raise
-    finally:
-        if pinned_fd >= 0:
-            os.close(pinned_fd)
     delta = {k: after[k] - before[k] for k in after}
     delivered = delta["InDatagrams"] + delta["RcvbufErrors"]
     bpf_counted = None
@@ -160,6 +214,5 @@ def measure(bed: Bed, generators: GeneratorCache, count: int, batch: int) -> dic
         "kernel_ns_per_frame": ns_per_frame,
         "frame_bytes": len(frame),
         "batch_size": batch,
-        "program": how,
         "bpf_counted": bpf_counted,
     }

@@ -39,7 +39,7 @@ from flannel_xdp.maps import libbpf
 
 from . import frames
 from .bpfprogs import EmptyPrograms
-from .rxpps import rx_frame
+from .livepps import rx_frame
 from .variants import DEFAULT_HOOK, Bed
 
 XDP_PASS, XDP_REDIRECT = 2, 4

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from flannel_xdp.lab.process import CommandError
 from flannel_xdp.maps.libbpf import BpfError
 
-from . import progcost, rxpps, workloads
+from . import livepps, progcost, workloads
 from .bpfprogs import EmptyPrograms, GeneratorCache
 from .variants import VARIANT_NAMES, Bed
 
@@ -30,8 +30,8 @@ class Settings:
     reps: int = 3
     seconds: float = 4.0  # per TCP, UDP and latency measurement
     udp_senders: int = 2
-    rx_frames: int = 1_000_000
-    rx_batch: int = rxpps.DEFAULT_BATCH
+    live_frames: int = 1_000_000  # per udp64 and rx_pps measurement
+    live_batch: int = livepps.DEFAULT_BATCH
     prog_calls: int = 20_000  # repeat=1 calls per single-method measurement
     prog_repeat: int = 1_000_000  # repeat count of a repeat-method measurement
     variants: tuple[str, ...] = VARIANT_NAMES
@@ -40,7 +40,7 @@ class Settings:
 
     @classmethod
     def quick_settings(cls, **overrides) -> Settings:
-        base = dict(reps=1, seconds=1.0, rx_frames=100_000, prog_calls=2_000, prog_repeat=100_000)
+        base = dict(reps=1, seconds=1.0, live_frames=100_000, prog_calls=2_000, prog_repeat=100_000)
         base.update(overrides)
         return cls(quick=True, **base)
 
@@ -61,13 +61,18 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("tcp4", "TCP, 4 streams", lambda b, s, g: workloads.tcp(b, s.seconds, 4)),
     Workload(
         "udp64",
-        "UDP 64 B, iperf3 senders",
+        "UDP 64 B live frames at the sender pod's veth, pod to pod",
+        lambda b, s, g: livepps.measure_path(b, g, s.live_frames, s.live_batch),
+    ),
+    Workload(
+        "udp64_iperf3",
+        "UDP 64 B, iperf3 senders (sender-bound: for reference)",
         lambda b, s, g: workloads.udp64(b, s.seconds, s.udp_senders),
     ),
     Workload(
         "rx_pps",
         "UDP 64 B live frames at the receiver's underlay",
-        lambda b, s, g: rxpps.measure(b, g, s.rx_frames, s.rx_batch),
+        lambda b, s, g: livepps.measure_rx(b, g, s.live_frames, s.live_batch),
         warm_up=False,  # injected at the receiver: no neighbour to resolve
     ),
     Workload("latency", "sockperf ping-pong", lambda b, s, g: workloads.latency(b, s.seconds)),
@@ -104,9 +109,9 @@ def _headline(key: str, result: dict) -> str:
         return f"FAILED: {result['error'].splitlines()[0][:160]}"
     if key in ("tcp1", "tcp4"):
         return f"{result['gbps']:.2f} Gbit/s"
-    if key == "udp64":
+    if key == "udp64_iperf3":
         return f"{result['delivered_pps'] / 1e3:.0f} kpps (sent {result['sent_pps'] / 1e3:.0f})"
-    if key == "rx_pps":
+    if key in ("udp64", "rx_pps"):
         frac = result["delivered_fraction"] * 100
         return f"{result['delivered_pps'] / 1e3:.0f} kpps ({frac:.1f} % delivered)"
     if key == "latency":

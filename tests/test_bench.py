@@ -77,6 +77,7 @@ def test_every_workload_has_raw_figures_for_every_variant(quick_run: dict):
         "tcp1": "gbps",
         "tcp4": "gbps",
         "udp64": "delivered_pps",
+        "udp64_iperf3": "delivered_pps",
         "rx_pps": "delivered_pps",
         "latency": "p50_us",
     }
