@@ -9,6 +9,8 @@
 
 #include <uapi/linux/pkt_cls.h>
 
+#include "hash.h"
+
 /* bcc 0.26 declares this helper with an outdated prototype; use the kernel's. */
 #define fxdp_redirect_neigh \
 	((long (*)(__u32 ifindex, void *params, int plen, __u64 flags))BPF_FUNC_redirect_neigh)
@@ -16,6 +18,65 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+
+/*
+ * bpf_fib_lookup() is half of tunnel_egress's cost per packet, and it answers
+ * the same for every packet to one peer. Each CPU keeps its last successful
+ * answer per peer for NEXT_HOP_CACHE_NS: a route or neighbour change reaches
+ * the wire at most that much later than the kernel's own output would see it
+ * (a kernel neighbour in STALE keeps its old MAC for seconds). Unresolved
+ * neighbours and failures are never kept. Direct-mapped by a hash of the next
+ * hop: a collision only costs a lookup.
+ */
+#define NEXT_HOP_CACHE_NS	1000000ULL	/* 1 ms */
+#define NEXT_HOP_CACHE_SLOTS	1024		/* a power of two */
+
+struct next_hop {
+	__u64 expires_ns;
+	__be32 next_hop;		/* the key: peer address, ... */
+	__be32 src;			/* ... our source ... */
+	__u32 underlay_ifindex;		/* ... and the interface asked for */
+	__u32 ifindex;			/* the answer: where to redirect ... */
+	__u8 dmac[ETH_ALEN];		/* ... with which addresses */
+	__u8 smac[ETH_ALEN];
+	/* Largest IP length the route's MTU was seen to allow (0: none checked yet). */
+	__u32 max_ok_len;
+};
+
+BPF_PERCPU_ARRAY(next_hop_cache, struct next_hop, NEXT_HOP_CACHE_SLOTS);
+
+static __always_inline struct next_hop *next_hop_slot(__be32 next_hop)
+{
+	__u32 slot = fmix32(next_hop) & (NEXT_HOP_CACHE_SLOTS - 1);
+
+	return next_hop_cache.lookup(&slot);
+}
+
+/* A cached answer that holds for a packet of IP length tot_len (0: GSO, any size). */
+static __always_inline int next_hop_valid(const struct next_hop *nh, __be32 src, __be32 next_hop,
+					  __u32 underlay_ifindex, __u32 tot_len, __u64 now)
+{
+	return nh->next_hop == next_hop && nh->src == src &&
+	       nh->underlay_ifindex == underlay_ifindex && now < nh->expires_ns &&
+	       tot_len <= nh->max_ok_len;
+}
+
+static __always_inline int rewrite_and_redirect(struct __sk_buff *skb, const __u8 *dmac,
+						const __u8 *smac, __u32 ifindex, int *reason)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end) {
+		*reason = DROP_MALFORMED;
+		return TC_ACT_SHOT;
+	}
+	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	return bpf_redirect(ifindex, 0);
+}
 
 /*
  * Returns TC_ACT_REDIRECT, or TC_ACT_SHOT with *reason set. The frame's
@@ -26,14 +87,12 @@ static __always_inline int redirect_to_next_hop(struct __sk_buff *skb, __be32 sr
 						int *reason)
 {
 	struct bpf_fib_lookup fib = {};
+	struct next_hop *cached;
 	void *data, *data_end;
-	struct ethhdr *eth;
+	__u32 tot_len = 0;
+	__u64 now;
 	int rc;
 
-	fib.family = AF_INET;
-	fib.ipv4_src = src;
-	fib.ipv4_dst = next_hop;
-	fib.ifindex = underlay_ifindex;
 	/*
 	 * A GSO packet is segmented to the route MTU later; only check single frames.
 	 * Test gso_size, not gso_segs: bpf_skb_adjust_room() zeroes gso_segs when it
@@ -41,7 +100,17 @@ static __always_inline int redirect_to_next_hop(struct __sk_buff *skb, __be32 sr
 	 * look like one oversized frame.
 	 */
 	if (!skb->gso_size)
-		fib.tot_len = skb->len - ETH_HLEN;
+		tot_len = skb->len - ETH_HLEN;
+	now = bpf_ktime_get_ns();
+	cached = next_hop_slot(next_hop);
+	if (cached && next_hop_valid(cached, src, next_hop, underlay_ifindex, tot_len, now))
+		return rewrite_and_redirect(skb, cached->dmac, cached->smac, cached->ifindex, reason);
+
+	fib.family = AF_INET;
+	fib.ipv4_src = src;
+	fib.ipv4_dst = next_hop;
+	fib.ifindex = underlay_ifindex;
+	fib.tot_len = tot_len;
 
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
@@ -76,17 +145,21 @@ static __always_inline int redirect_to_next_hop(struct __sk_buff *skb, __be32 sr
 		*reason = DROP_NO_UNDERLAY_ROUTE;
 		return TC_ACT_SHOT;
 	}
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	if ((void *)(eth + 1) > data_end) {
-		*reason = DROP_MALFORMED;
-		return TC_ACT_SHOT;
+	if (cached) {
+		/* An expired or foreign entry starts its size record over. */
+		if (!next_hop_valid(cached, src, next_hop, underlay_ifindex, 0, now))
+			cached->max_ok_len = 0;
+		if (tot_len > cached->max_ok_len)
+			cached->max_ok_len = tot_len;
+		cached->next_hop = next_hop;
+		cached->src = src;
+		cached->underlay_ifindex = underlay_ifindex;
+		cached->ifindex = fib.ifindex;
+		__builtin_memcpy(cached->dmac, fib.dmac, ETH_ALEN);
+		__builtin_memcpy(cached->smac, fib.smac, ETH_ALEN);
+		cached->expires_ns = now + NEXT_HOP_CACHE_NS;
 	}
-	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-	eth->h_proto = bpf_htons(ETH_P_IP);
-	return bpf_redirect(fib.ifindex, 0);
+	return rewrite_and_redirect(skb, fib.dmac, fib.smac, fib.ifindex, reason);
 }
 
 #endif

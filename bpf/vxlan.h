@@ -5,6 +5,8 @@
 
 #include <uapi/linux/pkt_cls.h>
 
+#include "hash.h"
+
 /* Outer TTL: ip_default_ttl, which a vxlan device with ttl 0 inherits. */
 #define VXLAN_OUTER_TTL		64
 /* UDP source ports come from the flow hash within the ephemeral range, as udp_flow_src_port(). */
@@ -48,20 +50,6 @@ static __always_inline int vxlan_source_reason(__be32 outer_src, __be32 inner_sr
 	if (owner->public_ip != outer_src)
 		return DROP_SPOOFED_SOURCE;
 	return REASON_NONE;
-}
-
-/* murmur3's 32-bit finalizer: every input bit moves every output bit. */
-#define FMIX_MUL_1		0x85ebca6bU
-#define FMIX_MUL_2		0xc2b2ae35U
-
-static __always_inline __u32 fmix32(__u32 h)
-{
-	h ^= h >> 16;
-	h *= FMIX_MUL_1;
-	h ^= h >> 13;
-	h *= FMIX_MUL_2;
-	h ^= h >> 16;
-	return h;
 }
 
 /*

@@ -41,6 +41,19 @@ def c_enums() -> dict[str, dict[str, int]]:
     return enums
 
 
+@cache
+def c_define(header: str, name: str) -> int:
+    """The integer value of `#define name` in bpf/<header> (e.g. a time window that a
+    test must wait out), so that it is written once, in C."""
+    text = _strip_comments((bpf_source_dir() / header).read_text())
+    found = re.search(
+        rf"^#define\s+{re.escape(name)}\s+\(?(0x[0-9a-fA-F]+|\d+)[uUlL]*\)?\s*$", text, re.M
+    )
+    if not found:
+        raise LookupError(f"no integer #define {name} in bpf/{header}")
+    return int(found.group(1), 0)
+
+
 def _make_enum(c_name: str, prefix: str) -> type[enum.IntEnum]:
     members = {
         k.removeprefix(prefix): v for k, v in c_enums()[c_name].items() if not k.endswith("_MAX")

@@ -38,6 +38,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from flannel_xdp import netns
+from flannel_xdp.maps.layout import Backend, c_define
 from flannel_xdp.maps.libbpf import BpfError, prog_test_run
 from tests.packet_support import (
     ETH_HLEN,
@@ -281,9 +282,11 @@ def test_encap_with_forwarding_off_is_a_counted_drop(lab):
     frame = to(PEER_A)
     sysctl(lab.ns, "net.ipv4.conf.u0.forwarding", "0")
     try:
+        wait_out_next_hop_cache()
         rv, _, delta = lab.counted("egress", frame)
     finally:
         sysctl(lab.ns, "net.ipv4.conf.u0.forwarding", "1")
+        wait_out_next_hop_cache()
     assert rv == TC_ACT_SHOT
     one(delta, ("reason", "vxlan", "DROP_NO_UNDERLAY_ROUTE"), 1, len(frame))
 
@@ -322,6 +325,50 @@ def test_underlay_mtu_boundary(lab, peer, inner_len, verdict, key):
     rv, _, delta = lab.counted("egress", frame)
     assert rv == verdict
     one(delta, key, 1, len(frame))
+
+
+# --- the next-hop cache (fib.h) -----------------------------------------------------------
+
+NEXT_HOP_CACHE_S = c_define("fib.h", "NEXT_HOP_CACHE_NS") / 1e9
+
+
+def wait_out_next_hop_cache() -> None:
+    """Past every CPU's cached bpf_fib_lookup answer: what the FIB says now applies."""
+    time.sleep(2 * NEXT_HOP_CACHE_S)
+
+
+def test_a_changed_neighbour_reaches_the_wire_once_the_cache_window_passed(lab):
+    frame = to(PEER_A)
+    rv, out = lab.egress(frame)
+    assert (rv, out[: ETH_HLEN - 2]) == (TC_ACT_REDIRECT, mac(PEER_A.neigh_mac) + mac(UNDERLAY_MAC))
+    moved = "02:00:00:00:00:99"
+    ip(lab.ns, f"neigh replace {PEER_A.public_ip} lladdr {moved} dev u0 nud permanent")
+    try:
+        wait_out_next_hop_cache()
+        rv, out = lab.egress(frame)
+        assert (rv, out[:6]) == (TC_ACT_REDIRECT, mac(moved)), "the old neighbour is still used"
+    finally:
+        ip(
+            lab.ns,
+            f"neigh replace {PEER_A.public_ip} lladdr {PEER_A.neigh_mac} dev u0 nud permanent",
+        )
+        wait_out_next_hop_cache()
+
+
+@pytest.mark.parametrize("peer", [PEER_A, PEER_HOSTGW], ids=["vxlan", "host-gw"])
+def test_a_cached_next_hop_still_checks_every_frame_against_the_mtu(lab, peer):
+    """The cache remembers the largest frame the route's MTU allowed; a larger one right
+    after a cached answer is still sized by bpf_fib_lookup and dropped."""
+    limit = 1450 if peer.backend is Backend.VXLAN else 1500
+
+    def sized(inner_len: int) -> bytes:
+        return tunnel_frame(udp_packet(OWN_HOST, peer.host(3), 1, 2, b"m" * (inner_len - 28)))
+
+    for inner_len, verdict in ((100, TC_ACT_REDIRECT), (limit, TC_ACT_REDIRECT),
+                               (limit + 1, TC_ACT_SHOT), (limit, TC_ACT_REDIRECT),
+                               (limit + 1, TC_ACT_SHOT)):  # fmt: skip
+        rv, _ = lab.egress(sized(inner_len))
+        assert rv == verdict, f"{inner_len}-byte inner packet after a cached answer"
 
 
 # --- 2. field by field against the Linux vxlan driver -------------------------------------
