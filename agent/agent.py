@@ -98,7 +98,6 @@ class Stats:
     events: int = 0
     event_errors: int = 0
     registry_errors: int = 0
-    ignored: int = 0
     full_syncs: int = 0
     last_sync: float = 0.0
     last_sync_seconds: float = 0.0
@@ -152,6 +151,9 @@ class Agent:
         self.attrs: LeaseAttrs | None = None
         self.leases: dict[IPv4Network, LeaseAttrs] = {}
         self.programmed: dict[IPv4Network, Peer] = {}
+        # The remote leases in self.leases that peer_for refuses, by subnet (each once):
+        # flannel_xdp_leases_ignored is its size.
+        self.ignored: dict[IPv4Network, Ignored] = {}
         self.subnets_map: SubnetsMap | None = None
         self.ready = False
         self.ingress_hook = opts.ingress_hook or datapath.DEFAULT_INGRESS_HOOK
@@ -298,7 +300,7 @@ class Agent:
         want = desired_peers(leases, self.subnet, self.config, self._direct_networks())
         for ignored in want.ignored:
             log.warning("ignoring lease %s: %s", ignored.subnet, ignored.why)
-        self.stats.ignored = len(want.ignored)
+        self.ignored = {i.subnet: i for i in want.ignored}
         have = self.subnets_map.peers()
         target = self._fit(want.peers, have, revision)
         peers = list(target.values())
@@ -417,6 +419,10 @@ class Agent:
         else:
             self.leases.pop(ev.subnet, None)
             got = None
+        if isinstance(got, Ignored):
+            self.ignored[ev.subnet] = got
+        else:
+            self.ignored.pop(ev.subnet, None)
         old = self.programmed.get(ev.subnet)
         if self.stats.capacity_exceeded or (
             isinstance(got, Peer)

@@ -48,8 +48,8 @@ class AgentCollector(Collector):
         yield leases
         yield GaugeMetricFamily(
             PREFIX + "leases_ignored",
-            "Leases in the registry that this node cannot use.",
-            value=s.ignored,
+            "Leases in the registry that this node cannot use (refused, each subnet once).",
+            value=len(a.ignored),
         )
         yield CounterMetricFamily(
             PREFIX + "registry_events", "Lease events received from the registry.", value=s.events

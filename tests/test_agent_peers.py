@@ -1,18 +1,26 @@
 """From leases to peers (agent/peers.py): which backend each remote lease gets, and
-which leases are ignored and why. Pure logic: no etcd, no kernel."""
+which leases are ignored and why; and the agent's count of the ignored ones
+(flannel_xdp_leases_ignored) over full syncs and watch events, with an in-memory subnets
+map. Pure logic: no etcd, no kernel."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
+from flannel_xdp.agent.agent import Agent, AgentOptions
 from flannel_xdp.agent.config import parse_config
+from flannel_xdp.agent.interface import Underlay
 from flannel_xdp.agent.lease import LeaseAttrs
 from flannel_xdp.agent.peers import Ignored, desired_peers, on_link, peer_for
+from flannel_xdp.agent.registry import Endpoint, EventKind, LeaseEvent
 from flannel_xdp.maps.layout import Backend
 from flannel_xdp.maps.views import Peer
+from flannel_xdp.metrics.agent import AgentCollector
+from tests.test_registry import FakeSubnetsMap
 
 UNDERLAY = IPv4Network("198.18.0.0/24")  # the node's own L2 network
 ON_LINK_IP = IPv4Address("198.18.0.7")
@@ -167,3 +175,82 @@ def test_ingress_hook_follows_the_backend_when_not_given():
 
     assert ingress_hook_for("host-gw") is IngressHook.TC
     assert ingress_hook_for("vxlan") is DEFAULT_INGRESS_HOOK
+
+
+# -- flannel_xdp_leases_ignored: the refused leases of the agent's current desired state ------
+
+
+def kernel_free_agent(monkeypatch, config, own: IPv4Network, own_attrs: LeaseAttrs) -> Agent:
+    """An Agent past start() with an in-memory subnets map; routes are not touched."""
+    for name in ("_sync_routes", "_add_route", "_remove_route"):
+        monkeypatch.setattr(Agent, name, staticmethod(lambda *_: None))
+    agent = Agent(AgentOptions(etcd_endpoints=[Endpoint("127.0.0.1", 1, tls=False)]))
+    agent.config = config
+    agent.underlay = Underlay("ul0", 2, IPv4Interface("198.18.0.10/24"), 1500)
+    agent.subnet, agent.attrs = own, own_attrs
+    agent.subnets_map = FakeSubnetsMap()  # type: ignore[assignment]
+    return agent
+
+
+def ignored_gauge(agent: Agent) -> float:
+    (family,) = [
+        m for m in AgentCollector(agent).collect() if m.name == "flannel_xdp_leases_ignored"
+    ]
+    (sample,) = family.samples
+    return sample.value
+
+
+def test_ignored_leases_gauge_follows_full_syncs_and_watch_events(monkeypatch):
+    """After every applied change, full sync or watch event, the gauge is the number of
+    leases the agent currently refuses: as many as a full sync of the same leases finds,
+    each subnet once however often it is refused."""
+    config = vxlan_config()
+    own, own_attrs = IPv4Network("10.244.1.0/24"), vxlan_lease(IPv4Address("198.19.0.1"))
+    good, loop, other = (IPv4Network(f"10.244.{i}.0/24") for i in (2, 4, 5))
+    good_attrs = vxlan_lease(IPv4Address("198.19.0.2"))
+    looping = vxlan_lease(IPv4Address("10.244.2.5"))  # PublicIP inside the Network: refused
+    agent = kernel_free_agent(monkeypatch, config, own, own_attrs)
+    revision = 10
+
+    def event(subnet: IPv4Network, attrs: LeaseAttrs | None) -> LeaseEvent:
+        nonlocal revision
+        revision += 1
+        kind = EventKind.ADDED if attrs is not None else EventKind.REMOVED
+        return LeaseEvent(kind, subnet, attrs, revision)
+
+    def refused_now() -> int:
+        return len(desired_peers(agent.leases, own, config, [UNDERLAY]).ignored)
+
+    async def scenario() -> list[tuple[str, float, int]]:
+        seen = []
+        await agent._full_sync({own: own_attrs, good: good_attrs, loop: looping}, revision)
+        seen.append(("full sync", ignored_gauge(agent), refused_now()))
+        steps = [
+            ("refused PUT", event(other, vxlan_lease(vni=7))),
+            ("same subnet refused again", event(other, vxlan_lease(mac=None))),
+            ("refused lease made valid", event(loop, vxlan_lease(IPv4Address("198.19.0.4")))),
+            ("refused lease deleted", event(other, None)),
+            ("valid lease made refused", event(good, looping)),
+            ("own lease renewed", event(own, own_attrs)),
+        ]
+        for what, ev in steps:
+            await agent._on_event(ev)
+            seen.append((what, ignored_gauge(agent), refused_now()))
+        await agent._full_sync({**agent.leases}, revision)
+        seen.append(("full sync again", ignored_gauge(agent), refused_now()))
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert [(what, gauge) for what, gauge, _ in seen] == [
+        ("full sync", 1),
+        ("refused PUT", 2),
+        ("same subnet refused again", 2),
+        ("refused lease made valid", 1),
+        ("refused lease deleted", 0),
+        ("valid lease made refused", 1),
+        ("own lease renewed", 1),
+        ("full sync again", 1),
+    ]
+    assert all(gauge == refused for _, gauge, refused in seen), seen
+    assert set(agent.programmed) == {loop}
+    assert agent.stats.event_errors == 0
