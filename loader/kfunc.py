@@ -1,0 +1,142 @@
+"""Loading bcc-compiled programs that call kernel functions (kfuncs).
+
+bcc 0.26 refuses a call to an `extern ... __ksym` function ("cannot call non-static
+helper function"), and its loader knows no kfunc relocations. So a program names
+each kfunc it calls through a placeholder helper number (bpf/kfuncs.h); this module
+takes the bytecode bcc compiled (maps already resolved to fds), turns every call to a
+placeholder into a kfunc call (src_reg BPF_PSEUDO_KFUNC_CALL, imm = the function's
+BTF id in vmlinux) and loads it with libbpf's bpf_prog_load(). The verifier then
+checks the call against the kfunc's BTF prototype, as for a libbpf-built object.
+The cflags that kfunc users need (placeholder numbers, struct offsets read from the
+running kernel's BTF) come from kfunc_cflags(), so a layout is never written twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from dataclasses import dataclass
+
+from flannel_xdp.maps import libbpf
+
+from . import btf
+
+BPF_JMP_CALL = 0x85  # BPF_JMP | BPF_CALL
+BPF_PSEUDO_KFUNC_CALL = 2
+INSN_SIZE = 8
+LOG_SIZE = 1 << 20
+LOG_LEVEL_ERRORS = 1
+
+
+@dataclass(frozen=True)
+class Kfunc:
+    name: str  # the kernel function
+    placeholder: int  # the helper number bpf/kfuncs.h calls it by
+
+
+# The kfuncs flannel-xdp programs may call; bpf/kfuncs.h names the same placeholders.
+KFUNCS = (
+    Kfunc("bpf_skb_ct_lookup", 0x7FFF0001),
+    Kfunc("bpf_ct_release", 0x7FFF0002),
+)
+
+
+class KfuncError(RuntimeError):
+    """The kernel cannot run a kfunc-calling program: no BTF, no kfunc, or refused."""
+
+
+def kfunc_cflags() -> list[str]:
+    """-D flags for bpf/kfuncs.h: placeholders and the running kernel's struct offsets."""
+    try:
+        kernel = btf.vmlinux()
+        for k in KFUNCS:
+            kernel.func_id(k.name)
+        status = kernel.member_offset("nf_conn", "status")
+    except btf.BtfError as exc:
+        raise KfuncError(f"conntrack kfuncs unavailable: {exc}") from exc
+    flags = [f"-DFXDP_KFUNC_{k.name.upper()}={k.placeholder:#x}" for k in KFUNCS]
+    return [*flags, f"-DFXDP_NF_CONN_STATUS_OFF={status}"]
+
+
+def patch_calls(insns: bytes) -> tuple[bytes, dict[str, int]]:
+    """insns with every placeholder call turned into its kfunc call; also how many
+    calls of each kfunc were patched."""
+    if len(insns) % INSN_SIZE:
+        raise KfuncError(f"bytecode of {len(insns)} bytes is not whole instructions")
+    ids = {k.placeholder: (k.name, btf.vmlinux().func_id(k.name)) for k in KFUNCS}
+    out = bytearray(insns)
+    patched: dict[str, int] = {}
+    for pos in range(0, len(out), INSN_SIZE):
+        code, regs, _off, imm = struct.unpack_from("<BBhi", out, pos)
+        src = regs >> 4
+        if code != BPF_JMP_CALL or src != 0 or imm not in ids:
+            continue
+        name, btf_id = ids[imm]
+        struct.pack_into(
+            "<BBhi", out, pos, code, (BPF_PSEUDO_KFUNC_CALL << 4) | (regs & 0xF), 0, btf_id
+        )
+        patched[name] = patched.get(name, 0) + 1
+    return bytes(out), patched
+
+
+class _ProgLoadOpts(ctypes.Structure):
+    # struct bpf_prog_load_opts as libbpf 1.1 has it, up to the log buffer
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("attempts", ctypes.c_int),
+        ("expected_attach_type", ctypes.c_uint32),
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("kern_version", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("attach_btf_obj_fd", ctypes.c_uint32),
+        ("attach_prog_fd", ctypes.c_uint32),
+        ("fd_array", ctypes.c_void_p),
+        ("func_info", ctypes.c_void_p),
+        ("func_info_cnt", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("line_info", ctypes.c_void_p),
+        ("line_info_cnt", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_char_p),
+    ]
+
+
+def load(module, name: str, prog_type: int) -> int:
+    """Load function name of the compiled bcc module with its kfunc calls resolved;
+    returns the program fd (the caller owns it)."""
+    insns, patched = patch_calls(module.dump_func(name.encode()))
+    if not patched:
+        raise KfuncError(f"{name} calls no kfunc: load it with bcc's load_func()")
+    so = libbpf.lib()
+    so.bpf_prog_load.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.POINTER(_ProgLoadOpts),
+    ]
+    log = ctypes.create_string_buffer(LOG_SIZE)
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts))
+    opts.log_level, opts.log_size, opts.log_buf = (
+        LOG_LEVEL_ERRORS,
+        LOG_SIZE,
+        ctypes.cast(log, ctypes.c_char_p),
+    )
+    code = ctypes.create_string_buffer(insns, len(insns))
+    fd = so.bpf_prog_load(
+        prog_type, name[:15].encode(), b"GPL", code, len(insns) // INSN_SIZE, ctypes.byref(opts)
+    )
+    if fd < 0:
+        err = -fd if fd != -1 else ctypes.get_errno()
+        tail = log.value.decode(errors="replace").strip().splitlines()[-8:]
+        raise KfuncError(
+            f"the kernel refused {name} with kfunc calls {sorted(patched)}: "
+            f"{os.strerror(err)}; verifier: {' | '.join(tail)}"
+        )
+    return fd
