@@ -87,6 +87,7 @@ class AgentOptions:
     bpffs: str = defaults.BPFFS_DIR
     ingress_hook: datapath.IngressHook | None = None  # None: chosen by backend, see below
     xdp_mode: str = "auto"
+    udp_fast_path: bool = False  # kernel hook, vxlan: bpf/fastpath.h
     max_subnets: int = defaults.MAX_SUBNETS
     lease_ttl: int = LEASE_TTL
 
@@ -192,6 +193,14 @@ class Agent:
                 f"backend {config.backend.type!r} has no BPF data path "
                 "(flannel-xdp runs vxlan and host-gw)",
             )
+        if opts.udp_fast_path and (
+            config.backend.type != "vxlan" or self.ingress_hook is not datapath.IngressHook.KERNEL
+        ):
+            raise AgentExit(
+                2,
+                "--udp-fast-path is part of the kernel ingress hook of a vxlan network; "
+                f"this node runs {config.backend.type} with the {self.ingress_hook} hook",
+            )
         try:
             self.underlay = underlay = await asyncio.to_thread(
                 find_underlay, opts.ifaces, opts.iface_regex
@@ -257,6 +266,7 @@ class Agent:
             xdp_mode=datapath.attach.XdpMode(self.opts.xdp_mode),
             ingress_hook=self.ingress_hook,
             tunnel_mtu=mtu,
+            udp_fast_path=self.opts.udp_fast_path,
         )
         node = datapath.NodeParams(
             public_ip=public_ip,

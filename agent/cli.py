@@ -12,6 +12,7 @@ from flannel_xdp import defaults
 from flannel_xdp.agent import privileges
 from flannel_xdp.agent.registry import DEFAULT_ENDPOINTS, DEFAULT_PREFIX, TlsFiles, parse_endpoints
 from flannel_xdp.agent.subnet_env import DEFAULT_PATH as DEFAULT_SUBNET_FILE
+from flannel_xdp.loader import kfunc
 from flannel_xdp.loader.bpffs import BpffsError, PinDir
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps.views import SubnetsMap
@@ -83,6 +84,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=[AUTO, *(h.value for h in IngressHook)],
     )
     flag("--xdp-mode", "auto", "XDP attach mode", choices=["auto", "native", "generic"])
+    flag(
+        "--udp-fast-path",
+        False,
+        "kernel hook, vxlan: deliver UDP of flows that conntrack has confirmed un-NATed "
+        "straight from tc to cni0, skipping the inner packet's routing and netfilter pass "
+        "(needs the kernel's conntrack kfuncs; README: UDP fast path)",
+    )
     flag("--max-subnets", defaults.MAX_SUBNETS, "capacity of the remote subnets map", type=int)
 
 
@@ -141,6 +149,7 @@ def options_from(args: argparse.Namespace):
         bpffs=args.bpffs,
         ingress_hook=None if args.ingress_hook == AUTO else IngressHook(args.ingress_hook),
         xdp_mode=args.xdp_mode,
+        udp_fast_path=args.udp_fast_path,
         max_subnets=args.max_subnets,
     )
 
@@ -151,6 +160,11 @@ def preflight(opts) -> str | None:
     and the network config are checked by the agent before it takes a lease."""
     if (problem := privileges.problem()) is not None:
         return problem
+    if opts.udp_fast_path:
+        try:
+            kfunc.kfunc_cflags()
+        except kfunc.KfuncError as exc:
+            return f"--udp-fast-path: {exc}"
     pins = PinDir(opts.bpffs)
     try:
         pins.check()

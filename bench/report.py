@@ -21,6 +21,7 @@ from .variants import (
     DEFAULT_HOOK,
     VARIANTS,
     Variant,
+    fast_path_variant,
     flannel_xdp_variant,
     stock_variant,
 )
@@ -80,7 +81,9 @@ class RatioDef:
     higher_is_better: bool = True
     headline: bool = True  # one of the named ratios
 
-    def variants(self, hook: IngressHook) -> tuple[Variant, Variant]:
+    def variants(self, hook: IngressHook | str) -> tuple[Variant, Variant]:
+        if hook == FAST_PATH:
+            return fast_path_variant(self.backend), stock_variant(self.baseline)
         return flannel_xdp_variant(self.backend, hook), stock_variant(self.baseline)
 
 
@@ -120,14 +123,16 @@ RATIOS: tuple[RatioDef, ...] = (
         False,
     ),
 )
-HOOKS = tuple(IngressHook)
+# The ratio columns: each ingress hook, and the kernel hook with the UDP fast path.
+FAST_PATH = "kernel+fast"
+HOOKS: tuple[IngressHook | str, ...] = (*IngressHook, FAST_PATH)
 BEST_HOOK_RULE = (
     "the hook with the highest geometric mean over the issue's named ratios that every "
     "hook has (latency ratios inverted, so higher is better throughout)"
 )
 
 
-def ratios_for_hook(med: dict, hook: IngressHook) -> dict[str, float]:
+def ratios_for_hook(med: dict, hook: IngressHook | str) -> dict[str, float]:
     out: dict[str, float] = {}
     for r in RATIOS:
         xdp, stock = r.variants(hook)
@@ -311,7 +316,7 @@ def build_results(
     med = medians(raw)
     cost_med = progcost_medians(raw)
     cost = progcost.summarize(raw.progcost_cases, cost_med)
-    by_hook = {h.value: ratios_for_hook(med, h) for h in HOOKS}
+    by_hook = {str(h): ratios_for_hook(med, h) for h in HOOKS}
     default = dict(by_hook.get(DEFAULT_HOOK.value, {}))
     prog = prog_ratios(cost)
     # A hook competes only on the variants of its own that ran: host-gw under the kernel

@@ -46,6 +46,7 @@ class Variant:
     hook: IngressHook | None  # flannel-xdp only
     code: str  # short tag in lab names
     description: str
+    udp_fast_path: bool = False  # kernel hook: bpf/fastpath.h
 
     @property
     def is_xdp(self) -> bool:
@@ -55,10 +56,21 @@ class Variant:
         if self.is_xdp:
             assert self.hook is not None
             return ClusterSpec.uniform(
-                nodes=2, pods=1, backend=self.backend, ingress_hook=self.hook, prefix=prefix
+                nodes=2,
+                pods=1,
+                backend=self.backend,
+                ingress_hook=self.hook,
+                udp_fast_path=self.udp_fast_path,
+                prefix=prefix,
+                ip_masq=True,
             )
         return ClusterSpec.uniform(
-            nodes=2, pods=1, dataplane=Dataplane.FLANNELD, backend=self.backend, prefix=prefix
+            nodes=2,
+            pods=1,
+            dataplane=Dataplane.FLANNELD,
+            backend=self.backend,
+            prefix=prefix,
+            ip_masq=True,
         )
 
     def as_dict(self) -> dict[str, str | None]:
@@ -66,6 +78,7 @@ class Variant:
             "backend": self.backend.value,
             "dataplane": self.dataplane.value,
             "ingress_hook": self.hook.value if self.hook else None,
+            "udp_fast_path": self.udp_fast_path,
             "description": self.description,
         }
 
@@ -103,6 +116,16 @@ VARIANTS: tuple[Variant, ...] = (
         "xvk",
         "flannel-xdp vxlan: encap in tc egress, tc ingress judges, the kernel's vxlan "
         "device (external mode) decapsulates",
+    ),
+    Variant(
+        "xdp-vxlan-fast",
+        NetworkBackend.VXLAN,
+        Dataplane.FLANNEL_XDP,
+        IngressHook.KERNEL,
+        "xvf",
+        "flannel-xdp vxlan, kernel hook with the UDP fast path: conntrack-confirmed, "
+        "un-NATed UDP to a local pod is decapsulated in tc and sent straight to cni0",
+        udp_fast_path=True,
     ),
     Variant(
         "stock-hostgw",
@@ -154,9 +177,17 @@ def flannel_xdp_variant(backend: NetworkBackend, hook: IngressHook) -> Variant:
         # exactly the tc hook's path (the same underlay_tc verdict, tunnel_egress rewrite).
         hook = IngressHook.TC
     for v in VARIANTS:
-        if v.is_xdp and v.backend is backend and v.hook is hook:
+        if v.is_xdp and v.backend is backend and v.hook is hook and not v.udp_fast_path:
             return v
     raise KeyError(f"no flannel-xdp variant for {backend} with hook {hook}")
+
+
+def fast_path_variant(backend: NetworkBackend) -> Variant:
+    """The kernel hook with the UDP fast path; host-gw has none (its kernel-hook twin)."""
+    for v in VARIANTS:
+        if v.udp_fast_path and v.backend is backend:
+            return v
+    return flannel_xdp_variant(backend, IngressHook.KERNEL)
 
 
 def stock_variant(backend: NetworkBackend) -> Variant:

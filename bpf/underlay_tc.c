@@ -28,6 +28,9 @@
 #include "csum.h"
 #include "vxlan.h"
 #include "underlay.h"
+#ifdef FXDP_UDP_FAST_PATH
+#include "fastpath.h"
+#endif
 
 /* Outer headers up to the inner IPv4 header: what classify_underlay() reads. */
 #define UNDERLAY_PARSE_LEN	(VXLAN_ENCAP_LEN + ETH_HLEN + IPV4_HLEN)
@@ -69,6 +72,9 @@ int underlay_tc(struct __sk_buff *skb)
 	}
 #ifdef FXDP_KERNEL_DECAP
 	count_traffic(BACKEND_VXLAN, DIR_DECAP, bytes - VXLAN_ENCAP_LEN);
+#ifdef FXDP_UDP_FAST_PATH
+	return udp_fast_path(skb, cfg, bytes);
+#endif
 	return TC_ACT_OK;
 #endif
 	__builtin_memcpy(inner_src, eth->h_source, ETH_ALEN);

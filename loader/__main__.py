@@ -31,6 +31,7 @@ def parse_request(text: str) -> tuple[datapath.DataPathConfig, datapath.NodePara
         xdp_mode=XdpMode(c["xdp_mode"]),
         ingress_hook=datapath.IngressHook(c["ingress_hook"]),
         tunnel_mtu=c["tunnel_mtu"],
+        udp_fast_path=bool(c.get("udp_fast_path", False)),
     )
     node = datapath.NodeParams(
         public_ip=IPv4Address(n["public_ip"]),

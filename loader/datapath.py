@@ -14,7 +14,7 @@ from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
 
 from flannel_xdp import defaults
-from flannel_xdp.loader import attach, devices
+from flannel_xdp.loader import attach, devices, kfunc
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.maps import libbpf
@@ -95,6 +95,7 @@ class DataPathConfig:
     xdp_mode: attach.XdpMode = attach.XdpMode.AUTO
     ingress_hook: IngressHook = DEFAULT_INGRESS_HOOK
     tunnel_mtu: int | None = None  # default: underlay MTU - VXLAN overhead
+    udp_fast_path: bool = False  # kernel hook: bpf/fastpath.h in underlay_tc
 
 
 @dataclass
@@ -127,20 +128,28 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
         maps_dir=pins.maps,
         max_subnets=cfg.max_subnets,
         kernel_decap=cfg.ingress_hook is IngressHook.KERNEL,
+        udp_fast_path=cfg.udp_fast_path,
     )
     resized = _set_aside_resized_subnets(pins, cfg.max_subnets)
 
     kinds = {"xdp": BPF.XDP, "tc": BPF.SCHED_CLS}
     progs = programs(cfg.ingress_hook)
     modules, fds = [], {}
+    own_fds: list[int] = []  # loaded outside bcc: closed here, not by module.cleanup()
     try:
         for prog in progs:
             module = compile_program(prog.name, params)
             modules.append(module)
-            fds[prog.name] = module.load_func(prog.name.encode(), kinds[prog.hook]).fd
+            if params.udp_fast_path and prog is UNDERLAY_TC:  # calls conntrack's kfuncs
+                fds[prog.name] = kfunc.load(module, prog.name, kinds[prog.hook])
+                own_fds.append(fds[prog.name])
+            else:
+                fds[prog.name] = module.load_func(prog.name.encode(), kinds[prog.hook]).fd
         if resized:
             _copy_subnets(resized, pins.maps)
     except Exception:
+        for fd in own_fds:
+            os.close(fd)
         if resized:
             _put_back_subnets(resized, pins.maps)
         if fresh:
@@ -192,6 +201,8 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     )
     for module in modules:
         module.cleanup()
+    for fd in own_fds:
+        os.close(fd)
     return InstalledDataPath(
         pins=pins, tunnel=tunnel, underlay_ifindex=underlay_ifindex, xdp_mode=mode
     )

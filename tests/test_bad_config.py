@@ -157,6 +157,22 @@ CASES: dict[str, Case] = {
         ("host-gw needs the public IP on ul0 (192.0.2.10), not 198.51.100.7",),
         args=("--public-ip", "198.51.100.7"),
     ),
+    "fast-path-with-host-gw": Case(
+        cfg(Backend_Type="host-gw"),
+        (
+            "--udp-fast-path is part of the kernel ingress hook of a vxlan network; "
+            "this node runs host-gw with the tc hook",
+        ),
+        args=("--udp-fast-path",),
+    ),
+    "fast-path-with-xdp-hook": Case(
+        json.dumps(GOOD),
+        (
+            "--udp-fast-path is part of the kernel ingress hook of a vxlan network; "
+            "this node runs vxlan with the xdp hook",
+        ),
+        args=("--udp-fast-path", "--ingress-hook", "xdp"),
+    ),
     # -- the node: interface, bpffs, capabilities -----------------------------------------
     "iface-missing": Case(
         json.dumps(GOOD),

@@ -33,7 +33,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pyroute2 import IPRoute
 
 from flannel_xdp import defaults, netns
-from flannel_xdp.agent import node_state
+from flannel_xdp.agent import masq, node_state
 from flannel_xdp.lab import flanneld, process
 from flannel_xdp.loader import datapath
 from flannel_xdp.loader.attach import XdpMode
@@ -105,6 +105,10 @@ class ClusterSpec:
     vxlan_port: int = defaults.VXLAN_PORT
     xdp_mode: XdpMode = XdpMode.AUTO
     ingress_hook: datapath.IngressHook = datapath.DEFAULT_INGRESS_HOOK
+    udp_fast_path: bool = False  # kernel hook only (bpf/fastpath.h)
+    # flanneld's --ip-masq and forward rules on every node, as kube-flannel runs it; they
+    # also turn conntrack on in the node netns, as on any Kubernetes node
+    ip_masq: bool = False
     max_subnets: int = defaults.MAX_SUBNETS
     bpffs_root: str = BPFFS_ROOT
 
@@ -553,6 +557,7 @@ class Cluster:
                         xdp_mode=spec.xdp_mode,
                         ingress_hook=spec.ingress_hook,
                         tunnel_mtu=spec.pod_mtu,
+                        udp_fast_path=spec.udp_fast_path,
                     ),
                     datapath.NodeParams(
                         public_ip=node.public_ip,
@@ -574,6 +579,8 @@ class Cluster:
                     vni=spec.vni,
                     port=spec.vxlan_port,
                 )
+            if spec.ip_masq:
+                masq.install(spec.network, node.subnet, ip_masq=True)
 
     def _program_xdp_peers(self, node: Node, peers: list[Peer]) -> None:
         with SubnetsMap(PinDir(node.bpffs).maps) as subnets:

@@ -1,0 +1,166 @@
+"""The UDP fast path (bpf/fastpath.h) on a two-node lab with flanneld's iptables rules
+(so conntrack runs in the node netns, as on any Kubernetes node).
+
+What must hold: UDP of a flow conntrack has confirmed un-NATed skips the stack (counted
+as fast_path, every datagram delivered intact); the reply leg of a Service-DNATed flow
+never does (the stack must undo the DNAT, or the client's connected socket drops the
+replies); TCP never does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from flannel_xdp import netns
+from flannel_xdp.lab import Cluster, ClusterSpec, NetworkBackend, Pod, process
+from flannel_xdp.loader.datapath import IngressHook
+from tests.requirements import require_root_and_bcc
+
+pytestmark = pytest.mark.root
+
+SERVICE_IP, SERVICE_PORT = "198.19.0.53", 53  # a "Service" DNATed on the client's node
+SERVER_PORT = 9000
+DATAGRAMS = 300
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h: root may exceed net.core.rmem_max
+RCVBUF = 8 << 20  # every datagram of a burst fits, whatever the path's speed
+FAST = ("vxlan", "fast_path")
+DECAP = ("vxlan", "decap")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    require_root_and_bcc("ip", "iptables")
+    spec = ClusterSpec.uniform(
+        nodes=2,
+        pods=1,
+        backend=NetworkBackend.VXLAN,
+        ingress_hook=IngressHook.KERNEL,
+        udp_fast_path=True,
+        ip_masq=True,
+    )
+    with Cluster(spec) as c:
+        yield c
+
+
+def packets(cluster: Cluster, node_index: int, before, key) -> int:
+    node = cluster.nodes[node_index]
+    return cluster.counters(node).since(before).traffic.get(key, (0, 0))[0]
+
+
+@contextlib.contextmanager
+def udp_socket(pod: Pod, port: int = 0) -> Iterator[socket.socket]:
+    with netns.entered(pod.netns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with contextlib.closing(s):
+        s.bind((str(pod.ip), port))
+        s.settimeout(3)
+        yield s
+
+
+@contextlib.contextmanager
+def echo_server(pod: Pod) -> Iterator[None]:
+    """Echoes every datagram to SERVER_PORT back to its sender, until the block ends."""
+    with udp_socket(pod, SERVER_PORT) as s:
+        s.settimeout(0.2)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    data, peer = s.recvfrom(2048)
+                except TimeoutError:
+                    continue
+                s.sendto(data, peer)
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+
+
+def exchange(client: Pod, dst: tuple[str, int], count: int) -> list[bytes]:
+    """count request/reply round trips over a connected socket; the replies."""
+    replies = []
+    with udp_socket(client) as s:
+        s.connect(dst)
+        for i in range(count):
+            s.send(b"req %05d " % i + bytes(50))
+            replies.append(s.recv(2048))
+    return replies
+
+
+def test_confirmed_udp_skips_the_stack_and_arrives_intact(cluster):
+    a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    before = cluster.counters(cluster.nodes[1])
+    with udp_socket(b, SERVER_PORT) as server, udp_socket(a) as client:
+        server.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        sent = [b"datagram %05d " % i + bytes(i % 200) for i in range(DATAGRAMS)]
+        for payload in sent:
+            client.sendto(payload, (str(b.ip), SERVER_PORT))
+        got = [server.recv(2048) for _ in range(DATAGRAMS)]
+    assert sorted(got) == sorted(sent)
+    fast, decap = packets(cluster, 1, before, FAST), packets(cluster, 1, before, DECAP)
+    assert decap == DATAGRAMS
+    # the first datagram has no conntrack entry yet: the stack takes it and confirms one
+    assert DATAGRAMS - 5 <= fast < DATAGRAMS, f"fast path {fast} of {DATAGRAMS}"
+
+
+def test_the_reply_leg_of_a_dnated_flow_takes_the_stack(cluster):
+    client_node, server_node = cluster.nodes
+    a, b = client_node.pods[0], server_node.pods[0]
+    match = ["PREROUTING", "-d", SERVICE_IP, "-p", "udp", "--dport", str(SERVICE_PORT)]
+    rule = [*match, "-j", "DNAT", "--to-destination", f"{b.ip}:{SERVER_PORT}"]
+    process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-A", *rule])
+    before = [cluster.counters(n) for n in cluster.nodes]
+    try:
+        with echo_server(b):
+            replies = exchange(a, (SERVICE_IP, SERVICE_PORT), 100)
+    finally:
+        process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
+    # A connected socket takes replies from SERVICE_IP:53 only: un-DNATed by the stack.
+    assert replies == [b"req %05d " % i + bytes(50) for i in range(100)]
+    assert packets(cluster, 0, before[0], DECAP) == 100
+    assert packets(cluster, 0, before[0], FAST) == 0, "a DNATed flow skipped the stack"
+    # The server's node saw a plain flow (the DNAT happened on the client's node).
+    assert packets(cluster, 1, before[1], FAST) >= 95
+
+
+def test_tcp_never_takes_the_fast_path(cluster):
+    a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    before = cluster.counters(cluster.nodes[1])
+    data = bytes(range(256)) * 4096  # 1 MiB
+    with netns.entered(b.netns):
+        srv = socket.socket()
+    with netns.entered(a.netns):
+        cli = socket.socket()
+    with contextlib.closing(srv), contextlib.closing(cli):
+        srv.bind((str(b.ip), SERVER_PORT))
+        srv.listen(1)
+        srv.settimeout(5)
+        cli.settimeout(5)
+        cli.connect((str(b.ip), SERVER_PORT))
+        conn, _ = srv.accept()
+        with contextlib.closing(conn):
+            conn.settimeout(5)
+
+            def send() -> None:
+                cli.sendall(data)
+                cli.shutdown(socket.SHUT_WR)
+
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            got = bytearray()
+            while chunk := conn.recv(1 << 16):
+                got += chunk
+            sender.join(5)
+    assert bytes(got) == data
+    assert packets(cluster, 1, before, DECAP) > 0
+    assert packets(cluster, 1, before, FAST) == 0
