@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel_xdp import defaults
-from flannel_xdp.agent import acquire, health, masq, node_state, subnet_env
+from flannel_xdp.agent import acquire, health, local_pods, masq, node_state, subnet_env
 from flannel_xdp.agent.config import ConfigError, NetworkConfig, check_underlay
 from flannel_xdp.agent.interface import Underlay, find_underlay
 from flannel_xdp.agent.lease import LeaseAttrs
@@ -41,7 +42,7 @@ from flannel_xdp.loader import __main__ as loader_main
 from flannel_xdp.loader import datapath, devices
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.maps.layout import Backend
-from flannel_xdp.maps.views import Peer, SubnetsMap
+from flannel_xdp.maps.views import CapacityError, Peer, SubnetsMap
 from flannel_xdp.metrics.agent import AgentMetrics
 
 log = logging.getLogger(__name__)
@@ -575,6 +576,31 @@ class Agent:
                 )
                 await self._sleep_or_stop(RENEW_RETRY)
 
+    async def _local_pods_loop(self) -> None:
+        """Keep local_pods equal to the pods on cni0 (the UDP fast path's direct delivery;
+        a pod not in it yet is reached through cni0)."""
+        maps_dir = PinDir(self.opts.bpffs).maps
+        failing = False
+        while not self._stop.is_set():
+            try:
+                done = await asyncio.to_thread(local_pods.sync, maps_dir, defaults.CNI_BRIDGE)
+            except (OSError, CapacityError, NetlinkError) as exc:
+                if not failing:
+                    log.warning("local pods: reading %s failed: %s", defaults.CNI_BRIDGE, exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("local pods: reading %s works again", defaults.CNI_BRIDGE)
+                failing = False
+                if done.added or done.changed or done.removed:
+                    log.info(
+                        "local pods: %d added, %d changed, %d removed",
+                        done.added,
+                        done.changed,
+                        done.removed,
+                    )
+            await self._sleep_or_stop(defaults.LOCAL_PODS_INTERVAL_S)
+
     async def _sleep_or_stop(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
@@ -631,6 +657,8 @@ class Agent:
                 asyncio.create_task(self._watch_loop()),
                 asyncio.create_task(self._renew_loop()),
             ]
+            if self.opts.udp_fast_path:
+                tasks.append(asyncio.create_task(self._local_pods_loop()))
             stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
             for t in (*tasks, stop):

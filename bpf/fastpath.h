@@ -13,6 +13,9 @@
  *    and every GSO aggregate;
  *  - the FIB forwards it to an interface with a resolved neighbour: the MACs and
  *    the TTL are set as the kernel's forwarding would set them.
+ * A pod the agent has put in local_pods (its veth end, with the MAC the FIB
+ * answered) gets the packet in its own netns directly (bpf_redirect_peer); any
+ * other goes out through cni0, which delivers it as the bridge does.
  * Everything else returns TC_ACT_OK and the kernel's vxlan device decapsulates.
  * What the fast path does not do: refresh the conntrack entry (a one-way flow's
  * entry expires and its next packet takes the stack, which confirms it again),
@@ -28,6 +31,17 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+
+static __always_inline int same_mac(const __u8 *a, const __u8 *b)
+{
+	int i;
+
+#pragma unroll
+	for (i = 0; i < ETH_ALEN; i++)
+		if (a[i] != b[i])
+			return 0;
+	return 1;
+}
 
 static __always_inline __be32 prefix_mask(__u32 prefixlen)
 {
@@ -46,6 +60,9 @@ static __always_inline int udp_fast_path(struct __sk_buff *skb, const struct nod
 	struct iphdr *ip = data + VXLAN_ENCAP_LEN + ETH_HLEN;
 	struct udphdr *udp = (void *)(ip + 1);
 	struct bpf_fib_lookup fib = {};
+	struct local_pod *pod;
+	__u32 pod_ifindex = 0;
+	__be32 daddr;
 	struct ethhdr *eth;
 	__u64 status;
 	__u16 old_ttl;
@@ -55,7 +72,8 @@ static __always_inline int udp_fast_path(struct __sk_buff *skb, const struct nod
 	if (ip->ihl != IPV4_HLEN / 4 || ip->protocol != IPPROTO_UDP ||
 	    (ip->frag_off & bpf_htons(IP_FRAG_MASK)) || ip->ttl <= 1)
 		return TC_ACT_OK;
-	if ((ip->daddr & prefix_mask(cfg->subnet_prefixlen)) != cfg->subnet_addr)
+	daddr = ip->daddr;
+	if ((daddr & prefix_mask(cfg->subnet_prefixlen)) != cfg->subnet_addr)
 		return TC_ACT_OK;
 
 	status = ct_status_ipv4(skb, ip->saddr, ip->daddr, udp->source, udp->dest, IPPROTO_UDP);
@@ -73,6 +91,9 @@ static __always_inline int udp_fast_path(struct __sk_buff *skb, const struct nod
 	fib.ifindex = cfg->tunnel_ifindex;	/* as if the vxlan device had delivered it */
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return TC_ACT_OK;
+	pod = local_pods.lookup(&daddr);	/* fib.ipv4_dst may now be a gateway */
+	if (pod && same_mac(pod->mac, fib.dmac))
+		pod_ifindex = pod->ifindex;
 
 	if (bpf_skb_adjust_room(skb, -(VXLAN_ENCAP_LEN), BPF_ADJ_ROOM_MAC,
 				BPF_F_ADJ_ROOM_FIXED_GSO)) {
@@ -95,6 +116,8 @@ static __always_inline int udp_fast_path(struct __sk_buff *skb, const struct nod
 	ip->ttl--;
 	ip->check = csum_replace16(ip->check, old_ttl, *(__u16 *)&ip->ttl);
 	count_traffic(BACKEND_VXLAN, DIR_FAST_PATH, skb->len);
+	if (pod_ifindex)
+		return bpf_redirect_peer(pod_ifindex, 0);
 	return bpf_redirect(fib.ifindex, 0);
 }
 

@@ -95,6 +95,15 @@ struct node_config {
 	__u32 tunnel_peer_ifindex;	/* its veth peer: XDP redirects decapped frames here */
 };
 
+/* A pod on this node's cni0, for the UDP fast path's direct delivery (fastpath.h). */
+struct local_pod {
+	__u32 ifindex;			/* its veth end in this netns: a cni0 port */
+	__u8 mac[ETH_ALEN];		/* its MAC, as cni0's neighbour table knows it */
+	__u8 pad[2];
+};
+
+#define FXDP_MAX_LOCAL_PODS 1024
+
 struct counter {
 	__u64 packets;
 	__u64 bytes;
@@ -108,6 +117,8 @@ BPF_TABLE_PINNED("lpm_trie", struct subnet_key, struct remote_subnet, subnets,
 		 FXDP_MAX_SUBNETS, FXDP_MAPS_DIR "/subnets", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("array", __u32, struct node_config, node_config, 1,
 		 FXDP_MAPS_DIR "/node_config");
+BPF_TABLE_PINNED("hash", __be32, struct local_pod, local_pods, FXDP_MAX_LOCAL_PODS,
+		 FXDP_MAPS_DIR "/local_pods");
 BPF_TABLE_PINNED("percpu_array", __u32, struct counter, traffic,
 		 FXDP_TRAFFIC_SLOTS, FXDP_MAPS_DIR "/traffic");
 BPF_TABLE_PINNED("percpu_array", __u32, struct counter, reasons,

@@ -21,6 +21,12 @@ MAX_SUBNETS = 16384
 # frame; checked against bpf/parse.h (VXLAN_ENCAP_LEN) in the tests.
 VXLAN_OVERHEAD = 50
 
+# The bridge flannel's CNI plugin puts pods on (its "bridge" option; cbr0's default).
+CNI_BRIDGE = "cni0"
+
+# How often the agent re-reads cni0's pods for the UDP fast path's direct delivery.
+LOCAL_PODS_INTERVAL_S = 1.0
+
 # Name of the tunnel device (flanneld: flannel.<VNI>) and of its BPF-side peer.
 TUNNEL_DEVICE_FORMAT = "flannel.{vni}"
 TUNNEL_PEER_FORMAT = "fxdp.{vni}"

@@ -114,6 +114,10 @@ class NodeConfig(ctypes.Structure):
     ]
 
 
+class LocalPodEntry(ctypes.Structure):
+    _fields_ = [("ifindex", ctypes.c_uint32), ("mac", MacBytes), ("pad", ctypes.c_uint8 * 2)]
+
+
 class Counter(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
@@ -122,6 +126,7 @@ class Counter(ctypes.Structure):
 MAP_LAYOUTS: dict[str, tuple[type, type]] = {
     "subnets": (SubnetKey, RemoteSubnet),
     "node_config": (ctypes.c_uint32, NodeConfig),
+    "local_pods": (ctypes.c_uint8 * 4, LocalPodEntry),
     "traffic": (ctypes.c_uint32, Counter),
     "reasons": (ctypes.c_uint32, Counter),
 }

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from flannel_xdp.maps import layout, libbpf
-from flannel_xdp.maps.layout import Backend, Counter, NodeConfig, RemoteSubnet, SubnetKey
+from flannel_xdp.maps.layout import (
+    Backend,
+    Counter,
+    LocalPodEntry,
+    MacBytes,
+    NodeConfig,
+    RemoteSubnet,
+    SubnetKey,
+)
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +229,48 @@ class SubnetsMap(PinnedMap):
                 raise
             for k in keys:
                 libbpf.delete(self.fd, k)
+
+
+@dataclass(frozen=True)
+class LocalPod:
+    """A pod on cni0: its address, its veth end in the node netns, its MAC."""
+
+    ip: IPv4Address
+    ifindex: int
+    mac: str
+
+
+class LocalPodsMap(PinnedMap):
+    """The pods the UDP fast path may deliver to directly (bpf/fastpath.h)."""
+
+    name = "local_pods"
+
+    def pods(self) -> dict[IPv4Address, LocalPod]:
+        out: dict[IPv4Address, LocalPod] = {}
+        for key in self.iter_keys():
+            value = LocalPodEntry()
+            if libbpf.lookup(self.fd, key, value):
+                ip = IPv4Address(bytes(key))
+                out[ip] = LocalPod(ip, value.ifindex, format_mac(value.mac))
+        return out
+
+    def apply(self, desired: Iterable[LocalPod]) -> ApplyResult:
+        """Make the map hold exactly desired (a node's few pods: one call per change)."""
+        want = {p.ip: p for p in desired}
+        if len(want) > self.max_entries:
+            raise CapacityError(
+                f"{len(want)} pods do not fit {self.path} (max_entries {self.max_entries})"
+            )
+        have = self.pods()
+        upserts = [p for ip, p in want.items() if have.get(ip) != p]
+        for p in upserts:
+            value = LocalPodEntry(ifindex=p.ifindex, mac=MacBytes(*parse_mac(p.mac)))
+            libbpf.update(self.fd, (ctypes.c_uint8 * 4)(*p.ip.packed), value)
+        removals = [ip for ip in have if ip not in want]
+        for ip in removals:
+            libbpf.delete(self.fd, (ctypes.c_uint8 * 4)(*ip.packed))
+        added = sum(1 for p in upserts if p.ip not in have)
+        return ApplyResult(added=added, changed=len(upserts) - added, removed=len(removals))
 
 
 class NodeConfigMap(PinnedMap):

@@ -2,9 +2,10 @@
 (so conntrack runs in the node netns, as on any Kubernetes node).
 
 What must hold: UDP of a flow conntrack has confirmed un-NATed skips the stack (counted
-as fast_path, every datagram delivered intact); the reply leg of a Service-DNATed flow
-never does (the stack must undo the DNAT, or the client's connected socket drops the
-replies); TCP never does.
+as fast_path, every datagram delivered intact), straight into the pod's netns when
+local_pods knows the pod, through cni0 when it does not; the reply leg of a
+Service-DNATed flow never does (the stack must undo the DNAT, or the client's connected
+socket drops the replies); TCP never does.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from pyroute2 import IPRoute
 
-from flannel_xdp import netns
-from flannel_xdp.lab import Cluster, ClusterSpec, NetworkBackend, Pod, process
+from flannel_xdp import defaults, netns
+from flannel_xdp.agent import local_pods
+from flannel_xdp.lab import Cluster, ClusterSpec, NetworkBackend, Node, Pod, process
+from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
+from flannel_xdp.maps.views import LocalPodsMap
 from tests.requirements import require_root_and_bcc
 
 pytestmark = pytest.mark.root
@@ -97,9 +102,32 @@ def exchange(client: Pod, dst: tuple[str, int], count: int) -> list[bytes]:
     return replies
 
 
-def test_confirmed_udp_skips_the_stack_and_arrives_intact(cluster):
-    a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
-    before = cluster.counters(cluster.nodes[1])
+def veth_tx_packets(cluster, pod: Pod) -> int:
+    """Packets the pod's veth end in its node sent into the pod (bpf_redirect_peer skips
+    it; the bridge sends through it). cluster: a lab Cluster or AgentCluster."""
+    node = cluster.nodes[pod.node]
+    with netns.entered(node.netns), open("/proc/thread-self/net/dev") as f:
+        for line in f:
+            name, _, fields = line.partition(":")
+            if name.strip() == pod.host_veth:
+                return int(fields.split()[9])
+    raise LookupError(f"no {pod.host_veth} in {node.netns}")
+
+
+@contextlib.contextmanager
+def local_pods_emptied(cluster: Cluster, node: Node) -> Iterator[None]:
+    with LocalPodsMap(PinDir(node.bpffs).maps) as m:
+        held = list(m.pods().values())
+        m.apply([])
+    try:
+        yield
+    finally:
+        with LocalPodsMap(PinDir(node.bpffs).maps) as m:
+            m.apply(held)
+
+
+def send_and_receive(a: Pod, b: Pod) -> None:
+    """DATAGRAMS datagrams from a to b; all must arrive, byte for byte."""
     with udp_socket(b, SERVER_PORT) as server, udp_socket(a) as client:
         server.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
         sent = [b"datagram %05d " % i + bytes(i % 200) for i in range(DATAGRAMS)]
@@ -107,10 +135,27 @@ def test_confirmed_udp_skips_the_stack_and_arrives_intact(cluster):
             client.sendto(payload, (str(b.ip), SERVER_PORT))
         got = [server.recv(2048) for _ in range(DATAGRAMS)]
     assert sorted(got) == sorted(sent)
+
+
+def test_confirmed_udp_skips_the_stack_into_the_pods_netns(cluster):
+    a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    before, veth_before = cluster.counters(cluster.nodes[1]), veth_tx_packets(cluster, b)
+    send_and_receive(a, b)
     fast, decap = packets(cluster, 1, before, FAST), packets(cluster, 1, before, DECAP)
     assert decap == DATAGRAMS
     # the first datagram has no conntrack entry yet: the stack takes it and confirms one
     assert DATAGRAMS - 5 <= fast < DATAGRAMS, f"fast path {fast} of {DATAGRAMS}"
+    # only what the stack delivered crossed the pod's veth end (and maybe an ARP probe)
+    assert veth_tx_packets(cluster, b) - veth_before <= DATAGRAMS - fast + 2
+
+
+def test_a_pod_local_pods_does_not_know_is_reached_through_cni0(cluster):
+    a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    with local_pods_emptied(cluster, cluster.nodes[1]):
+        before, veth_before = cluster.counters(cluster.nodes[1]), veth_tx_packets(cluster, b)
+        send_and_receive(a, b)
+        assert packets(cluster, 1, before, FAST) >= DATAGRAMS - 5
+        assert veth_tx_packets(cluster, b) - veth_before >= DATAGRAMS
 
 
 def test_the_reply_leg_of_a_dnated_flow_takes_the_stack(cluster):
@@ -164,3 +209,23 @@ def test_tcp_never_takes_the_fast_path(cluster):
     assert bytes(got) == data
     assert packets(cluster, 1, before, DECAP) > 0
     assert packets(cluster, 1, before, FAST) == 0
+
+
+def test_the_agents_cni0_scan_finds_the_pods_that_talked(cluster):
+    """agent/local_pods.scan() reads cni0's neighbours and forwarding database: a pod
+    appears once the node has resolved it and the bridge has learned its MAC; a port
+    with a qdisc of its own (the CNI bandwidth plugin's tbf) is left to the bridge."""
+    a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    node = cluster.nodes[1]
+    send_and_receive(a, b)
+    with LocalPodsMap(PinDir(node.bpffs).maps) as m:
+        want = m.pods()[b.ip]  # what the lab programmed: the pod's veth end and MAC
+    with netns.entered(node.netns), IPRoute() as ipr:
+        assert local_pods.scan(ipr, defaults.CNI_BRIDGE) == [want]
+    tbf = ["tc", "qdisc", "add", "dev", b.host_veth, "root", "tbf"]
+    process.run(node.netns, [*tbf, "rate", "1gbit", "burst", "64kb", "latency", "10ms"])
+    try:
+        with netns.entered(node.netns), IPRoute() as ipr:
+            assert local_pods.scan(ipr, defaults.CNI_BRIDGE) == []
+    finally:
+        process.run(node.netns, ["tc", "qdisc", "del", "dev", b.host_veth, "root"])

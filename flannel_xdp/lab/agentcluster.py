@@ -105,6 +105,7 @@ class AgentClusterSpec:
     direct_routing: bool = False
     stock: int = 0
     ingress_hook: datapath.IngressHook = datapath.DEFAULT_INGRESS_HOOK
+    udp_fast_path: bool = False
     ip_masq: bool = True
     outside: bool = True
     network: IPv4Network = DEFAULT_NETWORK
@@ -490,6 +491,7 @@ class AgentCluster:
                 healthz_port=self.spec.healthz_port,
                 metrics_port=self.spec.metrics_port,
                 xdp_mode=self.spec.xdp_mode,
+                udp_fast_path=self.spec.udp_fast_path,
             )
         return agents.stock_argv(
             endpoint=self.etcd.endpoint,

@@ -43,6 +43,7 @@ def agent_argv(
     metrics_port: int = METRICS_PORT,
     iface: str = "eth0",
     xdp_mode: str = "auto",
+    udp_fast_path: bool = False,
 ) -> list[str]:
     argv = [
         sys.executable, "-m", "flannel_xdp.cli", "agent",
@@ -56,6 +57,8 @@ def agent_argv(
         "--healthz-port", str(healthz_port),
         "--metrics-port", str(metrics_port),
     ]  # fmt: skip
+    if udp_fast_path:
+        argv.append("--udp-fast-path")
     return [*argv, "--ip-masq"] if ip_masq else argv
 
 

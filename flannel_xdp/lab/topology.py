@@ -39,7 +39,14 @@ from flannel_xdp.loader import datapath
 from flannel_xdp.loader.attach import XdpMode
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.maps.layout import Backend
-from flannel_xdp.maps.views import Peer, ReasonsMap, SubnetsMap, TrafficMap
+from flannel_xdp.maps.views import (
+    LocalPod,
+    LocalPodsMap,
+    Peer,
+    ReasonsMap,
+    SubnetsMap,
+    TrafficMap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +57,7 @@ DEFAULT_SUBNET_LEN = 24
 DEFAULT_MTU = 1500
 UNDERLAY_IFNAME = "eth0"
 SWITCH_BRIDGE = "br0"
-CNI_BRIDGE = "cni0"
+CNI_BRIDGE = defaults.CNI_BRIDGE
 POD_IFNAME = "eth0"
 BPFFS_ROOT = "/sys/fs/bpf"
 # Loose reverse-path filtering, the systemd default on most distributions, set
@@ -581,6 +588,20 @@ class Cluster:
                 )
             if spec.ip_masq:
                 masq.install(spec.network, node.subnet, ip_masq=True)
+        if node.dataplane is Dataplane.FLANNEL_XDP and spec.udp_fast_path:
+            self._program_local_pods(node)
+
+    def _program_local_pods(self, node: Node) -> None:
+        """What the agent's cni0 scan (agent/local_pods.py) finds once the pods have
+        talked; the lab knows it from the start."""
+        pods = []
+        for pod in node.pods:
+            with _iproute(pod.netns) as ipr:
+                mac = ipr.get_links(_index(ipr, POD_IFNAME))[0].get_attr("IFLA_ADDRESS")
+            with _iproute(node.netns) as ipr:
+                pods.append(LocalPod(pod.ip, _index(ipr, pod.host_veth), mac))
+        with LocalPodsMap(PinDir(node.bpffs).maps) as local_pods:
+            local_pods.apply(pods)
 
     def _program_xdp_peers(self, node: Node, peers: list[Peer]) -> None:
         with SubnetsMap(PinDir(node.bpffs).maps) as subnets:
