@@ -51,6 +51,7 @@ from .workloads import UDP_PAYLOAD, udp_counters
 
 BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 RX_PORT = 9000
+RX_SPORT = 40000  # the injected flow's source port
 # Larger batches overflow the tunnel veth's 256-frame XDP ring with the XDP hook: its
 # NAPI runs deferred (ksoftirqd on the injecting CPU), so frames beyond the ring are
 # dropped at redirect time (batch 64: about half were lost). 16 lets every variant
@@ -79,7 +80,7 @@ def rx_frame(bed: Bed) -> bytes:
     inner_ip = frames.udp(
         str(bed.sender.ip),
         str(bed.receiver.ip),
-        40000,
+        RX_SPORT,
         RX_PORT,
         frames.payload_bytes(UDP_PAYLOAD),
     )
@@ -118,7 +119,7 @@ def pod_frame(bed: Bed) -> bytes:
     with netns.entered(bed.sender_node.netns), IPRoute() as ipr:
         cni_mac = ipr.get_links(ipr.link_lookup(ifname=CNI_BRIDGE)[0])[0].get_attr("IFLA_ADDRESS")
     inner_ip = frames.udp(
-        str(pod.ip), str(bed.receiver.ip), 40000, RX_PORT, frames.payload_bytes(UDP_PAYLOAD)
+        str(pod.ip), str(bed.receiver.ip), RX_SPORT, RX_PORT, frames.payload_bytes(UDP_PAYLOAD)
     )
     return frames.ethernet(cni_mac, pod_mac, inner_ip)
 

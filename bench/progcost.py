@@ -26,12 +26,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flannel_xdp import netns
 from flannel_xdp.lab import NetworkBackend, Node
+from flannel_xdp.loader import kfunc
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.loader.datapath import UNDERLAY_TC, UNDERLAY_XDP
@@ -39,7 +41,7 @@ from flannel_xdp.maps import libbpf
 
 from . import frames
 from .bpfprogs import EmptyPrograms
-from .livepps import rx_frame
+from .livepps import RX_PORT, RX_SPORT, rx_frame
 from .variants import DEFAULT_HOOK, Bed
 
 XDP_PASS, XDP_REDIRECT = 2, 4
@@ -47,6 +49,7 @@ TC_ACT_OK, TC_ACT_REDIRECT = 0, 7
 SINGLE, REPEAT = "single", "repeat"
 FLOOR = "empty_xdp"
 KERNEL_JUDGE = "underlay_tc_kernel"  # underlay_tc as the kernel hook builds it
+FAST_PATH_BUILD = "underlay_tc_fast"  # ... and with the UDP fast path
 TRIM = 0.05
 
 
@@ -61,6 +64,8 @@ class CostCase:
     methods: tuple[str, ...]
     typical: bool = False  # the program's typical packet: its prog_ns_vs_empty entry
     description: str = ""
+    # run before each repetition: state the packet needs (a conntrack entry)
+    prepare: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def headline_method(self) -> str:
@@ -103,9 +108,19 @@ class Programs:
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _fds: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def fd(self, node: Node, name: str, hook: str, *, kernel_decap: bool | None = None) -> int:
-        """kernel_decap (underlay_tc only): compile that build of it, whichever is pinned."""
-        key = (node.netns, f"{name}+kernel" if kernel_decap else name)
+    def fd(
+        self,
+        node: Node,
+        name: str,
+        hook: str,
+        *,
+        kernel_decap: bool | None = None,
+        udp_fast_path: bool = False,
+    ) -> int:
+        """kernel_decap, udp_fast_path (underlay_tc only): compile that build of it,
+        whichever is pinned."""
+        build = "+fast" if udp_fast_path else "+kernel" if kernel_decap else ""
+        key = (node.netns, name + build)
         if key in self._fds:
             return self._fds[key]
         pins = PinDir(node.bpffs)
@@ -115,10 +130,19 @@ class Programs:
         else:  # the other hook's ingress program, against the same pinned maps
             from bcc import BPF
 
-            params = BuildParams(maps_dir=pins.maps, kernel_decap=bool(kernel_decap))
+            params = BuildParams(
+                maps_dir=pins.maps,
+                kernel_decap=bool(kernel_decap) or udp_fast_path,
+                udp_fast_path=udp_fast_path,
+            )
             module = compile_program(name, params)
             self.stack.callback(module.cleanup)
-            fd = module.load_func(name.encode(), BPF.XDP if hook == "xdp" else BPF.SCHED_CLS).fd
+            kind = BPF.XDP if hook == "xdp" else BPF.SCHED_CLS
+            if udp_fast_path:
+                fd = kfunc.load(module, name, kind)
+                self.stack.callback(os.close, fd)
+            else:
+                fd = module.load_func(name.encode(), kind).fd
         self._fds[key] = fd
         return fd
 
@@ -162,6 +186,23 @@ def _udp64(bed: Bed, ttl: int) -> bytes:
     return frames.udp(str(bed.sender.ip), str(bed.receiver.ip), 40000, 9000, payload, ttl=ttl)
 
 
+def confirm_rx_flow(bed: Bed) -> None:
+    """One real datagram of rx_frame()'s flow, so that the receiver node's conntrack has
+    the confirmed entry the fast path asks for (a UDP entry lives 30 s unreplied)."""
+    sender, receiver = bed.sender, bed.receiver
+    with netns.entered(receiver.netns):
+        rx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with netns.entered(sender.netns):
+        tx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with contextlib.closing(rx_sock), contextlib.closing(tx_sock):
+        rx_sock.bind((str(receiver.ip), RX_PORT))
+        rx_sock.settimeout(2)
+        tx_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tx_sock.bind((str(sender.ip), RX_SPORT))
+        tx_sock.sendto(b"confirm", (str(receiver.ip), RX_PORT))
+        rx_sock.recv(64)
+
+
 def _case(
     name: str,
     node_ns: str,
@@ -172,10 +213,13 @@ def _case(
     *,
     repeat_ok: bool = False,
     typical: bool = False,
+    prepare: Callable[[], None] | None = None,
 ) -> CostCase:
     methods = (SINGLE, REPEAT) if repeat_ok else (SINGLE,)
     program = name.split("/", 1)[0]
-    return CostCase(name, program, node_ns, fd, frame, expect, methods, typical, description)
+    return CostCase(
+        name, program, node_ns, fd, frame, expect, methods, typical, description, prepare
+    )
 
 
 def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> list[CostCase]:
@@ -229,6 +273,16 @@ def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> li
             _case("tunnel_egress/vxlan_encap_tcp_full", tx.netns, egress, encap_tcp,
                   TC_ACT_REDIRECT, "full-size TCP segment: encap, FIB lookup, redirect"),
         ]  # fmt: skip
+    fast = next((b for b in beds if b.variant.udp_fast_path), None)
+    if fast is not None:
+        prog = programs.fd(fast.receiver_node, UNDERLAY_TC.name, "tc", udp_fast_path=True)
+        cases.append(
+            _case(f"{FAST_PATH_BUILD}/vxlan_fast_udp64", fast.receiver_node.netns, prog,
+                  rx_frame(fast), TC_ACT_REDIRECT, "kernel hook with the UDP fast path: "
+                  "VXLAN, inner UDP 64 B of a conntrack-confirmed flow to a local pod: judged, "
+                  "conntrack and FIB lookups, decap, redirect into the pod's netns",
+                  typical=True, prepare=lambda: confirm_rx_flow(fast))
+        )  # fmt: skip
     if hg is not None:
         rx, tx = hg.receiver_node, hg.sender_node
         egress = programs.fd(tx, "tunnel_egress", "tc")
@@ -255,6 +309,8 @@ def run_case(case: CostCase, method: str, calls: int, repeat: int) -> dict:
         def measure() -> dict:
             return measure_repeat(case, repeat)
 
+    if case.prepare is not None:
+        case.prepare()
     try:
         result = measure()
     except libbpf.BpfError as exc:

@@ -9,7 +9,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flannel_xdp.loader.bpffs import PinDir
-from flannel_xdp.maps.views import NodeConfigMap, ReasonsMap, SubnetsMap, TrafficMap
+from flannel_xdp.maps.views import (
+    LocalPodsMap,
+    NodeConfigMap,
+    ReasonsMap,
+    SubnetsMap,
+    TrafficMap,
+)
 
 
 class InspectError(RuntimeError):
@@ -24,6 +30,7 @@ class Report:
     programs: list[dict[str, Any]]
     traffic: list[dict[str, Any]] = field(default_factory=list)
     reasons: list[dict[str, Any]] = field(default_factory=list)
+    local_pods: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _bpftool(*args: str) -> Any:
@@ -54,6 +61,13 @@ def collect(bpffs: str) -> Report:
             for (b, r), (p, n) in m.by_label().items()
             if p
         ]
+    local_pods = []
+    if os.path.exists(os.path.join(pins.maps, LocalPodsMap.name)):  # pins made before it had none
+        with LocalPodsMap(pins.maps) as m:
+            local_pods = [
+                {"ip": str(p.ip), "ifindex": p.ifindex, "mac": p.mac}
+                for p in sorted(m.pods().values(), key=lambda p: p.ip)
+            ]
     programs = []
     for name in sorted(os.listdir(pins.progs)) if os.path.isdir(pins.progs) else []:
         info = _bpftool("prog", "show", "pinned", os.path.join(pins.progs, name))
@@ -84,6 +98,7 @@ def collect(bpffs: str) -> Report:
         programs=programs,
         traffic=traffic,
         reasons=reasons,
+        local_pods=local_pods,
     )
 
 
@@ -107,9 +122,12 @@ def render(r: Report) -> str:
     lines += [f"  {p['pin']:<16} id {p['id']}  {p['name'] or p['error']}" for p in r.programs]
     lines += ["", "traffic:"]
     lines += [
-        f"  {t['backend']:<8} {t['direction']:<8} {t['packets']:>12} pkts {t['bytes']:>15} B"
+        f"  {t['backend']:<8} {t['direction']:<9} {t['packets']:>12} pkts {t['bytes']:>15} B"
         for t in r.traffic
     ] or ["  none yet"]
+    if r.local_pods:
+        lines += ["", "local pods (UDP fast path: delivered into their netns directly):"]
+        lines += [f"  {p['ip']:<16} ifindex {p['ifindex']:<6} {p['mac']}" for p in r.local_pods]
     lines += ["", "left the fast path (pass = to the stack, drop = dropped):"]
     lines += [
         f"  {x['reason'].lower():<28} {x['packets']:>12} pkts  ({x['backend']})" for x in r.reasons

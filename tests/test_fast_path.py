@@ -11,7 +11,10 @@ socket drops the replies); TCP never does.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -229,3 +232,15 @@ def test_the_agents_cni0_scan_finds_the_pods_that_talked(cluster):
             assert local_pods.scan(ipr, defaults.CNI_BRIDGE) == []
     finally:
         process.run(node.netns, ["tc", "qdisc", "del", "dev", b.host_veth, "root"])
+
+
+def test_inspect_lists_the_local_pods(cluster):
+    node, b = cluster.nodes[1], cluster.nodes[1].pods[0]
+    argv = [sys.executable, "-m", "flannel_xdp.cli", "inspect", "--bpffs", node.bpffs]
+    report = json.loads(subprocess.run([*argv, "--json"], capture_output=True, text=True,
+                                       check=True).stdout)  # fmt: skip
+    with LocalPodsMap(PinDir(node.bpffs).maps) as m:
+        pod = m.pods()[b.ip]
+    assert report["local_pods"] == [{"ip": str(b.ip), "ifindex": pod.ifindex, "mac": pod.mac}]
+    text = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    assert f"  {b.ip}" in text.split("local pods (UDP fast path", 1)[1]

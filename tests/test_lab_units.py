@@ -186,6 +186,21 @@ def test_demo_spec_from_arguments():
         direct_routing=False,
         stock=1,
         ingress_hook="tc",
+        udp_fast_path=False,
     )
     spec = demo.build_spec(args)
     assert spec.detach and spec.stock == 1 and spec.ingress_hook is IngressHook.TC
+    assert not spec.udp_fast_path
+
+
+@pytest.mark.parametrize(
+    ("backend", "hook"),
+    [(NetworkBackend.HOST_GW, IngressHook.KERNEL), (NetworkBackend.VXLAN, IngressHook.XDP)],
+)
+def test_the_udp_fast_path_needs_vxlan_and_the_kernel_hook(backend, hook):
+    spec = AgentClusterSpec(name="unit", backend=backend, ingress_hook=hook, udp_fast_path=True)
+    with pytest.raises(LabError, match="--udp-fast-path needs a vxlan network"):
+        spec.validate()
+    AgentClusterSpec(name="unit", ingress_hook=IngressHook.KERNEL, udp_fast_path=True).validate()
+    args = cli.build_parser().parse_args(["lab", "up", "--udp-fast-path"])
+    assert args.udp_fast_path is True

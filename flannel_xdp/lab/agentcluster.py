@@ -130,6 +130,11 @@ class AgentClusterSpec:
             raise LabError(f"--stock {self.stock}: more stock nodes than nodes ({self.nodes})")
         if self.direct_routing and self.backend is not NetworkBackend.VXLAN:
             raise LabError("DirectRouting is a vxlan option")
+        if self.udp_fast_path and (
+            self.backend is not NetworkBackend.VXLAN
+            or self.ingress_hook is not datapath.IngressHook.KERNEL
+        ):
+            raise LabError("--udp-fast-path needs a vxlan network and the kernel ingress hook")
 
     def net_conf(self) -> dict:
         """flannel's network config (net-conf.json), as put at <prefix>/config."""

@@ -59,6 +59,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         direct_routing=args.direct_routing,
         stock=args.stock,
         ingress_hook=IngressHook(args.ingress_hook),
+        udp_fast_path=args.udp_fast_path,
         ip_masq=args.ip_masq,
         detach=True,
     )

@@ -285,6 +285,7 @@ def build_spec(args: argparse.Namespace) -> AgentClusterSpec:
         direct_routing=args.direct_routing,
         stock=args.stock,
         ingress_hook=IngressHook(args.ingress_hook),
+        udp_fast_path=args.udp_fast_path,
         detach=True,  # --keep leaves it running after this process
     )
 

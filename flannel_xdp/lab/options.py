@@ -41,6 +41,11 @@ def _cluster_shape(p: argparse.ArgumentParser) -> None:
         default=defaults.INGRESS_HOOK,
         help="where the agents judge and decapsulate VXLAN (%(default)s)",
     )
+    p.add_argument(
+        "--udp-fast-path",
+        action="store_true",
+        help="agents run with --udp-fast-path (vxlan, kernel hook)",
+    )
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
