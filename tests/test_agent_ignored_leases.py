@@ -15,12 +15,12 @@ from ipaddress import IPv4Address
 import pytest
 
 from tests.etcd_support import etcd_cluster
-from tests.node_support import made_on_node, new_bpffs, node_netns, teardown_node
+from tests.node_support import node_netns
 from tests.requirements import require_root_and_bcc
 from tests.test_agent_limits import (
-    CONFIG,
     METRICS,
     AgentRun,
+    agent_run_on,
     put_lease,
     subnet,
     wait_programmed,
@@ -52,20 +52,8 @@ def node() -> Iterator[str]:
 
 @pytest.fixture
 def agent_run(etcd, node, tmp_path) -> Iterator[AgentRun]:
-    run = AgentRun(
-        node, etcd, etcd.new_prefix(), new_bpffs(), str(tmp_path / "subnet.env"),
-        str(tmp_path / "agent.log"),
-    )  # fmt: skip
-    etcd.put(f"{run.prefix}/config", json.dumps(CONFIG))
-    try:
+    with agent_run_on(etcd, node, tmp_path) as run:
         yield run
-    finally:
-        if run.proc is not None and run.proc.poll() is None:
-            run.proc.kill()
-            run.proc.wait()
-        teardown_node(node, run.bpffs, run.subnet_file, etcd, run.prefix)
-        left = made_on_node(node, run.bpffs, run.subnet_file, etcd, run.prefix)
-        assert left == [], f"left behind: {left}"
 
 
 def put_refused_lease(run: AgentRun, i: int, vni: int = 1) -> None:

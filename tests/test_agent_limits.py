@@ -16,6 +16,7 @@ below what the pinned map holds is refused (exit 2), leaving the data path as it
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -206,8 +207,10 @@ def wait_programmed(run: AgentRun, want: dict[IPv4Network, Peer], what: str) -> 
     wait_until(lambda: run.map() == want and run.routes() == set(want), what)
 
 
-@pytest.fixture
-def agent_run(etcd, node, tmp_path) -> Iterator[AgentRun]:
+@contextlib.contextmanager
+def agent_run_on(etcd: EtcdCluster, node: str, tmp_path) -> Iterator[AgentRun]:
+    """An AgentRun on node with CONFIG at a fresh etcd prefix (start it with run.start());
+    killed afterwards, and everything it made checked gone."""
     run = AgentRun(
         node, etcd, etcd.new_prefix(), new_bpffs(), str(tmp_path / "subnet.env"),
         str(tmp_path / "agent.log"),
@@ -222,6 +225,12 @@ def agent_run(etcd, node, tmp_path) -> Iterator[AgentRun]:
         teardown_node(node, run.bpffs, run.subnet_file, etcd, run.prefix)
         left = made_on_node(node, run.bpffs, run.subnet_file, etcd, run.prefix)
         assert left == [], f"left behind: {left}"
+
+
+@pytest.fixture
+def agent_run(etcd, node, tmp_path) -> Iterator[AgentRun]:
+    with agent_run_on(etcd, node, tmp_path) as run:
+        yield run
 
 
 def test_more_peers_than_the_map_holds(agent_run: AgentRun):
