@@ -88,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--udp-fast-path",
         False,
         "kernel hook, vxlan: deliver UDP of flows that conntrack has confirmed un-NATed "
-        "straight from tc to cni0, skipping the inner packet's routing and netfilter pass "
+        "from tc straight to the pod, skipping the inner packet's routing and netfilter pass "
         "(needs the kernel's conntrack kfuncs; README: UDP fast path)",
     )
     flag("--max-subnets", defaults.MAX_SUBNETS, "capacity of the remote subnets map", type=int)

@@ -124,7 +124,7 @@ VARIANTS: tuple[Variant, ...] = (
         IngressHook.KERNEL,
         "xvf",
         "flannel-xdp vxlan, kernel hook with the UDP fast path: conntrack-confirmed, "
-        "un-NATed UDP to a local pod is decapsulated in tc and sent straight to cni0",
+        "un-NATed UDP to a local pod is decapsulated in tc and delivered into its netns",
         udp_fast_path=True,
     ),
     Variant(

@@ -32,8 +32,9 @@ enum direction {
 	DIR_DECAP = 1,		/* vxlan: stripped outer headers, handed to the tunnel device */
 	DIR_FORWARD = 2,	/* host-gw: rewritten to the next hop, sent to the underlay */
 	DIR_DELIVER = 3,	/* host-gw: from a peer to a local pod, left to the stack */
-	DIR_FAST_PATH = 4,	/* vxlan, kernel hook: decapsulated and sent straight to cni0
-				 * (UDP, conntrack-confirmed, not NATed: fastpath.h); also in DECAP */
+	DIR_FAST_PATH = 4,	/* vxlan, kernel hook: decapsulated and delivered to the pod
+				 * from tc, into its netns or through cni0 (UDP,
+				 * conntrack-confirmed, not NATed: fastpath.h); also in DECAP */
 	DIR_MAX
 };
 

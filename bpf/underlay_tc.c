@@ -18,6 +18,9 @@
  * the kernel's vxlan device in external mode, strips the outer headers with
  * its GRO cells, which leaves clean aggregates. What it refuses never reaches
  * that device, so anti-spoofing is the same as with the BPF decap.
+ *
+ * Built also with FXDP_UDP_FAST_PATH, it delivers single UDP datagrams of
+ * conntrack-confirmed, un-NATed flows to local pods itself (fastpath.h).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
