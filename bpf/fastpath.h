@@ -26,27 +26,9 @@
 #ifndef FXDP_FASTPATH_H
 #define FXDP_FASTPATH_H
 
+#include "parse.h"
+#include "underlay.h"
 #include "kfuncs.h"
-
-#ifndef AF_INET
-#define AF_INET 2
-#endif
-
-static __always_inline int same_mac(const __u8 *a, const __u8 *b)
-{
-	int i;
-
-#pragma unroll
-	for (i = 0; i < ETH_ALEN; i++)
-		if (a[i] != b[i])
-			return 0;
-	return 1;
-}
-
-static __always_inline __be32 prefix_mask(__u32 prefixlen)
-{
-	return prefixlen ? bpf_htonl(~0U << (32 - (prefixlen & 31))) : 0;
-}
 
 /*
  * Returns TC_ACT_REDIRECT (delivered, counted), TC_ACT_SHOT (counted) or
@@ -73,7 +55,7 @@ static __always_inline int udp_fast_path(struct __sk_buff *skb, const struct nod
 	    (ip->frag_off & bpf_htons(IP_FRAG_MASK)) || ip->ttl <= 1)
 		return TC_ACT_OK;
 	daddr = ip->daddr;
-	if ((daddr & prefix_mask(cfg->subnet_prefixlen)) != cfg->subnet_addr)
+	if (!in_own_subnet(cfg, daddr))
 		return TC_ACT_OK;
 
 	status = ct_status_ipv4(skb, ip->saddr, ip->daddr, udp->source, udp->dest, IPPROTO_UDP);
@@ -92,7 +74,7 @@ static __always_inline int udp_fast_path(struct __sk_buff *skb, const struct nod
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return TC_ACT_OK;
 	pod = local_pods.lookup(&daddr);	/* fib.ipv4_dst may now be a gateway */
-	if (pod && same_mac(pod->mac, fib.dmac))
+	if (pod && mac_equal(pod->mac, fib.dmac))
 		pod_ifindex = pod->ifindex;
 
 	if (bpf_skb_adjust_room(skb, -(VXLAN_ENCAP_LEN), BPF_ADJ_ROOM_MAC,

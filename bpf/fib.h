@@ -15,10 +15,6 @@
 #define fxdp_redirect_neigh \
 	((long (*)(__u32 ifindex, void *params, int plen, __u64 flags))BPF_FUNC_redirect_neigh)
 
-#ifndef AF_INET
-#define AF_INET 2
-#endif
-
 /*
  * bpf_fib_lookup() is half of tunnel_egress's cost per packet, and it answers
  * the same for every packet to one peer. Each CPU keeps its last successful

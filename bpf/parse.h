@@ -17,6 +17,9 @@
 #define IP_FRAG_MASK	0x3fff			/* MF flag and fragment offset */
 #define IP_DF		0x4000
 #define IPV4_IHL_BYTES_MASK	0x3c		/* ihl * 4 is at most 60: bounds a header's length */
+#ifndef AF_INET
+#define AF_INET		2			/* bpf_fib_lookup's family (linux/socket.h) */
+#endif
 
 struct vxlanhdr {
 	__u8 flags;
