@@ -13,8 +13,6 @@ running kernel's BTF) come from kfunc_cflags(), so a layout is never written twi
 
 from __future__ import annotations
 
-import ctypes
-import os
 import struct
 from dataclasses import dataclass
 
@@ -24,9 +22,6 @@ from . import btf
 
 BPF_JMP_CALL = 0x85  # BPF_JMP | BPF_CALL
 BPF_PSEUDO_KFUNC_CALL = 2
-INSN_SIZE = 8
-LOG_SIZE = 1 << 20
-LOG_LEVEL_ERRORS = 1
 
 
 @dataclass(frozen=True)
@@ -62,12 +57,12 @@ def kfunc_cflags() -> list[str]:
 def patch_calls(insns: bytes) -> tuple[bytes, dict[str, int]]:
     """insns with every placeholder call turned into its kfunc call; also how many
     calls of each kfunc were patched."""
-    if len(insns) % INSN_SIZE:
+    if len(insns) % libbpf.BPF_INSN_SIZE:
         raise KfuncError(f"bytecode of {len(insns)} bytes is not whole instructions")
     ids = {k.placeholder: (k.name, btf.vmlinux().func_id(k.name)) for k in KFUNCS}
     out = bytearray(insns)
     patched: dict[str, int] = {}
-    for pos in range(0, len(out), INSN_SIZE):
+    for pos in range(0, len(out), libbpf.BPF_INSN_SIZE):
         code, regs, _off, imm = struct.unpack_from("<BBhi", out, pos)
         src = regs >> 4
         if code != BPF_JMP_CALL or src != 0 or imm not in ids:
@@ -80,63 +75,15 @@ def patch_calls(insns: bytes) -> tuple[bytes, dict[str, int]]:
     return bytes(out), patched
 
 
-class _ProgLoadOpts(ctypes.Structure):
-    # struct bpf_prog_load_opts as libbpf 1.1 has it, up to the log buffer
-    _fields_ = [
-        ("sz", ctypes.c_size_t),
-        ("attempts", ctypes.c_int),
-        ("expected_attach_type", ctypes.c_uint32),
-        ("prog_btf_fd", ctypes.c_uint32),
-        ("prog_flags", ctypes.c_uint32),
-        ("prog_ifindex", ctypes.c_uint32),
-        ("kern_version", ctypes.c_uint32),
-        ("attach_btf_id", ctypes.c_uint32),
-        ("attach_btf_obj_fd", ctypes.c_uint32),
-        ("attach_prog_fd", ctypes.c_uint32),
-        ("fd_array", ctypes.c_void_p),
-        ("func_info", ctypes.c_void_p),
-        ("func_info_cnt", ctypes.c_uint32),
-        ("func_info_rec_size", ctypes.c_uint32),
-        ("line_info", ctypes.c_void_p),
-        ("line_info_cnt", ctypes.c_uint32),
-        ("line_info_rec_size", ctypes.c_uint32),
-        ("log_level", ctypes.c_uint32),
-        ("log_size", ctypes.c_uint32),
-        ("log_buf", ctypes.c_char_p),
-    ]
-
-
 def load(module, name: str, prog_type: int) -> int:
     """Load function name of the compiled bcc module with its kfunc calls resolved;
     returns the program fd (the caller owns it)."""
     insns, patched = patch_calls(module.dump_func(name.encode()))
     if not patched:
         raise KfuncError(f"{name} calls no kfunc: load it with bcc's load_func()")
-    so = libbpf.lib()
-    so.bpf_prog_load.argtypes = [
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_char_p,
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.POINTER(_ProgLoadOpts),
-    ]
-    log = ctypes.create_string_buffer(LOG_SIZE)
-    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts))
-    opts.log_level, opts.log_size, opts.log_buf = (
-        LOG_LEVEL_ERRORS,
-        LOG_SIZE,
-        ctypes.cast(log, ctypes.c_char_p),
-    )
-    code = ctypes.create_string_buffer(insns, len(insns))
-    fd = so.bpf_prog_load(
-        prog_type, name[:15].encode(), b"GPL", code, len(insns) // INSN_SIZE, ctypes.byref(opts)
-    )
-    if fd < 0:
-        err = -fd if fd != -1 else ctypes.get_errno()
-        tail = log.value.decode(errors="replace").strip().splitlines()[-8:]
+    try:
+        return libbpf.prog_load(prog_type, name, insns)
+    except libbpf.BpfError as exc:
         raise KfuncError(
-            f"the kernel refused {name} with kfunc calls {sorted(patched)}: "
-            f"{os.strerror(err)}; verifier: {' | '.join(tail)}"
-        )
-    return fd
+            f"the kernel refused {name} with kfunc calls {sorted(patched)}: {exc}"
+        ) from exc

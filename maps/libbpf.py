@@ -47,6 +47,14 @@ def lib() -> ctypes.CDLL:
     so.bpf_map_delete_batch.argtypes = [c_int, c_void_p, ctypes.POINTER(c_uint32), c_void_p]
     so.bpf_prog_test_run_opts.argtypes = [c_int, c_void_p]
     so.libbpf_num_possible_cpus.argtypes = []
+    so.bpf_prog_load.argtypes = [
+        c_int,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        c_void_p,
+        ctypes.c_size_t,
+        ctypes.POINTER(_ProgLoadOpts),
+    ]
     return so
 
 
@@ -130,6 +138,62 @@ def delete_batch(fd: int, keys, count: int) -> None:
         lib().bpf_map_delete_batch(fd, ctypes.byref(keys), ctypes.byref(n), ctypes.byref(opts)),
         f"batch delete of {count} entries in map fd {fd} ({n.value} done)",
     )
+
+
+class _ProgLoadOpts(ctypes.Structure):
+    # struct bpf_prog_load_opts (libbpf 1.1), up to the log buffer
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("attempts", ctypes.c_int),
+        ("expected_attach_type", ctypes.c_uint32),
+        ("prog_btf_fd", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("kern_version", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("attach_btf_obj_fd", ctypes.c_uint32),
+        ("attach_prog_fd", ctypes.c_uint32),
+        ("fd_array", ctypes.c_void_p),
+        ("func_info", ctypes.c_void_p),
+        ("func_info_cnt", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("line_info", ctypes.c_void_p),
+        ("line_info_cnt", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_char_p),
+    ]
+
+
+BPF_INSN_SIZE = 8
+PROG_NAME_MAX = 15  # BPF_OBJ_NAME_LEN - 1
+VERIFIER_LOG_SIZE = 1 << 20
+VERIFIER_LOG_ERRORS = 1
+VERIFIER_LOG_TAIL = 8  # lines of the verifier's log an error quotes
+
+
+def prog_load(prog_type: int, name: str, insns: bytes, license: bytes = b"GPL") -> int:
+    """Load raw bytecode (maps already as fds); returns the program fd (the caller owns
+    it). BpfError quotes the end of the verifier's log."""
+    log = ctypes.create_string_buffer(VERIFIER_LOG_SIZE)
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts))
+    opts.log_level, opts.log_size = VERIFIER_LOG_ERRORS, VERIFIER_LOG_SIZE
+    opts.log_buf = ctypes.cast(log, ctypes.c_char_p)
+    code = ctypes.create_string_buffer(insns, len(insns))
+    fd = lib().bpf_prog_load(
+        prog_type,
+        name[:PROG_NAME_MAX].encode(),
+        license,
+        code,
+        len(insns) // BPF_INSN_SIZE,
+        ctypes.byref(opts),
+    )
+    if fd < 0:
+        err = -fd if fd != -1 else ctypes.get_errno()
+        tail = log.value.decode(errors="replace").strip().splitlines()[-VERIFIER_LOG_TAIL:]
+        raise BpfError(err, f"loading {name}: {os.strerror(err)}; verifier: {' | '.join(tail)}")
+    return fd
 
 
 class _TestRunOpts(ctypes.Structure):
