@@ -194,8 +194,8 @@ class Agent:
                 f"backend {config.backend.type!r} has no BPF data path "
                 "(flannel-xdp runs vxlan and host-gw)",
             )
-        if opts.udp_fast_path and (
-            config.backend.type != "vxlan" or self.ingress_hook is not datapath.IngressHook.KERNEL
+        if opts.udp_fast_path and not datapath.udp_fast_path_fits(
+            config.backend.type, self.ingress_hook
         ):
             raise AgentExit(
                 2,

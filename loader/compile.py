@@ -55,7 +55,7 @@ class BuildParams:
     maps_dir: str
     max_subnets: int = defaults.MAX_SUBNETS
     kernel_decap: bool = False  # underlay_tc only judges; the vxlan device decapsulates
-    udp_fast_path: bool = False  # with kernel_decap: bpf/fastpath.h (needs conntrack kfuncs)
+    udp_fast_path: bool = False  # with kernel_decap: bpf/fastpath.h (datapath.udp_fast_path_fits)
 
     def cflags(self) -> list[str]:
         if '"' in self.maps_dir or "\\" in self.maps_dir:

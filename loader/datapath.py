@@ -70,6 +70,11 @@ UNDERLAY_PROGRAM = {
 DEFAULT_INGRESS_HOOK = IngressHook(defaults.INGRESS_HOOK)
 
 
+def udp_fast_path_fits(backend_type: str, hook: IngressHook) -> bool:
+    """The UDP fast path (bpf/fastpath.h) is part of the kernel hook's VXLAN decap."""
+    return backend_type == "vxlan" and hook is IngressHook.KERNEL
+
+
 def programs(hook: IngressHook) -> tuple[Program, ...]:
     if hook is IngressHook.KERNEL:
         return TUNNEL_EGRESS, UNDERLAY_TC, TUNNEL_INGRESS

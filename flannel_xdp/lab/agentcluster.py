@@ -130,10 +130,7 @@ class AgentClusterSpec:
             raise LabError(f"--stock {self.stock}: more stock nodes than nodes ({self.nodes})")
         if self.direct_routing and self.backend is not NetworkBackend.VXLAN:
             raise LabError("DirectRouting is a vxlan option")
-        if self.udp_fast_path and (
-            self.backend is not NetworkBackend.VXLAN
-            or self.ingress_hook is not datapath.IngressHook.KERNEL
-        ):
+        if self.udp_fast_path and not datapath.udp_fast_path_fits(self.backend, self.ingress_hook):
             raise LabError("--udp-fast-path needs a vxlan network and the kernel ingress hook")
 
     def net_conf(self) -> dict:
