@@ -35,11 +35,9 @@ import socket
 import time
 from contextlib import closing
 
-from pyroute2 import IPRoute
-
 from flannel_xdp import netns
 from flannel_xdp.lab import NetworkBackend
-from flannel_xdp.lab.topology import CNI_BRIDGE, POD_IFNAME
+from flannel_xdp.lab.topology import CNI_BRIDGE, POD_IFNAME, link_index, link_mac
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import UNDERLAY_XDP, IngressHook
 from flannel_xdp.maps import libbpf
@@ -114,22 +112,12 @@ def pod_frame(bed: Bed) -> bytes:
     """The 64-byte UDP datagram from the sender pod to the receiver pod, as the sender
     pod puts it on its veth: addressed to its gateway's (cni0's) MAC."""
     pod = bed.sender
-    with netns.entered(pod.netns), IPRoute() as ipr:
-        pod_mac = ipr.get_links(ipr.link_lookup(ifname=POD_IFNAME)[0])[0].get_attr("IFLA_ADDRESS")
-    with netns.entered(bed.sender_node.netns), IPRoute() as ipr:
-        cni_mac = ipr.get_links(ipr.link_lookup(ifname=CNI_BRIDGE)[0])[0].get_attr("IFLA_ADDRESS")
+    pod_mac = link_mac(pod.netns, POD_IFNAME)
+    cni_mac = link_mac(bed.sender_node.netns, CNI_BRIDGE)
     inner_ip = frames.udp(
         str(pod.ip), str(bed.receiver.ip), RX_SPORT, RX_PORT, frames.payload_bytes(UDP_PAYLOAD)
     )
     return frames.ethernet(cni_mac, pod_mac, inner_ip)
-
-
-def _host_veth_ifindex(bed: Bed) -> int:
-    with netns.entered(bed.sender_node.netns), IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=bed.sender.host_veth)
-    if not found:
-        raise LookupError(f"no {bed.sender.host_veth} in {bed.sender_node.netns}")
-    return found[0]
 
 
 def measure_path(bed: Bed, generators: GeneratorCache, count: int, batch: int) -> dict:
@@ -137,7 +125,7 @@ def measure_path(bed: Bed, generators: GeneratorCache, count: int, batch: int) -
     receiver pod received."""
     frame = pod_frame(bed)
     gen = generators.get(frame)
-    ifindex = _host_veth_ifindex(bed)
+    ifindex = link_index(bed.sender_node.netns, bed.sender.host_veth)
     how = "restore + XDP_PASS into the sender node's stack on the pod's veth"
     result = _inject(bed, gen.pass_fd, frame, bed.sender_node.netns, ifindex, count, batch)
     return result | {"program": how, "injected_at": bed.sender.host_veth}

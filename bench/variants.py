@@ -20,9 +20,7 @@ import subprocess
 from dataclasses import dataclass, field
 from types import FrameType
 
-from pyroute2 import IPRoute
-
-from flannel_xdp import defaults, netns
+from flannel_xdp import defaults
 from flannel_xdp.lab import (
     Cluster,
     ClusterSpec,
@@ -32,7 +30,7 @@ from flannel_xdp.lab import (
     Pod,
     process,
 )
-from flannel_xdp.lab.topology import UNDERLAY_IFNAME
+from flannel_xdp.lab.topology import UNDERLAY_IFNAME, link_index, link_mac
 from flannel_xdp.loader.datapath import IngressHook
 
 log = logging.getLogger(__name__)
@@ -53,24 +51,18 @@ class Variant:
         return self.dataplane is Dataplane.FLANNEL_XDP
 
     def spec(self, prefix: str) -> ClusterSpec:
+        data_path = {}
         if self.is_xdp:
             assert self.hook is not None
-            return ClusterSpec.uniform(
-                nodes=2,
-                pods=1,
-                backend=self.backend,
-                ingress_hook=self.hook,
-                udp_fast_path=self.udp_fast_path,
-                prefix=prefix,
-                ip_masq=True,
-            )
+            data_path = {"ingress_hook": self.hook, "udp_fast_path": self.udp_fast_path}
         return ClusterSpec.uniform(
             nodes=2,
             pods=1,
-            dataplane=Dataplane.FLANNELD,
+            dataplane=self.dataplane,
             backend=self.backend,
             prefix=prefix,
             ip_masq=True,
+            **data_path,
         )
 
     def as_dict(self) -> dict[str, str | None]:
@@ -224,12 +216,6 @@ class Bed:
         return self.receiver_node.pods[0]
 
 
-def _underlay_link(node: Node) -> tuple[str, int]:
-    with netns.entered(node.netns), IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=UNDERLAY_IFNAME)[0]
-        return ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS"), idx
-
-
 class BenchInterrupted(KeyboardInterrupt):
     """SIGTERM or SIGHUP, turned into an exception so that every cluster is torn down."""
 
@@ -299,9 +285,15 @@ class Testbed:
             return
         bed = Bed(variant, cluster)
         try:
-            links = [_underlay_link(n) for n in cluster.nodes]
-            bed.underlay_macs = (links[0][0], links[1][0])
-            bed.underlay_ifindexes = (links[0][1], links[1][1])
+            tx, rx = cluster.nodes
+            bed.underlay_macs = (
+                link_mac(tx.netns, UNDERLAY_IFNAME),
+                link_mac(rx.netns, UNDERLAY_IFNAME),
+            )
+            bed.underlay_ifindexes = (
+                link_index(tx.netns, UNDERLAY_IFNAME),
+                link_index(rx.netns, UNDERLAY_IFNAME),
+            )
             self._check_connectivity(bed)
         except (OSError, subprocess.SubprocessError, process.CommandError) as exc:
             self.broken[variant.name] = f"{exc}\n{cluster.diagnostics()}"

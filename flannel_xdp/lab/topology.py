@@ -299,6 +299,16 @@ def _sysctl(name: str, value: str) -> None:
 # -- building blocks, shared with the agent-driven lab (agentcluster.py) -------------------
 
 
+def link_index(ns: str, ifname: str) -> int:
+    with _iproute(ns) as ipr:
+        return _index(ipr, ifname)
+
+
+def link_mac(ns: str, ifname: str) -> str:
+    with _iproute(ns) as ipr:
+        return ipr.get_links(_index(ipr, ifname))[0].get_attr("IFLA_ADDRESS")
+
+
 def new_netns(ns: str) -> None:
     """An empty netns with lo up and IPv6 off."""
     subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, text=True)
@@ -594,12 +604,10 @@ class Cluster:
     def _program_local_pods(self, node: Node) -> None:
         """What the agent's cni0 scan (agent/local_pods.py) finds once the pods have
         talked; the lab knows it from the start."""
-        pods = []
-        for pod in node.pods:
-            with _iproute(pod.netns) as ipr:
-                mac = ipr.get_links(_index(ipr, POD_IFNAME))[0].get_attr("IFLA_ADDRESS")
-            with _iproute(node.netns) as ipr:
-                pods.append(LocalPod(pod.ip, _index(ipr, pod.host_veth), mac))
+        pods = [
+            LocalPod(pod.ip, link_index(node.netns, pod.host_veth), link_mac(pod.netns, POD_IFNAME))
+            for pod in node.pods
+        ]
         with LocalPodsMap(PinDir(node.bpffs).maps) as local_pods:
             local_pods.apply(pods)
 
