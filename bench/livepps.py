@@ -33,10 +33,9 @@ import errno
 import os
 import socket
 import time
-from contextlib import closing
 
 from flannel_xdp import netns
-from flannel_xdp.lab import NetworkBackend
+from flannel_xdp.lab import NetworkBackend, traffic
 from flannel_xdp.lab.topology import CNI_BRIDGE, POD_IFNAME, link_index, link_mac
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import UNDERLAY_XDP, IngressHook
@@ -160,10 +159,7 @@ def _inject(
     receiver = bed.receiver
     counted = bed.cluster.counters(bed.receiver_node) if bed.variant.is_xdp else None
     try:
-        with netns.entered(receiver.netns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        with closing(sock):
-            sock.bind((str(receiver.ip), RX_PORT))
+        with traffic.udp_socket(receiver.netns, str(receiver.ip), RX_PORT) as sock:
             before = udp_counters(receiver.netns)
             with netns.entered(ns):
                 t0 = time.perf_counter()

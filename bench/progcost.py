@@ -26,13 +26,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import socket
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flannel_xdp import netns
-from flannel_xdp.lab import NetworkBackend, Node
+from flannel_xdp.lab import NetworkBackend, Node, traffic
 from flannel_xdp.loader import kfunc
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
@@ -183,22 +182,17 @@ def _vxlan_frame(bed: Bed, inner_ip: bytes) -> bytes:
 
 def _udp64(bed: Bed, ttl: int) -> bytes:
     payload = frames.payload_bytes(64)
-    return frames.udp(str(bed.sender.ip), str(bed.receiver.ip), 40000, 9000, payload, ttl=ttl)
+    return frames.udp(str(bed.sender.ip), str(bed.receiver.ip), RX_SPORT, RX_PORT, payload, ttl=ttl)
 
 
 def confirm_rx_flow(bed: Bed) -> None:
     """One real datagram of rx_frame()'s flow, so that the receiver node's conntrack has
     the confirmed entry the fast path asks for (a UDP entry lives 30 s unreplied)."""
     sender, receiver = bed.sender, bed.receiver
-    with netns.entered(receiver.netns):
-        rx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with netns.entered(sender.netns):
-        tx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with contextlib.closing(rx_sock), contextlib.closing(tx_sock):
-        rx_sock.bind((str(receiver.ip), RX_PORT))
-        rx_sock.settimeout(2)
-        tx_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tx_sock.bind((str(sender.ip), RX_SPORT))
+    with (
+        traffic.udp_socket(receiver.netns, str(receiver.ip), RX_PORT, timeout=2) as rx_sock,
+        traffic.udp_socket(sender.netns, str(sender.ip), RX_SPORT, reuse_addr=True) as tx_sock,
+    ):
         tx_sock.sendto(b"confirm", (str(receiver.ip), RX_PORT))
         rx_sock.recv(64)
 

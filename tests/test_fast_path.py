@@ -23,7 +23,7 @@ from pyroute2 import IPRoute
 
 from flannel_xdp import defaults, netns
 from flannel_xdp.agent import local_pods
-from flannel_xdp.lab import Cluster, ClusterSpec, NetworkBackend, Node, Pod, process
+from flannel_xdp.lab import Cluster, ClusterSpec, NetworkBackend, Node, Pod, process, traffic
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps.views import LocalPodsMap
@@ -62,11 +62,7 @@ def packets(cluster: Cluster, node_index: int, before, key) -> int:
 
 @contextlib.contextmanager
 def udp_socket(pod: Pod, port: int = 0) -> Iterator[socket.socket]:
-    with netns.entered(pod.netns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with contextlib.closing(s):
-        s.bind((str(pod.ip), port))
-        s.settimeout(3)
+    with traffic.udp_socket(pod.netns, str(pod.ip), port, timeout=3) as s:
         yield s
 
 

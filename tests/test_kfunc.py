@@ -9,9 +9,7 @@ for each, NATed or not; a flow that never happened must have none.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flannel_xdp import netns
+from flannel_xdp.lab.traffic import udp_socket
 from flannel_xdp.loader import btf
 from flannel_xdp.loader.compile import expand_includes
 from flannel_xdp.loader.kfunc import KFUNCS, KfuncError, kfunc_cflags, load, patch_calls
@@ -75,19 +74,12 @@ def ns(requirements) -> Iterator[str]:
         yield name
 
 
-@contextlib.contextmanager
-def udp_socket(ns: str, addr: str, port: int) -> Iterator[socket.socket]:
-    with netns.entered(ns):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with contextlib.closing(s):
-        s.bind((addr, port))
-        s.settimeout(2)
-        yield s
-
-
 def exchange(ns: str, client_port: int, dst: str, dst_port: int) -> None:
     """One datagram CLIENT:client_port -> dst:dst_port, received by the backend socket."""
-    with udp_socket(ns, BACKEND, BACKEND_PORT) as server, udp_socket(ns, CLIENT, client_port) as c:
+    with (
+        udp_socket(ns, BACKEND, BACKEND_PORT, timeout=2) as server,
+        udp_socket(ns, CLIENT, client_port, timeout=2) as c,
+    ):
         c.sendto(b"ping", (dst, dst_port))
         data, _ = server.recvfrom(64)
         assert data == b"ping"

@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from flannel_xdp import netns
 from flannel_xdp.lab import process
 
 PROBE_PORT = 7500
@@ -300,3 +302,18 @@ def probe_many(jobs: Sequence[tuple[str, Sequence[str]]], **kwargs) -> list[list
             for i, (ns, targets) in enumerate(jobs)
         ]
         return [f.result() for f in futures]
+
+
+@contextlib.contextmanager
+def udp_socket(
+    ns: str, ip: str, port: int = 0, *, timeout: float | None = None, reuse_addr: bool = False
+) -> Iterator[socket.socket]:
+    """A UDP socket of netns ns (it stays there), bound to ip:port, closed after the block."""
+    with netns.entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with contextlib.closing(sock):
+        if reuse_addr:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, port))
+        sock.settimeout(timeout)
+        yield sock
