@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from typing import TypeVar
 
 from flannel_xdp.maps import layout, libbpf
 from flannel_xdp.maps.layout import (
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH = 512
 # Kernels whose map type has no batch operations answer with one of these.
 _NO_BATCH = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+K, V = TypeVar("K"), TypeVar("V")
 
 
 class CapacityError(RuntimeError):
@@ -172,6 +176,15 @@ class ApplyResult:
     removed: int
 
 
+def diff_entries(want: dict[K, V], have: dict[K, V]) -> tuple[list[V], list[K], ApplyResult]:
+    """What makes a map holding have hold exactly want: the values to write (new or
+    changed), the keys to delete, and how many of each kind that is."""
+    upserts = [v for k, v in want.items() if have.get(k) != v]
+    removals = [k for k in have if k not in want]
+    added = sum(1 for k in want if k not in have)
+    return upserts, removals, ApplyResult(added, len(upserts) - added, len(removals))
+
+
 class SubnetsMap(PinnedMap):
     name = "subnets"
 
@@ -192,15 +205,12 @@ class SubnetsMap(PinnedMap):
                 f"{len(want)} remote subnets do not fit {self.path} "
                 f"(max_entries {self.max_entries}); nothing applied"
             )
-        have = self.peers()
-        upserts = [p for s, p in want.items() if have.get(s) != p]
-        removals = [s for s in have if s not in want]
-        added = sum(1 for p in upserts if p.subnet not in have)
+        upserts, removals, result = diff_entries(want, self.peers())
         for i in range(0, len(upserts), batch):
             self._update(upserts[i : i + batch])
         for i in range(0, len(removals), batch):
             self._delete(removals[i : i + batch])
-        return ApplyResult(added=added, changed=len(upserts) - added, removed=len(removals))
+        return result
 
     def upsert(self, peer: Peer) -> None:
         """Add or replace one entry (a single registry event)."""
@@ -261,16 +271,13 @@ class LocalPodsMap(PinnedMap):
             raise CapacityError(
                 f"{len(want)} pods do not fit {self.path} (max_entries {self.max_entries})"
             )
-        have = self.pods()
-        upserts = [p for ip, p in want.items() if have.get(ip) != p]
+        upserts, removals, result = diff_entries(want, self.pods())
         for p in upserts:
             value = LocalPodEntry(ifindex=p.ifindex, mac=MacBytes(*parse_mac(p.mac)))
             libbpf.update(self.fd, (ctypes.c_uint8 * 4)(*p.ip.packed), value)
-        removals = [ip for ip in have if ip not in want]
         for ip in removals:
             libbpf.delete(self.fd, (ctypes.c_uint8 * 4)(*ip.packed))
-        added = sum(1 for p in upserts if p.ip not in have)
-        return ApplyResult(added=added, changed=len(upserts) - added, removed=len(removals))
+        return result
 
 
 class NodeConfigMap(PinnedMap):

@@ -8,7 +8,15 @@ import pytest
 
 from flannel_xdp.loader.compile import BuildParams, CompileError, expand_includes
 from flannel_xdp.maps import layout
-from flannel_xdp.maps.views import NodeSettings, Peer, format_mac, parse_mac, peer_from_entry
+from flannel_xdp.maps.views import (
+    ApplyResult,
+    NodeSettings,
+    Peer,
+    diff_entries,
+    format_mac,
+    parse_mac,
+    peer_from_entry,
+)
 
 
 def test_expand_includes_inlines_local_headers_once_with_line_markers(tmp_path):
@@ -83,3 +91,13 @@ def test_reason_labels():
     assert layout.reason_label(layout.Reason.DROP_SPOOFED_SOURCE) == "spoofed_source"
     assert layout.reason_verdict(layout.Reason.DROP_SPOOFED_SOURCE) == "drop"
     assert layout.reason_verdict(layout.Reason.PASS_VLAN) == "pass"
+
+
+def test_diff_entries_writes_new_and_changed_and_deletes_the_rest():
+    have = {"a": 1, "b": 2, "c": 3}
+    want = {"a": 1, "b": 20, "d": 4}
+    upserts, removals, result = diff_entries(want, have)
+    assert sorted(upserts) == [4, 20]
+    assert removals == ["c"]
+    assert result == ApplyResult(added=1, changed=1, removed=1)
+    assert diff_entries(have, have) == ([], [], ApplyResult(0, 0, 0))
