@@ -199,7 +199,7 @@ class Agent:
         ):
             raise AgentExit(
                 2,
-                "--udp-fast-path is part of the kernel ingress hook of a vxlan network; "
+                f"--udp-fast-path fits {datapath.UDP_FAST_PATH_FITS}; "
                 f"this node runs {config.backend.type} with the {self.ingress_hook} hook",
             )
         try:
@@ -576,22 +576,30 @@ class Agent:
                 )
                 await self._sleep_or_stop(RENEW_RETRY)
 
-    async def _local_pods_loop(self) -> None:
-        """Keep local_pods equal to the pods on cni0 (the UDP fast path's direct delivery;
-        a pod not in it yet is reached through cni0)."""
+    async def _fast_path_loop(self) -> None:
+        """Keep the UDP fast path's view of cni0 current: local_pods equal to the pods on
+        it (direct delivery; a pod not in it yet is reached through cni0), and
+        bridge_ingress attached to it (the sending side; cni0 comes with the first pod,
+        and comes back new if it is ever made again)."""
         maps_dir = PinDir(self.opts.bpffs).maps
+        bridge = defaults.CNI_BRIDGE
         failing = False
         while not self._stop.is_set():
             try:
-                done = await asyncio.to_thread(local_pods.sync, maps_dir, defaults.CNI_BRIDGE)
-            except (OSError, CapacityError, NetlinkError) as exc:
+                attached = await asyncio.to_thread(
+                    datapath.ensure_bridge_program, self.opts.bpffs, bridge
+                )
+                done = await asyncio.to_thread(local_pods.sync, maps_dir, bridge)
+            except (OSError, CapacityError, NetlinkError, datapath.attach.AttachError) as exc:
                 if not failing:
-                    log.warning("local pods: reading %s failed: %s", defaults.CNI_BRIDGE, exc)
+                    log.warning("UDP fast path: keeping up with %s failed: %s", bridge, exc)
                 failing = True
             else:
                 if failing:
-                    log.info("local pods: reading %s works again", defaults.CNI_BRIDGE)
+                    log.info("UDP fast path: keeping up with %s works again", bridge)
                 failing = False
+                if attached:
+                    log.info("UDP fast path: sending side attached to %s", bridge)
                 if done.added or done.changed or done.removed:
                     log.info(
                         "local pods: %d added, %d changed, %d removed",
@@ -658,7 +666,7 @@ class Agent:
                 asyncio.create_task(self._renew_loop()),
             ]
             if self.opts.udp_fast_path:
-                tasks.append(asyncio.create_task(self._local_pods_loop()))
+                tasks.append(asyncio.create_task(self._fast_path_loop()))
             stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
             for t in (*tasks, stop):

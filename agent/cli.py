@@ -87,9 +87,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flag(
         "--udp-fast-path",
         False,
-        "kernel hook, vxlan: deliver UDP of flows that conntrack has confirmed un-NATed "
-        "from tc straight to the pod, skipping the inner packet's routing and netfilter pass "
-        "(needs the kernel's conntrack kfuncs; README: UDP fast path)",
+        "send and deliver UDP of flows that conntrack has confirmed un-NATed from tc, "
+        "between cni0 and the underlay, skipping the node's routing and netfilter pass "
+        "(vxlan with the kernel hook, host-gw; needs the kernel's conntrack kfuncs; "
+        "README: UDP fast path)",
     )
     flag("--max-subnets", defaults.MAX_SUBNETS, "capacity of the remote subnets map", type=int)
 

@@ -1,7 +1,7 @@
 """`make bench`: stock flannel against flannel-xdp on the lab's two-node testbed.
 
 Variants (variants.py): stock-vxlan, xdp-vxlan, xdp-vxlan-tc, xdp-vxlan-kernel,
-xdp-vxlan-fast, stock-hostgw, xdp-hostgw, xdp-hostgw-tc; every node with flanneld's
+xdp-vxlan-fast, stock-hostgw, xdp-hostgw, xdp-hostgw-tc, xdp-hostgw-fast; every node with flanneld's
 iptables rules (conntrack on). Workloads, pod to pod across nodes (workloads.py,
 livepps.py): TCP with 1 and 4 streams, UDP 64-byte packets delivered per second (live
 frames from the sender pod's veth; iperf3 for reference), the receive path alone with

@@ -27,20 +27,21 @@ import contextlib
 import errno
 import os
 import statistics
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flannel_xdp import netns
 from flannel_xdp.lab import NetworkBackend, Node, traffic
-from flannel_xdp.loader import kfunc
+from flannel_xdp.lab.topology import CNI_BRIDGE, link_index
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
-from flannel_xdp.loader.datapath import UNDERLAY_TC, UNDERLAY_XDP
+from flannel_xdp.loader.datapath import BRIDGE_INGRESS, UNDERLAY_TC, UNDERLAY_XDP
 from flannel_xdp.maps import libbpf
 
 from . import frames
 from .bpfprogs import EmptyPrograms
-from .livepps import RX_PORT, RX_SPORT, rx_frame
+from .livepps import RX_PORT, RX_SPORT, pod_frame, rx_frame
 from .variants import DEFAULT_HOOK, Bed
 
 XDP_PASS, XDP_REDIRECT = 2, 4
@@ -65,6 +66,7 @@ class CostCase:
     description: str = ""
     # run before each repetition: state the packet needs (a conntrack entry)
     prepare: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    ctx: bytes | None = None  # a struct __sk_buff for the test run (tc only)
 
     @property
     def headline_method(self) -> str:
@@ -82,7 +84,7 @@ def measure_single(case: CostCase, calls: int) -> dict:
     durations, verdicts = [], set()
     with netns.entered(case.netns):
         for _ in range(calls):
-            verdict, _, ns = libbpf.prog_test_run(case.fd, case.frame)
+            verdict, _, ns = libbpf.prog_test_run(case.fd, case.frame, ctx=case.ctx)
             durations.append(ns)
             verdicts.add(verdict)
     return {
@@ -96,7 +98,7 @@ def measure_single(case: CostCase, calls: int) -> dict:
 
 def measure_repeat(case: CostCase, repeat: int) -> dict:
     with netns.entered(case.netns):
-        verdict, _, ns = libbpf.prog_test_run(case.fd, case.frame, repeat=repeat)
+        verdict, _, ns = libbpf.prog_test_run(case.fd, case.frame, repeat=repeat, ctx=case.ctx)
     return {"ns": float(ns), "repeat": repeat, "verdicts": [verdict]}
 
 
@@ -107,41 +109,27 @@ class Programs:
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _fds: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def fd(
-        self,
-        node: Node,
-        name: str,
-        hook: str,
-        *,
-        kernel_decap: bool | None = None,
-        udp_fast_path: bool = False,
-    ) -> int:
-        """kernel_decap, udp_fast_path (underlay_tc only): compile that build of it,
-        whichever is pinned."""
-        build = "+fast" if udp_fast_path else "+kernel" if kernel_decap else ""
+    def fd(self, node: Node, name: str, hook: str, *, kernel_decap: bool | None = None) -> int:
+        """The node's pinned program (compiled if the node's hook has none of that name);
+        with kernel_decap (underlay_tc only), that build of it compiled against the node's
+        pinned maps, whichever is pinned."""
+        pins = PinDir(node.bpffs)
+        pinned = kernel_decap is None and os.path.exists(pins.prog(name))
+        build = "" if pinned else "+kernel" if kernel_decap else "+compiled"
         key = (node.netns, name + build)
         if key in self._fds:
             return self._fds[key]
-        pins = PinDir(node.bpffs)
-        if kernel_decap is None and os.path.exists(pins.prog(name)):
+        if pinned:
             fd = libbpf.obj_get(pins.prog(name))
             self.stack.callback(os.close, fd)
         else:  # the other hook's ingress program, against the same pinned maps
             from bcc import BPF
 
-            params = BuildParams(
-                maps_dir=pins.maps,
-                kernel_decap=bool(kernel_decap) or udp_fast_path,
-                udp_fast_path=udp_fast_path,
-            )
+            params = BuildParams(pins.maps, kernel_decap=bool(kernel_decap))
             module = compile_program(name, params)
             self.stack.callback(module.cleanup)
             kind = BPF.XDP if hook == "xdp" else BPF.SCHED_CLS
-            if udp_fast_path:
-                fd = kfunc.load(module, name, kind)
-                self.stack.callback(os.close, fd)
-            else:
-                fd = module.load_func(name.encode(), kind).fd
+            fd = module.load_func(name.encode(), kind).fd
         self._fds[key] = fd
         return fd
 
@@ -185,9 +173,10 @@ def _udp64(bed: Bed, ttl: int) -> bytes:
     return frames.udp(str(bed.sender.ip), str(bed.receiver.ip), RX_SPORT, RX_PORT, payload, ttl=ttl)
 
 
-def confirm_rx_flow(bed: Bed) -> None:
-    """One real datagram of rx_frame()'s flow, so that the receiver node's conntrack has
-    the confirmed entry the fast path asks for (a UDP entry lives 30 s unreplied)."""
+def confirm_flow(bed: Bed) -> None:
+    """One real datagram of rx_frame()'s and pod_frame()'s flow, so that both nodes'
+    conntrack have the confirmed entry the fast path asks for (a UDP entry lives 30 s
+    unreplied)."""
     sender, receiver = bed.sender, bed.receiver
     with (
         traffic.udp_socket(receiver.netns, str(receiver.ip), RX_PORT, timeout=2) as rx_sock,
@@ -208,12 +197,22 @@ def _case(
     repeat_ok: bool = False,
     typical: bool = False,
     prepare: Callable[[], None] | None = None,
+    ctx: bytes | None = None,
 ) -> CostCase:
     methods = (SINGLE, REPEAT) if repeat_ok else (SINGLE,)
     program = name.split("/", 1)[0]
     return CostCase(
-        name, program, node_ns, fd, frame, expect, methods, typical, description, prepare
+        name, program, node_ns, fd, frame, expect, methods, typical, description, prepare, ctx
     )
+
+
+# struct __sk_buff up to ifindex: BPF_PROG_TEST_RUN takes the device a tc program runs
+# on from it (and sets pkt_type against that device's MAC, as a real receive does).
+SKB_IFINDEX_OFFSET = 40
+
+
+def skb_ctx_on(ifindex: int) -> bytes:
+    return bytes(SKB_IFINDEX_OFFSET) + ifindex.to_bytes(4, sys.byteorder)
 
 
 def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> list[CostCase]:
@@ -267,16 +266,8 @@ def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> li
             _case("tunnel_egress/vxlan_encap_tcp_full", tx.netns, egress, encap_tcp,
                   TC_ACT_REDIRECT, "full-size TCP segment: encap, FIB lookup, redirect"),
         ]  # fmt: skip
-    fast = next((b for b in beds if b.variant.udp_fast_path), None)
-    if fast is not None:
-        prog = programs.fd(fast.receiver_node, UNDERLAY_TC.name, "tc", udp_fast_path=True)
-        cases.append(
-            _case(f"{FAST_PATH_BUILD}/vxlan_fast_udp64", fast.receiver_node.netns, prog,
-                  rx_frame(fast), TC_ACT_REDIRECT, "kernel hook with the UDP fast path: "
-                  "VXLAN, inner UDP 64 B of a conntrack-confirmed flow to a local pod: judged, "
-                  "conntrack and FIB lookups, decap, redirect into the pod's netns",
-                  typical=True, prepare=lambda: confirm_rx_flow(fast))
-        )  # fmt: skip
+    for fast in (b for b in beds if b.variant.udp_fast_path):
+        cases += _fast_path_cases(fast, programs)
     if hg is not None:
         rx, tx = hg.receiver_node, hg.sender_node
         egress = programs.fd(tx, "tunnel_egress", "tc")
@@ -290,6 +281,34 @@ def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> li
                   repeat_ok=True),
         ]  # fmt: skip
     return cases
+
+
+def _fast_path_cases(bed: Bed, programs: Programs) -> list[CostCase]:
+    """The fast path's two programs on a fast-path bed, each on a datagram of a flow
+    conntrack has confirmed (both nodes see the one real datagram sent first)."""
+    rx, tx = bed.receiver_node, bed.sender_node
+    backend = bed.variant.backend.value.replace("-", "")
+    deliver = programs.fd(rx, UNDERLAY_TC.name, "tc")  # the pinned build: with the fast path
+    send = programs.fd(tx, BRIDGE_INGRESS.name, "tc")
+    on_bridge = skb_ctx_on(link_index(tx.netns, CNI_BRIDGE))
+    packet = "VXLAN, inner UDP 64 B" if backend == "vxlan" else "UDP 64 B"
+    typical = backend == "vxlan"  # a program's prog_ns_vs_empty: vxlan, as tunnel_egress's
+
+    def confirm() -> None:
+        confirm_flow(bed)
+
+    return [
+        _case(f"{FAST_PATH_BUILD}/{backend}_fast_udp64", rx.netns, deliver, rx_frame(bed),
+              TC_ACT_REDIRECT, f"UDP fast path, receiving: {packet} of a conntrack-confirmed "
+              "flow to a local pod: judged, conntrack and FIB lookups, "
+              f"{'decap, ' if backend == 'vxlan' else ''}redirect into the pod's netns",
+              typical=typical, prepare=confirm),
+        _case(f"{BRIDGE_INGRESS.name}/{backend}_fast_send_udp64", tx.netns, send,
+              pod_frame(bed), TC_ACT_REDIRECT, "UDP fast path, sending: a pod's UDP 64 B of a "
+              "conntrack-confirmed flow, at cni0's ingress: header checks, peer and conntrack "
+              f"lookups, MTU check, {'encap, ' if backend == 'vxlan' else ''}next hop, redirect",
+              typical=typical, prepare=confirm, ctx=on_bridge),
+    ]  # fmt: skip
 
 
 def run_case(case: CostCase, method: str, calls: int, repeat: int) -> dict:

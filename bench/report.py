@@ -123,8 +123,9 @@ RATIOS: tuple[RatioDef, ...] = (
         False,
     ),
 )
-# The ratio columns: each ingress hook, and the kernel hook with the UDP fast path.
-FAST_PATH = "kernel+fast"
+# The ratio columns: each ingress hook, and each backend's UDP fast-path variant
+# (vxlan: the kernel hook's; host-gw: the tc hook's).
+FAST_PATH = "fast"
 HOOKS: tuple[IngressHook | str, ...] = (*IngressHook, FAST_PATH)
 BEST_HOOK_RULE = (
     "the hook with the highest geometric mean over the issue's named ratios that every "

@@ -116,7 +116,8 @@ VARIANTS: tuple[Variant, ...] = (
         IngressHook.KERNEL,
         "xvf",
         "flannel-xdp vxlan, kernel hook with the UDP fast path: conntrack-confirmed, "
-        "un-NATed UDP to a local pod is decapsulated in tc and delivered into its netns",
+        "un-NATed UDP is encapsulated at cni0's tc ingress, decapsulated in tc and "
+        "delivered into the pod's netns",
         udp_fast_path=True,
     ),
     Variant(
@@ -142,6 +143,16 @@ VARIANTS: tuple[Variant, ...] = (
         IngressHook.TC,
         "xht",
         "flannel-xdp host-gw: MAC rewrite in tc egress, tc ingress (pass + count)",
+    ),
+    Variant(
+        "xdp-hostgw-fast",
+        NetworkBackend.HOST_GW,
+        Dataplane.FLANNEL_XDP,
+        IngressHook.TC,
+        "xhf",
+        "flannel-xdp host-gw, tc hook with the UDP fast path: conntrack-confirmed, un-NATed "
+        "UDP is sent from cni0's tc ingress and delivered into the pod's netns",
+        udp_fast_path=True,
     ),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
@@ -175,11 +186,11 @@ def flannel_xdp_variant(backend: NetworkBackend, hook: IngressHook) -> Variant:
 
 
 def fast_path_variant(backend: NetworkBackend) -> Variant:
-    """The kernel hook with the UDP fast path; host-gw has none (its kernel-hook twin)."""
+    """The UDP fast path's variant of the backend (vxlan: kernel hook; host-gw: tc)."""
     for v in VARIANTS:
         if v.udp_fast_path and v.backend is backend:
             return v
-    return flannel_xdp_variant(backend, IngressHook.KERNEL)
+    raise KeyError(f"no fast-path variant for {backend}")
 
 
 def stock_variant(backend: NetworkBackend) -> Variant:

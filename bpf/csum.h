@@ -34,6 +34,19 @@ static __always_inline __u16 ipv4_header_csum(struct iphdr *ip)
 	return ~csum_fold32(sum);
 }
 
+/* An IPv4 header without options whose checksum is right (as ip_rcv() checks it). */
+static __always_inline int ipv4_header_valid(const struct iphdr *ip)
+{
+	const __u16 *w = (const __u16 *)ip;
+	__u64 sum = 0;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < (int)sizeof(*ip) / 2; i++)
+		sum += w[i];
+	return csum_fold32(sum) == 0xffff;
+}
+
 /* RFC 1624 incremental update of a 16-bit checksum for one changed 16-bit word. */
 static __always_inline __u16 csum_replace16(__u16 check, __u16 old, __u16 new)
 {

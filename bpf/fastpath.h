@@ -1,22 +1,22 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * The UDP fast path (built with FXDP_UDP_FAST_PATH into the kernel hook's
- * underlay_tc). A judged VXLAN frame whose inner packet is a single UDP datagram
- * to a pod of this node is decapsulated here and sent straight to the pod's
- * bridge, skipping the inner packet's routing and netfilter pass, but only when
- * that pass provably changes nothing:
+ * The UDP fast path (built with FXDP_UDP_FAST_PATH, kernel hook only): single
+ * UDP datagrams between pods of different nodes skip the node's routing and
+ * netfilter pass on both ends, but only when that pass provably changes nothing:
  *  - conntrack has a confirmed entry for the flow (the stack, with its netfilter
  *    rules, let the flow's first packet through) and the entry is not NATed
  *    (no Service DNAT to undo, no masquerade); an unknown, unconfirmed or NATed
  *    flow takes the normal path, so does every TCP segment (conntrack must see a
- *    TCP stream in both directions to keep tracking its windows), every fragment
- *    and every GSO aggregate;
- *  - the FIB forwards it to an interface with a resolved neighbour: the MACs and
- *    the TTL are set as the kernel's forwarding would set them.
- * A pod the agent has put in local_pods (its veth end, with the MAC the FIB
- * answered) gets the packet in its own netns directly (bpf_redirect_peer); any
- * other goes out through cni0, which delivers it as the bridge does.
- * Everything else returns TC_ACT_OK and the kernel's vxlan device decapsulates.
+ *    TCP stream in both directions to keep tracking its windows), every fragment,
+ *    every GSO aggregate and every header the stack would refuse;
+ *  - the packet goes where the kernel's forwarding would send it, with the MACs
+ *    and the TTL it would set.
+ * Receiving (underlay_tc, fast_deliver()): a judged VXLAN frame, or a host-gw
+ * peer's plain packet, for a pod of this node is handed to the pod. A pod the
+ * agent has put in local_pods (its veth end, with the MAC the FIB answered) gets
+ * it in its own netns directly (bpf_redirect_peer); any other through cni0.
+ * Sending (bridge_ingress on cni0, fast_send()): a pod's datagram to a remote
+ * subnet goes to the peer as tunnel_egress would send it (send.h).
  * What the fast path does not do: refresh the conntrack entry (a one-way flow's
  * entry expires and its next packet takes the stack, which confirms it again),
  * and re-run filter rules on every packet of a confirmed flow, so a rule added
@@ -27,40 +27,68 @@
 #define FXDP_FASTPATH_H
 
 #include "parse.h"
+#include "csum.h"
 #include "underlay.h"
 #include "kfuncs.h"
+#include "send.h"
+
+/* bcc 0.26 has no declaration of this helper (5.12). */
+#define fxdp_check_mtu \
+	((long (*)(void *ctx, __u32 ifindex, __u32 *mtu_len, __s32 len_diff, __u64 flags)) \
+	 BPF_FUNC_check_mtu)
 
 /*
+ * The gate both directions share: one whole, unfragmented UDP datagram without IP
+ * options that may still be forwarded, of a flow conntrack confirmed and did not
+ * NAT. ip and udp must be bounds-checked by the caller.
+ */
+static __always_inline int fast_path_allows(struct __sk_buff *skb, const struct iphdr *ip,
+					    const struct udphdr *udp)
+{
+	__u64 status;
+
+	if (skb->gso_size)
+		return 0;
+	if (ip->version != 4 || ip->ihl != IPV4_HLEN / 4 || ip->protocol != IPPROTO_UDP ||
+	    (ip->frag_off & bpf_htons(IP_FRAG_MASK)) || ip->ttl <= 1)
+		return 0;
+	status = ct_status_ipv4(skb, ip->saddr, ip->daddr, udp->source, udp->dest, IPPROTO_UDP);
+	return (status & FXDP_IPS_CONFIRMED) && !(status & (FXDP_IPS_SRC_NAT | FXDP_IPS_DST_NAT));
+}
+
+/* What forwarding does to the header: TTL shares its 16-bit word with the protocol. */
+static __always_inline void decrement_ttl(struct iphdr *ip)
+{
+	__u16 old = *(__u16 *)&ip->ttl;
+
+	ip->ttl--;
+	ip->check = csum_replace16(ip->check, old, *(__u16 *)&ip->ttl);
+}
+
+/*
+ * Receiving: the IPv4 packet at offset + ETH_HLEN (offset VXLAN_ENCAP_LEN: a
+ * judged VXLAN frame for this node; 0: a host-gw peer's packet) to a local pod.
  * Returns TC_ACT_REDIRECT (delivered, counted), TC_ACT_SHOT (counted) or
  * TC_ACT_OK (not for the fast path; the packet is untouched).
  */
-static __always_inline int udp_fast_path(struct __sk_buff *skb, const struct node_config *cfg,
-					 __u64 bytes)
+static __always_inline int fast_deliver(struct __sk_buff *skb, const struct node_config *cfg,
+					__u64 bytes, const int offset, const int backend)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip = data + VXLAN_ENCAP_LEN + ETH_HLEN;
+	struct iphdr *ip = data + offset + ETH_HLEN;
 	struct udphdr *udp = (void *)(ip + 1);
 	struct bpf_fib_lookup fib = {};
 	struct local_pod *pod;
 	__u32 pod_ifindex = 0;
 	__be32 daddr;
 	struct ethhdr *eth;
-	__u64 status;
-	__u16 old_ttl;
 
-	if (skb->gso_size || (void *)(udp + 1) > data_end)
+	if ((void *)(udp + 1) > data_end || !in_own_subnet(cfg, ip->daddr))
 		return TC_ACT_OK;
-	if (ip->ihl != IPV4_HLEN / 4 || ip->protocol != IPPROTO_UDP ||
-	    (ip->frag_off & bpf_htons(IP_FRAG_MASK)) || ip->ttl <= 1)
+	if (!fast_path_allows(skb, ip, udp))
 		return TC_ACT_OK;
 	daddr = ip->daddr;
-	if (!in_own_subnet(cfg, daddr))
-		return TC_ACT_OK;
-
-	status = ct_status_ipv4(skb, ip->saddr, ip->daddr, udp->source, udp->dest, IPPROTO_UDP);
-	if (!(status & FXDP_IPS_CONFIRMED) || (status & (FXDP_IPS_SRC_NAT | FXDP_IPS_DST_NAT)))
-		return TC_ACT_OK;
 
 	fib.family = AF_INET;
 	fib.tos = ip->tos;
@@ -69,17 +97,18 @@ static __always_inline int udp_fast_path(struct __sk_buff *skb, const struct nod
 	fib.dport = udp->dest;
 	fib.tot_len = bpf_ntohs(ip->tot_len);
 	fib.ipv4_src = ip->saddr;
-	fib.ipv4_dst = ip->daddr;
-	fib.ifindex = cfg->tunnel_ifindex;	/* as if the vxlan device had delivered it */
+	fib.ipv4_dst = daddr;
+	/* As the stack would route it: from the vxlan device, or from the underlay. */
+	fib.ifindex = offset ? cfg->tunnel_ifindex : cfg->underlay_ifindex;
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return TC_ACT_OK;
 	pod = local_pods.lookup(&daddr);	/* fib.ipv4_dst may now be a gateway */
 	if (pod && mac_equal(pod->mac, fib.dmac))
 		pod_ifindex = pod->ifindex;
 
-	if (bpf_skb_adjust_room(skb, -(VXLAN_ENCAP_LEN), BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_FIXED_GSO)) {
-		count_reason(BACKEND_VXLAN, DROP_ENCAP_FAILED, bytes);
+	if (offset && bpf_skb_adjust_room(skb, -offset, BPF_ADJ_ROOM_MAC,
+					  BPF_F_ADJ_ROOM_FIXED_GSO)) {
+		count_reason(backend, DROP_ENCAP_FAILED, bytes);
 		return TC_ACT_SHOT;
 	}
 	data = (void *)(long)skb->data;
@@ -87,20 +116,63 @@ static __always_inline int udp_fast_path(struct __sk_buff *skb, const struct nod
 	eth = data;
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end) {
-		count_reason(BACKEND_VXLAN, DROP_MALFORMED, bytes);
+		count_reason(backend, DROP_MALFORMED, bytes);
 		return TC_ACT_SHOT;
 	}
 	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
 	eth->h_proto = bpf_htons(ETH_P_IP);
-	/* TTL shares its 16-bit word with the protocol. */
-	old_ttl = *(__u16 *)&ip->ttl;
-	ip->ttl--;
-	ip->check = csum_replace16(ip->check, old_ttl, *(__u16 *)&ip->ttl);
-	count_traffic(BACKEND_VXLAN, DIR_FAST_PATH, skb->len);
+	decrement_ttl(ip);
+	count_traffic(backend, DIR_FAST_DELIVER, skb->len);
 	if (pod_ifindex)
 		return bpf_redirect_peer(pod_ifindex, 0);
 	return bpf_redirect(fib.ifindex, 0);
+}
+
+/*
+ * Sending: a frame a pod sent to the node (cni0 passed it up: it is addressed to
+ * the gateway's MAC). Returns TC_ACT_REDIRECT (sent, counted), TC_ACT_SHOT
+ * (counted) or TC_ACT_OK (not for the fast path; the packet is untouched).
+ */
+static __always_inline int fast_send(struct __sk_buff *skb, const struct node_config *cfg)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	struct udphdr *udp = (void *)(ip + 1);
+	struct subnet_key key = { .prefixlen = 32 };
+	struct remote_subnet peer, *found;
+	__u64 bytes = skb->len;
+	__u32 mtu_len = 0;
+	int verdict;
+
+	if ((void *)(udp + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
+	    skb->pkt_type != PACKET_HOST)
+		return TC_ACT_OK;
+	/* What ip_rcv() would refuse or trim is left to it. */
+	if (bpf_ntohs(ip->tot_len) != bytes - ETH_HLEN || !ipv4_header_valid(ip))
+		return TC_ACT_OK;
+	/* Pod to pod only: the pod's own address, to a subnet a peer announced. */
+	if (!in_own_subnet(cfg, ip->saddr))
+		return TC_ACT_OK;
+	key.addr = ip->daddr;
+	found = subnets.lookup(&key);
+	if (!found)
+		return TC_ACT_OK;
+	__builtin_memcpy(&peer, found, sizeof(peer));
+	/* Larger than the route to the peer takes: the stack fragments or answers ICMP. */
+	if (fxdp_check_mtu(skb, cfg->underlay_ifindex, &mtu_len,
+			   peer.backend == BACKEND_VXLAN ? VXLAN_ENCAP_LEN : 0, 0))
+		return TC_ACT_OK;
+	if (!fast_path_allows(skb, ip, udp))
+		return TC_ACT_OK;
+
+	decrement_ttl(ip);
+	verdict = send_to_peer(skb, cfg, &peer, bytes);
+	if (verdict != TC_ACT_SHOT)
+		count_traffic(peer.backend, DIR_FAST_SEND, bytes);
+	return verdict;
 }
 
 #endif

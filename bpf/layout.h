@@ -32,9 +32,11 @@ enum direction {
 	DIR_DECAP = 1,		/* vxlan: stripped outer headers, handed to the tunnel device */
 	DIR_FORWARD = 2,	/* host-gw: rewritten to the next hop, sent to the underlay */
 	DIR_DELIVER = 3,	/* host-gw: from a peer to a local pod, left to the stack */
-	DIR_FAST_PATH = 4,	/* vxlan, kernel hook: decapsulated and delivered to the pod
-				 * from tc, into its netns or through cni0 (UDP,
-				 * conntrack-confirmed, not NATed: fastpath.h); also in DECAP */
+	DIR_FAST_DELIVER = 4,	/* kernel hook, UDP fast path (fastpath.h): from a peer straight
+				 * to the pod, into its netns or through cni0; also in
+				 * DECAP (vxlan) or DELIVER (host-gw) */
+	DIR_FAST_SEND = 5,	/* kernel hook, UDP fast path: from a pod, taken at cni0's
+				 * ingress straight to the peer; also in ENCAP or FORWARD */
 	DIR_MAX
 };
 

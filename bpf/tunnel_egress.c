@@ -14,8 +14,7 @@
 #include "parse.h"
 #include "counters.h"
 #include "csum.h"
-#include "fib.h"
-#include "vxlan.h"
+#include "send.h"
 
 static __always_inline int shot(int backend, int reason, __u64 bytes)
 {
@@ -34,8 +33,6 @@ int tunnel_egress(struct __sk_buff *skb)
 	struct iphdr *ip;
 	__u64 bytes = skb->len;
 	__u32 zero = 0;
-	int reason = REASON_NONE;
-	int verdict;
 
 	cfg = node_config.lookup(&zero);
 	if (!cfg || !cfg->public_ip)
@@ -56,24 +53,5 @@ int tunnel_egress(struct __sk_buff *skb)
 	/* Copy: the entry may be replaced while we work; the packet sees one version. */
 	__builtin_memcpy(&peer, found, sizeof(peer));
 
-	if (peer.backend == BACKEND_VXLAN) {
-		reason = vxlan_encap(skb, cfg, &peer);
-		if (reason != REASON_NONE)
-			return shot(BACKEND_VXLAN, reason, bytes);
-		verdict = redirect_to_next_hop(skb, cfg->public_ip, peer.public_ip,
-					       cfg->underlay_ifindex, &reason);
-		if (verdict == TC_ACT_SHOT)
-			return shot(BACKEND_VXLAN, reason, bytes);
-		count_traffic(BACKEND_VXLAN, DIR_ENCAP, bytes);
-		return verdict;
-	}
-	if (peer.backend == BACKEND_HOST_GW) {
-		verdict = redirect_to_next_hop(skb, cfg->public_ip, peer.public_ip,
-					       cfg->underlay_ifindex, &reason);
-		if (verdict == TC_ACT_SHOT)
-			return shot(BACKEND_HOST_GW, reason, bytes);
-		count_traffic(BACKEND_HOST_GW, DIR_FORWARD, bytes);
-		return verdict;
-	}
-	return shot(BACKEND_NONE, DROP_NO_ROUTE, bytes);
+	return send_to_peer(skb, cfg, &peer, bytes);
 }

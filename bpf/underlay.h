@@ -7,8 +7,13 @@
 #ifndef FXDP_UNDERLAY_H
 #define FXDP_UNDERLAY_H
 
+#include "parse.h"
+#include "counters.h"
+#include "vxlan.h"
+
 enum underlay_action {
 	UNDERLAY_PASS,		/* not ours: to the stack untouched (counted here) */
+	UNDERLAY_HOST_GW,	/* a host-gw peer's pod to ours: to the stack (counted here) */
 	UNDERLAY_DROP,		/* ours but unacceptable (counted here) */
 	UNDERLAY_DECAP,		/* ours: strip VXLAN_ENCAP_LEN and deliver (caller counts) */
 };
@@ -74,10 +79,11 @@ static __always_inline int classify_underlay(const struct node_config *cfg, void
 		reason = parse_vxlan(&h, data_end, cfg);
 	if (reason != REASON_NONE) {
 		if (reason >= PASS_NOT_UDP && reason <= PASS_OTHER_VNI &&
-		    is_host_gw_delivery(cfg, h.ip))
+		    is_host_gw_delivery(cfg, h.ip)) {
 			count_traffic(BACKEND_HOST_GW, DIR_DELIVER, bytes);
-		else
-			count_reason(BACKEND_NONE, reason, bytes);
+			return UNDERLAY_HOST_GW;
+		}
+		count_reason(BACKEND_NONE, reason, bytes);
 		return UNDERLAY_PASS;
 	}
 	reason = inner_reason(cfg, &h, data_end);

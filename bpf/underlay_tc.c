@@ -20,7 +20,8 @@
  * that device, so anti-spoofing is the same as with the BPF decap.
  *
  * Built also with FXDP_UDP_FAST_PATH, it delivers single UDP datagrams of
- * conntrack-confirmed, un-NATed flows to local pods itself (fastpath.h).
+ * conntrack-confirmed, un-NATed flows from vxlan and host-gw peers to local pods
+ * itself (fastpath.h).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -63,6 +64,11 @@ int underlay_tc(struct __sk_buff *skb)
 	switch (classify_underlay(cfg, data, data_end, bytes)) {
 	case UNDERLAY_PASS:
 		return TC_ACT_OK;
+	case UNDERLAY_HOST_GW:
+#ifdef FXDP_UDP_FAST_PATH
+		return fast_deliver(skb, cfg, bytes, 0, BACKEND_HOST_GW);
+#endif
+		return TC_ACT_OK;
 	case UNDERLAY_DROP:
 		return TC_ACT_SHOT;
 	}
@@ -76,7 +82,7 @@ int underlay_tc(struct __sk_buff *skb)
 #ifdef FXDP_KERNEL_DECAP
 	count_traffic(BACKEND_VXLAN, DIR_DECAP, bytes - VXLAN_ENCAP_LEN);
 #ifdef FXDP_UDP_FAST_PATH
-	return udp_fast_path(skb, cfg, bytes);
+	return fast_deliver(skb, cfg, bytes, VXLAN_ENCAP_LEN, BACKEND_VXLAN);
 #endif
 	return TC_ACT_OK;
 #endif

@@ -32,6 +32,7 @@ int underlay_xdp(struct xdp_md *ctx)
 	}
 	switch (classify_underlay(cfg, data, data_end, bytes)) {
 	case UNDERLAY_PASS:
+	case UNDERLAY_HOST_GW:
 		return XDP_PASS;
 	case UNDERLAY_DROP:
 		return XDP_DROP;

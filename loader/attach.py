@@ -34,6 +34,10 @@ class AttachError(RuntimeError):
     pass
 
 
+class NoSuchInterface(AttachError):
+    pass
+
+
 class XdpMode(StrEnum):
     AUTO = "auto"
     NATIVE = "native"
@@ -43,7 +47,7 @@ class XdpMode(StrEnum):
 def _index(ipr: IPRoute, dev: str) -> int:
     found = ipr.link_lookup(ifname=dev)
     if not found:
-        raise AttachError(f"interface {dev!r} does not exist in this network namespace")
+        raise NoSuchInterface(f"interface {dev!r} does not exist in this network namespace")
     return found[0]
 
 
@@ -72,6 +76,27 @@ def attach_tc(dev: str, direction: str, prog_fd: int, prog_name: str) -> None:
         except NetlinkError as exc:
             raise AttachError(f"{dev}: cannot attach {prog_name} to tc {direction}: {exc}") from exc
     log.info("attached %s to tc %s of %s", prog_name, direction, dev)
+
+
+def tc_filter_name(dev: str, direction: str) -> str | None:
+    """The program name of our filter on dev's tc hook; None without one (or without dev)."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=dev)
+        if not found:
+            return None
+        try:
+            filters = ipr.get_filters(found[0], parent=TC_PARENT[direction])
+        except NetlinkError as exc:
+            if exc.code == errno.EINVAL:  # no clsact qdisc
+                return None
+            raise
+    for f in filters:
+        if f["info"] >> 16 == TC_PRIO and f.get_attr("TCA_KIND") == "bpf":
+            options = f.get_attr("TCA_OPTIONS")
+            name = options.get_attr("TCA_BPF_NAME") if options else None
+            if name:
+                return name
+    return None
 
 
 def detach_tc(dev: str, direction: str) -> bool:

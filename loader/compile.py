@@ -55,7 +55,7 @@ class BuildParams:
     maps_dir: str
     max_subnets: int = defaults.MAX_SUBNETS
     kernel_decap: bool = False  # underlay_tc only judges; the vxlan device decapsulates
-    udp_fast_path: bool = False  # with kernel_decap: bpf/fastpath.h (datapath.udp_fast_path_fits)
+    udp_fast_path: bool = False  # bpf/fastpath.h (where: datapath.udp_fast_path_fits)
 
     def cflags(self) -> list[str]:
         if '"' in self.maps_dir or "\\" in self.maps_dir:
@@ -70,8 +70,6 @@ class BuildParams:
         if self.kernel_decap:
             flags.append("-DFXDP_KERNEL_DECAP")
         if self.udp_fast_path:
-            if not self.kernel_decap:
-                raise CompileError("the UDP fast path is part of the kernel ingress hook only")
             from .kfunc import kfunc_cflags
 
             flags += ["-DFXDP_UDP_FAST_PATH", *kfunc_cflags()]

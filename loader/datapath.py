@@ -34,6 +34,9 @@ TUNNEL_EGRESS = Program("tunnel_egress", "tc", "egress")
 UNDERLAY_XDP = Program("underlay_xdp", "xdp")
 UNDERLAY_TC = Program("underlay_tc", "tc", "ingress")
 TUNNEL_INGRESS = Program("tunnel_ingress", "tc", "ingress")  # kernel hook: on flannel.<VNI>
+BRIDGE_INGRESS = Program("bridge_ingress", "tc", "ingress")  # UDP fast path: on cni0
+# Programs that call conntrack's kfuncs (bpf/kfuncs.h): loaded by loader/kfunc.py.
+KFUNC_USERS = (UNDERLAY_TC, BRIDGE_INGRESS)
 
 
 class IngressHook(StrEnum):
@@ -70,15 +73,23 @@ UNDERLAY_PROGRAM = {
 DEFAULT_INGRESS_HOOK = IngressHook(defaults.INGRESS_HOOK)
 
 
+UDP_FAST_PATH_FITS = "a vxlan network with the kernel ingress hook, or host-gw with tc or kernel"
+
+
 def udp_fast_path_fits(backend_type: str, hook: IngressHook) -> bool:
-    """The UDP fast path (bpf/fastpath.h) is part of the kernel hook's VXLAN decap."""
-    return backend_type == "vxlan" and hook is IngressHook.KERNEL
+    """Where the UDP fast path (bpf/fastpath.h) is built: the receiving side is part of
+    underlay_tc, after the kernel hook's judgement of VXLAN (the tc hook decapsulates
+    in BPF already) or for host-gw deliveries, which both tc hooks see."""
+    if backend_type == "vxlan":
+        return hook is IngressHook.KERNEL
+    return backend_type == "host-gw" and hook in (IngressHook.TC, IngressHook.KERNEL)
 
 
-def programs(hook: IngressHook) -> tuple[Program, ...]:
+def programs(hook: IngressHook, udp_fast_path: bool = False) -> tuple[Program, ...]:
+    fast = (BRIDGE_INGRESS,) if udp_fast_path else ()
     if hook is IngressHook.KERNEL:
-        return TUNNEL_EGRESS, UNDERLAY_TC, TUNNEL_INGRESS
-    return TUNNEL_EGRESS, UNDERLAY_PROGRAM[hook]
+        return TUNNEL_EGRESS, UNDERLAY_TC, TUNNEL_INGRESS, *fast
+    return TUNNEL_EGRESS, UNDERLAY_PROGRAM[hook], *fast
 
 
 @dataclass(frozen=True)
@@ -138,14 +149,14 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     resized = _set_aside_resized_subnets(pins, cfg.max_subnets)
 
     kinds = {"xdp": BPF.XDP, "tc": BPF.SCHED_CLS}
-    progs = programs(cfg.ingress_hook)
+    progs = programs(cfg.ingress_hook, cfg.udp_fast_path)
     modules, fds = [], {}
     own_fds: list[int] = []  # loaded outside bcc: closed here, not by module.cleanup()
     try:
         for prog in progs:
             module = compile_program(prog.name, params)
             modules.append(module)
-            if params.udp_fast_path and prog is UNDERLAY_TC:  # calls conntrack's kfuncs
+            if params.udp_fast_path and prog in KFUNC_USERS:
                 fds[prog.name] = kfunc.load(module, prog.name, kinds[prog.hook])
                 own_fds.append(fds[prog.name])
             else:
@@ -190,9 +201,17 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
             tunnel.name, TUNNEL_INGRESS.direction, fds[TUNNEL_INGRESS.name], TUNNEL_INGRESS.name
         )
     mode = _attach_underlay(cfg, fds)
+    if BRIDGE_INGRESS in progs:
+        if not attach_bridge(fds[BRIDGE_INGRESS.name]):
+            log.info(
+                "%s does not exist yet: the UDP fast path's sending side waits for it",
+                defaults.CNI_BRIDGE,
+            )
+    else:
+        detach_bridge()
     for prog in progs:
         _pin_replacing(fds[prog.name], pins.prog(prog.name))
-    for prog in {*UNDERLAY_PROGRAM.values(), TUNNEL_INGRESS}:
+    for prog in {*UNDERLAY_PROGRAM.values(), TUNNEL_INGRESS, BRIDGE_INGRESS}:
         if prog not in progs and os.path.exists(pins.prog(prog.name)):
             os.unlink(pins.prog(prog.name))
     if resized:  # the old programs, and with them the last users of the old map, are gone
@@ -270,9 +289,42 @@ def _attach_underlay(cfg: DataPathConfig, fds: dict[str, int]) -> attach.XdpMode
     return None
 
 
+def bridge_program_attached(bridge: str = defaults.CNI_BRIDGE) -> bool:
+    return attach.tc_filter_name(bridge, BRIDGE_INGRESS.direction) == BRIDGE_INGRESS.name
+
+
+def attach_bridge(prog_fd: int, bridge: str = defaults.CNI_BRIDGE) -> bool:
+    """Attach the fast path's sending side to the pods' bridge; False when it does not
+    exist (yet: the CNI plugin makes it for the node's first pod)."""
+    try:
+        attach.attach_tc(bridge, BRIDGE_INGRESS.direction, prog_fd, BRIDGE_INGRESS.name)
+    except attach.NoSuchInterface:
+        return False
+    return True
+
+
+def ensure_bridge_program(bpffs: str, bridge: str = defaults.CNI_BRIDGE) -> bool:
+    """Attach the pinned bridge_ingress to the bridge unless it is there already (the
+    bridge appeared, or was made anew, after install()); True when it attached it now."""
+    if bridge_program_attached(bridge):
+        return False
+    fd = libbpf.obj_get(PinDir(bpffs).prog(BRIDGE_INGRESS.name))
+    try:
+        return attach_bridge(fd, bridge)
+    finally:
+        os.close(fd)
+
+
+def detach_bridge(bridge: str = defaults.CNI_BRIDGE) -> None:
+    """Take our program off the bridge, if it is ours that is there."""
+    if bridge_program_attached(bridge):
+        attach.detach_tc(bridge, BRIDGE_INGRESS.direction)
+
+
 def uninstall(bpffs: str, underlay: str | None, vni: int = defaults.VXLAN_VNI) -> None:
     """Detach everything, delete the tunnel device and unpin; safe to repeat."""
     tunnel, _ = devices.tunnel_names(vni)
+    detach_bridge()
     if underlay:
         attach.detach_xdp(underlay)
         attach.detach_tc(underlay, UNDERLAY_TC.direction)

@@ -157,21 +157,29 @@ CASES: dict[str, Case] = {
         ("host-gw needs the public IP on ul0 (192.0.2.10), not 198.51.100.7",),
         args=("--public-ip", "198.51.100.7"),
     ),
-    "fast-path-with-host-gw": Case(
+    "fast-path-with-host-gw-and-xdp-hook": Case(
         cfg(Backend_Type="host-gw"),
         (
-            "--udp-fast-path is part of the kernel ingress hook of a vxlan network; "
-            "this node runs host-gw with the tc hook",
+            "--udp-fast-path fits a vxlan network with the kernel ingress hook, or host-gw "
+            "with tc or kernel; this node runs host-gw with the xdp hook",
         ),
-        args=("--udp-fast-path",),
+        args=("--udp-fast-path", "--ingress-hook", "xdp"),
     ),
     "fast-path-with-xdp-hook": Case(
         json.dumps(GOOD),
         (
-            "--udp-fast-path is part of the kernel ingress hook of a vxlan network; "
-            "this node runs vxlan with the xdp hook",
+            "--udp-fast-path fits a vxlan network with the kernel ingress hook, or host-gw "
+            "with tc or kernel; this node runs vxlan with the xdp hook",
         ),
         args=("--udp-fast-path", "--ingress-hook", "xdp"),
+    ),
+    "fast-path-with-vxlan-and-tc-hook": Case(
+        json.dumps(GOOD),
+        (
+            "--udp-fast-path fits a vxlan network with the kernel ingress hook, or host-gw "
+            "with tc or kernel; this node runs vxlan with the tc hook",
+        ),
+        args=("--udp-fast-path", "--ingress-hook", "tc"),
     ),
     # -- the node: interface, bpffs, capabilities -----------------------------------------
     "iface-missing": Case(

@@ -1,11 +1,13 @@
-"""The UDP fast path (bpf/fastpath.h) on a two-node lab with flanneld's iptables rules
-(so conntrack runs in the node netns, as on any Kubernetes node).
+"""The UDP fast path (bpf/fastpath.h) on two-node labs, vxlan (kernel hook) and host-gw
+(tc hook), with flanneld's iptables rules (so conntrack runs in the node netns, as on
+any Kubernetes node).
 
-What must hold: UDP of a flow conntrack has confirmed un-NATed skips the stack (counted
-as fast_path, every datagram delivered intact), straight into the pod's netns when
-local_pods knows the pod, through cni0 when it does not; the reply leg of a
-Service-DNATed flow never does (the stack must undo the DNAT, or the client's connected
-socket drops the replies); TCP never does.
+What must hold: UDP of a flow conntrack has confirmed un-NATed skips the stack on both
+nodes (counted as fast_send on the sender, fast_deliver on the receiver, every datagram
+delivered intact): sent from cni0's ingress to the peer, delivered straight into the
+pod's netns when local_pods knows the pod, through cni0 when it does not. A flow NATed
+on either node never does, in either direction (the stack must undo the NAT, or the
+client's connected socket drops the replies); TCP never does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pyroute2 import IPRoute
 from flannel_xdp import defaults, netns
 from flannel_xdp.agent import local_pods
 from flannel_xdp.lab import Cluster, ClusterSpec, NetworkBackend, Node, Pod, process, traffic
+from flannel_xdp.loader import datapath
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps.views import LocalPodsMap
@@ -36,18 +39,22 @@ SERVER_PORT = 9000
 DATAGRAMS = 300
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h: root may exceed net.core.rmem_max
 RCVBUF = 8 << 20  # every datagram of a burst fits, whatever the path's speed
-FAST = ("vxlan", "fast_path")
-DECAP = ("vxlan", "decap")
+# The hook each backend's fast path is built into (datapath.udp_fast_path_fits).
+HOOKS = {NetworkBackend.VXLAN: IngressHook.KERNEL, NetworkBackend.HOST_GW: IngressHook.TC}
+# The counters (direction label per backend) of a packet sent and of one received.
+SENT = {NetworkBackend.VXLAN: "encap", NetworkBackend.HOST_GW: "forward"}
+RECEIVED = {NetworkBackend.VXLAN: "decap", NetworkBackend.HOST_GW: "deliver"}
+FAST = ("vxlan", "fast_deliver")  # vxlan, for the agent's test
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+@pytest.fixture(scope="module", params=list(HOOKS), ids=lambda b: b.value)
+def cluster(request) -> Iterator[Cluster]:
     require_root_and_bcc("ip", "iptables")
     spec = ClusterSpec.uniform(
         nodes=2,
         pods=1,
-        backend=NetworkBackend.VXLAN,
-        ingress_hook=IngressHook.KERNEL,
+        backend=request.param,
+        ingress_hook=HOOKS[request.param],
         udp_fast_path=True,
         ip_masq=True,
     )
@@ -55,9 +62,13 @@ def cluster() -> Iterator[Cluster]:
         yield c
 
 
-def packets(cluster: Cluster, node_index: int, before, key) -> int:
+def packets(cluster: Cluster, node_index: int, before, direction: str) -> int:
+    """Packets counted since before under the cluster's backend and this direction:
+    fast_send, fast_deliver, sent (encap/forward) or received (decap/deliver)."""
+    backend = cluster.spec.backend
+    label = {"sent": SENT[backend], "received": RECEIVED[backend]}.get(direction, direction)
     node = cluster.nodes[node_index]
-    return cluster.counters(node).since(before).traffic.get(key, (0, 0))[0]
+    return cluster.counters(node).since(before).traffic.get((backend.value, label), (0, 0))[0]
 
 
 @contextlib.contextmanager
@@ -136,14 +147,21 @@ def send_and_receive(a: Pod, b: Pod) -> None:
     assert sorted(got) == sorted(sent)
 
 
-def test_confirmed_udp_skips_the_stack_into_the_pods_netns(cluster):
+def test_confirmed_udp_skips_the_stack_on_both_nodes(cluster):
     a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
-    before, veth_before = cluster.counters(cluster.nodes[1]), veth_tx_packets(cluster, b)
+    before = [cluster.counters(n) for n in cluster.nodes]
+    veth_before = veth_tx_packets(cluster, b)
     send_and_receive(a, b)
-    fast, decap = packets(cluster, 1, before, FAST), packets(cluster, 1, before, DECAP)
-    assert decap == DATAGRAMS
+    sent, fast_sent = (
+        packets(cluster, 0, before[0], "sent"),
+        packets(cluster, 0, before[0], "fast_send"),
+    )
+    received = packets(cluster, 1, before[1], "received")
+    fast = packets(cluster, 1, before[1], "fast_deliver")
+    assert sent == received == DATAGRAMS
     # the first datagram has no conntrack entry yet: the stack takes it and confirms one
-    assert DATAGRAMS - 5 <= fast < DATAGRAMS, f"fast path {fast} of {DATAGRAMS}"
+    assert DATAGRAMS - 5 <= fast_sent < DATAGRAMS, f"fast send {fast_sent} of {DATAGRAMS}"
+    assert DATAGRAMS - 5 <= fast < DATAGRAMS, f"fast delivery {fast} of {DATAGRAMS}"
     # only what the stack delivered crossed the pod's veth end (and maybe an ARP probe)
     assert veth_tx_packets(cluster, b) - veth_before <= DATAGRAMS - fast + 2
 
@@ -153,7 +171,7 @@ def test_a_pod_local_pods_does_not_know_is_reached_through_cni0(cluster):
     with local_pods_emptied(cluster, cluster.nodes[1]):
         before, veth_before = cluster.counters(cluster.nodes[1]), veth_tx_packets(cluster, b)
         send_and_receive(a, b)
-        assert packets(cluster, 1, before, FAST) >= DATAGRAMS - 5
+        assert packets(cluster, 1, before, "fast_deliver") >= DATAGRAMS - 5
         assert veth_tx_packets(cluster, b) - veth_before >= DATAGRAMS
 
 
@@ -171,15 +189,59 @@ def test_the_reply_leg_of_a_dnated_flow_takes_the_stack(cluster):
         process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
     # A connected socket takes replies from SERVICE_IP:53 only: un-DNATed by the stack.
     assert replies == [b"req %05d " % i + bytes(50) for i in range(100)]
-    assert packets(cluster, 0, before[0], DECAP) == 100
-    assert packets(cluster, 0, before[0], FAST) == 0, "a DNATed flow skipped the stack"
+    assert packets(cluster, 0, before[0], "received") == 100
+    assert packets(cluster, 0, before[0], "fast_deliver") == 0, "a DNATed flow skipped the stack"
+    assert packets(cluster, 0, before[0], "fast_send") == 0, "a DNATed flow skipped the stack"
     # The server's node saw a plain flow (the DNAT happened on the client's node).
-    assert packets(cluster, 1, before[1], FAST) >= 95
+    assert packets(cluster, 1, before[1], "fast_deliver") >= 95
+    assert packets(cluster, 1, before[1], "fast_send") >= 95
+
+
+def test_a_flow_dnated_on_the_servers_node_takes_the_stack_there(cluster):
+    """As a hostPort or a NodePort's DNAT: the client's node sees a plain flow, the
+    server's node must rewrite the replies' source port back, on the sending side."""
+    client_node, server_node = cluster.nodes
+    a, b = client_node.pods[0], server_node.pods[0]
+    match = ["PREROUTING", "-d", str(b.ip), "-p", "udp", "--dport", str(SERVICE_PORT)]
+    rule = [*match, "-j", "DNAT", "--to-destination", f"{b.ip}:{SERVER_PORT}"]
+    process.run(server_node.netns, ["iptables", "-w", "-t", "nat", "-A", *rule])
+    before = [cluster.counters(n) for n in cluster.nodes]
+    try:
+        with echo_server(b):
+            replies = exchange(a, (str(b.ip), SERVICE_PORT), 100)
+    finally:
+        process.run(server_node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
+    # A connected socket takes replies from port 53 only: un-DNATed by the server's stack.
+    assert replies == [b"req %05d " % i + bytes(50) for i in range(100)]
+    assert packets(cluster, 1, before[1], "fast_deliver") == 0, "a DNATed flow skipped the stack"
+    assert packets(cluster, 1, before[1], "fast_send") == 0, "a DNATed flow skipped the stack"
+    assert packets(cluster, 1, before[1], "sent") == 100
+    assert packets(cluster, 0, before[0], "fast_send") >= 95
+    assert packets(cluster, 0, before[0], "fast_deliver") >= 95
+
+
+def test_the_sending_side_follows_cni0(cluster):
+    """install() attached bridge_ingress to cni0; a cni0 without it (made anew) gets it
+    back from the pin (what the agent does every scan), and UDP skips the stack again."""
+    node, a, b = cluster.nodes[0], cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    with netns.entered(node.netns):
+        assert datapath.bridge_program_attached()
+        datapath.detach_bridge()
+        assert not datapath.bridge_program_attached()
+    before = cluster.counters(node)
+    send_and_receive(a, b)
+    assert packets(cluster, 0, before, "fast_send") == 0
+    with netns.entered(node.netns):
+        assert datapath.ensure_bridge_program(node.bpffs) is True
+        assert datapath.ensure_bridge_program(node.bpffs) is False  # there already
+    before = cluster.counters(node)
+    send_and_receive(a, b)
+    assert packets(cluster, 0, before, "fast_send") >= DATAGRAMS - 5
 
 
 def test_tcp_never_takes_the_fast_path(cluster):
     a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
-    before = cluster.counters(cluster.nodes[1])
+    before = [cluster.counters(n) for n in cluster.nodes]
     data = bytes(range(256)) * 4096  # 1 MiB
     with netns.entered(b.netns):
         srv = socket.socket()
@@ -206,8 +268,10 @@ def test_tcp_never_takes_the_fast_path(cluster):
                 got += chunk
             sender.join(5)
     assert bytes(got) == data
-    assert packets(cluster, 1, before, DECAP) > 0
-    assert packets(cluster, 1, before, FAST) == 0
+    assert packets(cluster, 1, before[1], "received") > 0
+    assert packets(cluster, 1, before[1], "fast_deliver") == 0
+    assert packets(cluster, 0, before[0], "sent") > 0
+    assert packets(cluster, 0, before[0], "fast_send") == 0
 
 
 def test_the_agents_cni0_scan_finds_the_pods_that_talked(cluster):

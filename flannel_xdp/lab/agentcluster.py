@@ -131,7 +131,7 @@ class AgentClusterSpec:
         if self.direct_routing and self.backend is not NetworkBackend.VXLAN:
             raise LabError("DirectRouting is a vxlan option")
         if self.udp_fast_path and not datapath.udp_fast_path_fits(self.backend, self.ingress_hook):
-            raise LabError("--udp-fast-path needs a vxlan network and the kernel ingress hook")
+            raise LabError(f"--udp-fast-path fits {datapath.UDP_FAST_PATH_FITS}")
 
     def net_conf(self) -> dict:
         """flannel's network config (net-conf.json), as put at <prefix>/config."""

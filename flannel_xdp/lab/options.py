@@ -44,7 +44,7 @@ def _cluster_shape(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--udp-fast-path",
         action="store_true",
-        help="agents run with --udp-fast-path (vxlan, kernel hook)",
+        help="agents run with --udp-fast-path (vxlan with the kernel hook, host-gw)",
     )
 
 

@@ -1,0 +1,30 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * tc ingress on cni0 (the UDP fast path, kernel hook only): what the bridge
+ * passes up to the node, that is what this node's pods send to their gateway.
+ * Single UDP datagrams of conntrack-confirmed, un-NATed flows to a remote pod go
+ * straight to the peer (fastpath.h); everything else, and every frame the
+ * program does not understand, goes on to the stack untouched and uncounted:
+ * this hook sees all of the node's pod traffic, most of it none of ours.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "layout.h"
+#include "parse.h"
+#include "counters.h"
+#include "fastpath.h"
+
+int bridge_ingress(struct __sk_buff *skb)
+{
+	struct node_config *cfg;
+	__u32 zero = 0;
+
+	cfg = node_config.lookup(&zero);
+	if (!cfg || !cfg->public_ip)
+		return TC_ACT_OK;
+	if ((void *)(long)skb->data + ETH_HLEN + IPV4_HLEN + UDP_HLEN >
+	    (void *)(long)skb->data_end)
+		bpf_skb_pull_data(skb, ETH_HLEN + IPV4_HLEN + UDP_HLEN);
+	return fast_send(skb, cfg);
+}

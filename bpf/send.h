@@ -1,0 +1,52 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Sending a routed IPv4 frame on to the remote node that owns its destination:
+ * vxlan peers get it encapsulated, host-gw (and DirectRouting) peers get it as
+ * it is; both with the next hop's MAC, redirected straight to the underlay.
+ * Shared by tunnel_egress (after the stack routed the packet to flannel.<VNI>)
+ * and bridge_ingress's UDP fast path (fastpath.h).
+ */
+#ifndef FXDP_SEND_H
+#define FXDP_SEND_H
+
+#include "fib.h"
+#include "vxlan.h"
+
+/*
+ * Returns TC_ACT_REDIRECT (counted as encap or forward) or TC_ACT_SHOT
+ * (counted with its reason). The frame's Ethernet header is at skb->data.
+ */
+static __always_inline int send_to_peer(struct __sk_buff *skb, const struct node_config *cfg,
+					const struct remote_subnet *peer, __u64 bytes)
+{
+	int reason = REASON_NONE;
+	int verdict;
+
+	if (peer->backend == BACKEND_VXLAN) {
+		reason = vxlan_encap(skb, cfg, peer);
+		if (reason == REASON_NONE) {
+			verdict = redirect_to_next_hop(skb, cfg->public_ip, peer->public_ip,
+						       cfg->underlay_ifindex, &reason);
+			if (verdict != TC_ACT_SHOT) {
+				count_traffic(BACKEND_VXLAN, DIR_ENCAP, bytes);
+				return verdict;
+			}
+		}
+		count_reason(BACKEND_VXLAN, reason, bytes);
+		return TC_ACT_SHOT;
+	}
+	if (peer->backend == BACKEND_HOST_GW) {
+		verdict = redirect_to_next_hop(skb, cfg->public_ip, peer->public_ip,
+					       cfg->underlay_ifindex, &reason);
+		if (verdict != TC_ACT_SHOT) {
+			count_traffic(BACKEND_HOST_GW, DIR_FORWARD, bytes);
+			return verdict;
+		}
+		count_reason(BACKEND_HOST_GW, reason, bytes);
+		return TC_ACT_SHOT;
+	}
+	count_reason(BACKEND_NONE, DROP_NO_ROUTE, bytes);
+	return TC_ACT_SHOT;
+}
+
+#endif
