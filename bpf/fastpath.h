@@ -21,7 +21,13 @@
  * entry expires and its next packet takes the stack, which confirms it again),
  * and re-run filter rules on every packet of a confirmed flow, so a rule added
  * later that drops an established UDP flow takes effect when its entry goes
- * (`conntrack -D` makes that immediate).
+ * (`conntrack -D` makes that immediate, give or take FLOW_CACHE_NS).
+ *
+ * The conntrack lookup is half of the fast path's cost and answers the same for
+ * every packet of a flow: each CPU keeps its last "yes" per flow for FLOW_CACHE_NS
+ * of the coarse clock, as fib.h keeps FIB answers. A "no" is never kept, so a
+ * flow's first packets find conntrack's entry as soon as the stack confirmed it.
+ * Direct-mapped by a hash of the flow: a collision only costs a lookup.
  */
 #ifndef FXDP_FASTPATH_H
 #define FXDP_FASTPATH_H
@@ -37,6 +43,27 @@
 	((long (*)(void *ctx, __u32 ifindex, __u32 *mtu_len, __s32 len_diff, __u64 flags)) \
 	 BPF_FUNC_check_mtu)
 
+#define FLOW_CACHE_NS		1000000ULL	/* 1 ms */
+#define FLOW_CACHE_SLOTS	1024		/* a power of two */
+
+/* A UDP flow conntrack has confirmed un-NATed, as one direction's packets show it. */
+struct fast_flow {
+	__u64 expires_ns;
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+};
+
+BPF_PERCPU_ARRAY(fast_flows, struct fast_flow, FLOW_CACHE_SLOTS);
+
+static __always_inline int fast_flow_is(const struct fast_flow *f, const struct iphdr *ip,
+					const struct udphdr *udp)
+{
+	return f->saddr == ip->saddr && f->daddr == ip->daddr && f->sport == udp->source &&
+	       f->dport == udp->dest;
+}
+
 /*
  * The gate both directions share: one whole, unfragmented UDP datagram without IP
  * options that may still be forwarded, of a flow conntrack confirmed and did not
@@ -45,15 +72,31 @@
 static __always_inline int fast_path_allows(struct __sk_buff *skb, const struct iphdr *ip,
 					    const struct udphdr *udp)
 {
-	__u64 status;
+	__u32 ports = (__u32)udp->source << 16 | udp->dest;
+	__u32 slot = fmix32(ip->saddr ^ fmix32(ip->daddr ^ fmix32(ports))) & (FLOW_CACHE_SLOTS - 1);
+	struct fast_flow *f;
+	__u64 status, now;
 
 	if (skb->gso_size)
 		return 0;
 	if (ip->version != 4 || ip->ihl != IPV4_HLEN / 4 || ip->protocol != IPPROTO_UDP ||
 	    (ip->frag_off & bpf_htons(IP_FRAG_MASK)) || ip->ttl <= 1)
 		return 0;
+	now = bpf_ktime_get_coarse_ns();
+	f = fast_flows.lookup(&slot);
+	if (f && now < f->expires_ns && fast_flow_is(f, ip, udp))
+		return 1;
 	status = ct_status_ipv4(skb, ip->saddr, ip->daddr, udp->source, udp->dest, IPPROTO_UDP);
-	return (status & FXDP_IPS_CONFIRMED) && !(status & (FXDP_IPS_SRC_NAT | FXDP_IPS_DST_NAT));
+	if (!(status & FXDP_IPS_CONFIRMED) || (status & (FXDP_IPS_SRC_NAT | FXDP_IPS_DST_NAT)))
+		return 0;
+	if (f) {
+		f->saddr = ip->saddr;
+		f->daddr = ip->daddr;
+		f->sport = udp->source;
+		f->dport = udp->dest;
+		f->expires_ns = now + FLOW_CACHE_NS;
+	}
+	return 1;
 }
 
 /* What forwarding does to the header: TTL shares its 16-bit word with the protocol. */
@@ -92,15 +135,12 @@ static __always_inline int fast_deliver(struct __sk_buff *skb, const struct node
 
 	fib.family = AF_INET;
 	fib.tos = ip->tos;
-	fib.l4_protocol = IPPROTO_UDP;
-	fib.sport = udp->source;
-	fib.dport = udp->dest;
 	fib.tot_len = bpf_ntohs(ip->tot_len);
 	fib.ipv4_src = ip->saddr;
 	fib.ipv4_dst = daddr;
 	/* As the stack would route it: from the vxlan device, or from the underlay. */
 	fib.ifindex = offset ? cfg->tunnel_ifindex : cfg->underlay_ifindex;
-	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+	if (fib_lookup_cached(skb, &fib, 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return TC_ACT_OK;
 	pod = local_pods.lookup(&daddr);	/* fib.ipv4_dst may now be a gateway */
 	if (pod && mac_equal(pod->mac, fib.dmac))

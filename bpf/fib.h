@@ -17,45 +17,86 @@
 
 /*
  * bpf_fib_lookup() is half of tunnel_egress's cost per packet, and it answers
- * the same for every packet to one peer. Each CPU keeps its last successful
- * answer per peer for NEXT_HOP_CACHE_NS of the coarse clock (bpf_ktime_get_ns
- * reads the TSC, a quarter of a host-gw packet's cost in this VM), so a route
- * or neighbour change reaches the wire at most that plus one timer tick later
- * than the kernel's own output would see it (a kernel neighbour in STALE keeps
- * its old MAC for seconds). Unresolved neighbours and failures are never kept.
- * Direct-mapped by a hash of the next hop: a collision only costs a lookup.
+ * the same for every packet to one peer (or, on the fast path's delivery, to one
+ * pod). Each CPU keeps its last successful answer per question for FIB_CACHE_NS
+ * of the coarse clock (bpf_ktime_get_ns reads the TSC, a quarter of a host-gw
+ * packet's cost in this VM), so a route or neighbour change reaches the wire at
+ * most that plus one timer tick later than the kernel's own forwarding would see
+ * it (a kernel neighbour in STALE keeps its old MAC for seconds). Unresolved
+ * neighbours and failures are never kept. Direct-mapped by a hash of the
+ * question: a collision only costs a lookup.
  */
-#define NEXT_HOP_CACHE_NS	1000000ULL	/* 1 ms */
-#define NEXT_HOP_CACHE_SLOTS	1024		/* a power of two */
+#define FIB_CACHE_NS		1000000ULL	/* 1 ms */
+#define FIB_CACHE_SLOTS		1024		/* a power of two */
 
-struct next_hop {
+struct fib_answer {
 	__u64 expires_ns;
-	__be32 next_hop;		/* the key: peer address, ... */
-	__be32 src;			/* ... our source ... */
-	__u32 underlay_ifindex;		/* ... and the interface asked for */
-	__u32 ifindex;			/* the answer: where to redirect ... */
+	__be32 dst;			/* the question: destination, ... */
+	__be32 src;			/* ... source, ... */
+	__u32 in_ifindex;		/* ... the interface asked for, ... */
+	__u32 kind;			/* ... the lookup flags and the TOS (fib_kind()) */
+	__u32 ifindex;			/* the answer: where to send ... */
 	__u8 dmac[ETH_ALEN];		/* ... with which addresses */
 	__u8 smac[ETH_ALEN];
 	/* Largest IP length the route's MTU was seen to allow (0: none checked yet). */
 	__u32 max_ok_len;
 };
 
-BPF_PERCPU_ARRAY(next_hop_cache, struct next_hop, NEXT_HOP_CACHE_SLOTS);
+BPF_PERCPU_ARRAY(fib_cache, struct fib_answer, FIB_CACHE_SLOTS);
 
-static __always_inline struct next_hop *next_hop_slot(__be32 next_hop)
+static __always_inline __u32 fib_kind(const struct bpf_fib_lookup *fib, __u32 flags)
 {
-	__u32 slot = fmix32(next_hop) & (NEXT_HOP_CACHE_SLOTS - 1);
-
-	return next_hop_cache.lookup(&slot);
+	return flags | (__u32)fib->tos << 16;
 }
 
-/* A cached answer that holds for a packet of IP length tot_len (0: GSO, any size). */
-static __always_inline int next_hop_valid(const struct next_hop *nh, __be32 src, __be32 next_hop,
-					  __u32 underlay_ifindex, __u32 tot_len, __u64 now)
+/* A cached answer that holds for this question and a packet of IP length tot_len (0: GSO). */
+static __always_inline int fib_answer_valid(const struct fib_answer *a, __be32 dst, __be32 src,
+					    __u32 in_ifindex, __u32 kind, __u32 tot_len, __u64 now)
 {
-	return nh->next_hop == next_hop && nh->src == src &&
-	       nh->underlay_ifindex == underlay_ifindex && now < nh->expires_ns &&
-	       tot_len <= nh->max_ok_len;
+	return a->dst == dst && a->src == src && a->in_ifindex == in_ifindex && a->kind == kind &&
+	       now < a->expires_ns && tot_len <= a->max_ok_len;
+}
+
+/*
+ * bpf_fib_lookup(), answered from the cache when it can be. fib holds the question
+ * (family, ipv4_src, ipv4_dst, ifindex, tos, tot_len); on BPF_FIB_LKUP_RET_SUCCESS it
+ * holds ifindex, dmac and smac of the answer; any other result is the kernel's, with
+ * fib as it left it.
+ */
+static __always_inline int fib_lookup_cached(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
+					     __u32 flags)
+{
+	__be32 dst = fib->ipv4_dst, src = fib->ipv4_src;
+	__u32 in_ifindex = fib->ifindex, tot_len = fib->tot_len;
+	__u32 kind = fib_kind(fib, flags);
+	__u32 slot = fmix32(dst ^ fmix32(src ^ in_ifindex ^ kind)) & (FIB_CACHE_SLOTS - 1);
+	struct fib_answer *a = fib_cache.lookup(&slot);
+	__u64 now = bpf_ktime_get_coarse_ns();
+	int rc;
+
+	if (a && fib_answer_valid(a, dst, src, in_ifindex, kind, tot_len, now)) {
+		fib->ifindex = a->ifindex;
+		__builtin_memcpy(fib->dmac, a->dmac, ETH_ALEN);
+		__builtin_memcpy(fib->smac, a->smac, ETH_ALEN);
+		return BPF_FIB_LKUP_RET_SUCCESS;
+	}
+	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), flags);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS || !a)
+		return rc;
+	/* An expired or foreign entry starts its size record over. */
+	if (!fib_answer_valid(a, dst, src, in_ifindex, kind, 0, now))
+		a->max_ok_len = 0;
+	if (tot_len > a->max_ok_len)
+		a->max_ok_len = tot_len;
+	a->dst = dst;
+	a->src = src;
+	a->in_ifindex = in_ifindex;
+	a->kind = kind;
+	a->ifindex = fib->ifindex;
+	__builtin_memcpy(a->dmac, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(a->smac, fib->smac, ETH_ALEN);
+	a->expires_ns = now + FIB_CACHE_NS;
+	return rc;
 }
 
 static __always_inline int rewrite_and_redirect(struct __sk_buff *skb, const __u8 *dmac,
@@ -84,12 +125,13 @@ static __always_inline int redirect_to_next_hop(struct __sk_buff *skb, __be32 sr
 						int *reason)
 {
 	struct bpf_fib_lookup fib = {};
-	struct next_hop *cached;
 	void *data, *data_end;
-	__u32 tot_len = 0;
-	__u64 now;
 	int rc;
 
+	fib.family = AF_INET;
+	fib.ipv4_src = src;
+	fib.ipv4_dst = next_hop;
+	fib.ifindex = underlay_ifindex;
 	/*
 	 * A GSO packet is segmented to the route MTU later; only check single frames.
 	 * Test gso_size, not gso_segs: bpf_skb_adjust_room() zeroes gso_segs when it
@@ -97,19 +139,9 @@ static __always_inline int redirect_to_next_hop(struct __sk_buff *skb, __be32 sr
 	 * look like one oversized frame.
 	 */
 	if (!skb->gso_size)
-		tot_len = skb->len - ETH_HLEN;
-	now = bpf_ktime_get_coarse_ns();
-	cached = next_hop_slot(next_hop);
-	if (cached && next_hop_valid(cached, src, next_hop, underlay_ifindex, tot_len, now))
-		return rewrite_and_redirect(skb, cached->dmac, cached->smac, cached->ifindex, reason);
+		fib.tot_len = skb->len - ETH_HLEN;
 
-	fib.family = AF_INET;
-	fib.ipv4_src = src;
-	fib.ipv4_dst = next_hop;
-	fib.ifindex = underlay_ifindex;
-	fib.tot_len = tot_len;
-
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+	rc = fib_lookup_cached(skb, &fib, BPF_FIB_LOOKUP_OUTPUT);
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		/*
 		 * Let the neighbour subsystem resolve and queue, as ip_finish_output2 does.
@@ -141,20 +173,6 @@ static __always_inline int redirect_to_next_hop(struct __sk_buff *skb, __be32 sr
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
 		*reason = DROP_NO_UNDERLAY_ROUTE;
 		return TC_ACT_SHOT;
-	}
-	if (cached) {
-		/* An expired or foreign entry starts its size record over. */
-		if (!next_hop_valid(cached, src, next_hop, underlay_ifindex, 0, now))
-			cached->max_ok_len = 0;
-		if (tot_len > cached->max_ok_len)
-			cached->max_ok_len = tot_len;
-		cached->next_hop = next_hop;
-		cached->src = src;
-		cached->underlay_ifindex = underlay_ifindex;
-		cached->ifindex = fib.ifindex;
-		__builtin_memcpy(cached->dmac, fib.dmac, ETH_ALEN);
-		__builtin_memcpy(cached->smac, fib.smac, ETH_ALEN);
-		cached->expires_ns = now + NEXT_HOP_CACHE_NS;
 	}
 	return rewrite_and_redirect(skb, fib.dmac, fib.smac, fib.ifindex, reason);
 }

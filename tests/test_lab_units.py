@@ -195,12 +195,23 @@ def test_demo_spec_from_arguments():
 
 @pytest.mark.parametrize(
     ("backend", "hook"),
-    [(NetworkBackend.HOST_GW, IngressHook.KERNEL), (NetworkBackend.VXLAN, IngressHook.XDP)],
+    [
+        (NetworkBackend.HOST_GW, IngressHook.XDP),
+        (NetworkBackend.VXLAN, IngressHook.XDP),
+        (NetworkBackend.VXLAN, IngressHook.TC),
+    ],
 )
-def test_the_udp_fast_path_needs_vxlan_and_the_kernel_hook(backend, hook):
+def test_where_the_udp_fast_path_fits(backend, hook):
     spec = AgentClusterSpec(name="unit", backend=backend, ingress_hook=hook, udp_fast_path=True)
-    with pytest.raises(LabError, match="--udp-fast-path needs a vxlan network"):
+    with pytest.raises(LabError, match="--udp-fast-path fits a vxlan network with the kernel"):
         spec.validate()
-    AgentClusterSpec(name="unit", ingress_hook=IngressHook.KERNEL, udp_fast_path=True).validate()
+    for backend, hook in [
+        (NetworkBackend.VXLAN, IngressHook.KERNEL),
+        (NetworkBackend.HOST_GW, IngressHook.TC),
+        (NetworkBackend.HOST_GW, IngressHook.KERNEL),
+    ]:
+        AgentClusterSpec(
+            name="unit", backend=backend, ingress_hook=hook, udp_fast_path=True
+        ).validate()
     args = cli.build_parser().parse_args(["lab", "up", "--udp-fast-path"])
     assert args.udp_fast_path is True

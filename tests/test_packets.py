@@ -282,11 +282,11 @@ def test_encap_with_forwarding_off_is_a_counted_drop(lab):
     frame = to(PEER_A)
     sysctl(lab.ns, "net.ipv4.conf.u0.forwarding", "0")
     try:
-        wait_out_next_hop_cache()
+        wait_out_fib_cache()
         rv, _, delta = lab.counted("egress", frame)
     finally:
         sysctl(lab.ns, "net.ipv4.conf.u0.forwarding", "1")
-        wait_out_next_hop_cache()
+        wait_out_fib_cache()
     assert rv == TC_ACT_SHOT
     one(delta, ("reason", "vxlan", "DROP_NO_UNDERLAY_ROUTE"), 1, len(frame))
 
@@ -327,16 +327,16 @@ def test_underlay_mtu_boundary(lab, peer, inner_len, verdict, key):
     one(delta, key, 1, len(frame))
 
 
-# --- the next-hop cache (fib.h) -----------------------------------------------------------
+# --- the FIB cache (fib.h) ---------------------------------------------------------------
 
 CLOCK_MONOTONIC_COARSE = 6  # linux/time.h: the clock bpf_ktime_get_coarse_ns() reads
-NEXT_HOP_CACHE_S = c_define("fib.h", "NEXT_HOP_CACHE_NS") / 1e9
+FIB_CACHE_S = c_define("fib.h", "FIB_CACHE_NS") / 1e9
 
 
-def wait_out_next_hop_cache() -> None:
+def wait_out_fib_cache() -> None:
     """Past every CPU's cached bpf_fib_lookup answer (the window on the coarse clock,
     which lags by up to one tick): what the FIB says now applies."""
-    time.sleep(NEXT_HOP_CACHE_S + 2 * time.clock_getres(CLOCK_MONOTONIC_COARSE))
+    time.sleep(FIB_CACHE_S + 2 * time.clock_getres(CLOCK_MONOTONIC_COARSE))
 
 
 def test_a_changed_neighbour_reaches_the_wire_once_the_cache_window_passed(lab):
@@ -346,7 +346,7 @@ def test_a_changed_neighbour_reaches_the_wire_once_the_cache_window_passed(lab):
     moved = "02:00:00:00:00:99"
     ip(lab.ns, f"neigh replace {PEER_A.public_ip} lladdr {moved} dev u0 nud permanent")
     try:
-        wait_out_next_hop_cache()
+        wait_out_fib_cache()
         rv, out = lab.egress(frame)
         assert (rv, out[:6]) == (TC_ACT_REDIRECT, mac(moved)), "the old neighbour is still used"
     finally:
@@ -354,7 +354,7 @@ def test_a_changed_neighbour_reaches_the_wire_once_the_cache_window_passed(lab):
             lab.ns,
             f"neigh replace {PEER_A.public_ip} lladdr {PEER_A.neigh_mac} dev u0 nud permanent",
         )
-        wait_out_next_hop_cache()
+        wait_out_fib_cache()
 
 
 @pytest.mark.parametrize("peer", [PEER_A, PEER_HOSTGW], ids=["vxlan", "host-gw"])
