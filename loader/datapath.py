@@ -18,7 +18,14 @@ from flannel_xdp.loader import attach, devices, kfunc
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.maps import libbpf
-from flannel_xdp.maps.views import NodeConfigMap, NodeSettings, SubnetsMap
+from flannel_xdp.maps.views import (
+    CounterMap,
+    NodeConfigMap,
+    NodeSettings,
+    ReasonsMap,
+    SubnetsMap,
+    TrafficMap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +67,10 @@ class IngressHook(StrEnum):
         return devices.TunnelKind.VXLAN if self is IngressHook.KERNEL else devices.TunnelKind.VETH
 
 
-# Where a subnets map of another size waits while its replacement is filled (in the pin root).
+# Where a subnets map of another size waits while its replacement is filled, and counter
+# maps of another layout while the new programs are loaded (in the pin root).
 RESIZE_DIR = "resizing"
+STALE_COUNTERS_DIR = "stale-counters"
 
 UNDERLAY_PROGRAM = {
     IngressHook.XDP: UNDERLAY_XDP,
@@ -147,6 +156,7 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
         udp_fast_path=cfg.udp_fast_path,
     )
     resized = _set_aside_resized_subnets(pins, cfg.max_subnets)
+    stale = _set_aside_stale_counters(pins)
 
     kinds = {"xdp": BPF.XDP, "tc": BPF.SCHED_CLS}
     progs = programs(cfg.ingress_hook, cfg.udp_fast_path)
@@ -168,6 +178,8 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
             os.close(fd)
         if resized:
             _put_back_subnets(resized, pins.maps)
+        if stale:
+            _put_back(stale, pins)
         if fresh:
             pins.remove()
         raise
@@ -216,6 +228,8 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
             os.unlink(pins.prog(prog.name))
     if resized:  # the old programs, and with them the last users of the old map, are gone
         _drop_set_aside(resized)
+    if stale:
+        _drop_stale_counters(stale, pins)
     log.info(
         "data path installed: underlay %s (%s), tunnel %s, pins under %s",
         cfg.underlay,
@@ -274,6 +288,54 @@ def _put_back_subnets(aside: str, maps_dir: str) -> None:
 
 def _drop_set_aside(aside: str) -> None:
     os.unlink(os.path.join(aside, SubnetsMap.name))
+    os.rmdir(aside)
+
+
+COUNTER_MAPS: tuple[type[CounterMap], ...] = (TrafficMap, ReasonsMap)
+
+
+def _set_aside_stale_counters(pins: PinDir) -> list[str]:
+    """Move pinned counter maps with another number of slots than this build's out of
+    bcc's way (it would reuse them, and their counts would be read under other labels);
+    the new programs count in new, zeroed maps. Returns the names moved."""
+    stale = []
+    for view in COUNTER_MAPS:
+        path = os.path.join(pins.maps, view.name)
+        if not os.path.exists(path):
+            continue
+        fd = libbpf.obj_get(path)
+        try:
+            slots = libbpf.map_info(fd).max_entries
+        finally:
+            os.close(fd)
+        if slots != view.slots:
+            log.info(
+                "%s map: %d counters pinned by another version, this one counts in %d: "
+                "starting it anew at zero",
+                view.name,
+                slots,
+                view.slots,
+            )
+            stale.append(view.name)
+    if stale:
+        aside = os.path.join(pins.root, STALE_COUNTERS_DIR)
+        os.makedirs(aside, mode=0o700, exist_ok=True)
+        for name in stale:
+            os.rename(os.path.join(pins.maps, name), os.path.join(aside, name))
+    return stale
+
+
+def _put_back(stale: list[str], pins: PinDir) -> None:
+    aside = os.path.join(pins.root, STALE_COUNTERS_DIR)
+    for name in stale:
+        os.replace(os.path.join(aside, name), os.path.join(pins.maps, name))
+    os.rmdir(aside)
+
+
+def _drop_stale_counters(stale: list[str], pins: PinDir) -> None:
+    aside = os.path.join(pins.root, STALE_COUNTERS_DIR)
+    for name in stale:
+        os.unlink(os.path.join(aside, name))
     os.rmdir(aside)
 
 

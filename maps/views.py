@@ -294,7 +294,20 @@ class NodeConfigMap(PinnedMap):
 
 
 class CounterMap(PinnedMap):
-    """A per-CPU array of struct counter: values are summed over CPUs on read."""
+    """A per-CPU array of struct counter: values are summed over CPUs on read. A map
+    with another number of slots was made by a build with other labels (layout.h's
+    enums): reading it would put its counts under the wrong ones."""
+
+    slots: int = 0
+
+    def __init__(self, maps_dir: str):
+        super().__init__(maps_dir)
+        if self.max_entries != self.slots:
+            self.close()
+            raise LayoutMismatch(
+                f"{self.path}: {self.max_entries} counters, this build counts in {self.slots} "
+                "(pinned by another version; its next install replaces it)"
+            )
 
     def totals(self) -> list[tuple[int, int]]:
         ncpu = libbpf.num_possible_cpus()
@@ -308,6 +321,7 @@ class CounterMap(PinnedMap):
 
 class TrafficMap(CounterMap):
     name = "traffic"
+    slots = layout.BACKEND_MAX * layout.DIRECTION_MAX
 
     def by_label(self) -> dict[tuple[str, str], tuple[int, int]]:
         out = {}
@@ -320,6 +334,7 @@ class TrafficMap(CounterMap):
 
 class ReasonsMap(CounterMap):
     name = "reasons"
+    slots = layout.BACKEND_MAX * layout.REASON_MAX
 
     def by_label(self) -> dict[tuple[str, str], tuple[int, int]]:
         out = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import uuid
@@ -13,8 +14,16 @@ import pytest
 
 from flannel_xdp import netns
 from flannel_xdp.loader import attach, datapath, devices
+from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.maps.layout import Backend
-from flannel_xdp.maps.views import CapacityError, NodeConfigMap, Peer, SubnetsMap
+from flannel_xdp.maps.views import (
+    CapacityError,
+    LayoutMismatch,
+    NodeConfigMap,
+    Peer,
+    SubnetsMap,
+    TrafficMap,
+)
 from tests.requirements import require_root_and_bcc
 
 pytestmark = pytest.mark.root
@@ -238,3 +247,74 @@ def test_kernel_hook_follows_a_changed_vxlan_port(node):
     with netns.entered(ns):
         datapath.install(cfg, dataclasses.replace(NODE, vxlan_port=4789))
     assert port() == 4789
+
+
+def test_counters_pinned_by_another_layout_start_anew(node, caplog):
+    """A traffic map with another number of slots (a version with other directions)
+    would be reused by bcc and read under the wrong labels: install sets it aside and
+    counts in a new map; until then, readers refuse it rather than mislabel it."""
+    from bcc import BPF
+
+    ns, bpffs = node
+    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs)
+    pins = PinDir(bpffs)
+    pins.ensure()
+    old = BPF(
+        text=(
+            "struct counter { u64 packets; u64 bytes; };\n"
+            f'BPF_TABLE_PINNED("percpu_array", u32, struct counter, traffic, 3, '
+            f'"{pins.maps}/traffic");'
+        ).encode()
+    )
+    old.cleanup()
+    with pytest.raises(LayoutMismatch, match="3 counters, this build counts in"):
+        TrafficMap(pins.maps)
+    caplog.set_level(logging.INFO, logger="flannel_xdp.loader.datapath")
+    with netns.entered(ns):
+        datapath.install(cfg, NODE)
+    with TrafficMap(pins.maps) as traffic:
+        assert traffic.max_entries == TrafficMap.slots
+        assert all(total == (0, 0) for total in traffic.by_label().values())
+    assert "traffic map: 3 counters pinned by another version" in caplog.text
+    assert sorted(os.listdir(bpffs)) == ["maps", "progs"]
+
+
+def _someone_elses_filter(ns: str, dev: str, prio: int) -> int:
+    """Another user's tc ingress program on dev (its fd: close it after)."""
+    from bcc import BPF
+    from pyroute2 import IPRoute
+
+    module = BPF(text=b"int someone_elses(struct __sk_buff *skb) { return 0; }")
+    fd = os.dup(module.load_func(b"someone_elses", BPF.SCHED_CLS).fd)
+    module.cleanup()
+    with netns.entered(ns), IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=dev)[0]
+        ipr.tc("add", "clsact", idx)
+        parent = attach.TC_PARENT["ingress"]
+        ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name="someone_elses", parent=parent,
+               prio=prio, classid=1, direct_action=True)  # fmt: skip
+    return fd
+
+
+def test_the_fast_paths_sending_side_comes_and_goes_with_the_flag(node):
+    """--udp-fast-path pins bridge_ingress and attaches it to cni0; installing without the
+    flag takes it off cni0 (leaving cni0's other filters alone) and unpins it."""
+    ns, bpffs = node
+    _ip("-n", ns, "link", "add", "cni0", "type", "bridge")
+    keep_fd = _someone_elses_filter(ns, "cni0", prio=7)
+    fast = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, udp_fast_path=True)
+    pin = PinDir(bpffs).prog(datapath.BRIDGE_INGRESS.name)
+    with netns.entered(ns):
+        datapath.install(fast, NODE)
+        assert datapath.bridge_program_attached() and os.path.exists(pin)
+        datapath.install(dataclasses.replace(fast, udp_fast_path=False), NODE)
+        assert not datapath.bridge_program_attached() and not os.path.exists(pin)
+        datapath.install(fast, NODE)
+        datapath.uninstall(bpffs, "eth0", NODE.vni)
+        assert not datapath.bridge_program_attached()
+    filters = subprocess.run(
+        ["tc", "-n", ns, "filter", "show", "dev", "cni0", "ingress"], capture_output=True, text=True
+    )
+    os.close(keep_fd)
+    assert "bridge_ingress" not in filters.stdout
+    assert "pref 7 bpf" in filters.stdout and "someone_elses" in filters.stdout
