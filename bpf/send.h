@@ -19,33 +19,27 @@
 static __always_inline int send_to_peer(struct __sk_buff *skb, const struct node_config *cfg,
 					const struct remote_subnet *peer, __u64 bytes)
 {
+	int backend = peer->backend;
 	int reason = REASON_NONE;
 	int verdict;
 
-	if (peer->backend == BACKEND_VXLAN) {
+	if (backend != BACKEND_VXLAN && backend != BACKEND_HOST_GW) {
+		count_reason(BACKEND_NONE, DROP_NO_ROUTE, bytes);
+		return TC_ACT_SHOT;
+	}
+	if (backend == BACKEND_VXLAN) {
 		reason = vxlan_encap(skb, cfg, peer);
-		if (reason == REASON_NONE) {
-			verdict = redirect_to_next_hop(skb, cfg->public_ip, peer->public_ip,
-						       cfg->underlay_ifindex, &reason);
-			if (verdict != TC_ACT_SHOT) {
-				count_traffic(BACKEND_VXLAN, DIR_ENCAP, bytes);
-				return verdict;
-			}
-		}
-		count_reason(BACKEND_VXLAN, reason, bytes);
-		return TC_ACT_SHOT;
+		if (reason != REASON_NONE)
+			goto drop;
 	}
-	if (peer->backend == BACKEND_HOST_GW) {
-		verdict = redirect_to_next_hop(skb, cfg->public_ip, peer->public_ip,
-					       cfg->underlay_ifindex, &reason);
-		if (verdict != TC_ACT_SHOT) {
-			count_traffic(BACKEND_HOST_GW, DIR_FORWARD, bytes);
-			return verdict;
-		}
-		count_reason(BACKEND_HOST_GW, reason, bytes);
-		return TC_ACT_SHOT;
-	}
-	count_reason(BACKEND_NONE, DROP_NO_ROUTE, bytes);
+	verdict = redirect_to_next_hop(skb, cfg->public_ip, peer->public_ip, cfg->underlay_ifindex,
+				       &reason);
+	if (verdict == TC_ACT_SHOT)
+		goto drop;
+	count_traffic(backend, backend == BACKEND_VXLAN ? DIR_ENCAP : DIR_FORWARD, bytes);
+	return verdict;
+drop:
+	count_reason(backend, reason, bytes);
 	return TC_ACT_SHOT;
 }
 

@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from flannel_xdp.maps import layout
 from flannel_xdp.maps.libbpf import BpfError
-from flannel_xdp.maps.views import ReasonsMap, SubnetsMap, TrafficMap
+from flannel_xdp.maps.views import LayoutMismatch, ReasonsMap, SubnetsMap, TrafficMap
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class DataPathCollector(Collector):
                 entries.add_metric(["subnets"], sum(1 for _ in subnets.iter_keys()))
                 capacity.add_metric(["subnets"], subnets.max_entries)
             up.add_metric([], 1)
-        except (BpfError, OSError) as exc:
+        except (BpfError, OSError, LayoutMismatch) as exc:
             log.warning("cannot read the data path maps under %s: %s", self.maps_dir, exc)
             up.add_metric([], 0)
             yield up
