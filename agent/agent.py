@@ -577,36 +577,38 @@ class Agent:
                 await self._sleep_or_stop(RENEW_RETRY)
 
     async def _fast_path_loop(self) -> None:
-        """Keep the UDP fast path's view of cni0 current: local_pods equal to the pods on
-        it (direct delivery; a pod not in it yet is reached through cni0), and
-        bridge_ingress attached to it (the sending side; cni0 comes with the first pod,
-        and comes back new if it is ever made again)."""
+        """Keep the UDP fast path's view of the pods current: local_pods equal to the pods
+        on cni0 (a pod not in it yet is reached through cni0, and sends through it), and
+        pod_ingress attached to each of their veth ends (the sending side)."""
         maps_dir = PinDir(self.opts.bpffs).maps
         bridge = defaults.CNI_BRIDGE
         failing = False
         while not self._stop.is_set():
             try:
-                attached = await asyncio.to_thread(
-                    datapath.ensure_bridge_program, self.opts.bpffs, bridge
-                )
                 done = await asyncio.to_thread(local_pods.sync, maps_dir, bridge)
+                attached = await asyncio.to_thread(
+                    datapath.ensure_pod_ports, self.opts.bpffs, done.ports
+                )
             except (OSError, CapacityError, NetlinkError, datapath.attach.AttachError) as exc:
                 if not failing:
-                    log.warning("UDP fast path: keeping up with %s failed: %s", bridge, exc)
+                    log.warning(
+                        "UDP fast path: keeping up with the pods on %s failed: %s", bridge, exc
+                    )
                 failing = True
             else:
                 if failing:
-                    log.info("UDP fast path: keeping up with %s works again", bridge)
+                    log.info("UDP fast path: keeping up with the pods on %s works again", bridge)
                 failing = False
-                if attached:
-                    log.info("UDP fast path: sending side attached to %s", bridge)
-                if done.added or done.changed or done.removed:
+                applied = done.applied
+                if applied.added or applied.changed or applied.removed:
                     log.info(
                         "local pods: %d added, %d changed, %d removed",
-                        done.added,
-                        done.changed,
-                        done.removed,
+                        applied.added,
+                        applied.changed,
+                        applied.removed,
                     )
+                if attached:
+                    log.info("UDP fast path: sending side attached to %s", ", ".join(attached))
             await self._sleep_or_stop(defaults.LOCAL_PODS_INTERVAL_S)
 
     async def _sleep_or_stop(self, seconds: float) -> None:

@@ -1,27 +1,33 @@
-"""The pods on this node's cni0, for the UDP fast path's direct delivery.
+"""The pods on this node's cni0, for the UDP fast path.
 
 bpf/fastpath.h hands a datagram for a local pod straight to the pod's netns
-(bpf_redirect_peer on its veth end) when the local_pods map knows the pod; else it
-goes through cni0 as the bridge would send it. This module reads who is where from
-the kernel: cni0's neighbour table (pod IP -> MAC, filled when the node first
-forwards to a pod) joined with its forwarding database (MAC -> port, learned when the
-pod first sends). A port with any qdisc of its own (the CNI bandwidth plugin's tbf, a
-clsact with someone's programs) is left out: bpf_redirect_peer would skip it.
+(bpf_redirect_peer on its veth end) when the local_pods map knows the pod, else
+through cni0 as the bridge would send it; and it sends what a pod it knows routes to
+a remote pod straight from the pod's veth end (pod_ingress, attached by the agent).
+This module reads who is where from the kernel: cni0's neighbour table (pod IP ->
+MAC, filled when the node first forwards to a pod) joined with its forwarding
+database (MAC -> port, learned when the pod first sends). A port with a qdisc of its
+own (the CNI bandwidth plugin's tbf or ingress policing) or someone else's tc
+programs is left out: the fast path would skip them.
 """
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from pyroute2 import IPRoute
 
+from flannel_xdp.loader import attach
+from flannel_xdp.loader.datapath import POD_INGRESS
 from flannel_xdp.maps.views import ApplyResult, LocalPod, LocalPodsMap
 
 AF_BRIDGE = 7
 NUD_INCOMPLETE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x01, 0x20, 0x40, 0x80
 UNUSABLE = NUD_INCOMPLETE | NUD_FAILED
 TC_H_ROOT = 0xFFFFFFFF
+TC_H_CLSACT = 0xFFFFFFF1  # clsact's (and ingress's) parent
 PLAIN_ROOT_QDISCS = ("noqueue",)  # what a veth has until someone adds one
 
 
@@ -30,29 +36,56 @@ def _kind(link) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
+def _only_ours(ipr: IPRoute, index: int) -> bool:
+    """The port's clsact holds no filter but our pod_ingress."""
+    for direction, parent in attach.TC_PARENT.items():
+        for f in ipr.get_filters(index, parent=parent):
+            options = f.get_attr("TCA_OPTIONS")
+            if not options:
+                continue  # the header entry of a filter's prio
+            name = options.get_attr("TCA_BPF_NAME")
+            if direction != POD_INGRESS.direction or name != POD_INGRESS.name:
+                return False
+    return True
+
+
 def _plain_ports(ipr: IPRoute, bridge: int) -> set[int]:
-    """The bridge's veth ports with no qdisc but a veth's own (bpf_redirect_peer works on
-    veths only, and would skip any qdisc on the port)."""
+    """The bridge's veth ports with no qdisc but a veth's own and our clsact
+    (bpf_redirect_peer works on veths only, and the fast path skips the rest)."""
     ports = {
         link["index"]
         for link in ipr.get_links()
         if link.get_attr("IFLA_MASTER") == bridge and _kind(link) == "veth"
     }
     for qdisc in ipr.get_qdiscs():
-        index = qdisc["index"]
-        if index in ports and not (
-            qdisc["parent"] == TC_H_ROOT and qdisc.get_attr("TCA_KIND") in PLAIN_ROOT_QDISCS
-        ):
-            ports.discard(index)
+        index, kind = qdisc["index"], qdisc.get_attr("TCA_KIND")
+        if index not in ports:
+            continue
+        if qdisc["parent"] == TC_H_ROOT and kind in PLAIN_ROOT_QDISCS:
+            continue
+        if qdisc["parent"] == TC_H_CLSACT and kind == "clsact" and _only_ours(ipr, index):
+            continue
+        ports.discard(index)
     return ports
 
 
-def sync(maps_dir: str, bridge_name: str) -> ApplyResult:
+@dataclass(frozen=True)
+class SyncResult:
+    applied: ApplyResult
+    ports: list[str]  # the found pods' veth ends, for pod_ingress
+
+
+def sync(maps_dir: str, bridge_name: str) -> SyncResult:
     """Make the pinned local_pods map hold what scan() finds now."""
     with IPRoute() as ipr:
         pods = scan(ipr, bridge_name)
+        ports = []
+        for pod in pods:
+            links = ipr.get_links(pod.ifindex)
+            if links:
+                ports.append(links[0].get_attr("IFLA_IFNAME"))
     with LocalPodsMap(maps_dir) as local_pods:
-        return local_pods.apply(pods)
+        return SyncResult(local_pods.apply(pods), ports)
 
 
 def scan(ipr: IPRoute, bridge_name: str) -> list[LocalPod]:
@@ -61,6 +94,7 @@ def scan(ipr: IPRoute, bridge_name: str) -> list[LocalPod]:
     if not found:
         return []
     bridge = found[0]
+    gateway_mac = ipr.get_links(bridge)[0].get_attr("IFLA_ADDRESS")
     ports = _plain_ports(ipr, bridge)
     port_of: dict[str, int] = {}
     for entry in ipr.get_neighbours(family=AF_BRIDGE):
@@ -72,5 +106,5 @@ def scan(ipr: IPRoute, bridge_name: str) -> list[LocalPod]:
     for entry in ipr.get_neighbours(family=socket.AF_INET, ifindex=bridge):
         ip, mac = entry.get_attr("NDA_DST"), entry.get_attr("NDA_LLADDR")
         if mac in port_of and not entry["state"] & (UNUSABLE | NUD_NOARP):
-            pods.append(LocalPod(IPv4Address(ip), port_of[mac], mac))
+            pods.append(LocalPod(IPv4Address(ip), port_of[mac], mac, gateway_mac))
     return pods

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 from flannel_xdp import netns
 from flannel_xdp.lab import NetworkBackend, Node, traffic
-from flannel_xdp.lab.topology import CNI_BRIDGE, link_index
+from flannel_xdp.lab.topology import link_index
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
-from flannel_xdp.loader.datapath import BRIDGE_INGRESS, UNDERLAY_TC, UNDERLAY_XDP
+from flannel_xdp.loader.datapath import POD_INGRESS, UNDERLAY_TC, UNDERLAY_XDP
 from flannel_xdp.maps import libbpf
 
 from . import frames
@@ -289,8 +289,8 @@ def _fast_path_cases(bed: Bed, programs: Programs) -> list[CostCase]:
     rx, tx = bed.receiver_node, bed.sender_node
     backend = bed.variant.backend.value.replace("-", "")
     deliver = programs.fd(rx, UNDERLAY_TC.name, "tc")  # the pinned build: with the fast path
-    send = programs.fd(tx, BRIDGE_INGRESS.name, "tc")
-    on_bridge = skb_ctx_on(link_index(tx.netns, CNI_BRIDGE))
+    send = programs.fd(tx, POD_INGRESS.name, "tc")
+    on_pod_veth = skb_ctx_on(link_index(tx.netns, bed.sender.host_veth))
     packet = "VXLAN, inner UDP 64 B" if backend == "vxlan" else "UDP 64 B"
     typical = backend == "vxlan"  # a program's prog_ns_vs_empty: vxlan, as tunnel_egress's
 
@@ -303,11 +303,11 @@ def _fast_path_cases(bed: Bed, programs: Programs) -> list[CostCase]:
               "flow to a local pod: judged, conntrack and FIB lookups, "
               f"{'decap, ' if backend == 'vxlan' else ''}redirect into the pod's netns",
               typical=typical, prepare=confirm),
-        _case(f"{BRIDGE_INGRESS.name}/{backend}_fast_send_udp64", tx.netns, send,
+        _case(f"{POD_INGRESS.name}/{backend}_fast_send_udp64", tx.netns, send,
               pod_frame(bed), TC_ACT_REDIRECT, "UDP fast path, sending: a pod's UDP 64 B of a "
-              "conntrack-confirmed flow, at cni0's ingress: header checks, peer and conntrack "
-              f"lookups, MTU check, {'encap, ' if backend == 'vxlan' else ''}next hop, redirect",
-              typical=typical, prepare=confirm, ctx=on_bridge),
+              "conntrack-confirmed flow, at its veth end's ingress: pod, header, peer and "
+              f"conntrack checks, MTU check, {'encap, ' if backend == 'vxlan' else ''}next hop, "
+              "redirect", typical=typical, prepare=confirm, ctx=on_pod_veth),
     ]  # fmt: skip
 
 

@@ -15,8 +15,10 @@
  * peer's plain packet, for a pod of this node is handed to the pod. A pod the
  * agent has put in local_pods (its veth end, with the MAC the FIB answered) gets
  * it in its own netns directly (bpf_redirect_peer); any other through cni0.
- * Sending (bridge_ingress on cni0, fast_send()): a pod's datagram to a remote
- * subnet goes to the peer as tunnel_egress would send it (send.h).
+ * Sending (pod_ingress on a pod's veth end, fast_send()): a datagram that a pod
+ * in local_pods routes through its gateway, from its own address and MAC, to a
+ * remote subnet goes to the peer as tunnel_egress would send it (send.h),
+ * without crossing cni0 and its bridge netfilter hooks.
  * What the fast path does not do: refresh the conntrack entry (a one-way flow's
  * entry expires and its next packet takes the stack, which confirms it again),
  * and re-run filter rules on every packet of a confirmed flow, so a rule added
@@ -170,9 +172,9 @@ static __always_inline int fast_deliver(struct __sk_buff *skb, const struct node
 }
 
 /*
- * Sending: a frame a pod sent to the node (cni0 passed it up: it is addressed to
- * the gateway's MAC). Returns TC_ACT_REDIRECT (sent, counted), TC_ACT_SHOT
- * (counted) or TC_ACT_OK (not for the fast path; the packet is untouched).
+ * Sending: a frame on a pod's veth end, from the pod. Returns TC_ACT_REDIRECT (sent,
+ * counted), TC_ACT_SHOT (counted) or TC_ACT_OK (not for the fast path; the packet
+ * is untouched).
  */
 static __always_inline int fast_send(struct __sk_buff *skb, const struct node_config *cfg)
 {
@@ -183,18 +185,25 @@ static __always_inline int fast_send(struct __sk_buff *skb, const struct node_co
 	struct udphdr *udp = (void *)(ip + 1);
 	struct subnet_key key = { .prefixlen = 32 };
 	struct remote_subnet peer, *found;
+	struct local_pod *pod;
 	__u64 bytes = skb->len;
 	__u32 mtu_len = 0;
+	__be32 saddr;
 	int verdict;
 
-	if ((void *)(udp + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
-	    skb->pkt_type != PACKET_HOST)
+	if ((void *)(udp + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	/*
+	 * The pod on this veth, from its own address and MAC, routing through its
+	 * gateway: what the bridge would pass up to the node to forward.
+	 */
+	saddr = ip->saddr;
+	pod = local_pods.lookup(&saddr);
+	if (!pod || pod->ifindex != skb->ifindex || !mac_equal(eth->h_source, pod->mac) ||
+	    !mac_equal(eth->h_dest, pod->gateway_mac) || !in_own_subnet(cfg, saddr))
 		return TC_ACT_OK;
 	/* What ip_rcv() would refuse or trim is left to it. */
 	if (bpf_ntohs(ip->tot_len) != bytes - ETH_HLEN || !ipv4_header_valid(ip))
-		return TC_ACT_OK;
-	/* Pod to pod only: the pod's own address, to a subnet a peer announced. */
-	if (!in_own_subnet(cfg, ip->saddr))
 		return TC_ACT_OK;
 	key.addr = ip->daddr;
 	found = subnets.lookup(&key);

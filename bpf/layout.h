@@ -32,10 +32,10 @@ enum direction {
 	DIR_DECAP = 1,		/* vxlan: stripped outer headers, handed to the tunnel device */
 	DIR_FORWARD = 2,	/* host-gw: rewritten to the next hop, sent to the underlay */
 	DIR_DELIVER = 3,	/* host-gw: from a peer to a local pod, left to the stack */
-	DIR_FAST_DELIVER = 4,	/* kernel hook, UDP fast path (fastpath.h): from a peer straight
+	DIR_FAST_DELIVER = 4,	/* UDP fast path (fastpath.h): from a peer straight
 				 * to the pod, into its netns or through cni0; also in
 				 * DECAP (vxlan) or DELIVER (host-gw) */
-	DIR_FAST_SEND = 5,	/* kernel hook, UDP fast path: from a pod, taken at cni0's
+	DIR_FAST_SEND = 5,	/* UDP fast path: from a pod, taken at its veth end's
 				 * ingress straight to the peer; also in ENCAP or FORWARD */
 	DIR_MAX
 };
@@ -98,11 +98,12 @@ struct node_config {
 	__u32 tunnel_peer_ifindex;	/* its veth peer: XDP redirects decapped frames here */
 };
 
-/* A pod on this node's cni0, for the UDP fast path's direct delivery (fastpath.h). */
+/* A pod on this node's cni0, for the UDP fast path (fastpath.h): delivery straight
+ * into its netns, and sending from its veth end straight to a peer. */
 struct local_pod {
 	__u32 ifindex;			/* its veth end in this netns: a cni0 port */
 	__u8 mac[ETH_ALEN];		/* its MAC, as cni0's neighbour table knows it */
-	__u8 pad[2];
+	__u8 gateway_mac[ETH_ALEN];	/* cni0's: where the pod sends what it routes */
 };
 
 #define FXDP_MAX_LOCAL_PODS 1024

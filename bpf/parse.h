@@ -19,7 +19,6 @@
 #define IPV4_IHL_BYTES_MASK	0x3c		/* ihl * 4 is at most 60: bounds a header's length */
 #ifndef AF_INET
 #define AF_INET		2			/* bpf_fib_lookup's family (linux/socket.h) */
-#define PACKET_HOST	0			/* skb->pkt_type: to us (linux/if_packet.h) */
 #endif
 
 struct vxlanhdr {

@@ -4,7 +4,7 @@
  * vxlan peers get it encapsulated, host-gw (and DirectRouting) peers get it as
  * it is; both with the next hop's MAC, redirected straight to the underlay.
  * Shared by tunnel_egress (after the stack routed the packet to flannel.<VNI>)
- * and bridge_ingress's UDP fast path (fastpath.h).
+ * and pod_ingress's UDP fast path (fastpath.h).
  */
 #ifndef FXDP_SEND_H
 #define FXDP_SEND_H

@@ -65,7 +65,7 @@ def collect(bpffs: str) -> Report:
     if os.path.exists(os.path.join(pins.maps, LocalPodsMap.name)):  # pins made before it had none
         with LocalPodsMap(pins.maps) as m:
             local_pods = [
-                {"ip": str(p.ip), "ifindex": p.ifindex, "mac": p.mac}
+                {"ip": str(p.ip), "ifindex": p.ifindex, "mac": p.mac, "gateway_mac": p.gateway_mac}
                 for p in sorted(m.pods().values(), key=lambda p: p.ip)
             ]
     programs = []
@@ -126,8 +126,11 @@ def render(r: Report) -> str:
         for t in r.traffic
     ] or ["  none yet"]
     if r.local_pods:
-        lines += ["", "local pods (UDP fast path: delivered into their netns directly):"]
-        lines += [f"  {p['ip']:<16} ifindex {p['ifindex']:<6} {p['mac']}" for p in r.local_pods]
+        lines += ["", "local pods (UDP fast path: sent from and delivered into their netns):"]
+        lines += [
+            f"  {p['ip']:<16} ifindex {p['ifindex']:<6} {p['mac']} via {p['gateway_mac']}"
+            for p in r.local_pods
+        ]
     lines += ["", "left the fast path (pass = to the stack, drop = dropped):"]
     lines += [
         f"  {x['reason'].lower():<28} {x['packets']:>12} pkts  ({x['backend']})" for x in r.reasons

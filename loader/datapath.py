@@ -7,19 +7,24 @@ leaves no pin and no device behind that was not there before.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
+
+from pyroute2 import IPRoute
 
 from flannel_xdp import defaults
 from flannel_xdp.loader import attach, devices, kfunc
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.maps import libbpf
+from flannel_xdp.maps.layout import MAP_LAYOUTS
 from flannel_xdp.maps.views import (
-    CounterMap,
+    LocalPodsMap,
     NodeConfigMap,
     NodeSettings,
     ReasonsMap,
@@ -41,9 +46,9 @@ TUNNEL_EGRESS = Program("tunnel_egress", "tc", "egress")
 UNDERLAY_XDP = Program("underlay_xdp", "xdp")
 UNDERLAY_TC = Program("underlay_tc", "tc", "ingress")
 TUNNEL_INGRESS = Program("tunnel_ingress", "tc", "ingress")  # kernel hook: on flannel.<VNI>
-BRIDGE_INGRESS = Program("bridge_ingress", "tc", "ingress")  # UDP fast path: on cni0
+POD_INGRESS = Program("pod_ingress", "tc", "ingress")  # UDP fast path: on pods' veth ends
 # Programs that call conntrack's kfuncs (bpf/kfuncs.h): loaded by loader/kfunc.py.
-KFUNC_USERS = (UNDERLAY_TC, BRIDGE_INGRESS)
+KFUNC_USERS = (UNDERLAY_TC, POD_INGRESS)
 
 
 class IngressHook(StrEnum):
@@ -67,10 +72,10 @@ class IngressHook(StrEnum):
         return devices.TunnelKind.VXLAN if self is IngressHook.KERNEL else devices.TunnelKind.VETH
 
 
-# Where a subnets map of another size waits while its replacement is filled, and counter
-# maps of another layout while the new programs are loaded (in the pin root).
+# Where a subnets map of another size waits while its replacement is filled, and maps of
+# another layout while the new programs are loaded (in the pin root).
 RESIZE_DIR = "resizing"
-STALE_COUNTERS_DIR = "stale-counters"
+STALE_MAPS_DIR = "stale-maps"
 
 UNDERLAY_PROGRAM = {
     IngressHook.XDP: UNDERLAY_XDP,
@@ -95,7 +100,7 @@ def udp_fast_path_fits(backend_type: str, hook: IngressHook) -> bool:
 
 
 def programs(hook: IngressHook, udp_fast_path: bool = False) -> tuple[Program, ...]:
-    fast = (BRIDGE_INGRESS,) if udp_fast_path else ()
+    fast = (POD_INGRESS,) if udp_fast_path else ()
     if hook is IngressHook.KERNEL:
         return TUNNEL_EGRESS, UNDERLAY_TC, TUNNEL_INGRESS, *fast
     return TUNNEL_EGRESS, UNDERLAY_PROGRAM[hook], *fast
@@ -156,7 +161,7 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
         udp_fast_path=cfg.udp_fast_path,
     )
     resized = _set_aside_resized_subnets(pins, cfg.max_subnets)
-    stale = _set_aside_stale_counters(pins)
+    stale = _set_aside_stale_maps(pins)
 
     kinds = {"xdp": BPF.XDP, "tc": BPF.SCHED_CLS}
     progs = programs(cfg.ingress_hook, cfg.udp_fast_path)
@@ -213,23 +218,22 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
             tunnel.name, TUNNEL_INGRESS.direction, fds[TUNNEL_INGRESS.name], TUNNEL_INGRESS.name
         )
     mode = _attach_underlay(cfg, fds)
-    if BRIDGE_INGRESS in progs:
-        if not attach_bridge(fds[BRIDGE_INGRESS.name]):
-            log.info(
-                "%s does not exist yet: the UDP fast path's sending side waits for it",
-                defaults.CNI_BRIDGE,
-            )
+    if POD_INGRESS in progs:
+        # The pods' veth ends that run an older build get this one; the agent attaches
+        # it to the others as it finds their pods (agent/local_pods.py).
+        for port in pod_ports_attached():
+            attach_pod_port(fds[POD_INGRESS.name], port)
     else:
-        detach_bridge()
+        detach_pod_ports()
     for prog in progs:
         _pin_replacing(fds[prog.name], pins.prog(prog.name))
-    for prog in {*UNDERLAY_PROGRAM.values(), TUNNEL_INGRESS, BRIDGE_INGRESS}:
+    for prog in {*UNDERLAY_PROGRAM.values(), TUNNEL_INGRESS, POD_INGRESS}:
         if prog not in progs and os.path.exists(pins.prog(prog.name)):
             os.unlink(pins.prog(prog.name))
     if resized:  # the old programs, and with them the last users of the old map, are gone
         _drop_set_aside(resized)
     if stale:
-        _drop_stale_counters(stale, pins)
+        _drop_stale_maps(stale, pins)
     log.info(
         "data path installed: underlay %s (%s), tunnel %s, pins under %s",
         cfg.underlay,
@@ -291,34 +295,46 @@ def _drop_set_aside(aside: str) -> None:
     os.rmdir(aside)
 
 
-COUNTER_MAPS: tuple[type[CounterMap], ...] = (TrafficMap, ReasonsMap)
+# Maps whose contents the agent makes anew (the node's config at install, the pods every
+# scan, the counters from zero), so that a map of another layout can simply be replaced.
+REBUILT_MAPS = ("node_config", LocalPodsMap.name, TrafficMap.name, ReasonsMap.name)
+COUNTER_SLOTS = {view.name: view.slots for view in (TrafficMap, ReasonsMap)}
 
 
-def _set_aside_stale_counters(pins: PinDir) -> list[str]:
-    """Move pinned counter maps with another number of slots than this build's out of
-    bcc's way (it would reuse them, and their counts would be read under other labels);
-    the new programs count in new, zeroed maps. Returns the names moved."""
+def _stale_why(name: str, info: libbpf.MapInfo) -> str | None:
+    """Why a pinned map of another build's layout cannot serve this build; None if it can."""
+    key_type, value_type = MAP_LAYOUTS[name]
+    sizes = (ctypes.sizeof(key_type), ctypes.sizeof(value_type))
+    if (info.key_size, info.value_size) != sizes:
+        return (
+            f"key/value size {info.key_size}/{info.value_size}, this build's {sizes[0]}/{sizes[1]}"
+        )
+    slots = COUNTER_SLOTS.get(name)
+    if slots is not None and info.max_entries != slots:
+        return f"{info.max_entries} counters, this build counts in {slots}"
+    return None
+
+
+def _set_aside_stale_maps(pins: PinDir) -> list[str]:
+    """Move pinned maps that another version made with another layout (see REBUILT_MAPS)
+    out of bcc's way: it would reuse them, and the programs would not load, or their
+    counts be read under other labels. The new programs get new, empty maps; the agent
+    fills them. Returns the names moved."""
     stale = []
-    for view in COUNTER_MAPS:
-        path = os.path.join(pins.maps, view.name)
+    for name in REBUILT_MAPS:
+        path = os.path.join(pins.maps, name)
         if not os.path.exists(path):
             continue
         fd = libbpf.obj_get(path)
         try:
-            slots = libbpf.map_info(fd).max_entries
+            why = _stale_why(name, libbpf.map_info(fd))
         finally:
             os.close(fd)
-        if slots != view.slots:
-            log.info(
-                "%s map: %d counters pinned by another version, this one counts in %d: "
-                "starting it anew at zero",
-                view.name,
-                slots,
-                view.slots,
-            )
-            stale.append(view.name)
+        if why:
+            log.info("%s map pinned by another version (%s): starting it anew", name, why)
+            stale.append(name)
     if stale:
-        aside = os.path.join(pins.root, STALE_COUNTERS_DIR)
+        aside = os.path.join(pins.root, STALE_MAPS_DIR)
         os.makedirs(aside, mode=0o700, exist_ok=True)
         for name in stale:
             os.rename(os.path.join(pins.maps, name), os.path.join(aside, name))
@@ -326,14 +342,14 @@ def _set_aside_stale_counters(pins: PinDir) -> list[str]:
 
 
 def _put_back(stale: list[str], pins: PinDir) -> None:
-    aside = os.path.join(pins.root, STALE_COUNTERS_DIR)
+    aside = os.path.join(pins.root, STALE_MAPS_DIR)
     for name in stale:
         os.replace(os.path.join(aside, name), os.path.join(pins.maps, name))
     os.rmdir(aside)
 
 
-def _drop_stale_counters(stale: list[str], pins: PinDir) -> None:
-    aside = os.path.join(pins.root, STALE_COUNTERS_DIR)
+def _drop_stale_maps(stale: list[str], pins: PinDir) -> None:
+    aside = os.path.join(pins.root, STALE_MAPS_DIR)
     for name in stale:
         os.unlink(os.path.join(aside, name))
     os.rmdir(aside)
@@ -351,42 +367,46 @@ def _attach_underlay(cfg: DataPathConfig, fds: dict[str, int]) -> attach.XdpMode
     return None
 
 
-def bridge_program_attached(bridge: str = defaults.CNI_BRIDGE) -> bool:
-    return attach.tc_filter_name(bridge, BRIDGE_INGRESS.direction) == BRIDGE_INGRESS.name
+def pod_ports_attached() -> list[str]:
+    """The interfaces (pods' veth ends) whose tc ingress runs our pod_ingress."""
+    with IPRoute() as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    return [n for n in names if attach.tc_filter_name(n, POD_INGRESS.direction) == POD_INGRESS.name]
 
 
-def attach_bridge(prog_fd: int, bridge: str = defaults.CNI_BRIDGE) -> bool:
-    """Attach the fast path's sending side to the pods' bridge; False when it does not
-    exist (yet: the CNI plugin makes it for the node's first pod)."""
+def attach_pod_port(prog_fd: int, port: str) -> bool:
+    """Attach the fast path's sending side to a pod's veth end; False when it is gone."""
     try:
-        attach.attach_tc(bridge, BRIDGE_INGRESS.direction, prog_fd, BRIDGE_INGRESS.name)
+        attach.attach_tc(port, POD_INGRESS.direction, prog_fd, POD_INGRESS.name)
     except attach.NoSuchInterface:
         return False
     return True
 
 
-def ensure_bridge_program(bpffs: str, bridge: str = defaults.CNI_BRIDGE) -> bool:
-    """Attach the pinned bridge_ingress to the bridge unless it is there already (the
-    bridge appeared, or was made anew, after install()); True when it attached it now."""
-    if bridge_program_attached(bridge):
-        return False
-    fd = libbpf.obj_get(PinDir(bpffs).prog(BRIDGE_INGRESS.name))
+def ensure_pod_ports(bpffs: str, ports: Iterable[str]) -> list[str]:
+    """Attach the pinned pod_ingress to those of ports that lack it; the ones it attached."""
+    missing = [
+        p for p in ports if attach.tc_filter_name(p, POD_INGRESS.direction) != POD_INGRESS.name
+    ]
+    if not missing:
+        return []
+    fd = libbpf.obj_get(PinDir(bpffs).prog(POD_INGRESS.name))
     try:
-        return attach_bridge(fd, bridge)
+        return [p for p in missing if attach_pod_port(fd, p)]
     finally:
         os.close(fd)
 
 
-def detach_bridge(bridge: str = defaults.CNI_BRIDGE) -> None:
-    """Take our program off the bridge, if it is ours that is there."""
-    if bridge_program_attached(bridge):
-        attach.detach_tc(bridge, BRIDGE_INGRESS.direction)
+def detach_pod_ports() -> None:
+    """Take our program off every pod's veth end that runs it."""
+    for port in pod_ports_attached():
+        attach.detach_tc(port, POD_INGRESS.direction)
 
 
 def uninstall(bpffs: str, underlay: str | None, vni: int = defaults.VXLAN_VNI) -> None:
     """Detach everything, delete the tunnel device and unpin; safe to repeat."""
     tunnel, _ = devices.tunnel_names(vni)
-    detach_bridge()
+    detach_pod_ports()
     if underlay:
         attach.detach_xdp(underlay)
         attach.detach_tc(underlay, UNDERLAY_TC.direction)

@@ -115,7 +115,7 @@ class NodeConfig(ctypes.Structure):
 
 
 class LocalPodEntry(ctypes.Structure):
-    _fields_ = [("ifindex", ctypes.c_uint32), ("mac", MacBytes), ("pad", ctypes.c_uint8 * 2)]
+    _fields_ = [("ifindex", ctypes.c_uint32), ("mac", MacBytes), ("gateway_mac", MacBytes)]
 
 
 class Counter(ctypes.Structure):

@@ -243,15 +243,17 @@ class SubnetsMap(PinnedMap):
 
 @dataclass(frozen=True)
 class LocalPod:
-    """A pod on cni0: its address, its veth end in the node netns, its MAC."""
+    """A pod on cni0: its address, its veth end in the node netns, its MAC, and the MAC
+    of its gateway (cni0)."""
 
     ip: IPv4Address
     ifindex: int
     mac: str
+    gateway_mac: str
 
 
 class LocalPodsMap(PinnedMap):
-    """The pods the UDP fast path may deliver to directly (bpf/fastpath.h)."""
+    """The pods the UDP fast path delivers to directly and sends from (bpf/fastpath.h)."""
 
     name = "local_pods"
 
@@ -261,7 +263,9 @@ class LocalPodsMap(PinnedMap):
             value = LocalPodEntry()
             if libbpf.lookup(self.fd, key, value):
                 ip = IPv4Address(bytes(key))
-                out[ip] = LocalPod(ip, value.ifindex, format_mac(value.mac))
+                out[ip] = LocalPod(
+                    ip, value.ifindex, format_mac(value.mac), format_mac(value.gateway_mac)
+                )
         return out
 
     def apply(self, desired: Iterable[LocalPod]) -> ApplyResult:
@@ -273,7 +277,11 @@ class LocalPodsMap(PinnedMap):
             )
         upserts, removals, result = diff_entries(want, self.pods())
         for p in upserts:
-            value = LocalPodEntry(ifindex=p.ifindex, mac=MacBytes(*parse_mac(p.mac)))
+            value = LocalPodEntry(
+                ifindex=p.ifindex,
+                mac=MacBytes(*parse_mac(p.mac)),
+                gateway_mac=MacBytes(*parse_mac(p.gateway_mac)),
+            )
             libbpf.update(self.fd, (ctypes.c_uint8 * 4)(*p.ip.packed), value)
         for ip in removals:
             libbpf.delete(self.fd, (ctypes.c_uint8 * 4)(*ip.packed))

@@ -145,3 +145,25 @@ def teardown_node(ns: str, bpffs: str, subnet_file: str, etcd: EtcdCluster, pref
         os.unlink(subnet_file)
     for key in etcd.keys(f"{prefix}/subnets/"):
         etcd.delete(key)
+
+
+def someone_elses_filter(ns: str, dev: str, prio: int) -> int:
+    """Another user's tc ingress program on dev in ns, at prio; its fd (close it after)."""
+    from bcc import BPF
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from flannel_xdp import netns
+    from flannel_xdp.loader import attach
+
+    module = BPF(text=b"int someone_elses(struct __sk_buff *skb) { return 0; }")
+    fd = os.dup(module.load_func(b"someone_elses", BPF.SCHED_CLS).fd)
+    module.cleanup()
+    with netns.entered(ns), IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=dev)[0]
+        with contextlib.suppress(NetlinkError):  # a clsact may be there already
+            ipr.tc("add", "clsact", idx)
+        parent = attach.TC_PARENT["ingress"]
+        ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name="someone_elses", parent=parent,
+               prio=prio, classid=1, direct_action=True)  # fmt: skip
+    return fd

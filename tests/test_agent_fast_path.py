@@ -1,6 +1,6 @@
 """The agent with --udp-fast-path: it finds the pods on cni0 (agent/local_pods.py), its
 node then delivers confirmed UDP straight into them, and it keeps the sending side
-(bridge_ingress) on cni0. Real agents, a real etcd, flanneld's iptables rules
+(pod_ingress) on their veth ends. Real agents, a real etcd, flanneld's iptables rules
 (conntrack on)."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_the_agent_finds_its_pods_and_udp_goes_straight_to_them():
                 break
             time.sleep(0.1)
         assert found is not None, f"the agent did not put {b.ip} in local_pods"
-        wait_for_bridge_program(lab.nodes[0].netns)
+        wait_for_pod_program(lab.nodes[0].netns, a.host_veth)
         before, veth_before = lab.counters(node), veth_tx_packets(lab, b)
         sender_before = lab.counters(lab.nodes[0])
         send_and_receive(a, b)
@@ -51,38 +51,40 @@ def test_the_agent_finds_its_pods_and_udp_goes_straight_to_them():
             assert "local pods: 1 added, 0 changed, 0 removed" in f.read()
 
 
-def bridge_program_attached(ns: str) -> bool:
+def pod_program_attached(ns: str, port: str) -> bool:
     with netns.entered(ns):
-        return datapath.bridge_program_attached()
+        return port in datapath.pod_ports_attached()
 
 
-def attach_log_lines(node) -> int:
+def attach_log_lines(node, port: str) -> int:
     with open(node.log_file) as f:
-        return f.read().count("UDP fast path: sending side attached to cni0")
+        return f.read().count(f"UDP fast path: sending side attached to {port}")
 
 
-def wait_for_bridge_program(ns: str) -> None:
+def wait_for_pod_program(ns: str, port: str) -> None:
     deadline = time.monotonic() + SCAN_WAIT_S
-    while not bridge_program_attached(ns) and time.monotonic() < deadline:
+    while not pod_program_attached(ns, port) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert bridge_program_attached(ns), "the agent did not attach bridge_ingress to cni0"
+    assert pod_program_attached(ns, port), f"the agent did not attach pod_ingress to {port}"
 
 
-def test_the_agent_puts_the_sending_side_back_on_a_new_cni0():
-    """cni0 comes with a node's first pod, and is made anew if it is ever deleted: the
-    agent attaches bridge_ingress to whatever cni0 there is, within a scan."""
+def test_the_agent_puts_the_sending_side_back_on_a_pods_veth_end():
+    """The agent attaches pod_ingress to the veth end of every pod it finds, within a
+    scan, and again if it is taken off."""
     with agent_cluster(
         nodes=2, pods=1, ingress_hook=IngressHook.KERNEL, udp_fast_path=True, outside=False
     ) as lab:
         node = lab.nodes[0]
-        wait_for_bridge_program(node.netns)
-        attached_before = attach_log_lines(node)
+        a, b = node.pods[0], lab.nodes[1].pods[0]
+        send_and_receive(a, b)  # the node resolves a, cni0 learns a's MAC
+        wait_for_pod_program(node.netns, a.host_veth)
+        attached_before = attach_log_lines(node, a.host_veth)
         with netns.entered(node.netns):
-            datapath.detach_bridge()
-        assert not bridge_program_attached(node.netns)
-        wait_for_bridge_program(node.netns)
-        assert attach_log_lines(node) >= attached_before + 1
+            datapath.detach_pod_ports()
+        assert not pod_program_attached(node.netns, a.host_veth)
+        wait_for_pod_program(node.netns, a.host_veth)
+        assert attach_log_lines(node, a.host_veth) >= attached_before + 1
         before = lab.counters(node)
-        send_and_receive(node.pods[0], lab.nodes[1].pods[0])
+        send_and_receive(a, b)
         sent = lab.counters(node).since(before).traffic.get(FAST_SEND, (0, 0))[0]
         assert sent >= DATAGRAMS - 5

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from flannel_xdp.loader import datapath
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps.views import LocalPodsMap
+from tests.node_support import someone_elses_filter
 from tests.requirements import require_root_and_bcc
 
 pytestmark = pytest.mark.root
@@ -220,23 +222,34 @@ def test_a_flow_dnated_on_the_servers_node_takes_the_stack_there(cluster):
     assert packets(cluster, 0, before[0], "fast_deliver") >= 95
 
 
-def test_the_sending_side_follows_cni0(cluster):
-    """install() attached bridge_ingress to cni0; a cni0 without it (made anew) gets it
-    back from the pin (what the agent does every scan), and UDP skips the stack again."""
+def test_the_sending_side_runs_on_the_pods_veth_end(cluster):
+    """The lab attached pod_ingress to each pod's veth end (as the agent does once it
+    found the pod); without it the pod's UDP takes the stack, with it again the fast path."""
     node, a, b = cluster.nodes[0], cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
     with netns.entered(node.netns):
-        assert datapath.bridge_program_attached()
-        datapath.detach_bridge()
-        assert not datapath.bridge_program_attached()
+        assert datapath.pod_ports_attached() == [a.host_veth]
+        datapath.detach_pod_ports()
+        assert datapath.pod_ports_attached() == []
     before = cluster.counters(node)
     send_and_receive(a, b)
     assert packets(cluster, 0, before, "fast_send") == 0
     with netns.entered(node.netns):
-        assert datapath.ensure_bridge_program(node.bpffs) is True
-        assert datapath.ensure_bridge_program(node.bpffs) is False  # there already
+        assert datapath.ensure_pod_ports(node.bpffs, [a.host_veth]) == [a.host_veth]
+        assert datapath.ensure_pod_ports(node.bpffs, [a.host_veth]) == []  # there already
     before = cluster.counters(node)
     send_and_receive(a, b)
     assert packets(cluster, 0, before, "fast_send") >= DATAGRAMS - 5
+
+
+def test_a_pod_local_pods_does_not_know_sends_through_the_stack(cluster):
+    """pod_ingress sends only for the pod local_pods puts on its veth end, from that
+    pod's address and MAC: anything else is left to cni0 and the stack."""
+    node, a, b = cluster.nodes[0], cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    with local_pods_emptied(cluster, node):
+        before = cluster.counters(node)
+        send_and_receive(a, b)
+        assert packets(cluster, 0, before, "sent") == DATAGRAMS
+        assert packets(cluster, 0, before, "fast_send") == 0
 
 
 def test_tcp_never_takes_the_fast_path(cluster):
@@ -276,8 +289,9 @@ def test_tcp_never_takes_the_fast_path(cluster):
 
 def test_the_agents_cni0_scan_finds_the_pods_that_talked(cluster):
     """agent/local_pods.scan() reads cni0's neighbours and forwarding database: a pod
-    appears once the node has resolved it and the bridge has learned its MAC; a port
-    with a qdisc of its own (the CNI bandwidth plugin's tbf) is left to the bridge."""
+    appears once the node has resolved it and the bridge has learned its MAC (its port
+    may run our pod_ingress); a port with a qdisc of its own (the CNI bandwidth plugin's
+    tbf) or someone else's tc program is left to the bridge."""
     a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
     node = cluster.nodes[1]
     send_and_receive(a, b)
@@ -292,6 +306,15 @@ def test_the_agents_cni0_scan_finds_the_pods_that_talked(cluster):
             assert local_pods.scan(ipr, defaults.CNI_BRIDGE) == []
     finally:
         process.run(node.netns, ["tc", "qdisc", "del", "dev", b.host_veth, "root"])
+    fd = someone_elses_filter(node.netns, b.host_veth, prio=7)
+    try:
+        with netns.entered(node.netns), IPRoute() as ipr:
+            assert local_pods.scan(ipr, defaults.CNI_BRIDGE) == []
+    finally:
+        os.close(fd)
+        process.run(node.netns, ["tc", "filter", "del", "dev", b.host_veth, "ingress", "prio", "7"])
+    with netns.entered(node.netns), IPRoute() as ipr:
+        assert local_pods.scan(ipr, defaults.CNI_BRIDGE) == [want]
 
 
 def test_inspect_lists_the_local_pods(cluster):
@@ -301,6 +324,8 @@ def test_inspect_lists_the_local_pods(cluster):
                                        check=True).stdout)  # fmt: skip
     with LocalPodsMap(PinDir(node.bpffs).maps) as m:
         pod = m.pods()[b.ip]
-    assert report["local_pods"] == [{"ip": str(b.ip), "ifindex": pod.ifindex, "mac": pod.mac}]
+    assert report["local_pods"] == [
+        {"ip": str(b.ip), "ifindex": pod.ifindex, "mac": pod.mac, "gateway_mac": pod.gateway_mac}
+    ]
     text = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     assert f"  {b.ip}" in text.split("local pods (UDP fast path", 1)[1]

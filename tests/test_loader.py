@@ -19,11 +19,13 @@ from flannel_xdp.maps.layout import Backend
 from flannel_xdp.maps.views import (
     CapacityError,
     LayoutMismatch,
+    LocalPodsMap,
     NodeConfigMap,
     Peer,
     SubnetsMap,
     TrafficMap,
 )
+from tests.node_support import someone_elses_filter
 from tests.requirements import require_root_and_bcc
 
 pytestmark = pytest.mark.root
@@ -249,10 +251,11 @@ def test_kernel_hook_follows_a_changed_vxlan_port(node):
     assert port() == 4789
 
 
-def test_counters_pinned_by_another_layout_start_anew(node, caplog):
+def test_maps_pinned_by_another_layout_start_anew(node, caplog):
     """A traffic map with another number of slots (a version with other directions)
-    would be reused by bcc and read under the wrong labels: install sets it aside and
-    counts in a new map; until then, readers refuse it rather than mislabel it."""
+    would be reused by bcc and read under the wrong labels, a local_pods map with a
+    shorter value would not load: install sets them aside and starts new ones; until
+    then, readers refuse them rather than misread them."""
     from bcc import BPF
 
     ns, bpffs = node
@@ -262,8 +265,11 @@ def test_counters_pinned_by_another_layout_start_anew(node, caplog):
     old = BPF(
         text=(
             "struct counter { u64 packets; u64 bytes; };\n"
+            "struct old_pod { u32 ifindex; u8 mac[6]; u8 pad[2]; };\n"
             f'BPF_TABLE_PINNED("percpu_array", u32, struct counter, traffic, 3, '
-            f'"{pins.maps}/traffic");'
+            f'"{pins.maps}/traffic");\n'
+            f'BPF_TABLE_PINNED("hash", u32, struct old_pod, local_pods, 16, '
+            f'"{pins.maps}/local_pods");'
         ).encode()
     )
     old.cleanup()
@@ -275,46 +281,55 @@ def test_counters_pinned_by_another_layout_start_anew(node, caplog):
     with TrafficMap(pins.maps) as traffic:
         assert traffic.max_entries == TrafficMap.slots
         assert all(total == (0, 0) for total in traffic.by_label().values())
-    assert "traffic map: 3 counters pinned by another version" in caplog.text
+    assert "traffic map pinned by another version (3 counters, this build counts in" in caplog.text
+    assert "local_pods map pinned by another version (key/value size 4/12" in caplog.text
+    with LocalPodsMap(pins.maps) as local_pods:
+        assert local_pods.pods() == {}
     assert sorted(os.listdir(bpffs)) == ["maps", "progs"]
 
 
-def _someone_elses_filter(ns: str, dev: str, prio: int) -> int:
-    """Another user's tc ingress program on dev (its fd: close it after)."""
-    from bcc import BPF
-    from pyroute2 import IPRoute
-
-    module = BPF(text=b"int someone_elses(struct __sk_buff *skb) { return 0; }")
-    fd = os.dup(module.load_func(b"someone_elses", BPF.SCHED_CLS).fd)
-    module.cleanup()
-    with netns.entered(ns), IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=dev)[0]
-        ipr.tc("add", "clsact", idx)
-        parent = attach.TC_PARENT["ingress"]
-        ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name="someone_elses", parent=parent,
-               prio=prio, classid=1, direct_action=True)  # fmt: skip
-    return fd
-
-
 def test_the_fast_paths_sending_side_comes_and_goes_with_the_flag(node):
-    """--udp-fast-path pins bridge_ingress and attaches it to cni0; installing without the
-    flag takes it off cni0 (leaving cni0's other filters alone) and unpins it."""
+    """--udp-fast-path pins pod_ingress; the agent attaches it to pods' veth ends; a new
+    install moves those to the new build, one without the flag takes it off them (leaving
+    other filters alone) and unpins it."""
     ns, bpffs = node
     _ip("-n", ns, "link", "add", "cni0", "type", "bridge")
-    keep_fd = _someone_elses_filter(ns, "cni0", prio=7)
+    _ip("-n", ns, "link", "add", "vpod0", "type", "veth", "peer", "name", "vpod0p")
+    _ip("-n", ns, "link", "set", "vpod0", "master", "cni0")
+    keep_fd = someone_elses_filter(ns, "vpod0", prio=7)
     fast = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, udp_fast_path=True)
-    pin = PinDir(bpffs).prog(datapath.BRIDGE_INGRESS.name)
-    with netns.entered(ns):
-        datapath.install(fast, NODE)
-        assert datapath.bridge_program_attached() and os.path.exists(pin)
-        datapath.install(dataclasses.replace(fast, udp_fast_path=False), NODE)
-        assert not datapath.bridge_program_attached() and not os.path.exists(pin)
-        datapath.install(fast, NODE)
-        datapath.uninstall(bpffs, "eth0", NODE.vni)
-        assert not datapath.bridge_program_attached()
-    filters = subprocess.run(
-        ["tc", "-n", ns, "filter", "show", "dev", "cni0", "ingress"], capture_output=True, text=True
-    )
-    os.close(keep_fd)
-    assert "bridge_ingress" not in filters.stdout
-    assert "pref 7 bpf" in filters.stdout and "someone_elses" in filters.stdout
+    pin = PinDir(bpffs).prog(datapath.POD_INGRESS.name)
+    try:
+        with netns.entered(ns):
+            datapath.install(fast, NODE)
+            assert os.path.exists(pin) and datapath.pod_ports_attached() == []
+            assert datapath.ensure_pod_ports(bpffs, ["vpod0"]) == ["vpod0"]
+            first = _tc_prog_id(ns, "vpod0")
+            datapath.install(fast, NODE)
+            assert datapath.pod_ports_attached() == ["vpod0"]
+            assert _tc_prog_id(ns, "vpod0") != first  # the new build
+            datapath.install(dataclasses.replace(fast, udp_fast_path=False), NODE)
+            assert datapath.pod_ports_attached() == [] and not os.path.exists(pin)
+            datapath.install(fast, NODE)
+            datapath.ensure_pod_ports(bpffs, ["vpod0"])
+            datapath.uninstall(bpffs, "eth0", NODE.vni)
+            assert datapath.pod_ports_attached() == []
+        filters = subprocess.run(
+            ["tc", "-n", ns, "filter", "show", "dev", "vpod0", "ingress"],
+            capture_output=True,
+            text=True,
+        )
+        assert "pod_ingress" not in filters.stdout
+        assert "pref 7 bpf" in filters.stdout and "someone_elses" in filters.stdout
+    finally:
+        os.close(keep_fd)
+
+
+def _tc_prog_id(ns: str, dev: str) -> int:
+    out = subprocess.run(
+        ["tc", "-n", ns, "filter", "show", "dev", dev, "ingress", "pref", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.split(" id ", 1)[1].split()[0])

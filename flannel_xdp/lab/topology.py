@@ -603,13 +603,21 @@ class Cluster:
 
     def _program_local_pods(self, node: Node) -> None:
         """What the agent's cni0 scan (agent/local_pods.py) finds once the pods have
-        talked; the lab knows it from the start."""
+        talked, and the sending side it then attaches; the lab knows it from the start."""
+        gateway_mac = link_mac(node.netns, CNI_BRIDGE)
         pods = [
-            LocalPod(pod.ip, link_index(node.netns, pod.host_veth), link_mac(pod.netns, POD_IFNAME))
+            LocalPod(
+                pod.ip,
+                link_index(node.netns, pod.host_veth),
+                link_mac(pod.netns, POD_IFNAME),
+                gateway_mac,
+            )
             for pod in node.pods
         ]
         with LocalPodsMap(PinDir(node.bpffs).maps) as local_pods:
             local_pods.apply(pods)
+        with netns.entered(node.netns):
+            datapath.ensure_pod_ports(node.bpffs, [pod.host_veth for pod in node.pods])
 
     def _program_xdp_peers(self, node: Node, peers: list[Peer]) -> None:
         with SubnetsMap(PinDir(node.bpffs).maps) as subnets:

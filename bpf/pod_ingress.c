@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * tc ingress on cni0 (the UDP fast path, kernel hook only): what the bridge
- * passes up to the node, that is what this node's pods send to their gateway.
- * Single UDP datagrams of conntrack-confirmed, un-NATed flows to a remote pod go
- * straight to the peer (fastpath.h); everything else, and every frame the
- * program does not understand, goes on to the stack untouched and uncounted:
- * this hook sees all of the node's pod traffic, most of it none of ours.
+ * tc ingress on a local pod's veth end in the node (the UDP fast path): what the
+ * pod sends, before cni0 and its bridge netfilter hooks see it. Single UDP
+ * datagrams of conntrack-confirmed, un-NATed flows from the pod to a remote pod
+ * go straight to the peer (fastpath.h); everything else, and every frame the
+ * program does not understand, goes on to the bridge untouched and uncounted:
+ * this hook sees all of the pod's traffic, most of it none of ours.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -15,7 +15,7 @@
 #include "counters.h"
 #include "fastpath.h"
 
-int bridge_ingress(struct __sk_buff *skb)
+int pod_ingress(struct __sk_buff *skb)
 {
 	struct node_config *cfg;
 	__u32 zero = 0;
