@@ -26,10 +26,14 @@ from pyroute2 import IPRoute
 
 from flannel_xdp import defaults, netns
 from flannel_xdp.agent import local_pods
+from flannel_xdp.bench import frames
+from flannel_xdp.bench.progcost import TC_ACT_OK, TC_ACT_REDIRECT, skb_ctx_on
 from flannel_xdp.lab import Cluster, ClusterSpec, NetworkBackend, Node, Pod, process, traffic
+from flannel_xdp.lab.topology import CNI_BRIDGE, link_index
 from flannel_xdp.loader import datapath
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
+from flannel_xdp.maps import libbpf
 from flannel_xdp.maps.views import LocalPodsMap
 from tests.node_support import someone_elses_filter
 from tests.requirements import require_root_and_bcc
@@ -250,6 +254,46 @@ def test_a_pod_local_pods_does_not_know_sends_through_the_stack(cluster):
         send_and_receive(a, b)
         assert packets(cluster, 0, before, "sent") == DATAGRAMS
         assert packets(cluster, 0, before, "fast_send") == 0
+
+
+def test_pod_ingress_sends_only_what_the_pod_on_that_veth_would_route(cluster):
+    """pod_ingress on its own (BPF_PROG_TEST_RUN of the pinned program, on the pod's
+    veth end, the flow confirmed by real traffic): the pod's datagram to its gateway is
+    sent; the same with another source MAC, on another port, to another MAC than the
+    gateway's, with a broken header checksum or with trailing bytes is left to the stack."""
+    node, a, b = cluster.nodes[0], cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    sport, dport = 40123, SERVER_PORT
+    with udp_socket(b, dport) as server, udp_socket(a, sport) as client:
+        client.sendto(b"confirm", (str(b.ip), dport))
+        server.recv(64)
+    with LocalPodsMap(PinDir(node.bpffs).maps) as m:
+        pod = m.pods()[a.ip]
+    datagram = frames.udp(str(a.ip), str(b.ip), sport, dport, bytes(32))
+    good = frames.ethernet(pod.gateway_mac, pod.mac, datagram)
+    bad_csum = bytearray(good)
+    bad_csum[frames.ETH_HLEN + 10] ^= 0xFF
+    cases = {
+        "the pod's datagram": (good, pod.ifindex, TC_ACT_REDIRECT),
+        "another source MAC": (
+            frames.ethernet(pod.gateway_mac, "02:00:00:00:00:42", datagram),
+            pod.ifindex,
+            TC_ACT_OK,
+        ),
+        "another port": (good, link_index(node.netns, CNI_BRIDGE), TC_ACT_OK),
+        "not to the gateway": (frames.ethernet(pod.mac, pod.mac, datagram), pod.ifindex, TC_ACT_OK),
+        "bad header checksum": (bytes(bad_csum), pod.ifindex, TC_ACT_OK),
+        "trailing bytes": (good + bytes(6), pod.ifindex, TC_ACT_OK),
+    }
+    fd = libbpf.obj_get(PinDir(node.bpffs).prog(datapath.POD_INGRESS.name))
+    try:
+        with netns.entered(node.netns):
+            got = {
+                name: libbpf.prog_test_run(fd, frame, ctx=skb_ctx_on(port))[0]
+                for name, (frame, port, _) in cases.items()
+            }
+    finally:
+        os.close(fd)
+    assert got == {name: want for name, (_, _, want) in cases.items()}
 
 
 def test_tcp_never_takes_the_fast_path(cluster):
