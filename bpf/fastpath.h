@@ -40,11 +40,6 @@
 #include "kfuncs.h"
 #include "send.h"
 
-/* bcc 0.26 has no declaration of this helper (5.12). */
-#define fxdp_check_mtu \
-	((long (*)(void *ctx, __u32 ifindex, __u32 *mtu_len, __s32 len_diff, __u64 flags)) \
-	 BPF_FUNC_check_mtu)
-
 #define FLOW_CACHE_NS		1000000ULL	/* 1 ms */
 #define FLOW_CACHE_SLOTS	1024		/* a power of two */
 
@@ -185,9 +180,9 @@ static __always_inline int fast_send(struct __sk_buff *skb, const struct node_co
 	struct udphdr *udp = (void *)(ip + 1);
 	struct subnet_key key = { .prefixlen = 32 };
 	struct remote_subnet peer, *found;
+	struct bpf_fib_lookup fib = {};
 	struct local_pod *pod;
 	__u64 bytes = skb->len;
-	__u32 mtu_len = 0;
 	__be32 saddr;
 	int verdict;
 
@@ -210,13 +205,21 @@ static __always_inline int fast_send(struct __sk_buff *skb, const struct node_co
 	if (!found)
 		return TC_ACT_OK;
 	__builtin_memcpy(&peer, found, sizeof(peer));
-	/* Larger than the route to the peer takes: the stack fragments or answers ICMP. */
-	if (fxdp_check_mtu(skb, cfg->underlay_ifindex, &mtu_len,
-			   peer.backend == BACKEND_VXLAN ? VXLAN_ENCAP_LEN : 0, 0))
-		return TC_ACT_OK;
 	if (!fast_path_allows(skb, ip, udp))
 		return TC_ACT_OK;
-
+	/*
+	 * The route to the peer, its MTU and its neighbour, asked as redirect_to_next_hop()
+	 * will ask (so that one is answered from the cache): a datagram larger than the
+	 * route takes (the stack fragments it or answers ICMP), or a peer not resolved yet
+	 * (the stack resolves it), is left to the stack.
+	 */
+	fib.family = AF_INET;
+	fib.ipv4_src = cfg->public_ip;
+	fib.ipv4_dst = peer.public_ip;
+	fib.ifindex = cfg->underlay_ifindex;
+	fib.tot_len = bytes - ETH_HLEN + (peer.backend == BACKEND_VXLAN ? VXLAN_ENCAP_LEN : 0);
+	if (fib_lookup_cached(skb, &fib, BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS)
+		return TC_ACT_OK;
 	decrement_ttl(ip);
 	verdict = send_to_peer(skb, cfg, &peer, bytes);
 	if (verdict != TC_ACT_SHOT)

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -29,7 +30,7 @@ from flannel_xdp.agent import local_pods
 from flannel_xdp.bench import frames
 from flannel_xdp.bench.progcost import TC_ACT_OK, TC_ACT_REDIRECT, skb_ctx_on
 from flannel_xdp.lab import Cluster, ClusterSpec, NetworkBackend, Node, Pod, process, traffic
-from flannel_xdp.lab.topology import CNI_BRIDGE, link_index
+from flannel_xdp.lab.topology import CNI_BRIDGE, UNDERLAY_IFNAME, link_index
 from flannel_xdp.loader import datapath
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
@@ -37,6 +38,7 @@ from flannel_xdp.maps import libbpf
 from flannel_xdp.maps.views import LocalPodsMap
 from tests.node_support import someone_elses_filter
 from tests.requirements import require_root_and_bcc
+from tests.test_packets import wait_out_fib_cache
 
 pytestmark = pytest.mark.root
 
@@ -294,6 +296,38 @@ def test_pod_ingress_sends_only_what_the_pod_on_that_veth_would_route(cluster):
     finally:
         os.close(fd)
     assert got == {name: want for name, (_, _, want) in cases.items()}
+
+
+def test_what_the_route_to_the_peer_cannot_take_is_left_to_the_stack(cluster):
+    """pod_ingress asks the FIB about the route to the peer with the datagram's size
+    (after encapsulation): with that route's MTU locked lower, a datagram that no longer
+    fits is left to the stack, which refuses it as it would without the fast path
+    (tunnel_egress counts too_big); one that fits still takes the fast path."""
+    node, a, b = cluster.nodes[0], cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    backend = cluster.spec.backend.value
+    peer = cluster.nodes[1].public_ip
+    route = [f"{peer}/32", "dev", UNDERLAY_IFNAME]
+    process.run(node.netns, ["ip", "route", "replace", *route, "mtu", "lock", "1000"])
+    try:
+        wait_out_fib_cache()
+        before = cluster.counters(node)
+        with udp_socket(a) as client:
+            for _ in range(20):
+                client.sendto(bytes(1200), (str(b.ip), SERVER_PORT))
+        time.sleep(0.2)
+        counted = cluster.counters(node).since(before)
+        assert counted.packets(backend, "fast_send") == 0
+        assert counted.drops() == {(backend, "DROP_TOO_BIG"): 20}
+        before = cluster.counters(node)
+        with udp_socket(b, SERVER_PORT) as server, udp_socket(a) as client:
+            for _ in range(20):
+                client.sendto(bytes(500), (str(b.ip), SERVER_PORT))
+            got = [server.recv(2048) for _ in range(20)]
+        assert got == [bytes(500)] * 20
+        assert packets(cluster, 0, before, "fast_send") >= 19
+    finally:
+        process.run(node.netns, ["ip", "route", "del", *route])
+        wait_out_fib_cache()
 
 
 def test_tcp_never_takes_the_fast_path(cluster):
