@@ -44,6 +44,11 @@ pytestmark = pytest.mark.root
 
 SERVICE_IP, SERVICE_PORT = "198.19.0.53", 53  # a "Service" DNATed on the client's node
 SERVER_PORT = 9000
+# Client ports of the DNATed flows, outside the ephemeral range: their conntrack entries
+# outlive their tests, and a later flow from the same port to SERVER_PORT would clash
+# with their reply tuple, get its source port remapped (SNAT) and rightly stay off the
+# fast path.
+NATED_SPORTS = (20053, 20054, 20055)
 DATAGRAMS = 300
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h: root may exceed net.core.rmem_max
 RCVBUF = 8 << 20  # every datagram of a burst fits, whatever the path's speed
@@ -109,10 +114,10 @@ def echo_server(pod: Pod) -> Iterator[None]:
             t.join()
 
 
-def exchange(client: Pod, dst: tuple[str, int], count: int) -> list[bytes]:
+def exchange(client: Pod, sport: int, dst: tuple[str, int], count: int) -> list[bytes]:
     """count request/reply round trips over a connected socket; the replies."""
     replies = []
-    with udp_socket(client) as s:
+    with udp_socket(client, sport) as s:
         s.connect(dst)
         for i in range(count):
             s.send(b"req %05d " % i + bytes(50))
@@ -192,7 +197,7 @@ def test_the_reply_leg_of_a_dnated_flow_takes_the_stack(cluster):
     before = [cluster.counters(n) for n in cluster.nodes]
     try:
         with echo_server(b):
-            replies = exchange(a, (SERVICE_IP, SERVICE_PORT), 100)
+            replies = exchange(a, NATED_SPORTS[0], (SERVICE_IP, SERVICE_PORT), 100)
     finally:
         process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
     # A connected socket takes replies from SERVICE_IP:53 only: un-DNATed by the stack.
@@ -216,7 +221,7 @@ def test_a_flow_dnated_on_the_servers_node_takes_the_stack_there(cluster):
     before = [cluster.counters(n) for n in cluster.nodes]
     try:
         with echo_server(b):
-            replies = exchange(a, (str(b.ip), SERVICE_PORT), 100)
+            replies = exchange(a, NATED_SPORTS[1], (str(b.ip), SERVICE_PORT), 100)
     finally:
         process.run(server_node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
     # A connected socket takes replies from port 53 only: un-DNATed by the server's stack.
@@ -226,6 +231,33 @@ def test_a_flow_dnated_on_the_servers_node_takes_the_stack_there(cluster):
     assert packets(cluster, 1, before[1], "sent") == 100
     assert packets(cluster, 0, before[0], "fast_send") >= 95
     assert packets(cluster, 0, before[0], "fast_deliver") >= 95
+
+
+def test_a_flow_whose_source_port_conntrack_remapped_takes_the_stack(cluster):
+    """A new flow whose reply tuple clashes with an older entry's (here: the same client
+    port, to the backend that an earlier Service flow was DNATed to) gets its source port
+    remapped by conntrack, an implicit SNAT: every datagram must leave with the stack's
+    port, none on the fast path with the pod's."""
+    client_node, server_node = cluster.nodes
+    a, b = client_node.pods[0], server_node.pods[0]
+    sport = NATED_SPORTS[2]
+    match = ["PREROUTING", "-d", SERVICE_IP, "-p", "udp", "--dport", str(SERVICE_PORT)]
+    rule = [*match, "-j", "DNAT", "--to-destination", f"{b.ip}:{SERVER_PORT}"]
+    process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-A", *rule])
+    try:
+        with echo_server(b):
+            assert len(exchange(a, sport, (SERVICE_IP, SERVICE_PORT), 5)) == 5
+    finally:
+        process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
+    before = cluster.counters(client_node)
+    with udp_socket(b, SERVER_PORT) as server, udp_socket(a, sport) as client:
+        for i in range(50):
+            client.sendto(b"%02d" % i, (str(b.ip), SERVER_PORT))
+        got = [server.recvfrom(64) for _ in range(50)]
+    assert sorted(data for data, _ in got) == [b"%02d" % i for i in range(50)]
+    ports = {source[1] for _, source in got}
+    assert len(ports) == 1 and ports != {sport}, f"source ports {ports}"
+    assert packets(cluster, 0, before, "fast_send") == 0
 
 
 def test_the_sending_side_runs_on_the_pods_veth_end(cluster):
