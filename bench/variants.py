@@ -116,7 +116,7 @@ VARIANTS: tuple[Variant, ...] = (
         IngressHook.KERNEL,
         "xvf",
         "flannel-xdp vxlan, kernel hook with the UDP fast path: conntrack-confirmed, "
-        "un-NATed UDP is encapsulated at cni0's tc ingress, decapsulated in tc and "
+        "un-NATed UDP is encapsulated at the pod's veth end, decapsulated in tc and "
         "delivered into the pod's netns",
         udp_fast_path=True,
     ),
@@ -151,7 +151,7 @@ VARIANTS: tuple[Variant, ...] = (
         IngressHook.TC,
         "xhf",
         "flannel-xdp host-gw, tc hook with the UDP fast path: conntrack-confirmed, un-NATed "
-        "UDP is sent from cni0's tc ingress and delivered into the pod's netns",
+        "UDP is sent from the pod's veth end and delivered into the pod's netns",
         udp_fast_path=True,
     ),
 )

@@ -4,7 +4,7 @@ any Kubernetes node).
 
 What must hold: UDP of a flow conntrack has confirmed un-NATed skips the stack on both
 nodes (counted as fast_send on the sender, fast_deliver on the receiver, every datagram
-delivered intact): sent from cni0's ingress to the peer, delivered straight into the
+delivered intact): sent from the pod's veth end to the peer, delivered straight into the
 pod's netns when local_pods knows the pod, through cni0 when it does not. A flow NATed
 on either node never does, in either direction (the stack must undo the NAT, or the
 client's connected socket drops the replies); TCP never does.
