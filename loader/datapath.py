@@ -7,7 +7,6 @@ leaves no pin and no device behind that was not there before.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from collections.abc import Iterable
@@ -22,11 +21,11 @@ from flannel_xdp.loader import attach, devices, kfunc
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.maps import libbpf
-from flannel_xdp.maps.layout import MAP_LAYOUTS
 from flannel_xdp.maps.views import (
     LocalPodsMap,
     NodeConfigMap,
     NodeSettings,
+    PinnedMap,
     ReasonsMap,
     SubnetsMap,
     TrafficMap,
@@ -297,22 +296,7 @@ def _drop_set_aside(aside: str) -> None:
 
 # Maps whose contents the agent makes anew (the node's config at install, the pods every
 # scan, the counters from zero), so that a map of another layout can simply be replaced.
-REBUILT_MAPS = ("node_config", LocalPodsMap.name, TrafficMap.name, ReasonsMap.name)
-COUNTER_SLOTS = {view.name: view.slots for view in (TrafficMap, ReasonsMap)}
-
-
-def _stale_why(name: str, info: libbpf.MapInfo) -> str | None:
-    """Why a pinned map of another build's layout cannot serve this build; None if it can."""
-    key_type, value_type = MAP_LAYOUTS[name]
-    sizes = (ctypes.sizeof(key_type), ctypes.sizeof(value_type))
-    if (info.key_size, info.value_size) != sizes:
-        return (
-            f"key/value size {info.key_size}/{info.value_size}, this build's {sizes[0]}/{sizes[1]}"
-        )
-    slots = COUNTER_SLOTS.get(name)
-    if slots is not None and info.max_entries != slots:
-        return f"{info.max_entries} counters, this build counts in {slots}"
-    return None
+REBUILT_MAPS: tuple[type[PinnedMap], ...] = (NodeConfigMap, LocalPodsMap, TrafficMap, ReasonsMap)
 
 
 def _set_aside_stale_maps(pins: PinDir) -> list[str]:
@@ -321,18 +305,18 @@ def _set_aside_stale_maps(pins: PinDir) -> list[str]:
     counts be read under other labels. The new programs get new, empty maps; the agent
     fills them. Returns the names moved."""
     stale = []
-    for name in REBUILT_MAPS:
-        path = os.path.join(pins.maps, name)
+    for view in REBUILT_MAPS:
+        path = os.path.join(pins.maps, view.name)
         if not os.path.exists(path):
             continue
         fd = libbpf.obj_get(path)
         try:
-            why = _stale_why(name, libbpf.map_info(fd))
+            why = view.mismatch(libbpf.map_info(fd))
         finally:
             os.close(fd)
         if why:
-            log.info("%s map pinned by another version (%s): starting it anew", name, why)
-            stale.append(name)
+            log.info("%s map pinned by another version (%s): starting it anew", view.name, why)
+            stale.append(view.name)
     if stale:
         aside = os.path.join(pins.root, STALE_MAPS_DIR)
         os.makedirs(aside, mode=0o700, exist_ok=True)

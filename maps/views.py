@@ -143,13 +143,19 @@ class PinnedMap:
         self.fd = libbpf.obj_get(self.path)
         info = libbpf.map_info(self.fd)
         self.max_entries = info.max_entries
-        value_size = ctypes.sizeof(self.value_type)
-        if info.key_size != ctypes.sizeof(self.key_type) or info.value_size != value_size:
+        why = self.mismatch(info)
+        if why:
             self.close()
-            raise LayoutMismatch(
-                f"{self.path}: key/value size {info.key_size}/{info.value_size}, "
-                f"expected {ctypes.sizeof(self.key_type)}/{value_size}"
-            )
+            raise LayoutMismatch(f"{self.path}: {why} (pinned by another version)")
+
+    @classmethod
+    def mismatch(cls, info: libbpf.MapInfo) -> str | None:
+        """How a pinned map differs from this build's layout of it; None if it does not."""
+        key_type, value_type = layout.MAP_LAYOUTS[cls.name]
+        want = (ctypes.sizeof(key_type), ctypes.sizeof(value_type))
+        if (info.key_size, info.value_size) != want:
+            return f"key/value size {info.key_size}/{info.value_size}, expected {want[0]}/{want[1]}"
+        return None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -308,14 +314,12 @@ class CounterMap(PinnedMap):
 
     slots: int = 0
 
-    def __init__(self, maps_dir: str):
-        super().__init__(maps_dir)
-        if self.max_entries != self.slots:
-            self.close()
-            raise LayoutMismatch(
-                f"{self.path}: {self.max_entries} counters, this build counts in {self.slots} "
-                "(pinned by another version; its next install replaces it)"
-            )
+    @classmethod
+    def mismatch(cls, info: libbpf.MapInfo) -> str | None:
+        why = super().mismatch(info)
+        if why is None and info.max_entries != cls.slots:
+            why = f"{info.max_entries} counters, this build counts in {cls.slots}"
+        return why
 
     def totals(self) -> list[tuple[int, int]]:
         ncpu = libbpf.num_possible_cpus()
