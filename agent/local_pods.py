@@ -38,15 +38,12 @@ def _kind(link) -> str | None:
 
 def _only_ours(ipr: IPRoute, index: int) -> bool:
     """The port's clsact holds no filter but our pod_ingress."""
-    for direction, parent in attach.TC_PARENT.items():
-        for f in ipr.get_filters(index, parent=parent):
-            options = f.get_attr("TCA_OPTIONS")
-            if not options:
-                continue  # the header entry of a filter's prio
-            name = options.get_attr("TCA_BPF_NAME")
-            if direction != POD_INGRESS.direction or name != POD_INGRESS.name:
-                return False
-    return True
+    ours = (POD_INGRESS.direction, POD_INGRESS.name)
+    return all(
+        (direction, name) == ours
+        for direction in attach.TC_PARENT
+        for _, name in attach.tc_filters(ipr, index, direction)
+    )
 
 
 def _plain_ports(ipr: IPRoute, bridge: int) -> set[int]:

@@ -78,25 +78,30 @@ def attach_tc(dev: str, direction: str, prog_fd: int, prog_name: str) -> None:
     log.info("attached %s to tc %s of %s", prog_name, direction, dev)
 
 
+def tc_filters(ipr: IPRoute, index: int, direction: str) -> list[tuple[int, str | None]]:
+    """(prio, bpf program name or None) of every filter on a tc hook of the interface;
+    none without a clsact qdisc."""
+    try:
+        filters = ipr.get_filters(index, parent=TC_PARENT[direction])
+    except NetlinkError as exc:
+        if exc.code == errno.EINVAL:  # no clsact qdisc
+            return []
+        raise
+    return [
+        (f["info"] >> 16, options.get_attr("TCA_BPF_NAME"))
+        for f in filters
+        if (options := f.get_attr("TCA_OPTIONS"))  # not the header entry of a prio
+    ]
+
+
 def tc_filter_name(dev: str, direction: str) -> str | None:
     """The program name of our filter on dev's tc hook; None without one (or without dev)."""
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=dev)
         if not found:
             return None
-        try:
-            filters = ipr.get_filters(found[0], parent=TC_PARENT[direction])
-        except NetlinkError as exc:
-            if exc.code == errno.EINVAL:  # no clsact qdisc
-                return None
-            raise
-    for f in filters:
-        if f["info"] >> 16 == TC_PRIO and f.get_attr("TCA_KIND") == "bpf":
-            options = f.get_attr("TCA_OPTIONS")
-            name = options.get_attr("TCA_BPF_NAME") if options else None
-            if name:
-                return name
-    return None
+        filters = tc_filters(ipr, found[0], direction)
+    return next((name for prio, name in filters if prio == TC_PRIO and name), None)
 
 
 def detach_tc(dev: str, direction: str) -> bool:
