@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from flannel_xdp.maps import layout, libbpf
 from flannel_xdp.maps.layout import (
@@ -174,6 +174,13 @@ class PinnedMap:
             yield nxt
             key, nxt = nxt, self.key_type()
 
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        """Every (key, value) the map holds; an entry deleted while walking is skipped."""
+        for key in self.iter_keys():
+            value = self.value_type()
+            if libbpf.lookup(self.fd, key, value):
+                yield key, value
+
 
 @dataclass(frozen=True)
 class ApplyResult:
@@ -195,13 +202,8 @@ class SubnetsMap(PinnedMap):
     name = "subnets"
 
     def peers(self) -> dict[IPv4Network, Peer]:
-        out: dict[IPv4Network, Peer] = {}
-        for key in self.iter_keys():
-            value = RemoteSubnet()
-            if libbpf.lookup(self.fd, key, value):
-                peer = peer_from_entry(key, value)
-                out[peer.subnet] = peer
-        return out
+        peers = (peer_from_entry(key, value) for key, value in self.items())
+        return {peer.subnet: peer for peer in peers}
 
     def apply(self, desired: Iterable[Peer], batch: int = DEFAULT_BATCH) -> ApplyResult:
         """Make the map hold exactly desired: upserts first, then removals."""
@@ -264,15 +266,16 @@ class LocalPodsMap(PinnedMap):
     name = "local_pods"
 
     def pods(self) -> dict[IPv4Address, LocalPod]:
-        out: dict[IPv4Address, LocalPod] = {}
-        for key in self.iter_keys():
-            value = LocalPodEntry()
-            if libbpf.lookup(self.fd, key, value):
-                ip = IPv4Address(bytes(key))
-                out[ip] = LocalPod(
-                    ip, value.ifindex, format_mac(value.mac), format_mac(value.gateway_mac)
-                )
-        return out
+        pods = (
+            LocalPod(
+                IPv4Address(bytes(key)),
+                value.ifindex,
+                format_mac(value.mac),
+                format_mac(value.gateway_mac),
+            )
+            for key, value in self.items()
+        )
+        return {pod.ip: pod for pod in pods}
 
     def apply(self, desired: Iterable[LocalPod]) -> ApplyResult:
         """Make the map hold exactly desired (a node's few pods: one call per change)."""
