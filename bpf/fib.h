@@ -17,8 +17,7 @@
 
 /*
  * bpf_fib_lookup() is half of tunnel_egress's cost per packet, and it answers
- * the same for every packet to one peer (or, on the fast path's delivery, to one
- * pod). Each CPU keeps its last successful answer per question for FIB_CACHE_NS
+ * the same for every packet to one peer. Each CPU keeps its last successful answer per question for FIB_CACHE_NS
  * of the coarse clock (bpf_ktime_get_ns reads the TSC, a quarter of a host-gw
  * packet's cost in this VM), so a route or neighbour change reaches the wire at
  * most that plus one timer tick later than the kernel's own forwarding would see
@@ -29,15 +28,27 @@
 #define FIB_CACHE_NS		1000000ULL	/* 1 ms */
 #define FIB_CACHE_SLOTS		1024		/* a power of two */
 
+/* Where a routed frame goes: the device and the Ethernet addresses to send it with. */
+struct next_hop {
+	__u32 ifindex;
+	__u8 dmac[ETH_ALEN];
+	__u8 smac[ETH_ALEN];
+};
+
+static __always_inline void next_hop_from(struct next_hop *hop, const struct bpf_fib_lookup *fib)
+{
+	hop->ifindex = fib->ifindex;
+	__builtin_memcpy(hop->dmac, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(hop->smac, fib->smac, ETH_ALEN);
+}
+
 struct fib_answer {
 	__u64 expires_ns;
 	__be32 dst;			/* the question: destination, ... */
 	__be32 src;			/* ... source, ... */
 	__u32 in_ifindex;		/* ... the interface asked for, ... */
 	__u32 kind;			/* ... the lookup flags and the TOS (fib_kind()) */
-	__u32 ifindex;			/* the answer: where to send ... */
-	__u8 dmac[ETH_ALEN];		/* ... with which addresses */
-	__u8 smac[ETH_ALEN];
+	struct next_hop hop;		/* the answer */
 	/* Largest IP length the route's MTU was seen to allow (0: none checked yet). */
 	__u32 max_ok_len;
 };
@@ -75,9 +86,9 @@ static __always_inline int fib_lookup_cached(struct __sk_buff *skb, struct bpf_f
 	int rc;
 
 	if (a && fib_answer_valid(a, dst, src, in_ifindex, kind, tot_len, now)) {
-		fib->ifindex = a->ifindex;
-		__builtin_memcpy(fib->dmac, a->dmac, ETH_ALEN);
-		__builtin_memcpy(fib->smac, a->smac, ETH_ALEN);
+		fib->ifindex = a->hop.ifindex;
+		__builtin_memcpy(fib->dmac, a->hop.dmac, ETH_ALEN);
+		__builtin_memcpy(fib->smac, a->hop.smac, ETH_ALEN);
 		return BPF_FIB_LKUP_RET_SUCCESS;
 	}
 	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), flags);
@@ -92,15 +103,13 @@ static __always_inline int fib_lookup_cached(struct __sk_buff *skb, struct bpf_f
 	a->src = src;
 	a->in_ifindex = in_ifindex;
 	a->kind = kind;
-	a->ifindex = fib->ifindex;
-	__builtin_memcpy(a->dmac, fib->dmac, ETH_ALEN);
-	__builtin_memcpy(a->smac, fib->smac, ETH_ALEN);
+	next_hop_from(&a->hop, fib);
 	a->expires_ns = now + FIB_CACHE_NS;
 	return rc;
 }
 
-static __always_inline int rewrite_and_redirect(struct __sk_buff *skb, const __u8 *dmac,
-						const __u8 *smac, __u32 ifindex, int *reason)
+static __always_inline int rewrite_and_redirect(struct __sk_buff *skb, const struct next_hop *hop,
+						int *reason)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -110,10 +119,10 @@ static __always_inline int rewrite_and_redirect(struct __sk_buff *skb, const __u
 		*reason = DROP_MALFORMED;
 		return TC_ACT_SHOT;
 	}
-	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, hop->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, hop->smac, ETH_ALEN);
 	eth->h_proto = bpf_htons(ETH_P_IP);
-	return bpf_redirect(ifindex, 0);
+	return bpf_redirect(hop->ifindex, 0);
 }
 
 /*
@@ -125,6 +134,7 @@ static __always_inline int redirect_to_next_hop(struct __sk_buff *skb, __be32 sr
 						int *reason)
 {
 	struct bpf_fib_lookup fib = {};
+	struct next_hop hop;
 	void *data, *data_end;
 	int rc;
 
@@ -174,7 +184,8 @@ static __always_inline int redirect_to_next_hop(struct __sk_buff *skb, __be32 sr
 		*reason = DROP_NO_UNDERLAY_ROUTE;
 		return TC_ACT_SHOT;
 	}
-	return rewrite_and_redirect(skb, fib.dmac, fib.smac, fib.ifindex, reason);
+	next_hop_from(&hop, &fib);
+	return rewrite_and_redirect(skb, &hop, reason);
 }
 
 #endif

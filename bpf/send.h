@@ -15,9 +15,13 @@
 /*
  * Returns TC_ACT_REDIRECT (counted as encap or forward) or TC_ACT_SHOT
  * (counted with its reason). The frame's Ethernet header is at skb->data.
+ * hop: the next hop the caller has resolved already (the fast path, for a frame
+ * it checked against the route's MTU), or NULL to resolve it here as the kernel's
+ * output path would.
  */
 static __always_inline int send_to_peer(struct __sk_buff *skb, const struct node_config *cfg,
-					const struct remote_subnet *peer, __u64 bytes)
+					const struct remote_subnet *peer,
+					const struct next_hop *hop, __u64 bytes)
 {
 	int backend = peer->backend;
 	int reason = REASON_NONE;
@@ -32,8 +36,11 @@ static __always_inline int send_to_peer(struct __sk_buff *skb, const struct node
 		if (reason != REASON_NONE)
 			goto drop;
 	}
-	verdict = redirect_to_next_hop(skb, cfg->public_ip, peer->public_ip, cfg->underlay_ifindex,
-				       &reason);
+	if (hop)
+		verdict = rewrite_and_redirect(skb, hop, &reason);
+	else
+		verdict = redirect_to_next_hop(skb, cfg->public_ip, peer->public_ip,
+					       cfg->underlay_ifindex, &reason);
 	if (verdict == TC_ACT_SHOT)
 		goto drop;
 	count_traffic(backend, backend == BACKEND_VXLAN ? DIR_ENCAP : DIR_FORWARD, bytes);

@@ -53,5 +53,5 @@ int tunnel_egress(struct __sk_buff *skb)
 	/* Copy: the entry may be replaced while we work; the packet sees one version. */
 	__builtin_memcpy(&peer, found, sizeof(peer));
 
-	return send_to_peer(skb, cfg, &peer, bytes);
+	return send_to_peer(skb, cfg, &peer, NULL, bytes);
 }

@@ -35,10 +35,11 @@ from flannel_xdp.loader import datapath
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps import libbpf
+from flannel_xdp.maps.layout import c_define
 from flannel_xdp.maps.views import LocalPodsMap
 from tests.node_support import someone_elses_filter
 from tests.requirements import require_root_and_bcc
-from tests.test_packets import wait_out_fib_cache
+from tests.test_packets import wait_out_cache
 
 pytestmark = pytest.mark.root
 
@@ -73,6 +74,22 @@ def cluster(request) -> Iterator[Cluster]:
     )
     with Cluster(spec) as c:
         yield c
+
+
+def wait_out_flow_cache() -> None:
+    """Past every CPU's kept fast-path decision: what the FIB and the maps say now applies."""
+    wait_out_cache(c_define("fastpath.h", "FLOW_CACHE_NS"))
+
+
+@contextlib.contextmanager
+def on_one_cpu() -> Iterator[None]:
+    """Keep this thread on one CPU, so that test runs share that CPU's kept decisions."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def packets(cluster: Cluster, node_index: int, before, direction: str) -> int:
@@ -294,7 +311,9 @@ def test_pod_ingress_sends_only_what_the_pod_on_that_veth_would_route(cluster):
     """pod_ingress on its own (BPF_PROG_TEST_RUN of the pinned program, on the pod's
     veth end, the flow confirmed by real traffic): the pod's datagram to its gateway is
     sent; the same with another source MAC, on another port, to another MAC than the
-    gateway's, with a broken header checksum or with trailing bytes is left to the stack."""
+    gateway's, with a broken header checksum or with trailing bytes is left to the stack.
+    Each right after the pod's own datagram on the same CPU: the decision kept for the
+    flow (fastpath.h) must not carry over to a frame the pod would not have sent."""
     node, a, b = cluster.nodes[0], cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
     sport, dport = 40123, SERVER_PORT
     with udp_socket(b, dport) as server, udp_socket(a, sport) as client:
@@ -319,14 +338,16 @@ def test_pod_ingress_sends_only_what_the_pod_on_that_veth_would_route(cluster):
         "trailing bytes": (good + bytes(6), pod.ifindex, TC_ACT_OK),
     }
     fd = libbpf.obj_get(PinDir(node.bpffs).prog(datapath.POD_INGRESS.name))
+    own_port = skb_ctx_on(pod.ifindex)
+    got, primed = {}, {}
     try:
-        with netns.entered(node.netns):
-            got = {
-                name: libbpf.prog_test_run(fd, frame, ctx=skb_ctx_on(port))[0]
-                for name, (frame, port, _) in cases.items()
-            }
+        with netns.entered(node.netns), on_one_cpu():
+            for name, (frame, port, _) in cases.items():
+                primed[name] = libbpf.prog_test_run(fd, good, ctx=own_port)[0]
+                got[name] = libbpf.prog_test_run(fd, frame, ctx=skb_ctx_on(port))[0]
     finally:
         os.close(fd)
+    assert primed == {name: TC_ACT_REDIRECT for name in cases}
     assert got == {name: want for name, (_, _, want) in cases.items()}
 
 
@@ -334,14 +355,15 @@ def test_what_the_route_to_the_peer_cannot_take_is_left_to_the_stack(cluster):
     """pod_ingress asks the FIB about the route to the peer with the datagram's size
     (after encapsulation): with that route's MTU locked lower, a datagram that no longer
     fits is left to the stack, which refuses it as it would without the fast path
-    (tunnel_egress counts too_big); one that fits still takes the fast path."""
+    (tunnel_egress counts too_big); one that fits still takes the fast path. The big ones
+    follow small ones of the same flow, whose kept decision must not cover them."""
     node, a, b = cluster.nodes[0], cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
     backend = cluster.spec.backend.value
     peer = cluster.nodes[1].public_ip
     route = [f"{peer}/32", "dev", UNDERLAY_IFNAME]
     process.run(node.netns, ["ip", "route", "replace", *route, "mtu", "lock", "1000"])
     try:
-        wait_out_fib_cache()
+        wait_out_flow_cache()
         before = cluster.counters(node)
         with udp_socket(a) as client:
             for _ in range(20):
@@ -351,15 +373,22 @@ def test_what_the_route_to_the_peer_cannot_take_is_left_to_the_stack(cluster):
         assert counted.packets(backend, "fast_send") == 0
         assert counted.drops() == {(backend, "DROP_TOO_BIG"): 20}
         before = cluster.counters(node)
-        with udp_socket(b, SERVER_PORT) as server, udp_socket(a) as client:
+        with udp_socket(b, SERVER_PORT) as server, udp_socket(a) as client, on_one_cpu():
             for _ in range(20):
                 client.sendto(bytes(500), (str(b.ip), SERVER_PORT))
+                client.sendto(bytes(1200), (str(b.ip), SERVER_PORT))
             got = [server.recv(2048) for _ in range(20)]
+            time.sleep(0.2)
+            server.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                got.append(server.recv(2048))
+        counted = cluster.counters(node).since(before)
         assert got == [bytes(500)] * 20
-        assert packets(cluster, 0, before, "fast_send") >= 19
+        assert counted.packets(backend, "fast_send") >= 19
+        assert counted.drops() == {(backend, "DROP_TOO_BIG"): 20}
     finally:
         process.run(node.netns, ["ip", "route", "del", *route])
-        wait_out_fib_cache()
+        wait_out_flow_cache()
 
 
 def test_tcp_never_takes_the_fast_path(cluster):

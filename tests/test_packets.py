@@ -330,13 +330,16 @@ def test_underlay_mtu_boundary(lab, peer, inner_len, verdict, key):
 # --- the FIB cache (fib.h) ---------------------------------------------------------------
 
 CLOCK_MONOTONIC_COARSE = 6  # linux/time.h: the clock bpf_ktime_get_coarse_ns() reads
-FIB_CACHE_S = c_define("fib.h", "FIB_CACHE_NS") / 1e9
+
+
+def wait_out_cache(window_ns: int) -> None:
+    """Past every CPU's cached answer of a BPF cache that keeps answers window_ns on the
+    coarse clock (which lags by up to one tick): what the kernel says now applies."""
+    time.sleep(window_ns / 1e9 + 2 * time.clock_getres(CLOCK_MONOTONIC_COARSE))
 
 
 def wait_out_fib_cache() -> None:
-    """Past every CPU's cached bpf_fib_lookup answer (the window on the coarse clock,
-    which lags by up to one tick): what the FIB says now applies."""
-    time.sleep(FIB_CACHE_S + 2 * time.clock_getres(CLOCK_MONOTONIC_COARSE))
+    wait_out_cache(c_define("fib.h", "FIB_CACHE_NS"))
 
 
 def test_a_changed_neighbour_reaches_the_wire_once_the_cache_window_passed(lab):
