@@ -12,7 +12,7 @@ from flannel_xdp import defaults
 from flannel_xdp.agent import privileges
 from flannel_xdp.agent.registry import DEFAULT_ENDPOINTS, DEFAULT_PREFIX, TlsFiles, parse_endpoints
 from flannel_xdp.agent.subnet_env import DEFAULT_PATH as DEFAULT_SUBNET_FILE
-from flannel_xdp.loader import kfunc
+from flannel_xdp.loader import attach, kfunc
 from flannel_xdp.loader.bpffs import BpffsError, PinDir
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps.views import SubnetsMap
@@ -166,6 +166,8 @@ def preflight(opts) -> str | None:
             kfunc.kfunc_cflags()
         except kfunc.KfuncError as exc:
             return f"--udp-fast-path: {exc}"
+        if (problem := attach.tcx_problem()) is not None:
+            return f"--udp-fast-path: {problem}"
     pins = PinDir(opts.bpffs)
     try:
         pins.check()

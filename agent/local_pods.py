@@ -7,8 +7,9 @@ a remote pod straight from the pod's veth end (pod_ingress, attached by the agen
 This module reads who is where from the kernel: cni0's neighbour table (pod IP ->
 MAC, filled when the node first forwards to a pod) joined with its forwarding
 database (MAC -> port, learned when the pod first sends). A port with a qdisc of its
-own (the CNI bandwidth plugin's tbf or ingress policing) or someone else's tc
-programs is left out: the fast path would skip them.
+own (the CNI bandwidth plugin's tbf or ingress policing, any clsact: pod_ingress is
+attached through tcx) or someone else's tcx programs is left out: the fast path would
+skip them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ AF_BRIDGE = 7
 NUD_INCOMPLETE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x01, 0x20, 0x40, 0x80
 UNUSABLE = NUD_INCOMPLETE | NUD_FAILED
 TC_H_ROOT = 0xFFFFFFFF
-TC_H_CLSACT = 0xFFFFFFF1  # clsact's (and ingress's) parent
 PLAIN_ROOT_QDISCS = ("noqueue",)  # what a veth has until someone adds one
 
 
@@ -36,19 +36,19 @@ def _kind(link) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
-def _only_ours(ipr: IPRoute, index: int) -> bool:
-    """The port's clsact holds no filter but our pod_ingress."""
+def _only_ours(index: int) -> bool:
+    """The port's tcx hooks run nothing but our pod_ingress."""
     ours = (POD_INGRESS.direction, POD_INGRESS.name)
     return all(
         (direction, name) == ours
-        for direction in attach.TC_PARENT
-        for _, name in attach.tc_filters(ipr, index, direction)
+        for direction in attach.TCX_ATTACH_TYPE
+        for name in attach.tcx_programs(index, direction)
     )
 
 
 def _plain_ports(ipr: IPRoute, bridge: int) -> set[int]:
-    """The bridge's veth ports with no qdisc but a veth's own and our clsact
-    (bpf_redirect_peer works on veths only, and the fast path skips the rest)."""
+    """The bridge's veth ports with no qdisc but a veth's own and no tcx program but
+    ours (bpf_redirect_peer works on veths only, and the fast path skips the rest)."""
     ports = {
         link["index"]
         for link in ipr.get_links()
@@ -56,14 +56,10 @@ def _plain_ports(ipr: IPRoute, bridge: int) -> set[int]:
     }
     for qdisc in ipr.get_qdiscs():
         index, kind = qdisc["index"], qdisc.get_attr("TCA_KIND")
-        if index not in ports:
-            continue
         if qdisc["parent"] == TC_H_ROOT and kind in PLAIN_ROOT_QDISCS:
             continue
-        if qdisc["parent"] == TC_H_CLSACT and kind == "clsact" and _only_ours(ipr, index):
-            continue
         ports.discard(index)
-    return ports
+    return {index for index in ports if _only_ours(index)}
 
 
 @dataclass(frozen=True)

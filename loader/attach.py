@@ -1,18 +1,25 @@
-"""Attaching programs to tc (clsact, direct-action) and XDP, in this netns.
+"""Attaching programs to tc (clsact, direct-action), tcx and XDP, in this netns.
 
-Replacement is atomic on both hooks: tc's replace-filter swaps the program
-of an existing filter, and setting XDP over an attached program swaps it in
-one netlink call, so traffic never sees a gap.
+Replacement is atomic on every hook: tc's replace-filter swaps the program
+of an existing filter, a tcx link's update swaps its program, and setting XDP
+over an attached program swaps it in one netlink call, so traffic never sees a gap.
+
+tcx (bpf_link on the device's tc hook, Linux 6.6) is for devices that carry
+traffic when we first attach, such as pods' veth ends: adding a clsact qdisc
+deactivates the device's queues for a moment, and what it sends then is dropped.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 from enum import StrEnum
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from flannel_xdp.maps import libbpf
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +109,47 @@ def tc_filter_name(dev: str, direction: str) -> str | None:
             return None
         filters = tc_filters(ipr, found[0], direction)
     return next((name for prio, name in filters if prio == TC_PRIO and name), None)
+
+
+TCX_ATTACH_TYPE = {"ingress": libbpf.BPF_TCX_INGRESS, "egress": libbpf.BPF_TCX_EGRESS}
+
+
+LOOPBACK_IFINDEX = 1  # in every netns
+
+
+def tcx_problem() -> str | None:
+    """Why this kernel cannot attach through tcx (it came with Linux 6.6); None if it can."""
+    try:
+        libbpf.prog_query(LOOPBACK_IFINDEX, libbpf.BPF_TCX_INGRESS)
+    except libbpf.BpfError as exc:
+        return f"this kernel has no tcx hooks (Linux 6.6 and later): {exc}"
+    return None
+
+
+def tcx_programs(index: int, direction: str) -> list[str]:
+    """The names of the programs on the interface's tcx hook, in the order they run."""
+    ids = libbpf.prog_query(index, TCX_ATTACH_TYPE[direction])
+    return [name for i in ids if (name := libbpf.prog_name_by_id(i)) is not None]
+
+
+def attach_tcx(index: int, direction: str, prog_fd: int, prog_name: str, pin: str) -> None:
+    """Attach through a bpf_link pinned at pin (unpinning it detaches); a pin left by
+    an interface that is gone is replaced. Nothing stays attached when pinning fails."""
+    try:
+        link_fd = libbpf.link_create(prog_fd, index, TCX_ATTACH_TYPE[direction])
+    except libbpf.BpfError as exc:
+        if exc.errno == errno.ENODEV:
+            raise NoSuchInterface(f"interface {index} is gone") from exc
+        raise AttachError(
+            f"ifindex {index}: cannot attach {prog_name} to tcx {direction}: {exc}"
+        ) from exc
+    try:
+        if os.path.lexists(pin):
+            os.unlink(pin)
+        libbpf.obj_pin(link_fd, pin)
+    finally:
+        os.close(link_fd)
+    log.info("attached %s to tcx %s of ifindex %d", prog_name, direction, index)
 
 
 def detach_tc(dev: str, direction: str) -> bool:

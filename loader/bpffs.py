@@ -75,6 +75,14 @@ class PinDir:
     def prog(self, name: str) -> str:
         return os.path.join(self.progs, name)
 
+    @property
+    def links(self) -> str:
+        """bpf_links that keep programs attached without a qdisc (tcx)."""
+        return os.path.join(self.root, "links")
+
+    def link(self, name: str) -> str:
+        return os.path.join(self.links, name)
+
     def check(self) -> bool:
         """Whether pins can go under root, without changing anything: BpffsError names the
         problem. True when bpffs still has to be mounted (on /sys/fs/bpf, see ensure())."""
@@ -103,14 +111,15 @@ class PinDir:
         if self.check():
             _mount_bpffs(SYSFS_BPF_DIR)
         root = os.path.abspath(self.root)
-        for d in (root, self.maps, self.progs):
+        for d in (root, self.maps, self.progs, self.links):
             os.makedirs(d, mode=PIN_DIR_MODE, exist_ok=True)
             if stat.S_IMODE(os.stat(d).st_mode) != PIN_DIR_MODE:
                 os.chmod(d, PIN_DIR_MODE)
 
     def remove(self) -> None:
-        """Unpin everything below root and remove the directories we made."""
-        for sub in (self.progs, self.maps):
+        """Unpin everything below root (links first: that detaches their programs) and
+        remove the directories we made."""
+        for sub in (self.links, self.progs, self.maps):
             if os.path.isdir(sub):
                 for name in os.listdir(sub):
                     os.unlink(os.path.join(sub, name))

@@ -220,10 +220,9 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     if POD_INGRESS in progs:
         # The pods' veth ends that run an older build get this one; the agent attaches
         # it to the others as it finds their pods (agent/local_pods.py).
-        for port in pod_ports_attached():
-            attach_pod_port(fds[POD_INGRESS.name], port)
+        _move_pod_ports(pins, fds[POD_INGRESS.name])
     else:
-        detach_pod_ports()
+        detach_pod_ports(pins.root)
     for prog in progs:
         _pin_replacing(fds[prog.name], pins.prog(prog.name))
     for prog in {*UNDERLAY_PROGRAM.values(), TUNNEL_INGRESS, POD_INGRESS}:
@@ -351,46 +350,106 @@ def _attach_underlay(cfg: DataPathConfig, fds: dict[str, int]) -> attach.XdpMode
     return None
 
 
+def _runs_pod_ingress(index: int) -> bool:
+    return POD_INGRESS.name in attach.tcx_programs(index, POD_INGRESS.direction)
+
+
 def pod_ports_attached() -> list[str]:
-    """The interfaces (pods' veth ends) whose tc ingress runs our pod_ingress."""
+    """The interfaces (pods' veth ends) whose tcx ingress runs our pod_ingress."""
     with IPRoute() as ipr:
-        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
-    return [n for n in names if attach.tc_filter_name(n, POD_INGRESS.direction) == POD_INGRESS.name]
+        links = [(link["index"], link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
+    return [name for index, name in links if _runs_pod_ingress(index)]
 
 
-def attach_pod_port(prog_fd: int, port: str) -> bool:
-    """Attach the fast path's sending side to a pod's veth end; False when it is gone."""
+def _pod_link_pins(pins: PinDir) -> list[str]:
+    if not os.path.isdir(pins.links):
+        return []
+    prefix = f"{POD_INGRESS.name}@"
+    return [pins.link(n) for n in sorted(os.listdir(pins.links)) if n.startswith(prefix)]
+
+
+def attach_pod_port(bpffs: str, prog_fd: int, port: str) -> bool:
+    """Attach the fast path's sending side to a pod's veth end through a tcx link
+    pinned as links/pod_ingress@<ifindex> (a clsact qdisc would drop what the port
+    sends while it is added); False when the port is gone."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=port)
+    if not found:
+        return False
+    pin = PinDir(bpffs).link(f"{POD_INGRESS.name}@{found[0]}")
     try:
-        attach.attach_tc(port, POD_INGRESS.direction, prog_fd, POD_INGRESS.name)
+        attach.attach_tcx(found[0], POD_INGRESS.direction, prog_fd, POD_INGRESS.name, pin)
     except attach.NoSuchInterface:
         return False
     return True
 
 
+def _forget_gone_pod_links(pins: PinDir) -> None:
+    """Unpin the links of veth ends that are gone (their pods were deleted)."""
+    for pin in _pod_link_pins(pins):
+        fd = libbpf.obj_get(pin)
+        try:
+            gone = libbpf.link_info(fd).tcx_ifindex == 0
+        finally:
+            os.close(fd)
+        if gone:
+            os.unlink(pin)
+
+
 def ensure_pod_ports(bpffs: str, ports: Iterable[str]) -> list[str]:
     """Attach the pinned pod_ingress to those of ports that lack it; the ones it attached."""
-    missing = [
-        p for p in ports if attach.tc_filter_name(p, POD_INGRESS.direction) != POD_INGRESS.name
-    ]
+    pins = PinDir(bpffs)
+    _forget_gone_pod_links(pins)
+    with IPRoute() as ipr:
+        missing = [
+            p
+            for p in ports
+            if (found := ipr.link_lookup(ifname=p)) and not _runs_pod_ingress(found[0])
+        ]
     if not missing:
         return []
-    fd = libbpf.obj_get(PinDir(bpffs).prog(POD_INGRESS.name))
+    fd = libbpf.obj_get(pins.prog(POD_INGRESS.name))
     try:
-        return [p for p in missing if attach_pod_port(fd, p)]
+        return [p for p in missing if attach_pod_port(bpffs, fd, p)]
     finally:
         os.close(fd)
 
 
-def detach_pod_ports() -> None:
+def _move_pod_ports(pins: PinDir, prog_fd: int) -> None:
+    """Give the pods' veth ends that run an older build this one: each tcx link swaps
+    its program; a veth end that an older release attached through a tc filter moves
+    to a tcx link."""
+    _forget_gone_pod_links(pins)
+    for pin in _pod_link_pins(pins):
+        fd = libbpf.obj_get(pin)
+        try:
+            libbpf.link_update(fd, prog_fd)
+        finally:
+            os.close(fd)
+    for port in _tc_pod_ports():
+        if attach_pod_port(pins.root, prog_fd, port):
+            attach.detach_tc(port, POD_INGRESS.direction)
+
+
+def _tc_pod_ports() -> list[str]:
+    """Interfaces where an older release attached pod_ingress as a tc filter."""
+    with IPRoute() as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    return [n for n in names if attach.tc_filter_name(n, POD_INGRESS.direction) == POD_INGRESS.name]
+
+
+def detach_pod_ports(bpffs: str) -> None:
     """Take our program off every pod's veth end that runs it."""
-    for port in pod_ports_attached():
+    for pin in _pod_link_pins(PinDir(bpffs)):
+        os.unlink(pin)  # the link's last reference: the program is detached
+    for port in _tc_pod_ports():
         attach.detach_tc(port, POD_INGRESS.direction)
 
 
 def uninstall(bpffs: str, underlay: str | None, vni: int = defaults.VXLAN_VNI) -> None:
     """Detach everything, delete the tunnel device and unpin; safe to repeat."""
     tunnel, _ = devices.tunnel_names(vni)
-    detach_pod_ports()
+    detach_pod_ports(bpffs)
     if underlay:
         attach.detach_xdp(underlay)
         attach.detach_tc(underlay, UNDERLAY_TC.direction)

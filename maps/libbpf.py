@@ -46,6 +46,19 @@ def lib() -> ctypes.CDLL:
     ]
     so.bpf_map_delete_batch.argtypes = [c_int, c_void_p, ctypes.POINTER(c_uint32), c_void_p]
     so.bpf_prog_test_run_opts.argtypes = [c_int, c_void_p]
+    so.bpf_link_create.argtypes = [c_int, c_int, c_int, c_void_p]
+    so.bpf_link_update.argtypes = [c_int, c_int, c_void_p]
+    so.bpf_link_detach.argtypes = [c_int]
+    so.bpf_prog_query.argtypes = [
+        c_int,
+        c_int,
+        c_uint32,
+        ctypes.POINTER(c_uint32),
+        ctypes.POINTER(c_uint32),
+        ctypes.POINTER(c_uint32),
+    ]
+    so.bpf_prog_get_fd_by_id.argtypes = [c_uint32]
+    so.bpf_obj_get_info_by_fd.argtypes = [c_int, c_void_p, ctypes.POINTER(c_uint32)]
     so.libbpf_num_possible_cpus.argtypes = []
     so.bpf_prog_load.argtypes = [
         c_int,
@@ -266,14 +279,104 @@ class MapInfo(ctypes.Structure):
 def map_info(fd: int) -> MapInfo:
     info = MapInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
-    so = lib()
-    so.bpf_obj_get_info_by_fd.argtypes = [
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.POINTER(ctypes.c_uint32),
-    ]
     _check(
-        so.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+        lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
         f"info of map fd {fd}",
     )
     return info
+
+
+class ProgInfo(ctypes.Structure):
+    # The head of struct bpf_prog_info (uapi), up to the name; the kernel fills what fits.
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(
+        lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+        f"info of program fd {fd}",
+    )
+    return info
+
+
+def prog_name_by_id(prog_id: int) -> str | None:
+    """The name of a loaded program; None when it is gone."""
+    try:
+        fd = _check(lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    try:
+        return prog_info(fd).name.decode()
+    finally:
+        os.close(fd)
+
+
+# enum bpf_attach_type (uapi): the tcx hooks (Linux 6.6), which need no qdisc.
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
+MAX_QUERIED_PROGS = 64
+
+
+def link_create(prog_fd: int, ifindex: int, attach_type: int) -> int:
+    """A bpf_link attaching the program to the interface's hook; its fd."""
+    return _check(
+        lib().bpf_link_create(prog_fd, ifindex, attach_type, None),
+        f"attach program fd {prog_fd} to ifindex {ifindex} (attach type {attach_type})",
+    )
+
+
+class LinkInfo(ctypes.Structure):
+    # The head of struct bpf_link_info (uapi) with its tcx member.
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),  # the union that follows is 8-byte aligned
+        ("tcx_ifindex", ctypes.c_uint32),  # 0 once the interface is gone
+        ("tcx_attach_type", ctypes.c_uint32),
+    ]
+
+
+def link_info(fd: int) -> LinkInfo:
+    info = LinkInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(
+        lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+        f"info of link fd {fd}",
+    )
+    return info
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swap the link's program for another, atomically."""
+    _check(lib().bpf_link_update(link_fd, prog_fd, None), f"update link fd {link_fd}")
+
+
+def prog_query(ifindex: int, attach_type: int) -> list[int]:
+    """The ids of the programs on the interface's hook, in the order they run."""
+    ids = (ctypes.c_uint32 * MAX_QUERIED_PROGS)()
+    count = ctypes.c_uint32(MAX_QUERIED_PROGS)
+    flags = ctypes.c_uint32(0)
+    _check(
+        lib().bpf_prog_query(
+            ifindex, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count)
+        ),
+        f"query programs of ifindex {ifindex} (attach type {attach_type})",
+    )
+    return list(ids[: count.value])

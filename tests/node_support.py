@@ -147,6 +147,25 @@ def teardown_node(ns: str, bpffs: str, subnet_file: str, etcd: EtcdCluster, pref
         etcd.delete(key)
 
 
+def someone_elses_tcx(ns: str, dev: str) -> int:
+    """Another user's program on dev's tcx ingress in ns, through an unpinned link: its
+    fd (closing it detaches the program)."""
+    from bcc import BPF
+    from pyroute2 import IPRoute
+
+    from flannel_xdp import netns
+    from flannel_xdp.maps import libbpf
+
+    module = BPF(text=b"int someone_elses(struct __sk_buff *skb) { return 0; }")
+    prog_fd = module.load_func(b"someone_elses", BPF.SCHED_CLS).fd
+    try:
+        with netns.entered(ns), IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=dev)[0]
+            return libbpf.link_create(prog_fd, idx, libbpf.BPF_TCX_INGRESS)
+    finally:
+        module.cleanup()
+
+
 def someone_elses_filter(ns: str, dev: str, prio: int) -> int:
     """Another user's tc ingress program on dev in ns, at prio; its fd (close it after)."""
     from bcc import BPF

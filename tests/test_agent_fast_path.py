@@ -80,7 +80,7 @@ def test_the_agent_puts_the_sending_side_back_on_a_pods_veth_end():
         wait_for_pod_program(node.netns, a.host_veth)
         attached_before = attach_log_lines(node, a.host_veth)
         with netns.entered(node.netns):
-            datapath.detach_pod_ports()
+            datapath.detach_pod_ports(node.bpffs)
         assert not pod_program_attached(node.netns, a.host_veth)
         wait_for_pod_program(node.netns, a.host_veth)
         assert attach_log_lines(node, a.host_veth) >= attached_before + 1

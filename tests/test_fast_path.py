@@ -37,7 +37,7 @@ from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps import libbpf
 from flannel_xdp.maps.layout import c_define
 from flannel_xdp.maps.views import LocalPodsMap
-from tests.node_support import someone_elses_filter
+from tests.node_support import someone_elses_filter, someone_elses_tcx
 from tests.requirements import require_root_and_bcc
 from tests.test_packets import wait_out_cache
 
@@ -283,7 +283,7 @@ def test_the_sending_side_runs_on_the_pods_veth_end(cluster):
     node, a, b = cluster.nodes[0], cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
     with netns.entered(node.netns):
         assert datapath.pod_ports_attached() == [a.host_veth]
-        datapath.detach_pod_ports()
+        datapath.detach_pod_ports(node.bpffs)
         assert datapath.pod_ports_attached() == []
     before = cluster.counters(node)
     send_and_receive(a, b)
@@ -294,6 +294,56 @@ def test_the_sending_side_runs_on_the_pods_veth_end(cluster):
     before = cluster.counters(node)
     send_and_receive(a, b)
     assert packets(cluster, 0, before, "fast_send") >= DATAGRAMS - 5
+
+
+def test_attaching_the_sending_side_drops_nothing_the_pod_is_sent(cluster):
+    """pod_ingress goes onto a pod's veth end through a tcx link, without a qdisc:
+    adding (or deleting) a clsact qdisc deactivates the veth's queues for a moment, and
+    what the node sends the pod then is dropped (about 17 datagrams per change in a
+    flood). The node streams numbered datagrams to the pod through cni0 and that veth
+    end while its sending side is detached and attached again, ten times and more."""
+    node, b = cluster.nodes[1], cluster.nodes[1].pods[0]
+    rounds, stop = [0], threading.Event()
+
+    def churn() -> None:
+        with netns.entered(node.netns):
+            while not stop.is_set():
+                datapath.detach_pod_ports(node.bpffs)
+                assert datapath.ensure_pod_ports(node.bpffs, [b.host_veth]) == [b.host_veth]
+                rounds[0] += 1
+
+    got: list[int] = []
+    with udp_socket(b, SERVER_PORT) as server:
+        server.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        server.settimeout(0.5)
+
+        def receive() -> None:
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    got.append(int(server.recv(64)))
+
+        receiver = threading.Thread(target=receive)
+        receiver.start()
+        with netns.entered(node.netns):
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        churner = threading.Thread(target=churn)
+        sent = 0
+        with client:
+            churner.start()
+            try:
+                while rounds[0] < 10 and sent < 500_000:
+                    client.sendto(b"%d" % sent, (str(b.ip), SERVER_PORT))
+                    sent += 1
+                    if sent % 50 == 0:
+                        time.sleep(0.0002)  # the receiver keeps up
+            finally:
+                stop.set()
+                churner.join()
+        receiver.join()
+    assert sorted(got) == list(range(sent)), f"{sent - len(set(got))} of {sent} lost"
+    assert rounds[0] >= 10
+    with netns.entered(node.netns):
+        assert datapath.pod_ports_attached() == [b.host_veth]
 
 
 def test_a_pod_local_pods_does_not_know_sends_through_the_stack(cluster):
@@ -430,7 +480,7 @@ def test_the_agents_cni0_scan_finds_the_pods_that_talked(cluster):
     """agent/local_pods.scan() reads cni0's neighbours and forwarding database: a pod
     appears once the node has resolved it and the bridge has learned its MAC (its port
     may run our pod_ingress); a port with a qdisc of its own (the CNI bandwidth plugin's
-    tbf) or someone else's tc program is left to the bridge."""
+    tbf, a clsact) or someone else's tc or tcx program is left to the bridge."""
     a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
     node = cluster.nodes[1]
     send_and_receive(a, b)
@@ -451,7 +501,13 @@ def test_the_agents_cni0_scan_finds_the_pods_that_talked(cluster):
             assert local_pods.scan(ipr, defaults.CNI_BRIDGE) == []
     finally:
         os.close(fd)
-        process.run(node.netns, ["tc", "filter", "del", "dev", b.host_veth, "ingress", "prio", "7"])
+        process.run(node.netns, ["tc", "qdisc", "del", "dev", b.host_veth, "clsact"])
+    fd = someone_elses_tcx(node.netns, b.host_veth)
+    try:
+        with netns.entered(node.netns), IPRoute() as ipr:
+            assert local_pods.scan(ipr, defaults.CNI_BRIDGE) == []
+    finally:
+        os.close(fd)
     with netns.entered(node.netns), IPRoute() as ipr:
         assert local_pods.scan(ipr, defaults.CNI_BRIDGE) == [want]
 

@@ -11,10 +11,12 @@ import uuid
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from pyroute2 import IPRoute
 
 from flannel_xdp import netns
 from flannel_xdp.loader import attach, datapath, devices
 from flannel_xdp.loader.bpffs import PinDir
+from flannel_xdp.maps import libbpf
 from flannel_xdp.maps.layout import Backend
 from flannel_xdp.maps.views import (
     CapacityError,
@@ -285,12 +287,13 @@ def test_maps_pinned_by_another_layout_start_anew(node, caplog):
     assert "local_pods map pinned by another version (key/value size 4/12" in caplog.text
     with LocalPodsMap(pins.maps) as local_pods:
         assert local_pods.pods() == {}
-    assert sorted(os.listdir(bpffs)) == ["maps", "progs"]
+    assert sorted(os.listdir(bpffs)) == ["links", "maps", "progs"]
 
 
 def test_the_fast_paths_sending_side_comes_and_goes_with_the_flag(node):
-    """--udp-fast-path pins pod_ingress; the agent attaches it to pods' veth ends; a new
-    install moves those to the new build, one without the flag takes it off them (leaving
+    """--udp-fast-path pins pod_ingress; the agent attaches it to pods' veth ends through
+    tcx links; a new install moves those to the new build (as it moves a veth end that
+    an older release gave a tc filter), one without the flag takes it off them (leaving
     other filters alone) and unpins it."""
     ns, bpffs = node
     _ip("-n", ns, "link", "add", "cni0", "type", "bridge")
@@ -304,14 +307,24 @@ def test_the_fast_paths_sending_side_comes_and_goes_with_the_flag(node):
             datapath.install(fast, NODE)
             assert os.path.exists(pin) and datapath.pod_ports_attached() == []
             assert datapath.ensure_pod_ports(bpffs, ["vpod0"]) == ["vpod0"]
-            first = _tc_prog_id(ns, "vpod0")
+            first = _tcx_prog_ids("vpod0")
             datapath.install(fast, NODE)
             assert datapath.pod_ports_attached() == ["vpod0"]
-            assert _tc_prog_id(ns, "vpod0") != first  # the new build
+            assert len(_tcx_prog_ids("vpod0")) == 1 and _tcx_prog_ids("vpod0") != first
             datapath.install(dataclasses.replace(fast, udp_fast_path=False), NODE)
             assert datapath.pod_ports_attached() == [] and not os.path.exists(pin)
+            assert os.listdir(PinDir(bpffs).links) == []
+
             datapath.install(fast, NODE)
-            datapath.ensure_pod_ports(bpffs, ["vpod0"])
+            fd = libbpf.obj_get(pin)
+            try:  # as an older release attached it
+                attach.attach_tc("vpod0", "ingress", fd, datapath.POD_INGRESS.name)
+            finally:
+                os.close(fd)
+            datapath.install(fast, NODE)
+            assert datapath.pod_ports_attached() == ["vpod0"]
+            assert attach.tc_filter_name("vpod0", "ingress") is None
+
             datapath.uninstall(bpffs, "eth0", NODE.vni)
             assert datapath.pod_ports_attached() == []
         filters = subprocess.run(
@@ -325,11 +338,7 @@ def test_the_fast_paths_sending_side_comes_and_goes_with_the_flag(node):
         os.close(keep_fd)
 
 
-def _tc_prog_id(ns: str, dev: str) -> int:
-    out = subprocess.run(
-        ["tc", "-n", ns, "filter", "show", "dev", dev, "ingress", "pref", "1"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return int(out.split(" id ", 1)[1].split()[0])
+def _tcx_prog_ids(dev: str) -> list[int]:
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=dev)[0]
+    return libbpf.prog_query(index, libbpf.BPF_TCX_INGRESS)
