@@ -338,6 +338,26 @@ def test_the_fast_paths_sending_side_comes_and_goes_with_the_flag(node):
         os.close(keep_fd)
 
 
+def test_the_link_of_a_gone_veth_end_is_unpinned_at_the_next_scan(node):
+    """A deleted pod takes its veth end with it; its tcx link stays pinned, attached to
+    nothing, until ensure_pod_ports() (the agent's scan) unpins it."""
+    ns, bpffs = node
+    _ip("-n", ns, "link", "add", "vpod1", "type", "veth", "peer", "name", "vpod1p")
+    fast = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, udp_fast_path=True)
+    links = PinDir(bpffs).links
+    with netns.entered(ns):
+        datapath.install(fast, NODE)
+        try:
+            assert datapath.ensure_pod_ports(bpffs, ["vpod1"]) == ["vpod1"]
+            assert len(os.listdir(links)) == 1
+            _ip("-n", ns, "link", "del", "vpod1")
+            assert len(os.listdir(links)) == 1
+            assert datapath.ensure_pod_ports(bpffs, []) == []
+            assert os.listdir(links) == []
+        finally:
+            datapath.uninstall(bpffs, "eth0", NODE.vni)
+
+
 def _tcx_prog_ids(dev: str) -> list[int]:
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=dev)[0]
