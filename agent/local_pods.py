@@ -72,11 +72,8 @@ def sync(maps_dir: str, bridge_name: str) -> SyncResult:
     """Make the pinned local_pods map hold what scan() finds now."""
     with IPRoute() as ipr:
         pods = scan(ipr, bridge_name)
-        ports = []
-        for pod in pods:
-            links = ipr.get_links(pod.ifindex)
-            if links:
-                ports.append(links[0].get_attr("IFLA_IFNAME"))
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        ports = [names[pod.ifindex] for pod in pods if pod.ifindex in names]
     with LocalPodsMap(maps_dir) as local_pods:
         return SyncResult(local_pods.apply(pods), ports)
 

@@ -276,14 +276,18 @@ class MapInfo(ctypes.Structure):
     ]
 
 
-def map_info(fd: int) -> MapInfo:
-    info = MapInfo()
+def _obj_info(fd: int, info: ctypes.Structure, what: str):
+    """Fill info (the head of a bpf_*_info struct: the kernel fills what fits) for fd."""
     size = ctypes.c_uint32(ctypes.sizeof(info))
     _check(
         lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
-        f"info of map fd {fd}",
+        f"info of {what} fd {fd}",
     )
     return info
+
+
+def map_info(fd: int) -> MapInfo:
+    return _obj_info(fd, MapInfo(), "map")
 
 
 class ProgInfo(ctypes.Structure):
@@ -305,13 +309,7 @@ class ProgInfo(ctypes.Structure):
 
 
 def prog_info(fd: int) -> ProgInfo:
-    info = ProgInfo()
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    _check(
-        lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
-        f"info of program fd {fd}",
-    )
-    return info
+    return _obj_info(fd, ProgInfo(), "program")
 
 
 def prog_name_by_id(prog_id: int) -> str | None:
@@ -354,13 +352,7 @@ class LinkInfo(ctypes.Structure):
 
 
 def link_info(fd: int) -> LinkInfo:
-    info = LinkInfo()
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    _check(
-        lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
-        f"info of link fd {fd}",
-    )
-    return info
+    return _obj_info(fd, LinkInfo(), "link")
 
 
 def link_update(link_fd: int, prog_fd: int) -> None:
