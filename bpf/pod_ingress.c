@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * tc ingress on a local pod's veth end in the node (the UDP fast path): what the
- * pod sends, before cni0 and its bridge netfilter hooks see it. Single UDP
- * datagrams of conntrack-confirmed, un-NATed flows from the pod to a remote pod
- * go straight to the peer (fastpath.h); everything else, and every frame the
- * program does not understand, goes on to the bridge untouched and uncounted:
- * this hook sees all of the pod's traffic, most of it none of ours.
+ * tcx ingress on a local pod's veth end in the node (the UDP fast path; a pinned
+ * bpf_link, no qdisc): what the pod sends, before cni0 and its bridge netfilter
+ * hooks see it. Single UDP datagrams of conntrack-confirmed, un-NATed flows from
+ * the pod to a remote pod go straight to the peer (fastpath.h); everything else,
+ * and every frame the program does not understand, goes on to the bridge
+ * untouched and uncounted: this hook sees all of the pod's traffic, most of it
+ * none of ours.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
