@@ -261,7 +261,8 @@ LIMITS = {
         "software at cni0, so the pod gets MTU-size frames ('avg packet into the pod'); "
         "the kernel hook (the vxlan device decapsulates) and host-gw with the tc hook keep "
         "aggregates whole end to end, and then the copies and the TCP stack, the same for "
-        "stock and flannel-xdp, set the figure."
+        "stock and flannel-xdp, set the figure (flannel-xdp's resized aggregates also carry "
+        "SKB_GSO_DODGY, which each later transmit re-validates: ~1% of the CPU)."
     ),
     "tcp4": "as TCP 1 stream; 4 streams on 2 cores add contention, not capacity.",
     "udp64": (
