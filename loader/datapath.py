@@ -369,16 +369,18 @@ def _pod_link_pins(pins: PinDir) -> list[str]:
 
 
 def attach_pod_port(bpffs: str, prog_fd: int, port: str) -> bool:
-    """Attach the fast path's sending side to a pod's veth end through a tcx link
-    pinned as links/pod_ingress@<ifindex> (a clsact qdisc would drop what the port
-    sends while it is added); False when the port is gone."""
+    """Attach the fast path's sending side to a pod's veth end; False when it is gone."""
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=port)
-    if not found:
-        return False
-    pin = PinDir(bpffs).link(f"{POD_INGRESS.name}@{found[0]}")
+    return bool(found) and _attach_pod_link(PinDir(bpffs), prog_fd, found[0])
+
+
+def _attach_pod_link(pins: PinDir, prog_fd: int, index: int) -> bool:
+    """Through a tcx link pinned as links/pod_ingress@<ifindex> (a clsact qdisc would
+    drop what the port sends while it is added); False when the port is gone."""
+    pin = pins.link(f"{POD_INGRESS.name}@{index}")
     try:
-        attach.attach_tcx(found[0], POD_INGRESS.direction, prog_fd, POD_INGRESS.name, pin)
+        attach.attach_tcx(index, POD_INGRESS.direction, prog_fd, POD_INGRESS.name, pin)
     except attach.NoSuchInterface:
         return False
     return True
@@ -401,16 +403,13 @@ def ensure_pod_ports(bpffs: str, ports: Iterable[str]) -> list[str]:
     pins = PinDir(bpffs)
     _forget_gone_pod_links(pins)
     with IPRoute() as ipr:
-        missing = [
-            p
-            for p in ports
-            if (found := ipr.link_lookup(ifname=p)) and not _runs_pod_ingress(found[0])
-        ]
+        indexes = {p: found[0] for p in ports if (found := ipr.link_lookup(ifname=p))}
+    missing = {p: index for p, index in indexes.items() if not _runs_pod_ingress(index)}
     if not missing:
         return []
     fd = libbpf.obj_get(pins.prog(POD_INGRESS.name))
     try:
-        return [p for p in missing if attach_pod_port(bpffs, fd, p)]
+        return [p for p, index in missing.items() if _attach_pod_link(pins, fd, index)]
     finally:
         os.close(fd)
 

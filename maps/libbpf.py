@@ -48,7 +48,6 @@ def lib() -> ctypes.CDLL:
     so.bpf_prog_test_run_opts.argtypes = [c_int, c_void_p]
     so.bpf_link_create.argtypes = [c_int, c_int, c_int, c_void_p]
     so.bpf_link_update.argtypes = [c_int, c_int, c_void_p]
-    so.bpf_link_detach.argtypes = [c_int]
     so.bpf_prog_query.argtypes = [
         c_int,
         c_int,
