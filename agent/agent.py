@@ -22,7 +22,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel_xdp import defaults
-from flannel_xdp.agent import acquire, health, local_pods, masq, node_state, subnet_env
+from flannel_xdp.agent import acquire, conntrack, health, local_pods, masq, node_state, subnet_env
 from flannel_xdp.agent.config import ConfigError, NetworkConfig, check_underlay
 from flannel_xdp.agent.interface import Underlay, find_underlay
 from flannel_xdp.agent.lease import LeaseAttrs
@@ -42,7 +42,7 @@ from flannel_xdp.loader import __main__ as loader_main
 from flannel_xdp.loader import datapath, devices
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.maps.layout import Backend
-from flannel_xdp.maps.views import CapacityError, Peer, SubnetsMap
+from flannel_xdp.maps.views import CapacityError, NodeConfigMap, Peer, SubnetsMap
 from flannel_xdp.metrics.agent import AgentMetrics
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class AgentOptions:
     ingress_hook: datapath.IngressHook | None = None  # None: chosen by backend, see below
     xdp_mode: str = "auto"
     udp_fast_path: bool = False  # kernel hook, vxlan: bpf/fastpath.h
+    tcp_fast_path: bool = False  # and TCP, while conntrack.tcp_be_liberal()
     max_subnets: int = defaults.MAX_SUBNETS
     lease_ttl: int = LEASE_TTL
 
@@ -268,6 +269,7 @@ class Agent:
             ingress_hook=self.ingress_hook,
             tunnel_mtu=mtu,
             udp_fast_path=self.opts.udp_fast_path,
+            tcp_fast_path=self.opts.tcp_fast_path,
         )
         node = datapath.NodeParams(
             public_ip=public_ip,
@@ -577,13 +579,16 @@ class Agent:
                 await self._sleep_or_stop(RENEW_RETRY)
 
     async def _fast_path_loop(self) -> None:
-        """Keep the UDP fast path's view of the pods current: local_pods equal to the pods
+        """Keep the fast path's view of the pods current: local_pods equal to the pods
         on cni0 (a pod not in it yet is reached through cni0, and sends through it), and
         pod_ingress attached to each of their veth ends (the sending side)."""
         maps_dir = PinDir(self.opts.bpffs).maps
         bridge = defaults.CNI_BRIDGE
         failing = False
+        tcp: bool | None = None  # as node_config has it; None: not written yet
         while not self._stop.is_set():
+            if self.opts.tcp_fast_path:
+                tcp = await asyncio.to_thread(self._keep_tcp_fast_path, maps_dir, tcp)
             try:
                 done = await asyncio.to_thread(local_pods.sync, maps_dir, bridge)
                 attached = await asyncio.to_thread(
@@ -591,13 +596,11 @@ class Agent:
                 )
             except (OSError, CapacityError, NetlinkError, datapath.attach.AttachError) as exc:
                 if not failing:
-                    log.warning(
-                        "UDP fast path: keeping up with the pods on %s failed: %s", bridge, exc
-                    )
+                    log.warning("fast path: keeping up with the pods on %s failed: %s", bridge, exc)
                 failing = True
             else:
                 if failing:
-                    log.info("UDP fast path: keeping up with the pods on %s works again", bridge)
+                    log.info("fast path: keeping up with the pods on %s works again", bridge)
                 failing = False
                 applied = done.applied
                 if applied.added or applied.changed or applied.removed:
@@ -608,8 +611,34 @@ class Agent:
                         applied.removed,
                     )
                 if attached:
-                    log.info("UDP fast path: sending side attached to %s", ", ".join(attached))
+                    log.info("fast path: sending side attached to %s", ", ".join(attached))
             await self._sleep_or_stop(defaults.LOCAL_PODS_INTERVAL_S)
+
+    @staticmethod
+    def _keep_tcp_fast_path(maps_dir: str, was: bool | None) -> bool | None:
+        """FAST_TCP in node_config as conntrack's window checks allow it now; returns
+        what node_config holds."""
+        problem = conntrack.tcp_fast_path_problem()
+        want = problem is None
+        if want == was:
+            return was
+        try:
+            with NodeConfigMap(maps_dir) as node_config:
+                if not node_config.set_tcp_fast_path(want):
+                    return was
+        except OSError as exc:
+            log.warning("TCP fast path: cannot update node_config: %s", exc)
+            return was
+        if want:
+            log.info("TCP fast path: on (%s=1)", conntrack.TCP_BE_LIBERAL)
+        elif was is None:
+            log.warning("TCP fast path: off: %s", problem)
+        else:
+            log.warning(
+                "TCP fast path: off: %s; streams it carried may now be judged out of window",
+                problem,
+            )
+        return want
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

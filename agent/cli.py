@@ -9,7 +9,7 @@ import os
 from ipaddress import IPv4Address, ip_address
 
 from flannel_xdp import defaults
-from flannel_xdp.agent import privileges
+from flannel_xdp.agent import conntrack, privileges
 from flannel_xdp.agent.registry import DEFAULT_ENDPOINTS, DEFAULT_PREFIX, TlsFiles, parse_endpoints
 from flannel_xdp.agent.subnet_env import DEFAULT_PATH as DEFAULT_SUBNET_FILE
 from flannel_xdp.loader import attach, kfunc
@@ -92,6 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(vxlan with the kernel hook, host-gw; needs the kernel's conntrack kfuncs; "
         "README: UDP fast path)",
     )
+    flag(
+        "--tcp-fast-path",
+        False,
+        "with --udp-fast-path: also segments of established, un-NATed TCP streams "
+        f"(needs {conntrack.TCP_BE_LIBERAL}=1 in the node's network namespace, "
+        "checked at start and every second; SYN, FIN and RST take the stack)",
+    )
     flag("--max-subnets", defaults.MAX_SUBNETS, "capacity of the remote subnets map", type=int)
 
 
@@ -151,6 +158,7 @@ def options_from(args: argparse.Namespace):
         ingress_hook=None if args.ingress_hook == AUTO else IngressHook(args.ingress_hook),
         xdp_mode=args.xdp_mode,
         udp_fast_path=args.udp_fast_path,
+        tcp_fast_path=args.tcp_fast_path,
         max_subnets=args.max_subnets,
     )
 
@@ -168,6 +176,11 @@ def preflight(opts) -> str | None:
             return f"--udp-fast-path: {exc}"
         if (problem := attach.tcx_problem()) is not None:
             return f"--udp-fast-path: {problem}"
+    if opts.tcp_fast_path:
+        if not opts.udp_fast_path:
+            return "--tcp-fast-path needs --udp-fast-path (it extends that data path)"
+        if (problem := conntrack.tcp_fast_path_problem()) is not None:
+            return problem
     pins = PinDir(opts.bpffs)
     try:
         pins.check()

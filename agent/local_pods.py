@@ -1,4 +1,4 @@
-"""The pods on this node's cni0, for the UDP fast path.
+"""The pods on this node's cni0, for the fast path.
 
 bpf/fastpath.h hands a datagram for a local pod straight to the pod's netns
 (bpf_redirect_peer on its veth end) when the local_pods map knows the pod, else

@@ -1,32 +1,41 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * The UDP fast path (built with FXDP_UDP_FAST_PATH, kernel hook only): single
- * UDP datagrams between pods of different nodes skip the node's routing and
- * netfilter pass on both ends, but only when that pass provably changes nothing:
+ * The fast path (built with FXDP_FAST_PATH): UDP datagrams, and with FAST_TCP the
+ * segments of established TCP streams, between pods of different nodes skip the
+ * node's routing and netfilter pass on both ends, but only when that pass
+ * provably changes nothing:
  *  - conntrack has a confirmed entry for the flow (the stack, with its netfilter
- *    rules, let the flow's first packet through) and the entry is not NATed
- *    (no Service DNAT to undo, no masquerade); an unknown, unconfirmed or NATed
- *    flow takes the normal path, so does every TCP segment (conntrack must see a
- *    TCP stream in both directions to keep tracking its windows), every fragment,
- *    every GSO aggregate and every header the stack would refuse;
+ *    rules, let the flow's first packet through; for TCP, the whole handshake:
+ *    the entry is assured) and the entry is not NATed (no Service DNAT to undo,
+ *    no masquerade); an unknown, unconfirmed or NATed flow takes the normal path,
+ *    so does every fragment, every UDP GSO aggregate and every header the stack
+ *    would refuse;
+ *  - TCP only while conntrack leaves TCP windows unchecked (the agent sets
+ *    FAST_TCP from net.netfilter.nf_conntrack_tcp_be_liberal): it does not see
+ *    the segments the fast path carries, so it must not judge the next one it
+ *    sees against the windows of the last. SYN, FIN and RST segments always take
+ *    the stack, so conntrack follows each stream's state from open to close;
  *  - the packet goes where the kernel's forwarding would send it, with the MACs
- *    and the TTL it would set.
+ *    and the TTL it would set; a TCP GSO aggregate goes whole, checked against the
+ *    route's MTU by the size of the segments it will be cut into, as ip_forward()
+ *    checks it.
  * Receiving (underlay_tc, fast_deliver()): a judged VXLAN frame, or a host-gw
  * peer's plain packet, for a pod of this node is handed to the pod. A pod the
  * agent has put in local_pods (its veth end, with the MAC the FIB answered) gets
  * it in its own netns directly (bpf_redirect_peer); any other through cni0.
- * Sending (pod_ingress on a pod's veth end, fast_send()): a datagram that a pod
+ * Sending (pod_ingress on a pod's veth end, fast_send()): a packet that a pod
  * in local_pods routes through its gateway, from its own address and MAC, to a
  * remote subnet goes to the peer as tunnel_egress would send it (send.h),
  * without crossing cni0 and its bridge netfilter hooks.
- * What the fast path does not do: refresh the conntrack entry (a one-way flow's
- * entry expires and its next packet takes the stack, which confirms it again),
- * and re-run filter rules on every packet of a confirmed flow, so a rule added
- * later that drops an established UDP flow takes effect when its entry goes
- * (`conntrack -D` makes that immediate, give or take FLOW_CACHE_NS).
+ * What the fast path does not do: refresh the conntrack entry (a one-way UDP
+ * flow's entry expires and its next packet takes the stack, which confirms it
+ * again; a TCP stream's established entry lasts days), and re-run filter rules
+ * on every packet of a confirmed flow, so a rule added later that drops an
+ * established flow takes effect when its entry goes (`conntrack -D` makes that
+ * immediate, give or take FLOW_CACHE_NS).
  *
  * Each CPU keeps its last decision per flow for FLOW_CACHE_NS of the coarse clock:
- * conntrack's verdict, the route's answer (next hop, and the largest datagram seen
+ * conntrack's verdict, the route's answer (next hop, and the largest packet seen
  * to fit it), and the pod (receiving) or the peer (sending), so that a flow's
  * packets after its first in that window cost no map, conntrack or FIB lookup.
  * Everything these answers were
@@ -49,7 +58,7 @@
 #define FLOW_CACHE_NS		1000000ULL	/* 1 ms */
 #define FLOW_CACHE_SLOTS	1024		/* a power of two */
 
-/* A UDP flow as one place sees it: the question a decision answers. */
+/* A flow as one place sees it: the question a decision answers. */
 struct fast_flow_key {
 	__be32 saddr;
 	__be32 daddr;
@@ -59,13 +68,14 @@ struct fast_flow_key {
 	__u8 in_smac[ETH_ALEN];		/* sending: the pod's frame, from its MAC ... */
 	__u8 in_dmac[ETH_ALEN];		/* ... to its gateway's (receiving: zero) */
 	__u8 tos;			/* the route's question has it */
-	__u8 pad[3];
+	__u8 protocol;
+	__u8 pad[2];
 } __attribute__((aligned(8)));
 
 struct fast_flow {
 	struct fast_flow_key key;
 	__u64 expires_ns;
-	__u32 max_ok_len;		/* largest IP length seen to fit the route */
+	__u32 max_ok_len;		/* largest segment (IP length) seen to fit the route */
 	__u32 pod_ifindex;		/* receiving: the pod's veth end (0: through hop) */
 	struct next_hop hop;
 	struct remote_subnet peer;	/* sending */
@@ -73,15 +83,17 @@ struct fast_flow {
 
 BPF_PERCPU_ARRAY(fast_flows, struct fast_flow, FLOW_CACHE_SLOTS);
 
+/* ports: the first word of the UDP or TCP header, which both start with the ports. */
 static __always_inline void fast_flow_key_of(struct fast_flow_key *k, const struct iphdr *ip,
-					     const struct udphdr *udp, __u32 in_ifindex)
+					     const struct udphdr *ports, __u32 in_ifindex)
 {
 	k->saddr = ip->saddr;
 	k->daddr = ip->daddr;
-	k->sport = udp->source;
-	k->dport = udp->dest;
+	k->sport = ports->source;
+	k->dport = ports->dest;
 	k->in_ifindex = in_ifindex;
 	k->tos = ip->tos;
+	k->protocol = ip->protocol;
 }
 
 static __always_inline int fast_flow_key_equal(const struct fast_flow_key *a,
@@ -102,7 +114,7 @@ static __always_inline struct fast_flow *fast_flow_slot(const struct fast_flow_k
 	return fast_flows.lookup(&slot);
 }
 
-/* The slot's decision holds for this flow and a datagram of IP length len. */
+/* The slot's decision holds for this flow and a packet of segment length len. */
 static __always_inline int fast_flow_holds(const struct fast_flow *f, const struct fast_flow_key *k,
 					   __u32 len, __u64 now)
 {
@@ -110,9 +122,9 @@ static __always_inline int fast_flow_holds(const struct fast_flow *f, const stru
 }
 
 /*
- * Keeps a decision just taken for a datagram of IP length len. A miss on an unexpired
- * entry of the same flow means a datagram larger than it had seen, which the route
- * has just taken: so len is always the new size record.
+ * Keeps a decision just taken for a packet of segment length len. A miss on an
+ * unexpired entry of the same flow means a packet larger than it had seen, which the
+ * route has just taken: so len is always the new size record.
  */
 static __always_inline void fast_flow_keep(struct fast_flow *f, const struct fast_flow_key *k,
 					   __u32 len, __u64 now, const struct next_hop *hop,
@@ -130,25 +142,44 @@ static __always_inline void fast_flow_keep(struct fast_flow *f, const struct fas
 }
 
 /*
- * What both directions require of the packet itself: one whole, unfragmented UDP
- * datagram without IP options that may still be forwarded. ip must be
- * bounds-checked by the caller.
+ * What both directions require of the packet itself, and the IP length of each
+ * segment it is on the wire (0: not for the fast path): an unfragmented IPv4
+ * packet without options that may still be forwarded, and either one whole UDP
+ * datagram or, with FAST_TCP, a TCP segment or GSO aggregate of segments that
+ * is neither SYN, FIN nor RST (conntrack's state of the stream follows those).
+ * ip must be bounds-checked by the caller.
  */
-static __always_inline int fast_path_takes(struct __sk_buff *skb, const struct iphdr *ip)
+static __always_inline __u32 fast_path_len(const struct __sk_buff *skb,
+					   const struct node_config *cfg, const struct iphdr *ip,
+					   const void *data_end)
 {
-	return !skb->gso_size && ip->version == 4 && ip->ihl == IPV4_HLEN / 4 &&
-	       ip->protocol == IPPROTO_UDP && !(ip->frag_off & bpf_htons(IP_FRAG_MASK)) &&
-	       ip->ttl > 1;
+	const struct udphdr *udp = (const void *)(ip + 1);
+	const struct tcphdr *th = (const void *)(ip + 1);
+
+	if (ip->version != 4 || ip->ihl != IPV4_HLEN / 4 ||
+	    (ip->frag_off & bpf_htons(IP_FRAG_MASK)) || ip->ttl <= 1)
+		return 0;
+	if (ip->protocol == IPPROTO_UDP)
+		return (void *)(udp + 1) <= data_end && !skb->gso_size ? bpf_ntohs(ip->tot_len) : 0;
+	if (ip->protocol != IPPROTO_TCP || !(cfg->fast_flags & FAST_TCP) ||
+	    (void *)(th + 1) > data_end || th->syn || th->fin || th->rst || !th->ack ||
+	    th->doff < TCP_HLEN / 4)
+		return 0;
+	return skb->gso_size ? IPV4_HLEN + th->doff * 4 + skb->gso_size : bpf_ntohs(ip->tot_len);
 }
 
-/* ... and of its flow: conntrack confirmed it and does not NAT it. */
+/*
+ * ... and of its flow: conntrack confirmed it (a TCP stream: saw its handshake
+ * through) and does not NAT it.
+ */
 static __always_inline int conntrack_passes(struct __sk_buff *skb, const struct iphdr *ip,
-					    const struct udphdr *udp)
+					    const struct udphdr *ports)
 {
-	__u64 status = ct_status_ipv4(skb, ip->saddr, ip->daddr, udp->source, udp->dest,
-				      IPPROTO_UDP);
+	__u64 status = ct_status_ipv4(skb, ip->saddr, ip->daddr, ports->source, ports->dest,
+				      ip->protocol);
+	__u64 needed = FXDP_IPS_CONFIRMED | (ip->protocol == IPPROTO_TCP ? FXDP_IPS_ASSURED : 0);
 
-	return (status & FXDP_IPS_CONFIRMED) && !(status & (FXDP_IPS_SRC_NAT | FXDP_IPS_DST_NAT));
+	return (status & needed) == needed && !(status & (FXDP_IPS_SRC_NAT | FXDP_IPS_DST_NAT));
 }
 
 /* What forwarding does to the header: TTL shares its 16-bit word with the protocol. */
@@ -172,7 +203,7 @@ static __always_inline int fast_deliver(struct __sk_buff *skb, const struct node
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + offset + ETH_HLEN;
-	struct udphdr *udp = (void *)(ip + 1);
+	struct udphdr *ports = (void *)(ip + 1);
 	struct fast_flow_key key = {};
 	struct next_hop hop;
 	struct fast_flow *f;
@@ -180,12 +211,13 @@ static __always_inline int fast_deliver(struct __sk_buff *skb, const struct node
 	struct ethhdr *eth;
 	__u64 now;
 
-	if ((void *)(udp + 1) > data_end || !in_own_subnet(cfg, ip->daddr) ||
-	    !fast_path_takes(skb, ip))
+	if ((void *)(ports + 1) > data_end || !in_own_subnet(cfg, ip->daddr))
+		return TC_ACT_OK;
+	len = fast_path_len(skb, cfg, ip, data_end);
+	if (!len)
 		return TC_ACT_OK;
 	/* As the stack would route it: from the vxlan device, or from the underlay. */
-	fast_flow_key_of(&key, ip, udp, offset ? cfg->tunnel_ifindex : cfg->underlay_ifindex);
-	len = bpf_ntohs(ip->tot_len);
+	fast_flow_key_of(&key, ip, ports, offset ? cfg->tunnel_ifindex : cfg->underlay_ifindex);
 	now = bpf_ktime_get_coarse_ns();
 	f = fast_flow_slot(&key);
 	if (fast_flow_holds(f, &key, len, now)) {
@@ -196,7 +228,7 @@ static __always_inline int fast_deliver(struct __sk_buff *skb, const struct node
 		struct local_pod *pod;
 		__be32 daddr = ip->daddr;
 
-		if (!conntrack_passes(skb, ip, udp))
+		if (!conntrack_passes(skb, ip, ports))
 			return TC_ACT_OK;
 		fib.family = AF_INET;
 		fib.tos = key.tos;
@@ -211,6 +243,13 @@ static __always_inline int fast_deliver(struct __sk_buff *skb, const struct node
 		pod_ifindex = pod && mac_equal(pod->mac, hop.dmac) ? pod->ifindex : 0;
 		fast_flow_keep(f, &key, len, now, &hop, pod_ifindex, NULL);
 	}
+	/*
+	 * A TCP aggregate decapsulated here keeps its UDP-tunnel GSO type (see
+	 * underlay_tc.c): the pod's own netns takes it whole, but cni0 would segment
+	 * it in software, which the vxlan device's decapsulation does not need.
+	 */
+	if (offset && skb->gso_size && !pod_ifindex)
+		return TC_ACT_OK;
 
 	if (offset && bpf_skb_adjust_room(skb, -offset, BPF_ADJ_ROOM_MAC,
 					  BPF_F_ADJ_ROOM_FIXED_GSO)) {
@@ -246,7 +285,7 @@ static __always_inline int fast_send(struct __sk_buff *skb, const struct node_co
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	struct iphdr *ip = (void *)(eth + 1);
-	struct udphdr *udp = (void *)(ip + 1);
+	struct udphdr *ports = (void *)(ip + 1);
 	struct fast_flow_key key = {};
 	struct remote_subnet peer;
 	struct next_hop hop;
@@ -256,13 +295,15 @@ static __always_inline int fast_send(struct __sk_buff *skb, const struct node_co
 	__u64 now;
 	int verdict;
 
-	if ((void *)(udp + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if ((void *)(ports + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
-	len = bpf_ntohs(ip->tot_len);
 	/* What ip_rcv() would refuse or trim is left to it. */
-	if (len != bytes - ETH_HLEN || !ipv4_header_valid(ip) || !fast_path_takes(skb, ip))
+	if (bpf_ntohs(ip->tot_len) != bytes - ETH_HLEN || !ipv4_header_valid(ip))
 		return TC_ACT_OK;
-	fast_flow_key_of(&key, ip, udp, skb->ifindex);
+	len = fast_path_len(skb, cfg, ip, data_end);
+	if (!len)
+		return TC_ACT_OK;
+	fast_flow_key_of(&key, ip, ports, skb->ifindex);
 	__builtin_memcpy(key.in_smac, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(key.in_dmac, eth->h_dest, ETH_ALEN);
 	now = bpf_ktime_get_coarse_ns();
@@ -289,10 +330,10 @@ static __always_inline int fast_send(struct __sk_buff *skb, const struct node_co
 		if (!found)
 			return TC_ACT_OK;
 		peer = *found;
-		if (!conntrack_passes(skb, ip, udp))
+		if (!conntrack_passes(skb, ip, ports))
 			return TC_ACT_OK;
 		/*
-		 * The route to the peer, its MTU and its neighbour: a datagram larger than
+		 * The route to the peer, its MTU and its neighbour: a packet larger than
 		 * the route takes after encapsulation (the stack fragments it or answers
 		 * ICMP), or a peer not resolved yet (the stack resolves it), is left to
 		 * the stack.

@@ -23,6 +23,7 @@ struct fxdp_ct_opts {
 
 #define FXDP_CT_CURRENT_NETNS	(-1)
 /* enum ip_conntrack_status (uapi/linux/netfilter/nf_conntrack_common.h) */
+#define FXDP_IPS_ASSURED	(1UL << 2)
 #define FXDP_IPS_CONFIRMED	(1UL << 3)
 #define FXDP_IPS_SRC_NAT	(1UL << 4)
 #define FXDP_IPS_DST_NAT	(1UL << 5)

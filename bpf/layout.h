@@ -32,10 +32,10 @@ enum direction {
 	DIR_DECAP = 1,		/* vxlan: stripped outer headers, handed to the tunnel device */
 	DIR_FORWARD = 2,	/* host-gw: rewritten to the next hop, sent to the underlay */
 	DIR_DELIVER = 3,	/* host-gw: from a peer to a local pod, left to the stack */
-	DIR_FAST_DELIVER = 4,	/* UDP fast path (fastpath.h): from a peer straight
+	DIR_FAST_DELIVER = 4,	/* fast path (fastpath.h): from a peer straight
 				 * to the pod, into its netns or through cni0; also in
 				 * DECAP (vxlan) or DELIVER (host-gw) */
-	DIR_FAST_SEND = 5,	/* UDP fast path: from a pod, taken at its veth end's
+	DIR_FAST_SEND = 5,	/* fast path: from a pod, taken at its veth end's
 				 * ingress straight to the peer; also in ENCAP or FORWARD */
 	DIR_MAX
 };
@@ -85,6 +85,13 @@ struct remote_subnet {
 	__u8 pad;
 };
 
+/* node_config.fast_flags: what the fast path (fastpath.h) takes besides UDP datagrams. */
+enum fast_flag {
+	FAST_TCP = 1,		/* segments of established TCP streams; set by the agent
+				 * only while conntrack leaves TCP windows unchecked
+				 * (net.netfilter.nf_conntrack_tcp_be_liberal = 1) */
+};
+
 /* This node's own parameters: one entry at index 0. */
 struct node_config {
 	__be32 public_ip;
@@ -96,9 +103,10 @@ struct node_config {
 	__u32 underlay_ifindex;
 	__u32 tunnel_ifindex;		/* flannel.<VNI>: where the stack sends and receives */
 	__u32 tunnel_peer_ifindex;	/* its veth peer: XDP redirects decapped frames here */
+	__u32 fast_flags;		/* enum fast_flag */
 };
 
-/* A pod on this node's cni0, for the UDP fast path (fastpath.h): delivery straight
+/* A pod on this node's cni0, for the fast path (fastpath.h): delivery straight
  * into its netns, and sending from its veth end straight to a peer. */
 struct local_pod {
 	__u32 ifindex;			/* its veth end in this netns: a cni0 port */

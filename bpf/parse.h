@@ -7,9 +7,11 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/udp.h>
+#include <uapi/linux/tcp.h>
 
 #define IPV4_HLEN	((int)sizeof(struct iphdr))	/* without options */
 #define UDP_HLEN	((int)sizeof(struct udphdr))
+#define TCP_HLEN	((int)sizeof(struct tcphdr))	/* without options */
 #define VXLAN_HLEN	8
 #define VXLAN_FLAG_VNI	0x08			/* the I flag, first byte */
 /* Outer headers a VXLAN frame carries before the inner Ethernet header. */

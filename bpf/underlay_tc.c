@@ -19,9 +19,9 @@
  * its GRO cells, which leaves clean aggregates. What it refuses never reaches
  * that device, so anti-spoofing is the same as with the BPF decap.
  *
- * Built also with FXDP_UDP_FAST_PATH, it delivers single UDP datagrams of
- * conntrack-confirmed, un-NATed flows from vxlan and host-gw peers to local pods
- * itself (fastpath.h).
+ * Built also with FXDP_FAST_PATH, it delivers the UDP datagrams (and with
+ * FAST_TCP, the TCP segments) of conntrack-confirmed, un-NATed flows from vxlan
+ * and host-gw peers to local pods itself (fastpath.h).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -32,12 +32,17 @@
 #include "csum.h"
 #include "vxlan.h"
 #include "underlay.h"
-#ifdef FXDP_UDP_FAST_PATH
+#ifdef FXDP_FAST_PATH
 #include "fastpath.h"
 #endif
 
 /* Outer headers up to the inner IPv4 header: what classify_underlay() reads. */
 #define UNDERLAY_PARSE_LEN	(VXLAN_ENCAP_LEN + ETH_HLEN + IPV4_HLEN)
+#ifdef FXDP_FAST_PATH
+#define UNDERLAY_PULL_LEN	(UNDERLAY_PARSE_LEN + TCP_HLEN)	/* and what fast_deliver() reads */
+#else
+#define UNDERLAY_PULL_LEN	UNDERLAY_PARSE_LEN
+#endif
 
 int underlay_tc(struct __sk_buff *skb)
 {
@@ -48,6 +53,7 @@ int underlay_tc(struct __sk_buff *skb)
 	struct node_config *cfg;
 	struct ethhdr *eth;
 	__u64 bytes = skb->len;
+	__u32 pull = skb->len < UNDERLAY_PULL_LEN ? skb->len : UNDERLAY_PULL_LEN;
 	__u32 zero = 0;
 	__u32 tunnel;
 
@@ -56,8 +62,8 @@ int underlay_tc(struct __sk_buff *skb)
 		count_reason(BACKEND_NONE, PASS_NOT_CONFIGURED, bytes);
 		return TC_ACT_OK;
 	}
-	if (data + UNDERLAY_PARSE_LEN > data_end) {
-		bpf_skb_pull_data(skb, skb->len < UNDERLAY_PARSE_LEN ? skb->len : UNDERLAY_PARSE_LEN);
+	if (data + pull > data_end) {
+		bpf_skb_pull_data(skb, pull);
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
 	}
@@ -65,7 +71,7 @@ int underlay_tc(struct __sk_buff *skb)
 	case UNDERLAY_PASS:
 		return TC_ACT_OK;
 	case UNDERLAY_HOST_GW:
-#ifdef FXDP_UDP_FAST_PATH
+#ifdef FXDP_FAST_PATH
 		return fast_deliver(skb, cfg, bytes, 0, BACKEND_HOST_GW);
 #endif
 		return TC_ACT_OK;
@@ -81,7 +87,7 @@ int underlay_tc(struct __sk_buff *skb)
 	}
 #ifdef FXDP_KERNEL_DECAP
 	count_traffic(BACKEND_VXLAN, DIR_DECAP, bytes - VXLAN_ENCAP_LEN);
-#ifdef FXDP_UDP_FAST_PATH
+#ifdef FXDP_FAST_PATH
 	return fast_deliver(skb, cfg, bytes, VXLAN_ENCAP_LEN, BACKEND_VXLAN);
 #endif
 	return TC_ACT_OK;

@@ -24,7 +24,7 @@ VXLAN_OVERHEAD = 50
 # The bridge flannel's CNI plugin puts pods on (its "bridge" option; cbr0's default).
 CNI_BRIDGE = "cni0"
 
-# How often the agent re-reads cni0's pods for the UDP fast path's direct delivery.
+# How often the agent re-reads cni0's pods for the fast path's direct delivery.
 LOCAL_PODS_INTERVAL_S = 1.0
 
 # Name of the tunnel device (flanneld: flannel.<VNI>) and of its BPF-side peer.

@@ -111,6 +111,8 @@ def render(r: Report) -> str:
             f"          VNI {n['vni']}  port {n['vxlan_port']}  ifindex underlay "
             f"{n['underlay_ifindex']} tunnel {n['tunnel_ifindex']}",
         ]
+        if n["tcp_fast_path"] == "True":
+            lines.append("          TCP fast path on (conntrack leaves TCP windows unchecked)")
     else:
         lines.append("node:     not configured")
     lines += ["", f"peers ({len(r.peers)}):"]
@@ -126,7 +128,7 @@ def render(r: Report) -> str:
         for t in r.traffic
     ] or ["  none yet"]
     if r.local_pods:
-        lines += ["", "local pods (UDP fast path: sent from and delivered into their netns):"]
+        lines += ["", "local pods (fast path: sent from and delivered into their netns):"]
         lines += [
             f"  {p['ip']:<16} ifindex {p['ifindex']:<6} {p['mac']} via {p['gateway_mac']}"
             for p in r.local_pods

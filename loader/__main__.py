@@ -32,6 +32,7 @@ def parse_request(text: str) -> tuple[datapath.DataPathConfig, datapath.NodePara
         ingress_hook=datapath.IngressHook(c["ingress_hook"]),
         tunnel_mtu=c["tunnel_mtu"],
         udp_fast_path=bool(c.get("udp_fast_path", False)),
+        tcp_fast_path=bool(c.get("tcp_fast_path", False)),
     )
     node = datapath.NodeParams(
         public_ip=IPv4Address(n["public_ip"]),

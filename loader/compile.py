@@ -72,7 +72,7 @@ class BuildParams:
         if self.udp_fast_path:
             from .kfunc import kfunc_cflags
 
-            flags += ["-DFXDP_UDP_FAST_PATH", *kfunc_cflags()]
+            flags += ["-DFXDP_FAST_PATH", *kfunc_cflags()]
         return flags
 
 

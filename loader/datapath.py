@@ -45,7 +45,7 @@ TUNNEL_EGRESS = Program("tunnel_egress", "tc", "egress")
 UNDERLAY_XDP = Program("underlay_xdp", "xdp")
 UNDERLAY_TC = Program("underlay_tc", "tc", "ingress")
 TUNNEL_INGRESS = Program("tunnel_ingress", "tc", "ingress")  # kernel hook: on flannel.<VNI>
-POD_INGRESS = Program("pod_ingress", "tc", "ingress")  # UDP fast path: on pods' veth ends
+POD_INGRESS = Program("pod_ingress", "tc", "ingress")  # the fast path: on pods' veth ends
 # Programs that call conntrack's kfuncs (bpf/kfuncs.h): loaded by loader/kfunc.py.
 KFUNC_USERS = (UNDERLAY_TC, POD_INGRESS)
 
@@ -90,7 +90,7 @@ UDP_FAST_PATH_FITS = "a vxlan network with the kernel ingress hook, or host-gw w
 
 
 def udp_fast_path_fits(backend_type: str, hook: IngressHook) -> bool:
-    """Where the UDP fast path (bpf/fastpath.h) is built: the receiving side is part of
+    """Where the fast path (bpf/fastpath.h) is built: the receiving side is part of
     underlay_tc, after the kernel hook's judgement of VXLAN (the tc hook decapsulates
     in BPF already) or for host-gw deliveries, which both tc hooks see."""
     if backend_type == "vxlan":
@@ -125,6 +125,11 @@ class DataPathConfig:
     ingress_hook: IngressHook = DEFAULT_INGRESS_HOOK
     tunnel_mtu: int | None = None  # default: underlay MTU - VXLAN overhead
     udp_fast_path: bool = False  # kernel hook: bpf/fastpath.h in underlay_tc
+    tcp_fast_path: bool = False  # FAST_TCP too (agent/conntrack.py says when it may)
+
+    def __post_init__(self) -> None:
+        if self.tcp_fast_path and not self.udp_fast_path:
+            raise ValueError("the TCP fast path is part of the UDP fast path's build")
 
 
 @dataclass
@@ -204,6 +209,7 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
         underlay_ifindex=underlay_ifindex,
         tunnel_ifindex=tunnel.ifindex,
         tunnel_peer_ifindex=tunnel.peer_ifindex,
+        tcp_fast_path=cfg.tcp_fast_path,
     )
     with NodeConfigMap(pins.maps) as node_config:
         node_config.write(settings)

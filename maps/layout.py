@@ -64,6 +64,7 @@ def _make_enum(c_name: str, prefix: str) -> type[enum.IntEnum]:
 Backend = _make_enum("backend", "BACKEND_")
 Direction = _make_enum("direction", "DIR_")
 Reason = _make_enum("reason", "")
+FastFlag = _make_enum("fast_flag", "FAST_")
 
 BACKEND_MAX = c_enums()["backend"]["BACKEND_MAX"]
 DIRECTION_MAX = c_enums()["direction"]["DIR_MAX"]
@@ -111,6 +112,7 @@ class NodeConfig(ctypes.Structure):
         ("underlay_ifindex", ctypes.c_uint32),
         ("tunnel_ifindex", ctypes.c_uint32),
         ("tunnel_peer_ifindex", ctypes.c_uint32),
+        ("fast_flags", ctypes.c_uint32),
     ]
 
 

@@ -7,7 +7,7 @@ import errno
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, TypeVar
 
@@ -15,6 +15,7 @@ from flannel_xdp.maps import layout, libbpf
 from flannel_xdp.maps.layout import (
     Backend,
     Counter,
+    FastFlag,
     LocalPodEntry,
     MacBytes,
     NodeConfig,
@@ -100,6 +101,7 @@ class NodeSettings:
     underlay_ifindex: int
     tunnel_ifindex: int
     tunnel_peer_ifindex: int
+    tcp_fast_path: bool = False  # FAST_TCP: the agent keeps it to conntrack's TCP setting
 
     def value(self) -> NodeConfig:
         if not 0 < self.vni < 1 << 24:
@@ -116,6 +118,7 @@ class NodeSettings:
         c.underlay_ifindex = self.underlay_ifindex
         c.tunnel_ifindex = self.tunnel_ifindex
         c.tunnel_peer_ifindex = self.tunnel_peer_ifindex
+        c.fast_flags = FastFlag.TCP if self.tcp_fast_path else 0
         return c
 
     @classmethod
@@ -129,6 +132,7 @@ class NodeSettings:
             underlay_ifindex=c.underlay_ifindex,
             tunnel_ifindex=c.tunnel_ifindex,
             tunnel_peer_ifindex=c.tunnel_peer_ifindex,
+            tcp_fast_path=bool(c.fast_flags & FastFlag.TCP),
         )
 
 
@@ -261,7 +265,7 @@ class LocalPod:
 
 
 class LocalPodsMap(PinnedMap):
-    """The pods the UDP fast path delivers to directly and sends from (bpf/fastpath.h)."""
+    """The pods the fast path delivers to directly and sends from (bpf/fastpath.h)."""
 
     name = "local_pods"
 
@@ -308,6 +312,15 @@ class NodeConfigMap(PinnedMap):
 
     def write(self, settings: NodeSettings) -> None:
         libbpf.update(self.fd, ctypes.c_uint32(0), settings.value())
+
+    def set_tcp_fast_path(self, on: bool) -> bool:
+        """Turn FAST_TCP on or off in the installed config; False if there is none."""
+        settings = self.read()
+        if settings is None:
+            return False
+        if settings.tcp_fast_path != on:
+            self.write(replace(settings, tcp_fast_path=on))
+        return True
 
 
 class CounterMap(PinnedMap):

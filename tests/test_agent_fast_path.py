@@ -1,7 +1,7 @@
 """The agent with --udp-fast-path: it finds the pods on cni0 (agent/local_pods.py), its
 node then delivers confirmed UDP straight into them, and it keeps the sending side
-(pod_ingress) on their veth ends. Real agents, a real etcd, flanneld's iptables rules
-(conntrack on)."""
+(pod_ingress) on their veth ends; with --tcp-fast-path it keeps FAST_TCP to conntrack's
+TCP window setting. Real agents, a real etcd, flanneld's iptables rules (conntrack on)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,20 @@ import time
 import pytest
 
 from flannel_xdp import netns
+from flannel_xdp.agent import conntrack
 from flannel_xdp.loader import datapath
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
-from flannel_xdp.maps.views import LocalPodsMap
+from flannel_xdp.maps.views import LocalPodsMap, NodeConfigMap
 from tests.lab_support import agent_cluster
-from tests.test_fast_path import DATAGRAMS, FAST, send_and_receive, veth_tx_packets
+from tests.test_fast_path import (
+    DATAGRAMS,
+    FAST,
+    STREAM,
+    send_and_receive,
+    tcp_stream,
+    veth_tx_packets,
+)
 
 pytestmark = pytest.mark.root
 
@@ -58,7 +66,7 @@ def pod_program_attached(ns: str, port: str) -> bool:
 
 def attach_log_lines(node, port: str) -> int:
     with open(node.log_file) as f:
-        return f.read().count(f"UDP fast path: sending side attached to {port}")
+        return f.read().count(f"fast path: sending side attached to {port}")
 
 
 def wait_for_pod_program(ns: str, port: str) -> None:
@@ -88,3 +96,55 @@ def test_the_agent_puts_the_sending_side_back_on_a_pods_veth_end():
         send_and_receive(a, b)
         sent = lab.counters(node).since(before).traffic.get(FAST_SEND, (0, 0))[0]
         assert sent >= DATAGRAMS - 5
+
+
+def tcp_flag(node) -> bool:
+    with NodeConfigMap(PinDir(node.bpffs).maps) as m:
+        settings = m.read()
+    assert settings is not None
+    return settings.tcp_fast_path
+
+
+def wait_for_tcp_flag(node, want: bool) -> None:
+    deadline = time.monotonic() + SCAN_WAIT_S
+    while tcp_flag(node) != want and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tcp_flag(node) == want, f"FAST_TCP is not {want} on {node.netns}"
+
+
+def set_tcp_be_liberal(node, value: str) -> None:
+    with netns.entered(node.netns), open(conntrack.sysctl_path(conntrack.TCP_BE_LIBERAL), "w") as f:
+        f.write(value)
+
+
+def test_the_agent_keeps_tcp_on_the_fast_path_only_while_conntrack_leaves_windows_unchecked():
+    with agent_cluster(
+        nodes=2,
+        pods=1,
+        ingress_hook=IngressHook.KERNEL,
+        udp_fast_path=True,
+        tcp_fast_path=True,
+        outside=False,
+    ) as lab:
+        node = lab.nodes[0]
+        a, b = node.pods[0], lab.nodes[1].pods[0]
+        send_and_receive(a, b)  # the node resolves a, cni0 learns a's MAC
+        wait_for_pod_program(node.netns, a.host_veth)
+        wait_for_tcp_flag(node, True)
+        before = lab.counters(node)
+        tcp_stream(a, b)
+        fast_bytes = lab.counters(node).since(before).traffic.get(FAST_SEND, (0, 0))[1]
+        assert fast_bytes >= len(STREAM) * 0.9, f"{fast_bytes} B of the stream took the fast path"
+
+        set_tcp_be_liberal(node, "0")
+        wait_for_tcp_flag(node, False)
+        before = lab.counters(node)
+        tcp_stream(a, b)
+        assert lab.counters(node).since(before).traffic.get(FAST_SEND, (0, 0)) == (0, 0)
+
+        set_tcp_be_liberal(node, "1")
+        wait_for_tcp_flag(node, True)
+        with open(node.log_file) as f:
+            log = f.read()
+        off = log.index(f"TCP fast path: off: --tcp-fast-path needs {conntrack.TCP_BE_LIBERAL}=1")
+        assert log.index("TCP fast path: on", off) > off

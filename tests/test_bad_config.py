@@ -181,6 +181,19 @@ CASES: dict[str, Case] = {
         ),
         args=("--udp-fast-path", "--ingress-hook", "tc"),
     ),
+    "tcp-fast-path-alone": Case(
+        json.dumps(GOOD),
+        ("--tcp-fast-path needs --udp-fast-path",),
+        args=("--tcp-fast-path",),
+    ),
+    "tcp-fast-path-while-conntrack-checks-windows": Case(
+        json.dumps(GOOD),  # the node's netns has the kernel's default, 0
+        (
+            "--tcp-fast-path needs net.netfilter.nf_conntrack_tcp_be_liberal=1 in the node's "
+            "network namespace (it is 0)",
+        ),
+        args=("--udp-fast-path", "--tcp-fast-path"),
+    ),
     # -- the node: interface, bpffs, capabilities -----------------------------------------
     "iface-missing": Case(
         json.dumps(GOOD),

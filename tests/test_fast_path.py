@@ -1,13 +1,15 @@
-"""The UDP fast path (bpf/fastpath.h) on two-node labs, vxlan (kernel hook) and host-gw
+"""The fast path (bpf/fastpath.h) on two-node labs, vxlan (kernel hook) and host-gw
 (tc hook), with flanneld's iptables rules (so conntrack runs in the node netns, as on
-any Kubernetes node).
+any Kubernetes node), for UDP and (FAST_TCP, conntrack's TCP windows unchecked) TCP.
 
 What must hold: UDP of a flow conntrack has confirmed un-NATed skips the stack on both
 nodes (counted as fast_send on the sender, fast_deliver on the receiver, every datagram
 delivered intact): sent from the pod's veth end to the peer, delivered straight into the
 pod's netns when local_pods knows the pod, through cni0 when it does not. A flow NATed
 on either node never does, in either direction (the stack must undo the NAT, or the
-client's connected socket drops the replies); TCP never does.
+client's connected socket drops the replies). A TCP stream's segments do, aggregates
+whole, once conntrack has seen its handshake, but its SYN, FIN and RST never (conntrack
+follows its state), and none while FAST_TCP is off.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps import libbpf
 from flannel_xdp.maps.layout import c_define
-from flannel_xdp.maps.views import LocalPodsMap
+from flannel_xdp.maps.views import LocalPodsMap, NodeConfigMap
 from tests.node_support import someone_elses_filter, someone_elses_tcx
 from tests.requirements import require_root_and_bcc
 from tests.test_packets import wait_out_cache
@@ -49,7 +51,10 @@ SERVER_PORT = 9000
 # outlive their tests, and a later flow from the same port to SERVER_PORT would clash
 # with their reply tuple, get its source port remapped (SNAT) and rightly stay off the
 # fast path.
-NATED_SPORTS = (20053, 20054, 20055)
+NATED_SPORTS = (20053, 20054, 20055, 20056)
+STREAM = bytes(range(256)) * 16384  # 4 MiB: TCP sends it in GSO aggregates
+# conntrack's TCP states once a FIN has gone through it (nf_conntrack_proto_tcp.c)
+CLOSING = {"FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE"}
 DATAGRAMS = 300
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h: root may exceed net.core.rmem_max
 RCVBUF = 8 << 20  # every datagram of a burst fits, whatever the path's speed
@@ -70,6 +75,7 @@ def cluster(request) -> Iterator[Cluster]:
         backend=request.param,
         ingress_hook=HOOKS[request.param],
         udp_fast_path=True,
+        tcp_fast_path=True,
         ip_masq=True,
     )
     with Cluster(spec) as c:
@@ -441,26 +447,26 @@ def test_what_the_route_to_the_peer_cannot_take_is_left_to_the_stack(cluster):
         wait_out_flow_cache()
 
 
-def test_tcp_never_takes_the_fast_path(cluster):
-    a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
-    before = [cluster.counters(n) for n in cluster.nodes]
-    data = bytes(range(256)) * 4096  # 1 MiB
-    with netns.entered(b.netns):
+def tcp_stream(client: Pod, server: Pod, dst: tuple[str, int] | None = None, sport: int = 0) -> int:
+    """STREAM from client to server over one TCP connection to dst (default: the server
+    itself), closed by both ends; every byte must arrive. Returns the client's port."""
+    with netns.entered(server.netns):
         srv = socket.socket()
-    with netns.entered(a.netns):
+    with netns.entered(client.netns):
         cli = socket.socket()
     with contextlib.closing(srv), contextlib.closing(cli):
-        srv.bind((str(b.ip), SERVER_PORT))
+        srv.bind((str(server.ip), SERVER_PORT))
         srv.listen(1)
-        srv.settimeout(5)
-        cli.settimeout(5)
-        cli.connect((str(b.ip), SERVER_PORT))
+        for s in (srv, cli):
+            s.settimeout(10)
+        cli.bind((str(client.ip), sport))
+        cli.connect(dst or (str(server.ip), SERVER_PORT))
         conn, _ = srv.accept()
         with contextlib.closing(conn):
-            conn.settimeout(5)
+            conn.settimeout(10)
 
             def send() -> None:
-                cli.sendall(data)
+                cli.sendall(STREAM)
                 cli.shutdown(socket.SHUT_WR)
 
             sender = threading.Thread(target=send, daemon=True)
@@ -468,12 +474,110 @@ def test_tcp_never_takes_the_fast_path(cluster):
             got = bytearray()
             while chunk := conn.recv(1 << 16):
                 got += chunk
-            sender.join(5)
-    assert bytes(got) == data
-    assert packets(cluster, 1, before[1], "received") > 0
-    assert packets(cluster, 1, before[1], "fast_deliver") == 0
-    assert packets(cluster, 0, before[0], "sent") > 0
-    assert packets(cluster, 0, before[0], "fast_send") == 0
+            sender.join(10)
+        assert cli.recv(1) == b"", "the server's FIN did not arrive"
+        port = cli.getsockname()[1]
+    assert bytes(got) == STREAM
+    return port
+
+
+def conntrack_state(node: Node, sport: int) -> str:
+    """The TCP state of the node's conntrack entry for the stream from sport."""
+    with netns.entered(node.netns), open("/proc/thread-self/net/nf_conntrack") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == "tcp" and f" sport={sport} dport={SERVER_PORT} " in line:
+                return fields[5]
+    raise LookupError(f"no conntrack entry for port {sport} in {node.netns}")
+
+
+@contextlib.contextmanager
+def tcp_fast_path_off(cluster: Cluster) -> Iterator[None]:
+    """FAST_TCP off on every node, as the agent turns it off when conntrack checks TCP
+    windows again."""
+    for node in cluster.nodes:
+        with NodeConfigMap(PinDir(node.bpffs).maps) as m:
+            assert m.set_tcp_fast_path(False)
+    try:
+        yield
+    finally:
+        for node in cluster.nodes:
+            with NodeConfigMap(PinDir(node.bpffs).maps) as m:
+                m.set_tcp_fast_path(True)
+
+
+def test_an_established_tcp_stream_skips_the_stack_but_opens_and_closes_through_it(cluster):
+    """The client's segments: the SYN, the handshake's last ACK (conntrack has not assured
+    the stream before it) and the FIN take the stack on both nodes, everything between
+    takes the fast path, in GSO aggregates larger than the pods' MTU. conntrack, having
+    seen the FINs, has the stream closing on both nodes."""
+    a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    backend = cluster.spec.backend.value
+    before = [cluster.counters(n) for n in cluster.nodes]
+    sport = tcp_stream(a, b)
+    sent = cluster.counters(cluster.nodes[0]).since(before[0])
+    received = cluster.counters(cluster.nodes[1]).since(before[1])
+    fast_sent, fast_bytes = sent.traffic.get((backend, "fast_send"), (0, 0))
+    stack_sent = packets(cluster, 0, before[0], "sent") - fast_sent
+    stack_received = packets(cluster, 1, before[1], "received") - packets(
+        cluster, 1, before[1], "fast_deliver"
+    )
+    assert 3 <= stack_sent <= 6, f"{stack_sent} of the client's packets took the stack"
+    assert 3 <= stack_received <= 6, f"{stack_received} of them took the stack at the server"
+    assert fast_bytes > fast_sent * cluster.spec.pod_mtu, "no aggregate took the fast path"
+    assert received.traffic.get((backend, "fast_deliver"), (0, 0))[1] >= len(STREAM) * 0.9
+    for node in cluster.nodes:
+        assert conntrack_state(node, sport) in CLOSING
+
+
+def test_tcp_takes_the_stack_while_conntrack_checks_windows(cluster):
+    a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    with tcp_fast_path_off(cluster):
+        before = [cluster.counters(n) for n in cluster.nodes]
+        tcp_stream(a, b)
+        for i, node in enumerate(cluster.nodes):
+            for direction in ("fast_send", "fast_deliver"):
+                assert packets(cluster, i, before[i], direction) == 0, f"{node.netns} {direction}"
+        assert packets(cluster, 1, before[1], "received") > 0
+
+
+def test_a_dnated_tcp_stream_takes_the_stack_where_it_is_nated(cluster):
+    client_node, server_node = cluster.nodes
+    a, b = client_node.pods[0], server_node.pods[0]
+    match = ["PREROUTING", "-d", SERVICE_IP, "-p", "tcp", "--dport", str(SERVICE_PORT)]
+    rule = [*match, "-j", "DNAT", "--to-destination", f"{b.ip}:{SERVER_PORT}"]
+    process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-A", *rule])
+    before = [cluster.counters(n) for n in cluster.nodes]
+    try:
+        tcp_stream(a, b, dst=(SERVICE_IP, SERVICE_PORT), sport=NATED_SPORTS[3])
+    finally:
+        process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
+    for direction in ("fast_send", "fast_deliver"):
+        assert packets(cluster, 0, before[0], direction) == 0, f"a DNATed stream: {direction}"
+    # The server's node saw a plain stream (the DNAT happened on the client's node).
+    assert packets(cluster, 1, before[1], "fast_deliver") > 0
+
+
+def test_a_tcp_aggregate_whose_segments_the_route_cannot_take_is_left_to_the_stack(cluster):
+    """pod_ingress sizes a GSO aggregate by the segments it will be cut into, as
+    ip_forward() does: with the route to the peer locked below their size, the stream's
+    aggregates take the stack (which sends them through the tunnel device, whose MTU
+    they fit) and only its bare ACKs may take the fast path."""
+    node, a, b = cluster.nodes[0], cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    backend = cluster.spec.backend.value
+    route = [f"{cluster.nodes[1].public_ip}/32", "dev", UNDERLAY_IFNAME]
+    process.run(node.netns, ["ip", "route", "replace", *route, "mtu", "lock", "1000"])
+    try:
+        wait_out_flow_cache()
+        before = cluster.counters(node)
+        tcp_stream(a, b)
+        counted = cluster.counters(node).since(before)
+    finally:
+        process.run(node.netns, ["ip", "route", "del", *route])
+        wait_out_flow_cache()
+    fast, fast_bytes = counted.traffic.get((backend, "fast_send"), (0, 0))
+    assert fast_bytes <= fast * 200, f"{fast_bytes} B in {fast} fast packets"
+    assert counted.packets(backend, SENT[cluster.spec.backend]) > 0
 
 
 def test_the_agents_cni0_scan_finds_the_pods_that_talked(cluster):
@@ -523,4 +627,6 @@ def test_inspect_lists_the_local_pods(cluster):
         {"ip": str(b.ip), "ifindex": pod.ifindex, "mac": pod.mac, "gateway_mac": pod.gateway_mac}
     ]
     text = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    assert f"  {b.ip}" in text.split("local pods (UDP fast path", 1)[1]
+    assert f"  {b.ip}" in text.split("local pods (fast path", 1)[1]
+    assert report["node"]["tcp_fast_path"] == "True"
+    assert "TCP fast path on" in text.split("peers", 1)[0]

@@ -11,6 +11,7 @@ from flannel_xdp import cli
 from flannel_xdp.lab import agentcluster, agents, demo, options, traffic
 from flannel_xdp.lab.agentcluster import AgentCluster, AgentClusterSpec, LabNode
 from flannel_xdp.lab.topology import Dataplane, LabError, NetworkBackend, Pod
+from flannel_xdp.loader import datapath
 from flannel_xdp.loader.datapath import IngressHook
 
 
@@ -187,10 +188,14 @@ def test_demo_spec_from_arguments():
         stock=1,
         ingress_hook="tc",
         udp_fast_path=False,
+        tcp_fast_path=False,
     )
     spec = demo.build_spec(args)
     assert spec.detach and spec.stock == 1 and spec.ingress_hook is IngressHook.TC
     assert not spec.udp_fast_path
+    args.ingress_hook, args.tcp_fast_path = "kernel", True
+    spec = demo.build_spec(args)
+    assert spec.udp_fast_path and spec.tcp_fast_path  # --tcp-fast-path implies the UDP one
 
 
 @pytest.mark.parametrize(
@@ -215,3 +220,12 @@ def test_where_the_udp_fast_path_fits(backend, hook):
         ).validate()
     args = cli.build_parser().parse_args(["lab", "up", "--udp-fast-path"])
     assert args.udp_fast_path is True
+
+
+def test_the_tcp_fast_path_is_part_of_the_udp_one():
+    spec = AgentClusterSpec(name="unit", tcp_fast_path=True)
+    with pytest.raises(LabError, match="--tcp-fast-path is part of the UDP fast path"):
+        spec.validate()
+    AgentClusterSpec(name="unit", udp_fast_path=True, tcp_fast_path=True).validate()
+    with pytest.raises(ValueError, match="the TCP fast path is part of the UDP fast path"):
+        datapath.DataPathConfig(underlay="eth0", tcp_fast_path=True)

@@ -81,7 +81,11 @@ def test_node_settings_round_trip_and_validation():
     )
     raw = s.value()
     assert bytes(raw.vxlan_port) == (4789).to_bytes(2, "big")
+    assert raw.fast_flags == 0
     assert NodeSettings.from_value(raw) == s
+    tcp = NodeSettings(**{**s.__dict__, "tcp_fast_path": True})
+    assert tcp.value().fast_flags == layout.c_enums()["fast_flag"]["FAST_TCP"]
+    assert NodeSettings.from_value(tcp.value()) == tcp
     for bad in ({"vni": 0}, {"vni": 1 << 24}, {"vxlan_port": 0}, {"vxlan_port": 70000}):
         with pytest.raises(ValueError):
             NodeSettings(**{**s.__dict__, **bad}).value()

@@ -106,6 +106,7 @@ class AgentClusterSpec:
     stock: int = 0
     ingress_hook: datapath.IngressHook = datapath.DEFAULT_INGRESS_HOOK
     udp_fast_path: bool = False
+    tcp_fast_path: bool = False  # with udp_fast_path; sets conntrack's TCP be_liberal
     ip_masq: bool = True
     outside: bool = True
     network: IPv4Network = DEFAULT_NETWORK
@@ -132,6 +133,8 @@ class AgentClusterSpec:
             raise LabError("DirectRouting is a vxlan option")
         if self.udp_fast_path and not datapath.udp_fast_path_fits(self.backend, self.ingress_hook):
             raise LabError(f"--udp-fast-path fits {datapath.UDP_FAST_PATH_FITS}")
+        if self.tcp_fast_path and not self.udp_fast_path:
+            raise LabError("--tcp-fast-path is part of the UDP fast path")
 
     def net_conf(self) -> dict:
         """flannel's network config (net-conf.json), as put at <prefix>/config."""
@@ -477,7 +480,12 @@ class AgentCluster:
         if node.outside_ip is not None:
             addresses.append((node.outside_ip, self.spec.outside_network.prefixlen))
         make_node_netns(
-            node.netns, self.switch, node.switch_port, addresses, self.spec.underlay_mtu
+            node.netns,
+            self.switch,
+            node.switch_port,
+            addresses,
+            self.spec.underlay_mtu,
+            tcp_be_liberal=self.spec.tcp_fast_path,
         )
         os.makedirs(node.dir, exist_ok=True)
 
@@ -494,6 +502,7 @@ class AgentCluster:
                 metrics_port=self.spec.metrics_port,
                 xdp_mode=self.spec.xdp_mode,
                 udp_fast_path=self.spec.udp_fast_path,
+                tcp_fast_path=self.spec.tcp_fast_path,
             )
         return agents.stock_argv(
             endpoint=self.etcd.endpoint,

@@ -44,6 +44,7 @@ def agent_argv(
     iface: str = "eth0",
     xdp_mode: str = "auto",
     udp_fast_path: bool = False,
+    tcp_fast_path: bool = False,
 ) -> list[str]:
     argv = [
         sys.executable, "-m", "flannel_xdp.cli", "agent",
@@ -59,6 +60,8 @@ def agent_argv(
     ]  # fmt: skip
     if udp_fast_path:
         argv.append("--udp-fast-path")
+    if tcp_fast_path:
+        argv.append("--tcp-fast-path")
     return [*argv, "--ip-masq"] if ip_masq else argv
 
 

@@ -59,7 +59,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         direct_routing=args.direct_routing,
         stock=args.stock,
         ingress_hook=IngressHook(args.ingress_hook),
-        udp_fast_path=args.udp_fast_path,
+        udp_fast_path=args.udp_fast_path or args.tcp_fast_path,
+        tcp_fast_path=args.tcp_fast_path,
         ip_masq=args.ip_masq,
         detach=True,
     )

@@ -285,7 +285,8 @@ def build_spec(args: argparse.Namespace) -> AgentClusterSpec:
         direct_routing=args.direct_routing,
         stock=args.stock,
         ingress_hook=IngressHook(args.ingress_hook),
-        udp_fast_path=args.udp_fast_path,
+        udp_fast_path=args.udp_fast_path or args.tcp_fast_path,
+        tcp_fast_path=args.tcp_fast_path,
         detach=True,  # --keep leaves it running after this process
     )
 

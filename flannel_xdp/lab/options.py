@@ -46,6 +46,12 @@ def _cluster_shape(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="agents run with --udp-fast-path (vxlan with the kernel hook, host-gw)",
     )
+    p.add_argument(
+        "--tcp-fast-path",
+        action="store_true",
+        help="agents also run with --tcp-fast-path (implies --udp-fast-path; sets "
+        "net.netfilter.nf_conntrack_tcp_be_liberal=1 on their nodes)",
+    )
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:

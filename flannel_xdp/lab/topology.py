@@ -33,7 +33,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pyroute2 import IPRoute
 
 from flannel_xdp import defaults, netns
-from flannel_xdp.agent import masq, node_state
+from flannel_xdp.agent import conntrack, masq, node_state
 from flannel_xdp.lab import flanneld, process
 from flannel_xdp.loader import datapath
 from flannel_xdp.loader.attach import XdpMode
@@ -113,6 +113,10 @@ class ClusterSpec:
     xdp_mode: XdpMode = XdpMode.AUTO
     ingress_hook: datapath.IngressHook = datapath.DEFAULT_INGRESS_HOOK
     udp_fast_path: bool = False  # kernel hook only (bpf/fastpath.h)
+    tcp_fast_path: bool = False  # with udp_fast_path; sets conntrack's TCP be_liberal
+    # net.netfilter.nf_conntrack_tcp_be_liberal=1 on every node (tcp_fast_path needs it;
+    # the benchmark sets it on every variant, so that only the data paths differ)
+    conntrack_tcp_be_liberal: bool = False
     # flanneld's --ip-masq and forward rules on every node, as kube-flannel runs it; they
     # also turn conntrack on in the node netns, as on any Kubernetes node
     ip_masq: bool = False
@@ -155,6 +159,12 @@ class ClusterSpec:
                 raise LabError(f"{spec.pods} pods do not fit a /{self.subnet_len}")
         if self.pod_mtu < 576:
             raise LabError(f"underlay MTU {self.underlay_mtu} leaves pods too little")
+        if self.tcp_fast_path and not self.udp_fast_path:
+            raise LabError("the TCP fast path is part of the UDP fast path")
+
+    @property
+    def tcp_be_liberal(self) -> bool:
+        return self.conntrack_tcp_be_liberal or self.tcp_fast_path
 
 
 @dataclass(frozen=True)
@@ -364,9 +374,12 @@ def make_node_netns(
     port: str,
     addresses: Sequence[tuple[IPv4Address, int]],
     mtu: int,
+    *,
+    tcp_be_liberal: bool = False,
 ) -> None:
     """A node: its netns, eth0 on the switch with addresses (the first is the underlay
-    address), forwarding on and loose reverse-path filtering."""
+    address), forwarding on and loose reverse-path filtering; with tcp_be_liberal,
+    conntrack that leaves TCP windows unchecked (what --tcp-fast-path needs)."""
     new_netns(ns)
     plug_into_switch(switch, port, ns, mtu)
     with _iproute(ns) as ipr:
@@ -379,6 +392,8 @@ def make_node_netns(
         # routes remote subnets into the tunnel device.
         _sysctl("net.ipv4.conf.all.rp_filter", RP_FILTER_LOOSE)
         _sysctl("net.ipv4.conf.default.rp_filter", RP_FILTER_LOOSE)
+        if tcp_be_liberal:
+            _sysctl(conntrack.TCP_BE_LIBERAL, "1")
 
 
 def make_cni_bridge(ipr: IPRoute, gateway: IPv4Address, prefixlen: int, mtu: int) -> None:
@@ -555,6 +570,7 @@ class Cluster:
             node.switch_port,
             [(node.public_ip, node.underlay_prefixlen)],
             self.spec.underlay_mtu,
+            tcp_be_liberal=self.spec.tcp_be_liberal,
         )
         with _iproute(node.netns) as ipr:
             make_cni_bridge(ipr, node.gateway, node.subnet.prefixlen, self.spec.pod_mtu)
@@ -575,6 +591,7 @@ class Cluster:
                         ingress_hook=spec.ingress_hook,
                         tunnel_mtu=spec.pod_mtu,
                         udp_fast_path=spec.udp_fast_path,
+                        tcp_fast_path=spec.tcp_fast_path,
                     ),
                     datapath.NodeParams(
                         public_ip=node.public_ip,
