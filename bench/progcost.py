@@ -49,7 +49,7 @@ TC_ACT_OK, TC_ACT_REDIRECT = 0, 7
 SINGLE, REPEAT = "single", "repeat"
 FLOOR = "empty_xdp"
 KERNEL_JUDGE = "underlay_tc_kernel"  # underlay_tc as the kernel hook builds it
-FAST_PATH_BUILD = "underlay_tc_fast"  # ... and with the UDP fast path
+FAST_PATH_BUILD = "underlay_tc_fast"  # ... and with the fast path
 TRIM = 0.05
 
 
@@ -266,7 +266,7 @@ def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> li
             _case("tunnel_egress/vxlan_encap_tcp_full", tx.netns, egress, encap_tcp,
                   TC_ACT_REDIRECT, "full-size TCP segment: encap, FIB lookup, redirect"),
         ]  # fmt: skip
-    for fast in (b for b in beds if b.variant.udp_fast_path):
+    for fast in (b for b in beds if b.variant.fast_path):
         cases += _fast_path_cases(fast, programs)
     if hg is not None:
         rx, tx = hg.receiver_node, hg.sender_node

@@ -123,7 +123,7 @@ RATIOS: tuple[RatioDef, ...] = (
         False,
     ),
 )
-# The ratio columns: each ingress hook, and each backend's UDP fast-path variant
+# The ratio columns: each ingress hook, and each backend's fast-path variant
 # (vxlan: the kernel hook's; host-gw: the tc hook's).
 FAST_PATH = "fast"
 HOOKS: tuple[IngressHook | str, ...] = (*IngressHook, FAST_PATH)
@@ -262,7 +262,11 @@ LIMITS = {
         "the kernel hook (the vxlan device decapsulates) and host-gw with the tc hook keep "
         "aggregates whole end to end, and then the copies and the TCP stack, the same for "
         "stock and flannel-xdp, set the figure (flannel-xdp's resized aggregates also carry "
-        "SKB_GSO_DODGY, which each later transmit re-validates: ~1% of the CPU)."
+        "SKB_GSO_DODGY, which each later transmit re-validates: ~1% of the CPU). The fast "
+        "path (every variant runs with conntrack's TCP windows unchecked, which it needs) "
+        "carries an established stream's aggregates from the sender pod's veth end to the "
+        "receiving pod's netns: no bridge, routing, netfilter or vxlan device on either "
+        "node, so the pods' own stacks and copies are what is left."
     ),
     "tcp4": "as TCP 1 stream; 4 streams on 2 cores add contention, not capacity.",
     "udp64": (

@@ -44,7 +44,7 @@ class Variant:
     hook: IngressHook | None  # flannel-xdp only
     code: str  # short tag in lab names
     description: str
-    udp_fast_path: bool = False  # kernel hook: bpf/fastpath.h
+    fast_path: bool = False  # --udp-fast-path and --tcp-fast-path: bpf/fastpath.h
 
     @property
     def is_xdp(self) -> bool:
@@ -54,7 +54,11 @@ class Variant:
         data_path = {}
         if self.is_xdp:
             assert self.hook is not None
-            data_path = {"ingress_hook": self.hook, "udp_fast_path": self.udp_fast_path}
+            data_path = {
+                "ingress_hook": self.hook,
+                "udp_fast_path": self.fast_path,
+                "tcp_fast_path": self.fast_path,
+            }
         return ClusterSpec.uniform(
             nodes=2,
             pods=1,
@@ -62,6 +66,8 @@ class Variant:
             backend=self.backend,
             prefix=prefix,
             ip_masq=True,
+            # What the TCP fast path needs, on every variant: only the data paths differ.
+            conntrack_tcp_be_liberal=True,
             **data_path,
         )
 
@@ -70,7 +76,8 @@ class Variant:
             "backend": self.backend.value,
             "dataplane": self.dataplane.value,
             "ingress_hook": self.hook.value if self.hook else None,
-            "udp_fast_path": self.udp_fast_path,
+            "udp_fast_path": self.fast_path,
+            "tcp_fast_path": self.fast_path,
             "description": self.description,
         }
 
@@ -115,10 +122,10 @@ VARIANTS: tuple[Variant, ...] = (
         Dataplane.FLANNEL_XDP,
         IngressHook.KERNEL,
         "xvf",
-        "flannel-xdp vxlan, kernel hook with the UDP fast path: conntrack-confirmed, "
-        "un-NATed UDP is encapsulated at the pod's veth end, decapsulated in tc and "
-        "delivered into the pod's netns",
-        udp_fast_path=True,
+        "flannel-xdp vxlan, kernel hook with the UDP and TCP fast path: conntrack-confirmed, "
+        "un-NATed UDP and established TCP are encapsulated at the pod's veth end, "
+        "decapsulated in tc and delivered into the pod's netns",
+        fast_path=True,
     ),
     Variant(
         "stock-hostgw",
@@ -150,9 +157,10 @@ VARIANTS: tuple[Variant, ...] = (
         Dataplane.FLANNEL_XDP,
         IngressHook.TC,
         "xhf",
-        "flannel-xdp host-gw, tc hook with the UDP fast path: conntrack-confirmed, un-NATed "
-        "UDP is sent from the pod's veth end and delivered into the pod's netns",
-        udp_fast_path=True,
+        "flannel-xdp host-gw, tc hook with the UDP and TCP fast path: conntrack-confirmed, "
+        "un-NATed UDP and established TCP are sent from the pod's veth end and delivered "
+        "into the pod's netns",
+        fast_path=True,
     ),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
@@ -180,15 +188,15 @@ def flannel_xdp_variant(backend: NetworkBackend, hook: IngressHook) -> Variant:
         # exactly the tc hook's path (the same underlay_tc verdict, tunnel_egress rewrite).
         hook = IngressHook.TC
     for v in VARIANTS:
-        if v.is_xdp and v.backend is backend and v.hook is hook and not v.udp_fast_path:
+        if v.is_xdp and v.backend is backend and v.hook is hook and not v.fast_path:
             return v
     raise KeyError(f"no flannel-xdp variant for {backend} with hook {hook}")
 
 
 def fast_path_variant(backend: NetworkBackend) -> Variant:
-    """The UDP fast path's variant of the backend (vxlan: kernel hook; host-gw: tc)."""
+    """The fast path's variant of the backend (vxlan: kernel hook; host-gw: tc)."""
     for v in VARIANTS:
-        if v.udp_fast_path and v.backend is backend:
+        if v.fast_path and v.backend is backend:
             return v
     raise KeyError(f"no fast-path variant for {backend}")
 
