@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import statistics
 import sys
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 
 from flannel_xdp import netns
 from flannel_xdp.lab import NetworkBackend, Node, traffic
-from flannel_xdp.lab.topology import link_index
+from flannel_xdp.lab.topology import CNI_BRIDGE, POD_IFNAME, link_index, link_mac
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.loader.datapath import POD_INGRESS, UNDERLAY_TC, UNDERLAY_XDP
@@ -283,9 +284,40 @@ def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> li
     return cases
 
 
+def hold_tcp_stream(bed: Bed, stack: contextlib.ExitStack) -> tuple[int, int]:
+    """An established TCP stream from the sender pod to the receiver pod, held open until
+    stack closes: both nodes' conntrack then hold the assured, un-NATed entry that the
+    fast path asks about for the TCP cases' segments. Returns (client port, server port)."""
+    sender, receiver = bed.sender, bed.receiver
+    with netns.entered(receiver.netns):
+        server = stack.enter_context(socket.socket())
+    with netns.entered(sender.netns):
+        client = stack.enter_context(socket.socket())
+    server.bind((str(receiver.ip), 0))
+    server.listen(1)
+    for s in (server, client):
+        s.settimeout(5)
+    client.connect(server.getsockname())
+    conn = stack.enter_context(server.accept()[0])
+    conn.settimeout(5)
+    client.sendall(b"ping")  # a segment each way after the handshake: assured on both nodes
+    conn.recv(4)
+    conn.sendall(b"pong")
+    client.recv(4)
+    return client.getsockname()[1], server.getsockname()[1]
+
+
+def _tcp_segment(bed: Bed, ports: tuple[int, int], *, ttl: int = 64) -> bytes:
+    """A full-size data segment (ACK|PSH) of the held stream, sender pod to receiver pod."""
+    mtu = bed.cluster.spec.pod_mtu
+    payload = frames.payload_bytes(mtu - frames.IP_HLEN - frames.TCP_HLEN)
+    return frames.tcp(str(bed.sender.ip), str(bed.receiver.ip), *ports, payload, ttl=ttl)
+
+
 def _fast_path_cases(bed: Bed, programs: Programs) -> list[CostCase]:
     """The fast path's two programs on a fast-path bed, each on a datagram of a flow
-    conntrack has confirmed (both nodes see the one real datagram sent first)."""
+    conntrack has confirmed (both nodes see the one real datagram sent first), and on a
+    full-size segment of a TCP stream held open for them."""
     rx, tx = bed.receiver_node, bed.sender_node
     backend = bed.variant.backend.value.replace("-", "")
     deliver = programs.fd(rx, UNDERLAY_TC.name, "tc")  # the pinned build: with the fast path
@@ -297,6 +329,15 @@ def _fast_path_cases(bed: Bed, programs: Programs) -> list[CostCase]:
     def confirm() -> None:
         confirm_flow(bed)
 
+    ports = hold_tcp_stream(bed, programs.stack)
+    pod_mac = link_mac(bed.sender.netns, POD_IFNAME)
+    cni_mac = link_mac(tx.netns, CNI_BRIDGE)
+    tcp_rx = _tcp_segment(bed, ports)
+    if backend == "vxlan":
+        tcp_rx = _vxlan_frame(bed, tcp_rx)
+    else:
+        tcp_rx = frames.ethernet(bed.underlay_macs[1], bed.underlay_macs[0], tcp_rx)
+    tcp_tx = frames.ethernet(cni_mac, pod_mac, _tcp_segment(bed, ports))
     return [
         _case(f"{FAST_PATH_BUILD}/{backend}_fast_udp64", rx.netns, deliver, rx_frame(bed),
               TC_ACT_REDIRECT, f"UDP fast path, receiving: {packet} of a conntrack-confirmed "
@@ -308,6 +349,12 @@ def _fast_path_cases(bed: Bed, programs: Programs) -> list[CostCase]:
               "conntrack-confirmed flow, at its veth end's ingress: pod, header, peer and "
               f"conntrack checks, MTU check, {'encap, ' if backend == 'vxlan' else ''}next hop, "
               "redirect", typical=typical, prepare=confirm, ctx=on_pod_veth),
+        _case(f"{FAST_PATH_BUILD}/{backend}_fast_tcp_full", rx.netns, deliver, tcp_rx,
+              TC_ACT_REDIRECT, "TCP fast path, receiving: a full-size segment of an "
+              f"established stream, {'VXLAN, ' if backend == 'vxlan' else ''}to a local pod"),
+        _case(f"{POD_INGRESS.name}/{backend}_fast_send_tcp_full", tx.netns, send, tcp_tx,
+              TC_ACT_REDIRECT, "TCP fast path, sending: a pod's full-size segment of an "
+              "established stream, at its veth end's ingress", ctx=on_pod_veth),
     ]  # fmt: skip
 
 

@@ -20,7 +20,12 @@ import pytest
 
 from flannel_xdp.bench.report import RATIOS
 from flannel_xdp.bench.runner import WORKLOAD_KEYS
-from flannel_xdp.bench.variants import DEFAULT_HOOK, flannel_xdp_variant, stock_variant
+from flannel_xdp.bench.variants import (
+    DEFAULT_HOOK,
+    fast_path_variant,
+    flannel_xdp_variant,
+    stock_variant,
+)
 from flannel_xdp.lab import NetworkBackend
 from flannel_xdp.lab.topology import BPFFS_ROOT
 from tests.conftest import LAB_TOOLS
@@ -28,14 +33,26 @@ from tests.requirements import require_root_and_bcc
 
 pytestmark = pytest.mark.root
 
-# The four variants the named ratios need, with the default ingress hook.
+# The four variants the named ratios need, with the default ingress hook, and
+# each backend's fast-path variant.
 VARIANTS = [
     stock_variant(NetworkBackend.VXLAN).name,
     flannel_xdp_variant(NetworkBackend.VXLAN, DEFAULT_HOOK).name,
+    fast_path_variant(NetworkBackend.VXLAN).name,
     stock_variant(NetworkBackend.HOST_GW).name,
     flannel_xdp_variant(NetworkBackend.HOST_GW, DEFAULT_HOOK).name,
+    fast_path_variant(NetworkBackend.HOST_GW).name,
 ]
-PROGRAMS = ("underlay_xdp", "underlay_tc", "tunnel_egress")
+PROGRAMS = ("underlay_xdp", "underlay_tc", "tunnel_egress", "underlay_tc_fast", "pod_ingress")
+# The fast path's cases on a TCP segment of a stream held open for them, per backend.
+FAST_TCP_CASES = [
+    f"{program}/{backend}_{case}"
+    for backend in ("vxlan", "hostgw")
+    for program, case in (
+        ("underlay_tc_fast", "fast_tcp_full"),
+        ("pod_ingress", "fast_send_tcp_full"),
+    )
+]
 _PREFIX_LINE = re.compile(r"lab prefix (\S+)\)")
 
 
@@ -105,7 +122,9 @@ def test_named_ratios_are_positive_numbers(quick_run: dict):
     assert quick_run["ratios_by_hook"][DEFAULT_HOOK.value] == {
         k: v for k, v in ratios.items() if k != "prog_ns_vs_empty"
     }
-    assert quick_run["best_hook"]["hook"] == DEFAULT_HOOK.value  # the only hook that ran
+    best = quick_run["best_hook"]
+    assert set(best["scores"]) == {DEFAULT_HOOK.value, "fast"}  # the hooks that ran
+    assert best["hook"] == max(best["scores"], key=best["scores"].get)
 
 
 def test_every_program_has_its_cost_beside_the_empty_floor(quick_run: dict):
@@ -117,6 +136,7 @@ def test_every_program_has_its_cost_beside_the_empty_floor(quick_run: dict):
     for name, case in summary.items():
         assert positive(case["ns"]), (name, case)
         assert case["method"] in ("single", "repeat")
+    assert set(FAST_TCP_CASES) <= set(summary), sorted(summary)
 
 
 def test_the_quick_run_left_nothing_behind(quick_run: dict):
