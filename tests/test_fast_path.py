@@ -172,6 +172,19 @@ def local_pods_emptied(cluster: Cluster, node: Node) -> Iterator[None]:
             m.apply(held)
 
 
+@contextlib.contextmanager
+def dnat(node: Node, protocol: str, dst: str, dport: int, to: Pod) -> Iterator[None]:
+    """A DNAT of dst:dport to the pod's SERVER_PORT in the node's PREROUTING (a Service on
+    the client's node, a hostPort on the server's), for the block."""
+    match = ["PREROUTING", "-d", dst, "-p", protocol, "--dport", str(dport)]
+    rule = [*match, "-j", "DNAT", "--to-destination", f"{to.ip}:{SERVER_PORT}"]
+    process.run(node.netns, ["iptables", "-w", "-t", "nat", "-A", *rule])
+    try:
+        yield
+    finally:
+        process.run(node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
+
+
 def send_and_receive(a: Pod, b: Pod) -> None:
     """DATAGRAMS datagrams from a to b; all must arrive, byte for byte."""
     with udp_socket(b, SERVER_PORT) as server, udp_socket(a) as client:
@@ -214,15 +227,9 @@ def test_a_pod_local_pods_does_not_know_is_reached_through_cni0(cluster):
 def test_the_reply_leg_of_a_dnated_flow_takes_the_stack(cluster):
     client_node, server_node = cluster.nodes
     a, b = client_node.pods[0], server_node.pods[0]
-    match = ["PREROUTING", "-d", SERVICE_IP, "-p", "udp", "--dport", str(SERVICE_PORT)]
-    rule = [*match, "-j", "DNAT", "--to-destination", f"{b.ip}:{SERVER_PORT}"]
-    process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-A", *rule])
-    before = [cluster.counters(n) for n in cluster.nodes]
-    try:
-        with echo_server(b):
-            replies = exchange(a, NATED_SPORTS[0], (SERVICE_IP, SERVICE_PORT), 100)
-    finally:
-        process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
+    with dnat(client_node, "udp", SERVICE_IP, SERVICE_PORT, b), echo_server(b):
+        before = [cluster.counters(n) for n in cluster.nodes]
+        replies = exchange(a, NATED_SPORTS[0], (SERVICE_IP, SERVICE_PORT), 100)
     # A connected socket takes replies from SERVICE_IP:53 only: un-DNATed by the stack.
     assert replies == [b"req %05d " % i + bytes(50) for i in range(100)]
     assert packets(cluster, 0, before[0], "received") == 100
@@ -238,15 +245,9 @@ def test_a_flow_dnated_on_the_servers_node_takes_the_stack_there(cluster):
     server's node must rewrite the replies' source port back, on the sending side."""
     client_node, server_node = cluster.nodes
     a, b = client_node.pods[0], server_node.pods[0]
-    match = ["PREROUTING", "-d", str(b.ip), "-p", "udp", "--dport", str(SERVICE_PORT)]
-    rule = [*match, "-j", "DNAT", "--to-destination", f"{b.ip}:{SERVER_PORT}"]
-    process.run(server_node.netns, ["iptables", "-w", "-t", "nat", "-A", *rule])
-    before = [cluster.counters(n) for n in cluster.nodes]
-    try:
-        with echo_server(b):
-            replies = exchange(a, NATED_SPORTS[1], (str(b.ip), SERVICE_PORT), 100)
-    finally:
-        process.run(server_node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
+    with dnat(server_node, "udp", str(b.ip), SERVICE_PORT, b), echo_server(b):
+        before = [cluster.counters(n) for n in cluster.nodes]
+        replies = exchange(a, NATED_SPORTS[1], (str(b.ip), SERVICE_PORT), 100)
     # A connected socket takes replies from port 53 only: un-DNATed by the server's stack.
     assert replies == [b"req %05d " % i + bytes(50) for i in range(100)]
     assert packets(cluster, 1, before[1], "fast_deliver") == 0, "a DNATed flow skipped the stack"
@@ -264,14 +265,8 @@ def test_a_flow_whose_source_port_conntrack_remapped_takes_the_stack(cluster):
     client_node, server_node = cluster.nodes
     a, b = client_node.pods[0], server_node.pods[0]
     sport = NATED_SPORTS[2]
-    match = ["PREROUTING", "-d", SERVICE_IP, "-p", "udp", "--dport", str(SERVICE_PORT)]
-    rule = [*match, "-j", "DNAT", "--to-destination", f"{b.ip}:{SERVER_PORT}"]
-    process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-A", *rule])
-    try:
-        with echo_server(b):
-            assert len(exchange(a, sport, (SERVICE_IP, SERVICE_PORT), 5)) == 5
-    finally:
-        process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
+    with dnat(client_node, "udp", SERVICE_IP, SERVICE_PORT, b), echo_server(b):
+        assert len(exchange(a, sport, (SERVICE_IP, SERVICE_PORT), 5)) == 5
     before = cluster.counters(client_node)
     with udp_socket(b, SERVER_PORT) as server, udp_socket(a, sport) as client:
         for i in range(50):
@@ -544,14 +539,9 @@ def test_tcp_takes_the_stack_while_conntrack_checks_windows(cluster):
 def test_a_dnated_tcp_stream_takes_the_stack_where_it_is_nated(cluster):
     client_node, server_node = cluster.nodes
     a, b = client_node.pods[0], server_node.pods[0]
-    match = ["PREROUTING", "-d", SERVICE_IP, "-p", "tcp", "--dport", str(SERVICE_PORT)]
-    rule = [*match, "-j", "DNAT", "--to-destination", f"{b.ip}:{SERVER_PORT}"]
-    process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-A", *rule])
-    before = [cluster.counters(n) for n in cluster.nodes]
-    try:
+    with dnat(client_node, "tcp", SERVICE_IP, SERVICE_PORT, b):
+        before = [cluster.counters(n) for n in cluster.nodes]
         tcp_stream(a, b, dst=(SERVICE_IP, SERVICE_PORT), sport=NATED_SPORTS[3])
-    finally:
-        process.run(client_node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
     for direction in ("fast_send", "fast_deliver"):
         assert packets(cluster, 0, before[0], direction) == 0, f"a DNATed stream: {direction}"
     # The server's node saw a plain stream (the DNAT happened on the client's node).
