@@ -109,6 +109,7 @@ class Stats:
     subnets_wanted: int = 0  # remote subnets the registry asks for
     capacity_exceeded: bool = False  # wanted > capacity: see Agent._fit
     capacity_refusals: int = 0  # syncs that could not program every wanted subnet
+    tcp_fast_path: bool = False  # FAST_TCP as the agent last set it in node_config
 
 
 def ingress_hook_for(backend_type: str) -> datapath.IngressHook:
@@ -589,6 +590,7 @@ class Agent:
         while not self._stop.is_set():
             if self.opts.tcp_fast_path:
                 tcp = await asyncio.to_thread(self._keep_tcp_fast_path, maps_dir, tcp)
+                self.stats.tcp_fast_path = bool(tcp)
             try:
                 done = await asyncio.to_thread(local_pods.sync, maps_dir, bridge)
                 attached = await asyncio.to_thread(

@@ -83,6 +83,12 @@ class AgentCollector(Collector):
             PREFIX + "ready", "1 once ready (see /readyz).", value=int(a.is_ready())
         )
         yield GaugeMetricFamily(
+            PREFIX + "tcp_fast_path",
+            "1 while TCP takes the fast path (--tcp-fast-path, and conntrack leaves TCP "
+            "windows unchecked).",
+            value=int(s.tcp_fast_path),
+        )
+        yield GaugeMetricFamily(
             PREFIX + "last_sync_age_seconds",
             "Seconds since the maps were last brought in line with the registry.",
             value=time.time() - s.last_sync if s.last_sync else float("nan"),

@@ -11,6 +11,7 @@ import pytest
 
 from flannel_xdp import netns
 from flannel_xdp.agent import conntrack
+from flannel_xdp.lab import agents
 from flannel_xdp.loader import datapath
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
@@ -105,11 +106,17 @@ def tcp_flag(node) -> bool:
     return settings.tcp_fast_path
 
 
-def wait_for_tcp_flag(node, want: bool) -> None:
+def wait_for_tcp_flag(lab, node, want: bool) -> None:
+    """FAST_TCP in node_config, and the agent's tcp_fast_path gauge, both as want."""
+
+    def gauge() -> float:
+        return agents.sample(lab.scrape(node), "flannel_xdp_tcp_fast_path")
+
     deadline = time.monotonic() + SCAN_WAIT_S
-    while tcp_flag(node) != want and time.monotonic() < deadline:
+    while (tcp_flag(node), gauge()) != (want, want) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert tcp_flag(node) == want, f"FAST_TCP is not {want} on {node.netns}"
+    assert gauge() == int(want)
 
 
 def set_tcp_be_liberal(node, value: str) -> None:
@@ -130,20 +137,20 @@ def test_the_agent_keeps_tcp_on_the_fast_path_only_while_conntrack_leaves_window
         a, b = node.pods[0], lab.nodes[1].pods[0]
         send_and_receive(a, b)  # the node resolves a, cni0 learns a's MAC
         wait_for_pod_program(node.netns, a.host_veth)
-        wait_for_tcp_flag(node, True)
+        wait_for_tcp_flag(lab, node, True)
         before = lab.counters(node)
         tcp_stream(a, b)
         fast_bytes = lab.counters(node).since(before).traffic.get(FAST_SEND, (0, 0))[1]
         assert fast_bytes >= len(STREAM) * 0.9, f"{fast_bytes} B of the stream took the fast path"
 
         set_tcp_be_liberal(node, "0")
-        wait_for_tcp_flag(node, False)
+        wait_for_tcp_flag(lab, node, False)
         before = lab.counters(node)
         tcp_stream(a, b)
         assert lab.counters(node).since(before).traffic.get(FAST_SEND, (0, 0)) == (0, 0)
 
         set_tcp_be_liberal(node, "1")
-        wait_for_tcp_flag(node, True)
+        wait_for_tcp_flag(lab, node, True)
         with open(node.log_file) as f:
             log = f.read()
         off = log.index(f"TCP fast path: off: --tcp-fast-path needs {conntrack.TCP_BE_LIBERAL}=1")
