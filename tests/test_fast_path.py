@@ -443,16 +443,12 @@ def test_what_the_route_to_the_peer_cannot_take_is_left_to_the_stack(cluster):
         wait_out_flow_cache()
 
 
-def tcp_stream(
-    client: Pod,
-    server: Pod,
-    dst: tuple[str, int] | None = None,
-    sport: int = 0,
-    reply: bytes = b"",
-) -> int:
-    """STREAM from client to server and reply back at the same time, over one TCP
-    connection to dst (default: the server itself), closed by both ends; every byte must
-    arrive both ways. Returns the client's port."""
+@contextlib.contextmanager
+def tcp_connection(
+    client: Pod, server: Pod, dst: tuple[str, int] | None = None, sport: int = 0
+) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A TCP connection from client (port sport) to dst (default: the server's
+    SERVER_PORT), as (client's socket, server's), both closed at the end of the block."""
     with netns.entered(server.netns):
         srv = socket.socket()
     with netns.entered(client.netns):
@@ -469,20 +465,34 @@ def tcp_stream(
         conn, _ = srv.accept()
         with contextlib.closing(conn):
             conn.settimeout(10)
+            yield cli, conn
 
-            def send(sock: socket.socket, data: bytes) -> None:
-                sock.sendall(data)
-                sock.shutdown(socket.SHUT_WR)
 
-            senders = [
-                threading.Thread(target=send, args=(cli, STREAM), daemon=True),
-                threading.Thread(target=send, args=(conn, reply), daemon=True),
-            ]
-            for t in senders:
-                t.start()
-            got, back = receive_all(conn), receive_all(cli)
-            for t in senders:
-                t.join(10)
+def tcp_stream(
+    client: Pod,
+    server: Pod,
+    dst: tuple[str, int] | None = None,
+    sport: int = 0,
+    reply: bytes = b"",
+) -> int:
+    """STREAM from client to server and reply back at the same time, over one TCP
+    connection to dst (default: the server itself), closed by both ends; every byte must
+    arrive both ways. Returns the client's port."""
+    with tcp_connection(client, server, dst, sport) as (cli, conn):
+
+        def send(sock: socket.socket, data: bytes) -> None:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+
+        senders = [
+            threading.Thread(target=send, args=(cli, STREAM), daemon=True),
+            threading.Thread(target=send, args=(conn, reply), daemon=True),
+        ]
+        for t in senders:
+            t.start()
+        got, back = receive_all(conn), receive_all(cli)
+        for t in senders:
+            t.join(10)
         port = cli.getsockname()[1]
     assert got == STREAM
     assert back == reply, "the server's data or FIN did not arrive"
@@ -586,18 +596,7 @@ def tcp_push(client: Pod, server: Pod, seconds: float) -> None:
     """Send STREAMs from client to server for that long, then reset the connection: for a
     stream that may stall (a path that drops its retransmissions), where only what was
     sent counts."""
-    with netns.entered(server.netns):
-        srv = socket.socket()
-    with netns.entered(client.netns):
-        cli = socket.socket()
-    with contextlib.closing(srv), contextlib.closing(cli):
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((str(server.ip), SERVER_PORT))
-        srv.listen(1)
-        srv.settimeout(5)
-        cli.settimeout(5)
-        cli.connect((str(server.ip), SERVER_PORT))
-        conn, _ = srv.accept()
+    with tcp_connection(client, server) as (cli, conn):
         stop = threading.Event()
 
         def drain() -> None:
@@ -619,7 +618,6 @@ def tcp_push(client: Pod, server: Pod, seconds: float) -> None:
         linger = struct.pack("ii", 1, 0)  # close with a RST, whatever is still queued
         for s in (cli, conn):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-        conn.close()
 
 
 def test_a_tcp_aggregate_whose_segments_the_route_cannot_take_is_left_to_the_stack(cluster):

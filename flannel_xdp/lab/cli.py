@@ -17,11 +17,8 @@ from flannel_xdp.lab.agentcluster import (
     ETCD_PREFIX,
     RUN_ROOT,
     AgentCluster,
-    AgentClusterSpec,
 )
-from flannel_xdp.lab.demo import quiet_logs, self_command
-from flannel_xdp.lab.topology import NetworkBackend
-from flannel_xdp.loader.datapath import IngressHook
+from flannel_xdp.lab.demo import build_spec, quiet_logs, self_command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NO_LAB = 0, 1, 2, 3
 
@@ -51,19 +48,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"missing: {p}")
         return EXIT_FAILURE
-    spec = AgentClusterSpec(
-        name=args.name or DEFAULT_NAME,
-        nodes=args.nodes,
-        pods=args.pods,
-        backend=NetworkBackend(args.backend),
-        direct_routing=args.direct_routing,
-        stock=args.stock,
-        ingress_hook=IngressHook(args.ingress_hook),
-        udp_fast_path=args.udp_fast_path or args.tcp_fast_path,
-        tcp_fast_path=args.tcp_fast_path,
-        ip_masq=args.ip_masq,
-        detach=True,
-    )
+    spec = build_spec(args, name=args.name or DEFAULT_NAME, ip_masq=args.ip_masq)
     lab = AgentCluster(spec)
     try:
         lab.up(progress=lambda msg: print(f"  {msg}", flush=True))

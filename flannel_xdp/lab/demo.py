@@ -276,8 +276,10 @@ def _traffic_and_counters(lab: AgentCluster, keep: bool) -> list[str]:
     return failed
 
 
-def build_spec(args: argparse.Namespace) -> AgentClusterSpec:
-    return AgentClusterSpec(
+def build_spec(args: argparse.Namespace, **overrides) -> AgentClusterSpec:
+    """The cluster the shared flags (options._cluster_shape) describe, for the demo and
+    `lab up`."""
+    fields = dict(
         name=args.name,
         nodes=args.nodes,
         pods=args.pods,
@@ -289,6 +291,7 @@ def build_spec(args: argparse.Namespace) -> AgentClusterSpec:
         tcp_fast_path=args.tcp_fast_path,
         detach=True,  # --keep leaves it running after this process
     )
+    return AgentClusterSpec(**{**fields, **overrides})
 
 
 def quiet_logs(args: argparse.Namespace) -> None:
