@@ -256,8 +256,9 @@ def test_kernel_hook_follows_a_changed_vxlan_port(node):
 def test_maps_pinned_by_another_layout_start_anew(node, caplog):
     """A traffic map with another number of slots (a version with other directions)
     would be reused by bcc and read under the wrong labels, a local_pods map with a
-    shorter value would not load: install sets them aside and starts new ones; until
-    then, readers refuse them rather than misread them."""
+    shorter value would not load, nor would a node_config without fast_flags (the
+    versions before the TCP fast path): install sets them aside and starts new ones;
+    until then, readers refuse them rather than misread them."""
     from bcc import BPF
 
     ns, bpffs = node
@@ -271,12 +272,17 @@ def test_maps_pinned_by_another_layout_start_anew(node, caplog):
             f'BPF_TABLE_PINNED("percpu_array", u32, struct counter, traffic, 3, '
             f'"{pins.maps}/traffic");\n'
             f'BPF_TABLE_PINNED("hash", u32, struct old_pod, local_pods, 16, '
-            f'"{pins.maps}/local_pods");'
+            f'"{pins.maps}/local_pods");\n'
+            "struct old_config { u8 before_fast_flags[36]; };\n"
+            f'BPF_TABLE_PINNED("array", u32, struct old_config, node_config, 1, '
+            f'"{pins.maps}/node_config");'
         ).encode()
     )
     old.cleanup()
     with pytest.raises(LayoutMismatch, match="3 counters, this build counts in"):
         TrafficMap(pins.maps)
+    with pytest.raises(LayoutMismatch, match="key/value size 4/36"):
+        NodeConfigMap(pins.maps)
     caplog.set_level(logging.INFO, logger="flannel_xdp.loader.datapath")
     with netns.entered(ns):
         datapath.install(cfg, NODE)
@@ -285,6 +291,10 @@ def test_maps_pinned_by_another_layout_start_anew(node, caplog):
         assert all(total == (0, 0) for total in traffic.by_label().values())
     assert "traffic map pinned by another version (3 counters, this build counts in" in caplog.text
     assert "local_pods map pinned by another version (key/value size 4/12" in caplog.text
+    assert "node_config map pinned by another version (key/value size 4/36" in caplog.text
+    with NodeConfigMap(pins.maps) as node_config:
+        settings = node_config.read()
+    assert settings is not None and settings.public_ip == NODE.public_ip
     with LocalPodsMap(pins.maps) as local_pods:
         assert local_pods.pods() == {}
     assert sorted(os.listdir(bpffs)) == ["links", "maps", "progs"]
