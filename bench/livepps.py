@@ -69,18 +69,19 @@ class XdpMd(ctypes.Structure):
     ]
 
 
-def rx_frame(bed: Bed) -> bytes:
-    """The 64-byte UDP datagram from the sender pod to the receiver pod, as it arrives
+def udp64(bed: Bed, ttl: int = 64) -> bytes:
+    """The 64-byte UDP datagram (IPv4 packet) from the sender pod to the receiver pod."""
+    payload = frames.payload_bytes(UDP_PAYLOAD)
+    return frames.udp(str(bed.sender.ip), str(bed.receiver.ip), RX_SPORT, RX_PORT, payload, ttl=ttl)
+
+
+def rx_frame(bed: Bed, inner_ip: bytes | None = None) -> bytes:
+    """A packet from the sender pod to the receiver pod (default: udp64()), as it arrives
     on the receiver node's underlay for this backend."""
     sender_node, receiver_node = bed.sender_node, bed.receiver_node
     sender_mac, receiver_mac = bed.underlay_macs
-    inner_ip = frames.udp(
-        str(bed.sender.ip),
-        str(bed.receiver.ip),
-        RX_SPORT,
-        RX_PORT,
-        frames.payload_bytes(UDP_PAYLOAD),
-    )
+    if inner_ip is None:
+        inner_ip = udp64(bed)
     spec = bed.cluster.spec
     if spec.backend is NetworkBackend.HOST_GW:
         return frames.ethernet(receiver_mac, sender_mac, inner_ip)
@@ -107,16 +108,12 @@ def _drain(sock: socket.socket) -> int:
         n += 1
 
 
-def pod_frame(bed: Bed) -> bytes:
-    """The 64-byte UDP datagram from the sender pod to the receiver pod, as the sender
+def pod_frame(bed: Bed, inner_ip: bytes | None = None) -> bytes:
+    """A packet from the sender pod to the receiver pod (default: udp64()), as the sender
     pod puts it on its veth: addressed to its gateway's (cni0's) MAC."""
-    pod = bed.sender
-    pod_mac = link_mac(pod.netns, POD_IFNAME)
+    pod_mac = link_mac(bed.sender.netns, POD_IFNAME)
     cni_mac = link_mac(bed.sender_node.netns, CNI_BRIDGE)
-    inner_ip = frames.udp(
-        str(pod.ip), str(bed.receiver.ip), RX_SPORT, RX_PORT, frames.payload_bytes(UDP_PAYLOAD)
-    )
-    return frames.ethernet(cni_mac, pod_mac, inner_ip)
+    return frames.ethernet(cni_mac, pod_mac, udp64(bed) if inner_ip is None else inner_ip)
 
 
 def measure_path(bed: Bed, generators: GeneratorCache, count: int, batch: int) -> dict:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from flannel_xdp import netns
 from flannel_xdp.lab import NetworkBackend, Node, traffic
-from flannel_xdp.lab.topology import CNI_BRIDGE, POD_IFNAME, link_index, link_mac
+from flannel_xdp.lab.topology import link_index
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.loader.datapath import POD_INGRESS, UNDERLAY_TC, UNDERLAY_XDP
@@ -42,7 +42,7 @@ from flannel_xdp.maps import libbpf
 
 from . import frames
 from .bpfprogs import EmptyPrograms
-from .livepps import RX_PORT, RX_SPORT, pod_frame, rx_frame
+from .livepps import RX_PORT, RX_SPORT, pod_frame, rx_frame, udp64
 from .variants import DEFAULT_HOOK, Bed
 
 XDP_PASS, XDP_REDIRECT = 2, 4
@@ -148,30 +148,15 @@ def _tunnel_frame(bed: Bed, inner_ip: bytes) -> bytes:
     return frames.ethernet(dst, bed.sender_node.vtep_mac, inner_ip)
 
 
-def _full_size_tcp(bed: Bed, *, partial: bool, ttl: int) -> bytes:
+def _full_size_tcp(
+    bed: Bed, *, partial: bool, ttl: int, ports: tuple[int, int] = (40001, 5201)
+) -> bytes:
+    """A full-size data segment (ACK|PSH) from the sender pod to the receiver pod."""
     mtu = bed.cluster.spec.pod_mtu
     payload = frames.payload_bytes(mtu - frames.IP_HLEN - frames.TCP_HLEN)
     return frames.tcp(
-        str(bed.sender.ip), str(bed.receiver.ip), 40001, 5201, payload, partial=partial, ttl=ttl
+        str(bed.sender.ip), str(bed.receiver.ip), *ports, payload, partial=partial, ttl=ttl
     )
-
-
-def _vxlan_frame(bed: Bed, inner_ip: bytes) -> bytes:
-    spec = bed.cluster.spec
-    return frames.vxlan(
-        outer_dst_mac=bed.underlay_macs[1],
-        outer_src_mac=bed.underlay_macs[0],
-        outer_src=str(bed.sender_node.public_ip),
-        outer_dst=str(bed.receiver_node.public_ip),
-        vni=spec.vni,
-        port=spec.vxlan_port,
-        inner_frame=frames.ethernet(bed.receiver_node.vtep_mac, bed.sender_node.vtep_mac, inner_ip),
-    )
-
-
-def _udp64(bed: Bed, ttl: int) -> bytes:
-    payload = frames.payload_bytes(64)
-    return frames.udp(str(bed.sender.ip), str(bed.receiver.ip), RX_SPORT, RX_PORT, payload, ttl=ttl)
 
 
 def confirm_flow(bed: Bed) -> None:
@@ -238,8 +223,8 @@ def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> li
         judge = programs.fd(rx, UNDERLAY_TC.name, "tc", kernel_decap=True)
         egress = programs.fd(tx, "tunnel_egress", "tc")
         decap_udp = rx_frame(vx)
-        decap_tcp = _vxlan_frame(vx, _full_size_tcp(vx, partial=True, ttl=64))
-        encap_udp = _tunnel_frame(vx, _udp64(vx, ttl=63))
+        decap_tcp = rx_frame(vx, _full_size_tcp(vx, partial=True, ttl=64))
+        encap_udp = _tunnel_frame(vx, udp64(vx, ttl=63))
         encap_tcp = _tunnel_frame(vx, _full_size_tcp(vx, partial=False, ttl=63))
         not_vxlan = frames.ethernet(
             vx.underlay_macs[1],
@@ -274,7 +259,7 @@ def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> li
         egress = programs.fd(tx, "tunnel_egress", "tc")
         xdp = programs.fd(rx, UNDERLAY_XDP.name, "xdp")
         cases += [
-            _case("tunnel_egress/hostgw_udp64", tx.netns, egress, _tunnel_frame(hg, _udp64(hg, 63)),
+            _case("tunnel_egress/hostgw_udp64", tx.netns, egress, _tunnel_frame(hg, udp64(hg, 63)),
                   TC_ACT_REDIRECT, "host-gw, UDP 64 B: FIB lookup, MAC rewrite, redirect",
                   repeat_ok=True),
             _case("underlay_xdp/hostgw_deliver_udp64", rx.netns, xdp, rx_frame(hg), XDP_PASS,
@@ -307,13 +292,6 @@ def hold_tcp_stream(bed: Bed, stack: contextlib.ExitStack) -> tuple[int, int]:
     return client.getsockname()[1], server.getsockname()[1]
 
 
-def _tcp_segment(bed: Bed, ports: tuple[int, int], *, ttl: int = 64) -> bytes:
-    """A full-size data segment (ACK|PSH) of the held stream, sender pod to receiver pod."""
-    mtu = bed.cluster.spec.pod_mtu
-    payload = frames.payload_bytes(mtu - frames.IP_HLEN - frames.TCP_HLEN)
-    return frames.tcp(str(bed.sender.ip), str(bed.receiver.ip), *ports, payload, ttl=ttl)
-
-
 def _fast_path_cases(bed: Bed, programs: Programs) -> list[CostCase]:
     """The fast path's two programs on a fast-path bed, each on a datagram of a flow
     conntrack has confirmed (both nodes see the one real datagram sent first), and on a
@@ -330,14 +308,7 @@ def _fast_path_cases(bed: Bed, programs: Programs) -> list[CostCase]:
         confirm_flow(bed)
 
     ports = hold_tcp_stream(bed, programs.stack)
-    pod_mac = link_mac(bed.sender.netns, POD_IFNAME)
-    cni_mac = link_mac(tx.netns, CNI_BRIDGE)
-    tcp_rx = _tcp_segment(bed, ports)
-    if backend == "vxlan":
-        tcp_rx = _vxlan_frame(bed, tcp_rx)
-    else:
-        tcp_rx = frames.ethernet(bed.underlay_macs[1], bed.underlay_macs[0], tcp_rx)
-    tcp_tx = frames.ethernet(cni_mac, pod_mac, _tcp_segment(bed, ports))
+    segment = _full_size_tcp(bed, partial=False, ttl=64, ports=ports)
     return [
         _case(f"{FAST_PATH_BUILD}/{backend}_fast_udp64", rx.netns, deliver, rx_frame(bed),
               TC_ACT_REDIRECT, f"UDP fast path, receiving: {packet} of a conntrack-confirmed "
@@ -349,10 +320,12 @@ def _fast_path_cases(bed: Bed, programs: Programs) -> list[CostCase]:
               "conntrack-confirmed flow, at its veth end's ingress: pod, header, peer and "
               f"conntrack checks, MTU check, {'encap, ' if backend == 'vxlan' else ''}next hop, "
               "redirect", typical=typical, prepare=confirm, ctx=on_pod_veth),
-        _case(f"{FAST_PATH_BUILD}/{backend}_fast_tcp_full", rx.netns, deliver, tcp_rx,
+        _case(f"{FAST_PATH_BUILD}/{backend}_fast_tcp_full", rx.netns, deliver,
+              rx_frame(bed, segment),
               TC_ACT_REDIRECT, "TCP fast path, receiving: a full-size segment of an "
               f"established stream, {'VXLAN, ' if backend == 'vxlan' else ''}to a local pod"),
-        _case(f"{POD_INGRESS.name}/{backend}_fast_send_tcp_full", tx.netns, send, tcp_tx,
+        _case(f"{POD_INGRESS.name}/{backend}_fast_send_tcp_full", tx.netns, send,
+              pod_frame(bed, segment),
               TC_ACT_REDIRECT, "TCP fast path, sending: a pod's full-size segment of an "
               "established stream, at its veth end's ingress", ctx=on_pod_veth),
     ]  # fmt: skip
