@@ -360,11 +360,15 @@ def _runs_pod_ingress(index: int) -> bool:
     return POD_INGRESS.name in attach.tcx_programs(index, POD_INGRESS.direction)
 
 
+def _interfaces() -> list[tuple[int, str]]:
+    """(ifindex, name) of every interface in this netns."""
+    with IPRoute() as ipr:
+        return [(link["index"], link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
+
+
 def pod_ports_attached() -> list[str]:
     """The interfaces (pods' veth ends) whose tcx ingress runs our pod_ingress."""
-    with IPRoute() as ipr:
-        links = [(link["index"], link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
-    return [name for index, name in links if _runs_pod_ingress(index)]
+    return [name for index, name in _interfaces() if _runs_pod_ingress(index)]
 
 
 def _pod_link_pins(pins: PinDir) -> list[str]:
@@ -372,13 +376,6 @@ def _pod_link_pins(pins: PinDir) -> list[str]:
         return []
     prefix = f"{POD_INGRESS.name}@"
     return [pins.link(n) for n in sorted(os.listdir(pins.links)) if n.startswith(prefix)]
-
-
-def attach_pod_port(bpffs: str, prog_fd: int, port: str) -> bool:
-    """Attach the fast path's sending side to a pod's veth end; False when it is gone."""
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=port)
-    return bool(found) and _attach_pod_link(PinDir(bpffs), prog_fd, found[0])
 
 
 def _attach_pod_link(pins: PinDir, prog_fd: int, index: int) -> bool:
@@ -431,23 +428,26 @@ def _move_pod_ports(pins: PinDir, prog_fd: int) -> None:
             libbpf.link_update(fd, prog_fd)
         finally:
             os.close(fd)
-    for port in _tc_pod_ports():
-        if attach_pod_port(pins.root, prog_fd, port):
+    for index, port in _tc_pod_ports():
+        if _attach_pod_link(pins, prog_fd, index):
             attach.detach_tc(port, POD_INGRESS.direction)
 
 
-def _tc_pod_ports() -> list[str]:
-    """Interfaces where an older release attached pod_ingress as a tc filter."""
-    with IPRoute() as ipr:
-        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
-    return [n for n in names if attach.tc_filter_name(n, POD_INGRESS.direction) == POD_INGRESS.name]
+def _tc_pod_ports() -> list[tuple[int, str]]:
+    """(ifindex, name) of the interfaces where an older release attached pod_ingress as a
+    tc filter."""
+    return [
+        (index, name)
+        for index, name in _interfaces()
+        if attach.tc_filter_name(name, POD_INGRESS.direction) == POD_INGRESS.name
+    ]
 
 
 def detach_pod_ports(bpffs: str) -> None:
     """Take our program off every pod's veth end that runs it."""
     for pin in _pod_link_pins(PinDir(bpffs)):
         os.unlink(pin)  # the link's last reference: the program is detached
-    for port in _tc_pod_ports():
+    for _, port in _tc_pod_ports():
         attach.detach_tc(port, POD_INGRESS.direction)
 
 

@@ -302,7 +302,7 @@ def _index(ipr: IPRoute, name: str) -> int:
 
 def _sysctl(name: str, value: str) -> None:
     """Write a sysctl in the current thread's netns (/proc/sys/net is per netns)."""
-    with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
+    with open(conntrack.sysctl_path(name), "w") as f:
         f.write(value)
 
 
