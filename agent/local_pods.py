@@ -21,7 +21,7 @@ from ipaddress import IPv4Address
 from pyroute2 import IPRoute
 
 from flannel_xdp.loader import attach
-from flannel_xdp.loader.datapath import POD_INGRESS
+from flannel_xdp.loader.programs import POD_INGRESS
 from flannel_xdp.maps.views import ApplyResult, LocalPod, LocalPodsMap
 
 AF_BRIDGE = 7
@@ -63,19 +63,19 @@ def _plain_ports(ipr: IPRoute, bridge: int) -> set[int]:
 
 
 @dataclass(frozen=True)
-class SyncResult:
+class PodSync:
     applied: ApplyResult
     ports: list[str]  # the found pods' veth ends, for pod_ingress
 
 
-def sync(maps_dir: str, bridge_name: str) -> SyncResult:
+def sync(maps_dir: str, bridge_name: str) -> PodSync:
     """Make the pinned local_pods map hold what scan() finds now."""
     with IPRoute() as ipr:
         pods = scan(ipr, bridge_name)
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         ports = [names[pod.ifindex] for pod in pods if pod.ifindex in names]
     with LocalPodsMap(maps_dir) as local_pods:
-        return SyncResult(local_pods.apply(pods), ports)
+        return PodSync(local_pods.apply(pods), ports)
 
 
 def scan(ipr: IPRoute, bridge_name: str) -> list[LocalPod]:

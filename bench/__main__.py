@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from flannel_xdp.lab import peers
+
 from . import report
-from .runner import WORKLOAD_KEYS, RawResults, Settings, run_progcost, run_workloads
+from .runner import WORKLOAD_KEYS, BenchSettings, RawResults, run_progcost, run_workloads
 from .variants import VARIANT_NAMES, Testbed, select
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
@@ -60,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
+def settings_from(args: argparse.Namespace) -> BenchSettings:
     overrides: dict = {}
     if args.reps is not None:
         overrides["reps"] = args.reps
@@ -70,7 +72,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         overrides["variants"] = tuple(args.only)
     if args.workloads:
         overrides["workloads"] = tuple(args.workloads)
-    return Settings.quick_settings(**overrides) if args.quick else Settings(**overrides)
+    return BenchSettings.quick_settings(**overrides) if args.quick else BenchSettings(**overrides)
 
 
 def check_prerequisites() -> str | None:
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: interrupted ({exc or 'Ctrl-C'}); clusters torn down", file=sys.stderr)
         return 130
     machine["lab_prefix"] = testbed.prefix
+    if any(not v.is_xdp for v in variants):  # the stock variants' flanneld, by its own word
+        machine["flanneld"] = peers.flanneld_version()
     results = report.build_results(raw, settings, machine, ran, broken, time.monotonic() - t0)
     report.write_json(results, args.out)
     print(report.render(results))

@@ -1,4 +1,4 @@
-"""Control-plane benchmark (issue 3): python -m flannel_xdp.bench.controlplane
+"""Control-plane benchmark: python -m flannel_xdp.bench.controlplane
 
 A real `flannel-xdp agent` process against a real etcd, measured from outside:
 
@@ -56,12 +56,13 @@ from pathlib import Path
 
 import aetcd
 
-from flannel_xdp.agent.config import parse_config
-from flannel_xdp.agent.lease import LeaseAttrs, subnet_key_name
+from flannel_xdp.lab import process
 from flannel_xdp.lab.etcd import ETCD, ETCDCTL, EtcdServer
 from flannel_xdp.maps import libbpf
 from flannel_xdp.maps.layout import RemoteSubnet, SubnetKey
 from flannel_xdp.maps.views import SubnetsMap, subnet_key
+from flannel_xdp.registry.config import parse_config
+from flannel_xdp.registry.lease import LeaseAttrs, subnet_key_name
 
 log = logging.getLogger("flannel_xdp.bench.controlplane")
 
@@ -89,13 +90,6 @@ class BenchError(RuntimeError):
     pass
 
 
-def _die_with_parent(argv: list[str], sig: str = "KILL") -> list[str]:
-    """argv, signalled when the bench dies. setpriv rather than a preexec_fn: that would
-    fork() a process in which gRPC runs, and gRPC's fork handlers can abort the child."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", sig, "--", *argv] if setpriv else argv
-
-
 def _run(argv: list[str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
     res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
@@ -114,7 +108,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @dataclass
-class Node:
+class BenchNode:
     tag: str
     workdir: str
     namespaces: list[str] = field(default_factory=list)
@@ -204,7 +198,7 @@ class AgentProcess:
         env["PYTHONUNBUFFERED"] = "1"
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            _die_with_parent(argv, "TERM"),
+            process.die_with_parent(argv, "TERM"),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -344,7 +338,7 @@ def poll(cond: Callable[[], bool], timeout: float) -> float | None:
         time.sleep(POLL_INTERVAL)
 
 
-def open_map(node: Node, agent: AgentProcess, timeout: float) -> SubnetsMap:
+def open_map(node: BenchNode, agent: AgentProcess, timeout: float) -> SubnetsMap:
     deadline = time.monotonic() + timeout
     path = os.path.join(node.maps_dir, "subnets")
     while not os.path.exists(path):
@@ -395,7 +389,7 @@ async def measure_events(
 
 
 @dataclass
-class Settings:
+class ControlPlaneSettings:
     leases: int
     additions: int
     idle_seconds: float
@@ -403,7 +397,9 @@ class Settings:
     keep: bool
 
 
-async def measure(settings: Settings, etcd: EtcdServer, node: Node, workdir: str) -> dict:
+async def measure(
+    settings: ControlPlaneSettings, etcd: EtcdServer, node: BenchNode, workdir: str
+) -> dict:
     rng = random.Random(3)
     preloaded, added = lease_plan(settings.leases, settings.additions)
     results: dict = {}
@@ -567,13 +563,13 @@ def _terminate_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def run(settings: Settings) -> int:
+def run(settings: ControlPlaneSettings) -> int:
     _check_prerequisites()
     tag = secrets.token_hex(3)
     root = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     workdir = tempfile.mkdtemp(prefix=f"fxdp-cp-{tag}-", dir=root)
     etcd = EtcdServer(os.path.join(workdir, "etcd"))
-    node = Node(tag, workdir)
+    node = BenchNode(tag, workdir)
     results: dict = {}
     problems: list[str] = []
     error: BaseException | None = None
@@ -631,7 +627,7 @@ def run(settings: Settings) -> int:
     return 0
 
 
-def parse_args(argv: list[str] | None) -> Settings:
+def parse_args(argv: list[str] | None) -> ControlPlaneSettings:
     p = argparse.ArgumentParser(
         prog="python -m flannel_xdp.bench.controlplane",
         description="Control-plane benchmark: full sync of N leases, per-lease event latency, "
@@ -645,7 +641,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     a = p.parse_args(argv)
     if a.leases < 1 or a.additions < 1 or a.leases + a.additions > MAX_SUBNETS - 1:
         p.error(f"need 1 <= leases, additions and leases + additions < {MAX_SUBNETS}")
-    return Settings(a.leases, a.additions, a.idle_seconds, a.out, a.keep)
+    return ControlPlaneSettings(a.leases, a.additions, a.idle_seconds, a.out, a.keep)
 
 
 def main(argv: list[str] | None = None) -> int:

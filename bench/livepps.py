@@ -35,13 +35,14 @@ import socket
 import time
 
 from flannel_xdp import netns
-from flannel_xdp.lab import NetworkBackend, traffic
+from flannel_xdp.backend import Backend
+from flannel_xdp.lab import frames, traffic
 from flannel_xdp.lab.topology import CNI_BRIDGE, POD_IFNAME, link_index, link_mac
+from flannel_xdp.loader import libbpf
 from flannel_xdp.loader.bpffs import PinDir
-from flannel_xdp.loader.datapath import UNDERLAY_XDP, IngressHook
-from flannel_xdp.maps import libbpf
+from flannel_xdp.loader.datapath import IngressHook
+from flannel_xdp.loader.programs import UNDERLAY_XDP
 
-from . import frames
 from .bpfprogs import GeneratorCache
 from .variants import Bed
 from .workloads import UDP_PAYLOAD, udp_counters
@@ -83,7 +84,7 @@ def rx_frame(bed: Bed, inner_ip: bytes | None = None) -> bytes:
     if inner_ip is None:
         inner_ip = udp64(bed)
     spec = bed.cluster.spec
-    if spec.backend is NetworkBackend.HOST_GW:
+    if spec.backend is Backend.HOST_GW:
         return frames.ethernet(receiver_mac, sender_mac, inner_ip)
     inner = frames.ethernet(receiver_node.vtep_mac, sender_node.vtep_mac, inner_ip)
     return frames.vxlan(

@@ -33,14 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flannel_xdp import netns
-from flannel_xdp.lab import NetworkBackend, Node, traffic
+from flannel_xdp.backend import Backend
+from flannel_xdp.lab import Node, frames, traffic
 from flannel_xdp.lab.topology import link_index
+from flannel_xdp.loader import libbpf
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
-from flannel_xdp.loader.datapath import POD_INGRESS, UNDERLAY_TC, UNDERLAY_XDP
-from flannel_xdp.maps import libbpf
+from flannel_xdp.loader.programs import POD_INGRESS, UNDERLAY_TC, UNDERLAY_XDP
 
-from . import frames
 from .bpfprogs import EmptyPrograms
 from .livepps import RX_PORT, RX_SPORT, pod_frame, rx_frame, udp64
 from .variants import DEFAULT_HOOK, Bed
@@ -49,8 +49,6 @@ XDP_PASS, XDP_REDIRECT = 2, 4
 TC_ACT_OK, TC_ACT_REDIRECT = 0, 7
 SINGLE, REPEAT = "single", "repeat"
 FLOOR = "empty_xdp"
-KERNEL_JUDGE = "underlay_tc_kernel"  # underlay_tc as the kernel hook builds it
-FAST_PATH_BUILD = "underlay_tc_fast"  # ... and with the fast path
 TRIM = 0.05
 
 
@@ -130,12 +128,12 @@ class Programs:
             module = compile_program(name, params)
             self.stack.callback(module.cleanup)
             kind = BPF.XDP if hook == "xdp" else BPF.SCHED_CLS
-            fd = module.load_func(name.encode(), kind).fd
+            fd = module.load_func(params.program_name(name).encode(), kind).fd
         self._fds[key] = fd
         return fd
 
 
-def _pick(beds: list[Bed], backend: NetworkBackend) -> Bed | None:
+def _pick(beds: list[Bed], backend: Backend) -> Bed | None:
     """A flannel-xdp bed of this backend, the default hook's if it runs."""
     candidates = [b for b in beds if b.variant.is_xdp and b.variant.backend is backend]
     candidates.sort(key=lambda b: b.variant.hook is not DEFAULT_HOOK)
@@ -172,6 +170,11 @@ def confirm_flow(bed: Bed) -> None:
         rx_sock.recv(64)
 
 
+def build_name(fd: int) -> str:
+    """The kernel's name of the program: underlay_tc's builds each have their own."""
+    return libbpf.prog_info(fd).name.decode()
+
+
 def _case(
     name: str,
     node_ns: str,
@@ -204,8 +207,8 @@ def skb_ctx_on(ifindex: int) -> bytes:
 def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> list[CostCase]:
     """The cases the running variants allow: vxlan ones need a flannel-xdp vxlan bed,
     host-gw ones a flannel-xdp host-gw bed."""
-    vx = _pick(beds, NetworkBackend.VXLAN)
-    hg = _pick(beds, NetworkBackend.HOST_GW)
+    vx = _pick(beds, Backend.VXLAN)
+    hg = _pick(beds, Backend.HOST_GW)
     any_bed = vx or hg
     if any_bed is None:
         return []
@@ -243,7 +246,7 @@ def build_cases(beds: list[Bed], programs: Programs, empty: EmptyPrograms) -> li
                   "VXLAN, inner UDP 64 B: decap, redirect to flannel.1 ingress", typical=True),
             _case("underlay_tc/vxlan_decap_tcp_full", rx.netns, tc, decap_tcp, TC_ACT_REDIRECT,
                   "VXLAN, inner full-size TCP segment: decap, redirect"),
-            _case(f"{KERNEL_JUDGE}/vxlan_accept_udp64", rx.netns, judge, decap_udp, TC_ACT_OK,
+            _case(f"{build_name(judge)}/vxlan_accept_udp64", rx.netns, judge, decap_udp, TC_ACT_OK,
                   "kernel hook: VXLAN, inner UDP 64 B: judged, passed whole to the vxlan "
                   "device", repeat_ok=True, typical=True),
             _case("tunnel_egress/vxlan_encap_udp64", tx.netns, egress, encap_udp,
@@ -310,7 +313,7 @@ def _fast_path_cases(bed: Bed, programs: Programs) -> list[CostCase]:
     ports = hold_tcp_stream(bed, programs.stack)
     segment = _full_size_tcp(bed, partial=False, ttl=64, ports=ports)
     return [
-        _case(f"{FAST_PATH_BUILD}/{backend}_fast_udp64", rx.netns, deliver, rx_frame(bed),
+        _case(f"{build_name(deliver)}/{backend}_fast_udp64", rx.netns, deliver, rx_frame(bed),
               TC_ACT_REDIRECT, f"UDP fast path, receiving: {packet} of a conntrack-confirmed "
               "flow to a local pod: judged, conntrack and FIB lookups, "
               f"{'decap, ' if backend == 'vxlan' else ''}redirect into the pod's netns",
@@ -320,7 +323,7 @@ def _fast_path_cases(bed: Bed, programs: Programs) -> list[CostCase]:
               "conntrack-confirmed flow, at its veth end's ingress: pod, header, peer and "
               f"conntrack checks, MTU check, {'encap, ' if backend == 'vxlan' else ''}next hop, "
               "redirect", typical=typical, prepare=confirm, ctx=on_pod_veth),
-        _case(f"{FAST_PATH_BUILD}/{backend}_fast_tcp_full", rx.netns, deliver,
+        _case(f"{build_name(deliver)}/{backend}_fast_tcp_full", rx.netns, deliver,
               rx_frame(bed, segment),
               TC_ACT_REDIRECT, "TCP fast path, receiving: a full-size segment of an "
               f"established stream, {'VXLAN, ' if backend == 'vxlan' else ''}to a local pod"),

@@ -12,11 +12,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from flannel_xdp.lab import NetworkBackend
+from flannel_xdp.backend import Backend
 from flannel_xdp.loader.datapath import IngressHook
 
 from . import progcost
-from .runner import WORKLOADS, RawResults, Settings
+from .runner import WORKLOADS, BenchSettings, RawResults
 from .variants import (
     DEFAULT_HOOK,
     VARIANTS,
@@ -27,7 +27,7 @@ from .variants import (
 )
 
 SCHEMA = 1
-VXLAN, HOST_GW = NetworkBackend.VXLAN, NetworkBackend.HOST_GW
+VXLAN, HOST_GW = Backend.VXLAN, Backend.HOST_GW
 
 # --- medians ---------------------------------------------------------------------------------
 
@@ -76,10 +76,10 @@ class RatioDef:
     name: str
     workload: str
     metric: str
-    backend: NetworkBackend  # of the flannel-xdp variant (numerator)
-    baseline: NetworkBackend  # of the stock variant (denominator)
+    backend: Backend  # of the flannel-xdp variant (numerator)
+    baseline: Backend  # of the stock variant (denominator)
     higher_is_better: bool = True
-    headline: bool = True  # one of the named ratios
+    headline: bool = True  # one of the named ratios the report leads with
 
     def variants(self, hook: IngressHook | str) -> tuple[Variant, Variant]:
         if hook == FAST_PATH:
@@ -97,7 +97,7 @@ RATIOS: tuple[RatioDef, ...] = (
     RatioDef("hostgw_tcp_vs_kernel", "tcp1", "gbps", HOST_GW, HOST_GW),
     RatioDef("hostgw_udp64_pps_vs_kernel", "udp64", "delivered_pps", HOST_GW, HOST_GW),
     RatioDef("vxlan_tcp_vs_kernel_hostgw", "tcp1", "gbps", VXLAN, HOST_GW),
-    # beyond the list
+    # beyond the headline ratios
     RatioDef("hostgw_tcp4_vs_kernel", "tcp4", "gbps", HOST_GW, HOST_GW, headline=False),
     RatioDef(
         "hostgw_rx_pps_vs_kernel", "rx_pps", "delivered_pps", HOST_GW, HOST_GW, headline=False
@@ -128,7 +128,7 @@ RATIOS: tuple[RatioDef, ...] = (
 FAST_PATH = "fast"
 HOOKS: tuple[IngressHook | str, ...] = (*IngressHook, FAST_PATH)
 BEST_HOOK_RULE = (
-    "the hook with the highest geometric mean over the issue's named ratios that every "
+    "the hook with the highest geometric mean over the headline ratios that every "
     "hook has (latency ratios inverted, so higher is better throughout)"
 )
 
@@ -313,7 +313,7 @@ LIMITS = {
 
 def build_results(
     raw: RawResults,
-    settings: Settings,
+    settings: BenchSettings,
     machine: dict,
     ran: list[str],
     broken: dict[str, str],
@@ -360,7 +360,7 @@ def build_results(
             "medians": cost_med,
             "summary": cost,
         },
-        # The ratios for the default ingress hook (flannel_xdp.defaults.INGRESS_HOOK).
+        # The headline ratios for the default ingress hook (flannel_xdp.defaults.INGRESS_HOOK).
         "ratios": {**default, "prog_ns_vs_empty": prog},
         "ratios_hook": DEFAULT_HOOK.value,
         "ratios_by_hook": by_hook,
@@ -468,7 +468,7 @@ def render(results: dict) -> str:
             f"best hook: {best.get('hook')} ({scores}: geometric mean of the named ratios "
             "that every hook has, latency inverted)"
         )
-        out.append("* not among the issue's named ratios")
+        out.append("* not among the headline ratios")
     else:
         out += ["", "No ratios: no flannel-xdp variant ran beside its stock baseline."]
 

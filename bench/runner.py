@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Settings:
+class BenchSettings:
     reps: int = 3
     seconds: float = 4.0  # per TCP, UDP and latency measurement
     udp_senders: int = 2
@@ -39,7 +39,7 @@ class Settings:
     quick: bool = False
 
     @classmethod
-    def quick_settings(cls, **overrides) -> Settings:
+    def quick_settings(cls, **overrides) -> BenchSettings:
         base = dict(reps=1, seconds=1.0, live_frames=100_000, prog_calls=2_000, prog_repeat=100_000)
         base.update(overrides)
         return cls(quick=True, **base)
@@ -52,7 +52,7 @@ class Settings:
 class Workload:
     key: str
     title: str
-    run: Callable[[Bed, Settings, GeneratorCache], dict]
+    run: Callable[[Bed, BenchSettings, GeneratorCache], dict]
     warm_up: bool = True  # pods exchange a ping each way first (see workloads.warm_up)
 
 
@@ -119,7 +119,7 @@ def _headline(key: str, result: dict) -> str:
     return ""
 
 
-def run_workloads(beds: list[Bed], settings: Settings, raw: RawResults) -> None:
+def run_workloads(beds: list[Bed], settings: BenchSettings, raw: RawResults) -> None:
     selected = [w for w in WORKLOADS if not settings.workloads or w.key in settings.workloads]
     generators = GeneratorCache()
     try:
@@ -149,7 +149,7 @@ def run_workloads(beds: list[Bed], settings: Settings, raw: RawResults) -> None:
         generators.close()
 
 
-def run_progcost(beds: list[Bed], settings: Settings, raw: RawResults) -> None:
+def run_progcost(beds: list[Bed], settings: BenchSettings, raw: RawResults) -> None:
     with contextlib.ExitStack() as stack:
         empty = EmptyPrograms()
         stack.callback(empty.close)

@@ -1,8 +1,11 @@
 """The data paths the benchmark compares, and the testbed that holds one lab cluster each.
 
-Every variant is the lab's two-node cluster (one pod per node) with one data path:
-stock flannel (the kernel's vxlan device or host-gw routes, programmed exactly as
-flanneld programs them) or flannel-xdp with either ingress hook. All clusters are
+Every variant is a two-node lab cluster (one pod per node) with one data path:
+stock flannel, that is the real flanneld (``make peers``) in etcd mode on both nodes
+with pods from the real CNI chain (an AgentCluster of stock nodes, seen through
+FlanneldCluster), or flannel-xdp with either ingress hook (the lab's static Cluster,
+which programs the agents' maps from a plan, so that no registry work runs while a
+variant is measured). All clusters are
 built once, before the first measurement, and stay up until the end: the workloads
 then visit the variants interleaved (A, B, C, A, B, C, ...) without a rebuild between
 repetitions, so a slow phase of this noisy machine lands on every variant alike
@@ -18,20 +21,23 @@ import secrets
 import signal
 import subprocess
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from types import FrameType
 
 from flannel_xdp import defaults
+from flannel_xdp.backend import Backend
 from flannel_xdp.lab import (
     Cluster,
     ClusterSpec,
     Dataplane,
-    NetworkBackend,
     Node,
     Pod,
     process,
 )
+from flannel_xdp.lab.agentcluster import AgentCluster, AgentClusterSpec
 from flannel_xdp.lab.topology import UNDERLAY_IFNAME, link_index, link_mac
 from flannel_xdp.loader.datapath import IngressHook
+from flannel_xdp.node.conntrack import TCP_BE_LIBERAL
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Variant:
     name: str
-    backend: NetworkBackend
+    backend: Backend
     dataplane: Dataplane
     hook: IngressHook | None  # flannel-xdp only
     code: str  # short tag in lab names
@@ -85,15 +91,15 @@ class Variant:
 VARIANTS: tuple[Variant, ...] = (
     Variant(
         "stock-vxlan",
-        NetworkBackend.VXLAN,
+        Backend.VXLAN,
         Dataplane.FLANNELD,
         None,
         "sv",
-        "stock flannel vxlan: kernel vxlan device flannel.1, as flanneld programs it",
+        "stock flannel vxlan: flanneld's kernel vxlan device flannel.1",
     ),
     Variant(
         "xdp-vxlan",
-        NetworkBackend.VXLAN,
+        Backend.VXLAN,
         Dataplane.FLANNEL_XDP,
         IngressHook.XDP,
         "xv",
@@ -101,7 +107,7 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "xdp-vxlan-tc",
-        NetworkBackend.VXLAN,
+        Backend.VXLAN,
         Dataplane.FLANNEL_XDP,
         IngressHook.TC,
         "xvt",
@@ -109,7 +115,7 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "xdp-vxlan-kernel",
-        NetworkBackend.VXLAN,
+        Backend.VXLAN,
         Dataplane.FLANNEL_XDP,
         IngressHook.KERNEL,
         "xvk",
@@ -118,7 +124,7 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "xdp-vxlan-fast",
-        NetworkBackend.VXLAN,
+        Backend.VXLAN,
         Dataplane.FLANNEL_XDP,
         IngressHook.KERNEL,
         "xvf",
@@ -129,15 +135,15 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "stock-hostgw",
-        NetworkBackend.HOST_GW,
+        Backend.HOST_GW,
         Dataplane.FLANNELD,
         None,
         "sh",
-        "stock flannel host-gw: kernel routes via the peer's public IP",
+        "stock flannel host-gw: flanneld's kernel routes via the peer's public IP",
     ),
     Variant(
         "xdp-hostgw",
-        NetworkBackend.HOST_GW,
+        Backend.HOST_GW,
         Dataplane.FLANNEL_XDP,
         IngressHook.XDP,
         "xh",
@@ -145,7 +151,7 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "xdp-hostgw-tc",
-        NetworkBackend.HOST_GW,
+        Backend.HOST_GW,
         Dataplane.FLANNEL_XDP,
         IngressHook.TC,
         "xht",
@@ -153,7 +159,7 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "xdp-hostgw-fast",
-        NetworkBackend.HOST_GW,
+        Backend.HOST_GW,
         Dataplane.FLANNEL_XDP,
         IngressHook.TC,
         "xhf",
@@ -182,8 +188,8 @@ def select(names: list[str] | None) -> list[Variant]:
     return [v for v in VARIANTS if v.name in wanted]
 
 
-def flannel_xdp_variant(backend: NetworkBackend, hook: IngressHook) -> Variant:
-    if backend is NetworkBackend.HOST_GW and hook is IngressHook.KERNEL:
+def flannel_xdp_variant(backend: Backend, hook: IngressHook) -> Variant:
+    if backend is Backend.HOST_GW and hook is IngressHook.KERNEL:
         # host-gw has nothing to decapsulate: under the kernel hook its packets take
         # exactly the tc hook's path (the same underlay_tc verdict, tunnel_egress rewrite).
         hook = IngressHook.TC
@@ -193,7 +199,7 @@ def flannel_xdp_variant(backend: NetworkBackend, hook: IngressHook) -> Variant:
     raise KeyError(f"no flannel-xdp variant for {backend} with hook {hook}")
 
 
-def fast_path_variant(backend: NetworkBackend) -> Variant:
+def fast_path_variant(backend: Backend) -> Variant:
     """The fast path's variant of the backend (vxlan: kernel hook; host-gw: tc)."""
     for v in VARIANTS:
         if v.fast_path and v.backend is backend:
@@ -201,11 +207,71 @@ def fast_path_variant(backend: NetworkBackend) -> Variant:
     raise KeyError(f"no fast-path variant for {backend}")
 
 
-def stock_variant(backend: NetworkBackend) -> Variant:
+def stock_variant(backend: Backend) -> Variant:
     for v in VARIANTS:
         if not v.is_xdp and v.backend is backend:
             return v
     raise KeyError(f"no stock variant for {backend}")
+
+
+@dataclass(frozen=True)
+class FlanneldSpec:
+    """What the workloads read of a cluster's spec (topology.ClusterSpec's names)."""
+
+    prefix: str
+    backend: Backend
+    pod_mtu: int
+    vni: int = defaults.VXLAN_VNI
+    vxlan_port: int = defaults.VXLAN_PORT
+
+
+@dataclass(frozen=True)
+class FlanneldNode:
+    """A flanneld node as the workloads see a node (topology.Node's names)."""
+
+    index: int
+    netns: str
+    public_ip: IPv4Address
+    vtep_mac: str
+    pods: tuple[Pod, ...]
+    bpffs: str = ""
+
+
+class FlanneldCluster:
+    """A stock variant's cluster: two real flanneld nodes (AgentCluster, stock=2), with
+    the attributes the workloads use of topology.Cluster."""
+
+    def __init__(self, variant: Variant, name: str):
+        self.lab = AgentCluster(
+            AgentClusterSpec(
+                name=name, nodes=2, pods=1, stock=2, backend=variant.backend, outside=False
+            )
+        )
+        self.spec = FlanneldSpec(self.lab.prefix, variant.backend, 0)
+        self.nodes: list[FlanneldNode] = []
+
+    def up(self) -> None:
+        self.lab.up()
+        leases = self.lab.leases()
+        for n in self.lab.nodes:
+            assert n.subnet is not None and n.mtu is not None
+            # What the TCP fast path needs, on every variant: only the data paths differ.
+            process.run(n.netns, ["sysctl", "-qw", f"{TCP_BE_LIBERAL}=1"])
+            data = leases[f"{n.subnet.network_address}-{n.subnet.prefixlen}"].get("BackendData")
+            mac = data["VtepMAC"] if data else ""
+            self.nodes.append(FlanneldNode(n.index, n.netns, n.public_ip, mac, tuple(n.pods)))
+        mtu = self.lab.nodes[0].mtu
+        assert mtu is not None
+        self.spec = FlanneldSpec(self.lab.prefix, self.spec.backend, mtu)
+
+    def down(self) -> None:
+        self.lab.down()
+
+    def diagnostics(self) -> str:
+        return self.lab.diagnostics()
+
+    def counters(self, node: FlanneldNode):
+        raise RuntimeError(f"{node.netns} runs flanneld: it has no BPF counters")
 
 
 @dataclass
@@ -214,16 +280,16 @@ class Bed:
     pod on node 0 (sender) to the pod on node 1 (receiver)."""
 
     variant: Variant
-    cluster: Cluster
+    cluster: Cluster | FlanneldCluster
     underlay_macs: tuple[str, str] = ("", "")
     underlay_ifindexes: tuple[int, int] = (0, 0)
 
     @property
-    def sender_node(self) -> Node:
+    def sender_node(self) -> Node | FlanneldNode:
         return self.cluster.nodes[0]
 
     @property
-    def receiver_node(self) -> Node:
+    def receiver_node(self) -> Node | FlanneldNode:
         return self.cluster.nodes[1]
 
     @property
@@ -291,8 +357,11 @@ class Testbed:
 
     def _bring_up(self, variant: Variant) -> None:
         prefix = self.prefix + variant.code
-        cluster = Cluster(variant.spec(prefix))
-        log.info("bringing up %s (%s)", variant.name, prefix)
+        if variant.is_xdp:
+            cluster: Cluster | FlanneldCluster = Cluster(variant.spec(prefix))
+        else:  # the lab's names allow no "-": fxlab-b<run id><code>-...
+            cluster = FlanneldCluster(variant, f"b{self.run_id}{variant.code}")
+        log.info("bringing up %s (%s)", variant.name, cluster.spec.prefix)
         # Registered first: down() skips what does not exist, so an interrupt at any
         # point of up() still has everything removed.
         self._stack.callback(self._tear_down, variant, cluster)
@@ -327,7 +396,7 @@ class Testbed:
             process.run(src.netns, ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", str(dst.ip)])
 
     @staticmethod
-    def _tear_down(variant: Variant, cluster: Cluster) -> None:
+    def _tear_down(variant: Variant, cluster: Cluster | FlanneldCluster) -> None:
         log.info("tearing down %s (%s)", variant.name, cluster.spec.prefix)
         try:
             cluster.down()

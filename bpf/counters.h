@@ -3,6 +3,8 @@
 #ifndef FXDP_COUNTERS_H
 #define FXDP_COUNTERS_H
 
+#include "maps.h"
+
 static __always_inline void count_slot(void *map_lookup_result, __u64 bytes)
 {
 	struct counter *c = map_lookup_result;

@@ -8,8 +8,13 @@
 #include <uapi/linux/tcp.h>
 #include <uapi/linux/udp.h>
 
+#include "parse.h"
+
 #define CSUM_CHUNK		256	/* bytes per bpf_csum_diff call */
 #define CSUM_MAX_CHUNKS		16	/* covers any frame XDP sees without frags */
+/* csum_bytes() sums what is left after whole chunks in steps of 128 bytes down to 1. */
+_Static_assert(CSUM_CHUNK == 256, "csum_bytes()'s steps cover CSUM_CHUNK - 1 bytes");
+_Static_assert((CSUM_MAX_CHUNKS & (CSUM_MAX_CHUNKS - 1)) == 0, "chunk counts are masked");
 
 static __always_inline __u16 csum_fold32(__u64 sum)
 {

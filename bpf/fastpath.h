@@ -49,14 +49,21 @@
 #ifndef FXDP_FASTPATH_H
 #define FXDP_FASTPATH_H
 
-#include "parse.h"
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "counters.h"
 #include "csum.h"
-#include "underlay.h"
+#include "hash.h"
 #include "kfuncs.h"
+#include "maps.h"
+#include "parse.h"
 #include "send.h"
+#include "underlay.h"
 
 #define FLOW_CACHE_NS		1000000ULL	/* 1 ms */
 #define FLOW_CACHE_SLOTS	1024		/* a power of two */
+_Static_assert((FLOW_CACHE_SLOTS & (FLOW_CACHE_SLOTS - 1)) == 0, "slots are masked, not divided");
 
 /* A flow as one place sees it: the question a decision answers. */
 struct fast_flow_key {
@@ -312,7 +319,7 @@ static __always_inline int fast_send(struct __sk_buff *skb, const struct node_co
 		hop = f->hop;
 		peer = f->peer;
 	} else {
-		struct subnet_key dst = { .prefixlen = 32, .addr = key.daddr };
+		struct subnet_key dst = { .prefixlen = IPV4_ADDR_BITS, .addr = key.daddr };
 		struct bpf_fib_lookup fib = {};
 		struct remote_subnet *found;
 		struct local_pod *pod;

@@ -7,9 +7,12 @@
 #ifndef FXDP_FIB_H
 #define FXDP_FIB_H
 
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
 #include <uapi/linux/pkt_cls.h>
 
 #include "hash.h"
+#include "parse.h"
 
 /* bcc 0.26 declares this helper with an outdated prototype; use the kernel's. */
 #define fxdp_redirect_neigh \
@@ -27,6 +30,7 @@
  */
 #define FIB_CACHE_NS		1000000ULL	/* 1 ms */
 #define FIB_CACHE_SLOTS		1024		/* a power of two */
+_Static_assert((FIB_CACHE_SLOTS & (FIB_CACHE_SLOTS - 1)) == 0, "slots are masked, not divided");
 
 /* Where a routed frame goes: the device and the Ethernet addresses to send it with. */
 struct next_hop {

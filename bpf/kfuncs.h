@@ -12,6 +12,8 @@
 #error "compile with loader.kfunc.kfunc_cflags()"
 #endif
 
+#include <uapi/linux/bpf.h>
+
 /* struct bpf_ct_opts as the kernel first defined it (6.0); later kernels take it too. */
 struct fxdp_ct_opts {
 	__s32 netns_id;

@@ -9,6 +9,8 @@
 #include <uapi/linux/udp.h>
 #include <uapi/linux/tcp.h>
 
+#include "types.h"
+
 #define IPV4_HLEN	((int)sizeof(struct iphdr))	/* without options */
 #define UDP_HLEN	((int)sizeof(struct udphdr))
 #define TCP_HLEN	((int)sizeof(struct tcphdr))	/* without options */
@@ -18,6 +20,7 @@
 #define VXLAN_ENCAP_LEN	(ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN)
 #define IP_FRAG_MASK	0x3fff			/* MF flag and fragment offset */
 #define IP_DF		0x4000
+#define IPV4_MAX_LEN	0xffff			/* tot_len is 16 bits */
 #define IPV4_IHL_BYTES_MASK	0x3c		/* ihl * 4 is at most 60: bounds a header's length */
 #ifndef AF_INET
 #define AF_INET		2			/* bpf_fib_lookup's family (linux/socket.h) */

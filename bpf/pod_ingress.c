@@ -11,7 +11,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
-#include "layout.h"
+#include "maps.h"
 #include "parse.h"
 #include "counters.h"
 #include "fastpath.h"

@@ -9,7 +9,12 @@
 #ifndef FXDP_SEND_H
 #define FXDP_SEND_H
 
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "counters.h"
 #include "fib.h"
+#include "maps.h"
 #include "vxlan.h"
 
 /*

@@ -10,7 +10,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
-#include "layout.h"
+#include "maps.h"
 #include "parse.h"
 #include "counters.h"
 #include "csum.h"
@@ -27,7 +27,7 @@ int tunnel_egress(struct __sk_buff *skb)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
-	struct subnet_key key = { .prefixlen = 32 };
+	struct subnet_key key = { .prefixlen = IPV4_ADDR_BITS };
 	struct remote_subnet peer, *found;
 	struct node_config *cfg;
 	struct iphdr *ip;

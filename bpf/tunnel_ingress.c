@@ -14,7 +14,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
-#include "layout.h"
+#include "maps.h"
 #include "parse.h"
 #include "counters.h"
 #include "csum.h"

@@ -7,8 +7,9 @@
 #ifndef FXDP_UNDERLAY_H
 #define FXDP_UNDERLAY_H
 
-#include "parse.h"
 #include "counters.h"
+#include "maps.h"
+#include "parse.h"
 #include "vxlan.h"
 
 enum underlay_action {
@@ -23,9 +24,9 @@ static __always_inline int in_own_subnet(const struct node_config *cfg, __be32 a
 	__u32 plen = cfg->subnet_prefixlen;
 	__be32 mask;
 
-	if (plen == 0 || plen > 32)
+	if (plen == 0 || plen > IPV4_ADDR_BITS)
 		return 0;
-	mask = bpf_htonl(~0U << (32 - plen));
+	mask = bpf_htonl(~0U << (IPV4_ADDR_BITS - plen));
 	return (addr & mask) == cfg->subnet_addr;
 }
 
@@ -33,7 +34,7 @@ static __always_inline int in_own_subnet(const struct node_config *cfg, __be32 a
 static __always_inline int is_host_gw_delivery(const struct node_config *cfg,
 					       const struct iphdr *ip)
 {
-	struct subnet_key key = { .prefixlen = 32, .addr = ip->saddr };
+	struct subnet_key key = { .prefixlen = IPV4_ADDR_BITS, .addr = ip->saddr };
 	struct remote_subnet *src;
 
 	if (!in_own_subnet(cfg, ip->daddr))

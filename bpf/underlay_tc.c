@@ -26,7 +26,7 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
-#include "layout.h"
+#include "maps.h"
 #include "parse.h"
 #include "counters.h"
 #include "csum.h"
@@ -44,7 +44,12 @@
 #define UNDERLAY_PULL_LEN	UNDERLAY_PARSE_LEN
 #endif
 
-int underlay_tc(struct __sk_buff *skb)
+/* Each build has a name of its own in the kernel (loader/compile.py names them). */
+#ifndef FXDP_PROG_NAME
+#error "FXDP_PROG_NAME (this build's name) must be defined"
+#endif
+
+int FXDP_PROG_NAME(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;

@@ -8,7 +8,7 @@
  */
 #include <uapi/linux/bpf.h>
 
-#include "layout.h"
+#include "maps.h"
 #include "parse.h"
 #include "counters.h"
 #include "csum.h"

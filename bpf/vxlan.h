@@ -5,7 +5,10 @@
 
 #include <uapi/linux/pkt_cls.h>
 
+#include "counters.h"
 #include "hash.h"
+#include "maps.h"
+#include "parse.h"
 
 /* Outer TTL: ip_default_ttl, which a vxlan device with ttl 0 inherits. */
 #define VXLAN_OUTER_TTL		64
@@ -42,7 +45,7 @@ static __always_inline __u8 vxlan_outer_ecn(__u8 inner_tos)
  */
 static __always_inline int vxlan_source_reason(__be32 outer_src, __be32 inner_src)
 {
-	struct subnet_key key = { .prefixlen = 32, .addr = inner_src };
+	struct subnet_key key = { .prefixlen = IPV4_ADDR_BITS, .addr = inner_src };
 	struct remote_subnet *owner = subnets.lookup(&key);
 
 	if (!owner)
@@ -106,7 +109,7 @@ static __always_inline int vxlan_encap(struct __sk_buff *skb, const struct node_
 	sport = vxlan_source_port(inner_flow_hash(data + ETH_HLEN, data_end));
 
 	outer_len = skb->len - ETH_HLEN + grow;
-	if (outer_len > 0xffff)
+	if (outer_len > IPV4_MAX_LEN)
 		return DROP_TOO_BIG;
 	if (bpf_skb_adjust_room(skb, grow, BPF_ADJ_ROOM_MAC, flags))
 		return DROP_ENCAP_FAILED;

@@ -19,7 +19,7 @@ from enum import StrEnum
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from flannel_xdp.maps import libbpf
+from flannel_xdp.loader import libbpf
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from flannel_xdp import defaults
+from flannel_xdp.bpf import source_dir
+from flannel_xdp.loader.libbpf import PROG_NAME_MAX
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +24,6 @@ _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 class CompileError(RuntimeError):
     """A program in bpf/ failed to compile or load."""
-
-
-def bpf_source_dir() -> Path:
-    return Path(str(resources.files("flannel_xdp.bpf")))
 
 
 def expand_includes(path: Path, seen: set[Path] | None = None) -> str:
@@ -50,7 +47,7 @@ def expand_includes(path: Path, seen: set[Path] | None = None) -> str:
 
 @dataclass(frozen=True)
 class BuildParams:
-    """The -D parameters a program is compiled with (see bpf/layout.h)."""
+    """The -D parameters a program is compiled with (see bpf/maps.h)."""
 
     maps_dir: str
     max_subnets: int = defaults.MAX_SUBNETS
@@ -75,18 +72,39 @@ class BuildParams:
             flags += ["-DFXDP_FAST_PATH", *kfunc_cflags()]
         return flags
 
+    def program_name(self, source: str) -> str:
+        """The name of this build of bpf/<source>.c: its entry function, which the kernel
+        and `bpftool prog show` name it by (and its tc filter's name). underlay_tc.c is
+        built four ways, each under a name of its own: "kd" where the kernel's vxlan
+        device decapsulates (the kernel hook), "fp" with the fast path."""
+        if source != UNDERLAY_TC_SOURCE:
+            return source
+        name = "underlay_kd" if self.kernel_decap else "underlay_tc"
+        return f"{name}_fp" if self.udp_fast_path else name
+
+
+UNDERLAY_TC_SOURCE = "underlay_tc"
+
 
 def compile_program(source: str, params: BuildParams):
-    """Compile bpf/<source>.c; returns the bcc.BPF module (maps created or reused pinned)."""
+    """Compile bpf/<source>.c; returns the bcc.BPF module (maps created or reused pinned),
+    whose entry function is params.program_name(source)."""
+    path = source_dir() / f"{source}.c"
+    if not path.is_file():
+        raise CompileError(f"no BPF program {source!r} at {path}")
+    return compile_file(path, params, params.program_name(source))
+
+
+def compile_file(path: Path, params: BuildParams, name: str):
+    """Compile the C file at path as a build named name (see BuildParams.program_name)."""
     from bcc import (
         BPF,
     )  # Debian's python3-bpfcc; imported late so pure-Python tools work without it
 
-    path = bpf_source_dir() / f"{source}.c"
-    if not path.is_file():
-        raise CompileError(f"no BPF program {source!r} at {path}")
+    if len(name) > PROG_NAME_MAX:
+        raise CompileError(f"program name {name!r} is longer than the kernel keeps")
     text = expand_includes(path)
     try:
-        return BPF(text=text.encode(), cflags=params.cflags())
+        return BPF(text=text.encode(), cflags=[*params.cflags(), f"-DFXDP_PROG_NAME={name}"])
     except Exception as exc:  # bcc raises bare Exception; compiler output went to stderr
         raise CompileError(f"bcc failed to compile {path}: {exc}") from exc

@@ -7,47 +7,33 @@ leaves no pin and no device behind that was not there before.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
-
-from pyroute2 import IPRoute
+from typing import Any
 
 from flannel_xdp import defaults
-from flannel_xdp.loader import attach, devices, kfunc
+from flannel_xdp.loader import attach, devices, kfunc, libbpf, map_upgrades, pod_ports
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
-from flannel_xdp.maps import libbpf
-from flannel_xdp.maps.views import (
-    LocalPodsMap,
-    NodeConfigMap,
-    NodeSettings,
-    PinnedMap,
-    ReasonsMap,
-    SubnetsMap,
-    TrafficMap,
+from flannel_xdp.loader.programs import (
+    KFUNC_USERS,
+    POD_INGRESS,
+    TUNNEL_EGRESS,
+    TUNNEL_INGRESS,
+    UNDERLAY_TC,
+    UNDERLAY_XDP,
+    Program,
 )
+from flannel_xdp.maps.views import NodeConfigMap, NodeSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Program:
-    name: str  # function in bpf/<name>.c, program name in the kernel and pin name
-    hook: str  # "xdp" or "tc"
-    direction: str = ""  # tc only
-
-
-TUNNEL_EGRESS = Program("tunnel_egress", "tc", "egress")
-UNDERLAY_XDP = Program("underlay_xdp", "xdp")
-UNDERLAY_TC = Program("underlay_tc", "tc", "ingress")
-TUNNEL_INGRESS = Program("tunnel_ingress", "tc", "ingress")  # kernel hook: on flannel.<VNI>
-POD_INGRESS = Program("pod_ingress", "tc", "ingress")  # the fast path: on pods' veth ends
-# Programs that call conntrack's kfuncs (bpf/kfuncs.h): loaded by loader/kfunc.py.
-KFUNC_USERS = (UNDERLAY_TC, POD_INGRESS)
 
 
 class IngressHook(StrEnum):
@@ -70,11 +56,6 @@ class IngressHook(StrEnum):
     def tunnel_kind(self) -> devices.TunnelKind:
         return devices.TunnelKind.VXLAN if self is IngressHook.KERNEL else devices.TunnelKind.VETH
 
-
-# Where a subnets map of another size waits while its replacement is filled, and maps of
-# another layout while the new programs are loaded (in the pin root).
-RESIZE_DIR = "resizing"
-STALE_MAPS_DIR = "stale-maps"
 
 UNDERLAY_PROGRAM = {
     IngressHook.XDP: UNDERLAY_XDP,
@@ -115,6 +96,19 @@ class NodeParams:
     vni: int = defaults.VXLAN_VNI
     vxlan_port: int = defaults.VXLAN_PORT
 
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if k in ("public_ip", "subnet") else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> NodeParams:
+        return cls(
+            public_ip=IPv4Address(raw["public_ip"]),
+            subnet=IPv4Network(raw["subnet"]),
+            vtep_mac=raw["vtep_mac"],
+            vni=int(raw["vni"]),
+            vxlan_port=int(raw["vxlan_port"]),
+        )
+
 
 @dataclass(frozen=True)
 class DataPathConfig:
@@ -130,6 +124,40 @@ class DataPathConfig:
     def __post_init__(self) -> None:
         if self.tcp_fast_path and not self.udp_fast_path:
             raise ValueError("the TCP fast path is part of the UDP fast path's build")
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        raw["xdp_mode"], raw["ingress_hook"] = self.xdp_mode.value, self.ingress_hook.value
+        return raw
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DataPathConfig:
+        return cls(
+            underlay=raw["underlay"],
+            bpffs=raw["bpffs"],
+            max_subnets=int(raw["max_subnets"]),
+            xdp_mode=attach.XdpMode(raw["xdp_mode"]),
+            ingress_hook=IngressHook(raw["ingress_hook"]),
+            tunnel_mtu=raw["tunnel_mtu"],
+            udp_fast_path=bool(raw.get("udp_fast_path", False)),
+            tcp_fast_path=bool(raw.get("tcp_fast_path", False)),
+        )
+
+
+@dataclass(frozen=True)
+class InstallRequest:
+    """What `python -m flannel_xdp.loader install` reads on stdin: one install() call."""
+
+    config: DataPathConfig
+    node: NodeParams
+
+    def to_json(self) -> str:
+        return json.dumps({"config": self.config.to_dict(), "node": self.node.to_dict()})
+
+    @classmethod
+    def from_json(cls, text: str) -> InstallRequest:
+        raw = json.loads(text)
+        return cls(DataPathConfig.from_dict(raw["config"]), NodeParams.from_dict(raw["node"]))
 
 
 @dataclass
@@ -149,46 +177,78 @@ def _pin_replacing(fd: int, path: str) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _exclusive(pins: PinDir) -> Iterator[None]:
+    """One install at a time per pin directory. An agent killed while its loader child
+    installs leaves that child running to its end; the next agent's install waits for
+    it instead of racing it (both setting maps aside and swapping pins)."""
+    fd = os.open(pins.root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another install under %s is running: waiting for it", pins.root)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     """Create or adopt the tunnel device, load, attach and pin both programs."""
-    from bcc import BPF
-
     underlay_ifindex = devices.require_ifindex(cfg.underlay)
     tunnel_mtu = cfg.tunnel_mtu or devices.link_mtu(cfg.underlay) - defaults.VXLAN_OVERHEAD
     pins = PinDir(cfg.bpffs)
-    fresh = not os.path.isdir(pins.maps)
     pins.ensure()
+    with _exclusive(pins):
+        # Under the lock: an install that ran meanwhile may have made the first pins.
+        fresh = not os.listdir(pins.maps) and not os.listdir(pins.progs)
+        map_upgrades.recover_interrupted(pins)
+        return _install(cfg, node, pins, underlay_ifindex, tunnel_mtu, fresh)
+
+
+def _install(
+    cfg: DataPathConfig,
+    node: NodeParams,
+    pins: PinDir,
+    underlay_ifindex: int,
+    tunnel_mtu: int,
+    fresh: bool,
+) -> InstalledDataPath:
+    from bcc import BPF
+
     params = BuildParams(
         maps_dir=pins.maps,
         max_subnets=cfg.max_subnets,
         kernel_decap=cfg.ingress_hook is IngressHook.KERNEL,
         udp_fast_path=cfg.udp_fast_path,
     )
-    resized = _set_aside_resized_subnets(pins, cfg.max_subnets)
-    stale = _set_aside_stale_maps(pins)
+    resized = map_upgrades.set_aside_resized_subnets(pins, cfg.max_subnets)
+    stale = map_upgrades.set_aside_stale_maps(pins)
 
     kinds = {"xdp": BPF.XDP, "tc": BPF.SCHED_CLS}
     progs = programs(cfg.ingress_hook, cfg.udp_fast_path)
-    modules, fds = [], {}
+    modules, fds, names = [], {}, {}
     own_fds: list[int] = []  # loaded outside bcc: closed here, not by module.cleanup()
     try:
         for prog in progs:
             module = compile_program(prog.name, params)
             modules.append(module)
+            names[prog.name] = params.program_name(prog.name)
             if params.udp_fast_path and prog in KFUNC_USERS:
-                fds[prog.name] = kfunc.load(module, prog.name, kinds[prog.hook])
+                fds[prog.name] = kfunc.load(module, names[prog.name], kinds[prog.hook])
                 own_fds.append(fds[prog.name])
             else:
-                fds[prog.name] = module.load_func(prog.name.encode(), kinds[prog.hook]).fd
+                fds[prog.name] = module.load_func(names[prog.name].encode(), kinds[prog.hook]).fd
         if resized:
-            _copy_subnets(resized, pins.maps)
+            map_upgrades.copy_subnets(resized, pins.maps)
     except Exception:
         for fd in own_fds:
             os.close(fd)
         if resized:
-            _put_back_subnets(resized, pins.maps)
+            map_upgrades.put_back_subnets(resized, pins.maps)
         if stale:
-            _put_back(stale, pins)
+            map_upgrades.put_back_stale_maps(stale, pins)
         if fresh:
             pins.remove()
         raise
@@ -212,7 +272,8 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
         tcp_fast_path=cfg.tcp_fast_path,
     )
     with NodeConfigMap(pins.maps) as node_config:
-        node_config.write(settings)
+        if node_config.read() != settings:  # the programs attached read it
+            node_config.write(settings)
 
     attach.attach_tc(
         tunnel.name, TUNNEL_EGRESS.direction, fds[TUNNEL_EGRESS.name], TUNNEL_EGRESS.name
@@ -222,22 +283,22 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
         attach.attach_tc(
             tunnel.name, TUNNEL_INGRESS.direction, fds[TUNNEL_INGRESS.name], TUNNEL_INGRESS.name
         )
-    mode = _attach_underlay(cfg, fds)
+    mode = _attach_underlay(cfg, fds, names)
     if POD_INGRESS in progs:
         # The pods' veth ends that run an older build get this one; the agent attaches
         # it to the others as it finds their pods (agent/local_pods.py).
-        _move_pod_ports(pins, fds[POD_INGRESS.name])
+        pod_ports.move_pod_ports(pins, fds[POD_INGRESS.name])
     else:
-        detach_pod_ports(pins.root)
+        pod_ports.detach_pod_ports(pins.root)
     for prog in progs:
         _pin_replacing(fds[prog.name], pins.prog(prog.name))
     for prog in {*UNDERLAY_PROGRAM.values(), TUNNEL_INGRESS, POD_INGRESS}:
         if prog not in progs and os.path.exists(pins.prog(prog.name)):
             os.unlink(pins.prog(prog.name))
     if resized:  # the old programs, and with them the last users of the old map, are gone
-        _drop_set_aside(resized)
+        map_upgrades.drop_set_aside(resized)
     if stale:
-        _drop_stale_maps(stale, pins)
+        map_upgrades.drop_stale_maps(stale, pins)
     log.info(
         "data path installed: underlay %s (%s), tunnel %s, pins under %s",
         cfg.underlay,
@@ -254,212 +315,32 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
     )
 
 
-def _set_aside_resized_subnets(pins: PinDir, max_subnets: int) -> str | None:
-    """Move a pinned subnets map of another size than max_subnets out of bcc's way.
-
-    bcc reuses a pinned map whatever its max_entries, so a restart with another
-    --max-subnets would silently keep the old capacity. Set aside (renamed, still pinned,
-    still used by the attached programs), it is replaced by a map of the asked size;
-    its entries are copied over before the new programs are attached."""
-    if not os.path.exists(os.path.join(pins.maps, SubnetsMap.name)):
-        return None
-    with SubnetsMap(pins.maps) as old:
-        if old.max_entries == max_subnets:
-            return None
-        held = sum(1 for _ in old.iter_keys())
-        if held > max_subnets:
-            raise RuntimeError(
-                f"--max-subnets {max_subnets} is below the {held} remote subnets the "
-                f"pinned map {old.path} holds; raise it (or `flannel-xdp teardown` first)"
-            )
-        log.info(
-            "subnets map: max_entries %d -> %d (--max-subnets); copying its %d entries",
-            old.max_entries,
-            max_subnets,
-            held,
-        )
-    aside = os.path.join(pins.root, RESIZE_DIR)
-    os.makedirs(aside, mode=0o700, exist_ok=True)
-    os.rename(os.path.join(pins.maps, SubnetsMap.name), os.path.join(aside, SubnetsMap.name))
-    return aside
-
-
-def _copy_subnets(aside: str, maps_dir: str) -> None:
-    with SubnetsMap(aside) as old, SubnetsMap(maps_dir) as new:
-        new.apply(old.peers().values())
-
-
-def _put_back_subnets(aside: str, maps_dir: str) -> None:
-    os.replace(os.path.join(aside, SubnetsMap.name), os.path.join(maps_dir, SubnetsMap.name))
-    os.rmdir(aside)
-
-
-def _drop_set_aside(aside: str) -> None:
-    os.unlink(os.path.join(aside, SubnetsMap.name))
-    os.rmdir(aside)
-
-
-# Maps whose contents the agent makes anew (the node's config at install, the pods every
-# scan, the counters from zero), so that a map of another layout can simply be replaced.
-REBUILT_MAPS: tuple[type[PinnedMap], ...] = (NodeConfigMap, LocalPodsMap, TrafficMap, ReasonsMap)
-
-
-def _set_aside_stale_maps(pins: PinDir) -> list[str]:
-    """Move pinned maps that another version made with another layout (see REBUILT_MAPS)
-    out of bcc's way: it would reuse them, and the programs would not load, or their
-    counts be read under other labels. The new programs get new, empty maps; the agent
-    fills them. Returns the names moved."""
-    stale = []
-    for view in REBUILT_MAPS:
-        path = os.path.join(pins.maps, view.name)
-        if not os.path.exists(path):
-            continue
-        fd = libbpf.obj_get(path)
-        try:
-            why = view.mismatch(libbpf.map_info(fd))
-        finally:
-            os.close(fd)
-        if why:
-            log.info("%s map pinned by another version (%s): starting it anew", view.name, why)
-            stale.append(view.name)
-    if stale:
-        aside = os.path.join(pins.root, STALE_MAPS_DIR)
-        os.makedirs(aside, mode=0o700, exist_ok=True)
-        for name in stale:
-            os.rename(os.path.join(pins.maps, name), os.path.join(aside, name))
-    return stale
-
-
-def _put_back(stale: list[str], pins: PinDir) -> None:
-    aside = os.path.join(pins.root, STALE_MAPS_DIR)
-    for name in stale:
-        os.replace(os.path.join(aside, name), os.path.join(pins.maps, name))
-    os.rmdir(aside)
-
-
-def _drop_stale_maps(stale: list[str], pins: PinDir) -> None:
-    aside = os.path.join(pins.root, STALE_MAPS_DIR)
-    for name in stale:
-        os.unlink(os.path.join(aside, name))
-    os.rmdir(aside)
-
-
-def _attach_underlay(cfg: DataPathConfig, fds: dict[str, int]) -> attach.XdpMode | None:
+def _attach_underlay(
+    cfg: DataPathConfig, fds: dict[str, int], names: dict[str, str]
+) -> attach.XdpMode | None:
     """Attach the chosen ingress program, then remove the other one: both run for a
     moment rather than neither, so a switch of hook loses no packet."""
     if cfg.ingress_hook == IngressHook.XDP:
         mode = attach.attach_xdp(cfg.underlay, fds[UNDERLAY_XDP.name], cfg.xdp_mode)
         attach.detach_tc(cfg.underlay, UNDERLAY_TC.direction)
         return mode
-    attach.attach_tc(cfg.underlay, UNDERLAY_TC.direction, fds[UNDERLAY_TC.name], UNDERLAY_TC.name)
+    attach.attach_tc(
+        cfg.underlay, UNDERLAY_TC.direction, fds[UNDERLAY_TC.name], names[UNDERLAY_TC.name]
+    )
     attach.detach_xdp(cfg.underlay)
     return None
-
-
-def _runs_pod_ingress(index: int) -> bool:
-    return POD_INGRESS.name in attach.tcx_programs(index, POD_INGRESS.direction)
-
-
-def _interfaces() -> list[tuple[int, str]]:
-    """(ifindex, name) of every interface in this netns."""
-    with IPRoute() as ipr:
-        return [(link["index"], link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()]
-
-
-def pod_ports_attached() -> list[str]:
-    """The interfaces (pods' veth ends) whose tcx ingress runs our pod_ingress."""
-    return [name for index, name in _interfaces() if _runs_pod_ingress(index)]
-
-
-def _pod_link_pins(pins: PinDir) -> list[str]:
-    if not os.path.isdir(pins.links):
-        return []
-    prefix = f"{POD_INGRESS.name}@"
-    return [pins.link(n) for n in sorted(os.listdir(pins.links)) if n.startswith(prefix)]
-
-
-def _attach_pod_link(pins: PinDir, prog_fd: int, index: int) -> bool:
-    """Through a tcx link pinned as links/pod_ingress@<ifindex> (a clsact qdisc would
-    drop what the port sends while it is added); False when the port is gone."""
-    pin = pins.link(f"{POD_INGRESS.name}@{index}")
-    try:
-        attach.attach_tcx(index, POD_INGRESS.direction, prog_fd, POD_INGRESS.name, pin)
-    except attach.NoSuchInterface:
-        return False
-    return True
-
-
-def _forget_gone_pod_links(pins: PinDir) -> None:
-    """Unpin the links of veth ends that are gone (their pods were deleted)."""
-    for pin in _pod_link_pins(pins):
-        fd = libbpf.obj_get(pin)
-        try:
-            gone = libbpf.link_info(fd).tcx_ifindex == 0
-        finally:
-            os.close(fd)
-        if gone:
-            os.unlink(pin)
-
-
-def ensure_pod_ports(bpffs: str, ports: Iterable[str]) -> list[str]:
-    """Attach the pinned pod_ingress to those of ports that lack it; the ones it attached."""
-    pins = PinDir(bpffs)
-    _forget_gone_pod_links(pins)
-    with IPRoute() as ipr:
-        indexes = {p: found[0] for p in ports if (found := ipr.link_lookup(ifname=p))}
-    missing = {p: index for p, index in indexes.items() if not _runs_pod_ingress(index)}
-    if not missing:
-        return []
-    fd = libbpf.obj_get(pins.prog(POD_INGRESS.name))
-    try:
-        return [p for p, index in missing.items() if _attach_pod_link(pins, fd, index)]
-    finally:
-        os.close(fd)
-
-
-def _move_pod_ports(pins: PinDir, prog_fd: int) -> None:
-    """Give the pods' veth ends that run an older build this one: each tcx link swaps
-    its program; a veth end that an older release attached through a tc filter moves
-    to a tcx link."""
-    _forget_gone_pod_links(pins)
-    for pin in _pod_link_pins(pins):
-        fd = libbpf.obj_get(pin)
-        try:
-            libbpf.link_update(fd, prog_fd)
-        finally:
-            os.close(fd)
-    for index, port in _tc_pod_ports():
-        if _attach_pod_link(pins, prog_fd, index):
-            attach.detach_tc(port, POD_INGRESS.direction)
-
-
-def _tc_pod_ports() -> list[tuple[int, str]]:
-    """(ifindex, name) of the interfaces where an older release attached pod_ingress as a
-    tc filter."""
-    return [
-        (index, name)
-        for index, name in _interfaces()
-        if attach.tc_filter_name(name, POD_INGRESS.direction) == POD_INGRESS.name
-    ]
-
-
-def detach_pod_ports(bpffs: str) -> None:
-    """Take our program off every pod's veth end that runs it."""
-    for pin in _pod_link_pins(PinDir(bpffs)):
-        os.unlink(pin)  # the link's last reference: the program is detached
-    for _, port in _tc_pod_ports():
-        attach.detach_tc(port, POD_INGRESS.direction)
 
 
 def uninstall(bpffs: str, underlay: str | None, vni: int = defaults.VXLAN_VNI) -> None:
     """Detach everything, delete the tunnel device and unpin; safe to repeat."""
     tunnel, _ = devices.tunnel_names(vni)
-    detach_pod_ports(bpffs)
+    pod_ports.detach_pod_ports(bpffs)
     if underlay:
         attach.detach_xdp(underlay)
         attach.detach_tc(underlay, UNDERLAY_TC.direction)
     attach.detach_tc(tunnel, TUNNEL_EGRESS.direction)
     attach.detach_tc(tunnel, TUNNEL_INGRESS.direction)
     devices.remove_tunnel(vni)
+    map_upgrades.drop_leftovers(PinDir(bpffs))
     PinDir(bpffs).remove()
     log.info("data path removed (bpffs %s)", bpffs)

@@ -27,6 +27,8 @@ from flannel_xdp import defaults
 
 log = logging.getLogger(__name__)
 
+IFF_UP = 0x1
+
 # Keep encapsulated GSO packets within IPv4's 64 KiB even after the 50-byte outer headers.
 TUNNEL_GSO_MAX_SIZE = 65536 - 2 * defaults.VXLAN_OVERHEAD
 
@@ -50,10 +52,8 @@ class TunnelDevice:
 
 
 def tunnel_names(vni: int) -> tuple[str, str]:
-    return (
-        defaults.TUNNEL_DEVICE_FORMAT.format(vni=vni),
-        defaults.TUNNEL_PEER_FORMAT.format(vni=vni),
-    )
+    """The tunnel device and its BPF-side veth peer (the XDP hook's)."""
+    return defaults.tunnel_device(vni), defaults.TUNNEL_PEER_FORMAT.format(vni=vni)
 
 
 def ifindex(ipr: IPRoute, name: str) -> int | None:
@@ -91,6 +91,16 @@ def _tunnel_kind(ipr: IPRoute, idx: int) -> tuple[TunnelKind, int] | None:
         if data is not None and data.get_attr("IFLA_VXLAN_COLLECT_METADATA"):
             return TunnelKind.VXLAN, data.get_attr("IFLA_VXLAN_PORT")
     return None
+
+
+def _is_flanneld_vxlan(ipr: IPRoute, idx: int) -> bool:
+    """flanneld's flannel.<VNI>: a kernel vxlan device with a VNI and its own forwarding
+    table (not external)."""
+    info = _link_info(ipr, idx)
+    if not info or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+        return False
+    data = info.get_attr("IFLA_INFO_DATA")
+    return data is not None and not data.get_attr("IFLA_VXLAN_COLLECT_METADATA")
 
 
 def _sysctl(path: str, value: str) -> None:
@@ -136,13 +146,20 @@ def ensure_tunnel(
         idx = ifindex(ipr, name)
         if idx is not None:
             found = _tunnel_kind(ipr, idx)
-            if found is None:
+            if found is None and _is_flanneld_vxlan(ipr, idx):
+                # A node moving over from flanneld: its device goes, ours takes its name
+                # (the agent keeps its VtepMAC), and the routes flanneld hung on it are
+                # put back by the agent's reconciler.
+                log.warning("replacing flanneld's vxlan device %s by a %s tunnel", name, kind)
+                ipr.link("del", index=idx)
+                idx = None
+            elif found is None:
                 raise DeviceError(
                     f"{name} exists but is not a flannel-xdp tunnel (kind {_link_kind(ipr, idx)}): "
                     "is flanneld running here?"
                 )
-            found_kind, found_port = found
-            if found_kind is not kind or (kind is TunnelKind.VXLAN and found_port != port):
+            elif found[0] is not kind or (kind is TunnelKind.VXLAN and found[1] != port):
+                found_kind, found_port = found
                 log.warning(
                     "replacing tunnel device %s (%s, port %s) by a %s on port %s",
                     name, found_kind, found_port, kind, port,
@@ -163,22 +180,34 @@ def ensure_tunnel(
         # neighbours (NETDEV_CHANGEADDR), permanent ones included: an adopting restart
         # would leave every peer without its neighbour until the agent re-adds it, and
         # packets to the peers would queue for ARP and overflow. Only set a new MAC.
-        settings = {"mtu": mtu, "gso_max_size": TUNNEL_GSO_MAX_SIZE}
-        current = ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS") or ""
+        # An adopted device already carries traffic: only what differs is set.
+        link = ipr.get_links(idx)[0]
+        want = {"mtu": mtu, "gso_max_size": TUNNEL_GSO_MAX_SIZE}
+        settings = {k: v for k, v in want.items() if link.get_attr(f"IFLA_{k.upper()}") != v}
+        current = link.get_attr("IFLA_ADDRESS") or ""
         if current.lower() != vtep_mac.lower():
             settings["address"] = vtep_mac
         try:
-            ipr.link("set", index=idx, **settings)
+            if settings:
+                ipr.link("set", index=idx, **settings)
             if peer_idx is not None:
-                ipr.link("set", index=peer_idx, mtu=mtu)
-                ipr.link("set", index=peer_idx, state="up")
-            ipr.link("set", index=idx, state="up")
+                _set_up(ipr, peer_idx, mtu)
+            _set_up(ipr, idx)
         except NetlinkError as exc:
             raise DeviceError(f"cannot configure tunnel device {name}: {exc}") from exc
     if kind is TunnelKind.VXLAN:
         return TunnelDevice(name=name, ifindex=idx, kind=kind)
     _enable_gro(name)
     return TunnelDevice(name=name, ifindex=idx, kind=kind, peer_name=peer, peer_ifindex=peer_idx)
+
+
+def _set_up(ipr: IPRoute, idx: int, mtu: int | None = None) -> None:
+    """Bring idx up (with mtu), unless it is so already."""
+    link = ipr.get_links(idx)[0]
+    if mtu is not None and link.get_attr("IFLA_MTU") != mtu:
+        ipr.link("set", index=idx, mtu=mtu)
+    if not link["flags"] & IFF_UP:
+        ipr.link("set", index=idx, state="up")
 
 
 def _enable_gro(name: str) -> None:

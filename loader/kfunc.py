@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from flannel_xdp.maps import libbpf
+from flannel_xdp.loader import libbpf
 
 from . import btf
 

@@ -1,6 +1,6 @@
-"""Python views of the layouts in bpf/layout.h.
+"""Python views of the layouts shared with bpf/ (its types header).
 
-The enums are read from the header itself, so they cannot drift; the ctypes
+The enums are read from the header itself (flannel_xdp.bpf), so they cannot drift; the ctypes
 structs are written out (bcc is not needed to read pinned maps) and a test
 checks every field offset and size against the layout bcc compiles.
 """
@@ -9,49 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import re
-from functools import cache
 
-from flannel_xdp.loader.compile import bpf_source_dir
+from flannel_xdp.backend import Backend
+from flannel_xdp.bpf import c_enums
 
 ETH_ALEN = 6
-LAYOUT_HEADER = "layout.h"
-
-_ENUM = re.compile(r"enum\s+(\w+)\s*\{(.*?)\};", re.S)
-_MEMBER = re.compile(r"^\s*(\w+)\s*(?:=\s*(\d+))?\s*,?", re.M)
-
-
-def _strip_comments(text: str) -> str:
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    return re.sub(r"//[^\n]*", "", text)
-
-
-@cache
-def c_enums() -> dict[str, dict[str, int]]:
-    """Every enum of bpf/layout.h as {enum name: {member: value}}."""
-    text = _strip_comments((bpf_source_dir() / LAYOUT_HEADER).read_text())
-    enums: dict[str, dict[str, int]] = {}
-    for name, body in _ENUM.findall(text):
-        members: dict[str, int] = {}
-        value = -1
-        for member, explicit in _MEMBER.findall(body):
-            value = int(explicit) if explicit else value + 1
-            members[member] = value
-        enums[name] = members
-    return enums
-
-
-@cache
-def c_define(header: str, name: str) -> int:
-    """The integer value of `#define name` in bpf/<header> (e.g. a time window that a
-    test must wait out), so that it is written once, in C."""
-    text = _strip_comments((bpf_source_dir() / header).read_text())
-    found = re.search(
-        rf"^#define\s+{re.escape(name)}\s+\(?(0x[0-9a-fA-F]+|\d+)[uUlL]*\)?\s*$", text, re.M
-    )
-    if not found:
-        raise LookupError(f"no integer #define {name} in bpf/{header}")
-    return int(found.group(1), 0)
 
 
 def _make_enum(c_name: str, prefix: str) -> type[enum.IntEnum]:
@@ -61,7 +23,7 @@ def _make_enum(c_name: str, prefix: str) -> type[enum.IntEnum]:
     return enum.IntEnum(c_name.title().replace("_", ""), members)
 
 
-Backend = _make_enum("backend", "BACKEND_")
+BackendCode = _make_enum("backend", "BACKEND_")
 Direction = _make_enum("direction", "DIR_")
 Reason = _make_enum("reason", "")
 FastFlag = _make_enum("fast_flag", "FAST_")
@@ -70,8 +32,21 @@ BACKEND_MAX = c_enums()["backend"]["BACKEND_MAX"]
 DIRECTION_MAX = c_enums()["direction"]["DIR_MAX"]
 REASON_MAX = c_enums()["reason"]["REASON_MAX"]
 
-# Labels as exported (metrics, inspect): lower case, '-' for host-gw.
-BACKEND_LABELS = {Backend.NONE: "none", Backend.VXLAN: "vxlan", Backend.HOST_GW: "host-gw"}
+# A backend's code in the maps; BackendCode.NONE counts traffic that is no peer's.
+BACKEND_CODES = {Backend.VXLAN: BackendCode.VXLAN, Backend.HOST_GW: BackendCode.HOST_GW}
+
+
+def backend_of(code: int) -> Backend:
+    """The backend a map entry's code names; ValueError for NONE or an unknown code."""
+    for backend, c in BACKEND_CODES.items():
+        if c == code:
+            return backend
+    raise ValueError(f"backend code {code} names no backend")
+
+
+def backend_label(code: int) -> str:
+    """The metrics' backend label of a counter slot: the backend, or "none"."""
+    return "none" if code == BackendCode.NONE else str(backend_of(code))
 
 
 def reason_verdict(reason: int) -> str:

@@ -11,9 +11,10 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, TypeVar
 
+from flannel_xdp.backend import Backend
+from flannel_xdp.mac import format_mac, parse_mac
 from flannel_xdp.maps import layout, libbpf
 from flannel_xdp.maps.layout import (
-    Backend,
     Counter,
     FastFlag,
     LocalPodEntry,
@@ -38,18 +39,7 @@ class CapacityError(RuntimeError):
 
 
 class LayoutMismatch(RuntimeError):
-    """A pinned map's key or value size differs from bpf/layout.h as we know it."""
-
-
-def parse_mac(mac: str) -> bytes:
-    parts = mac.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"not a MAC address: {mac!r}")
-    return bytes(int(p, 16) for p in parts)
-
-
-def format_mac(raw: Iterable[int]) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
+    """A pinned map's key or value size differs from bpf/types.h as we know it."""
 
 
 @dataclass(frozen=True, order=True)
@@ -68,7 +58,7 @@ class Peer:
         v = RemoteSubnet()
         v.public_ip[:] = self.public_ip.packed
         v.vtep_mac[:] = parse_mac(self.vtep_mac)
-        v.backend = int(self.backend)
+        v.backend = layout.BACKEND_CODES[self.backend]
         return v
 
 
@@ -79,12 +69,16 @@ def subnet_key(subnet: IPv4Network) -> SubnetKey:
     return k
 
 
-def peer_from_entry(key: SubnetKey, value: RemoteSubnet) -> Peer:
-    subnet = IPv4Network((bytes(key.addr), key.prefixlen))
+def peer_from_entry(key: SubnetKey, value: RemoteSubnet) -> Peer | None:
+    """The peer an entry describes; None when its backend code names no backend."""
+    try:
+        backend = layout.backend_of(value.backend)
+    except ValueError:
+        return None
     return Peer(
-        subnet=subnet,
+        subnet=IPv4Network((bytes(key.addr), key.prefixlen)),
         public_ip=IPv4Address(bytes(value.public_ip)),
-        backend=Backend(value.backend),
+        backend=backend,
         vtep_mac=format_mac(value.vtep_mac),
     )
 
@@ -205,9 +199,16 @@ def diff_entries(want: dict[K, V], have: dict[K, V]) -> tuple[list[V], list[K], 
 class SubnetsMap(PinnedMap):
     name = "subnets"
 
+    def entries(self) -> dict[IPv4Network, Peer | None]:
+        """Every entry; None for one whose backend code names no backend (no agent writes
+        such an entry: it is replaced or removed like any other that is not wanted)."""
+        return {
+            IPv4Network((bytes(key.addr), key.prefixlen)): peer_from_entry(key, value)
+            for key, value in self.items()
+        }
+
     def peers(self) -> dict[IPv4Network, Peer]:
-        peers = (peer_from_entry(key, value) for key, value in self.items())
-        return {peer.subnet: peer for peer in peers}
+        return {s: p for s, p in self.entries().items() if p is not None}
 
     def apply(self, desired: Iterable[Peer], batch: int = DEFAULT_BATCH) -> ApplyResult:
         """Make the map hold exactly desired: upserts first, then removals."""
@@ -217,7 +218,7 @@ class SubnetsMap(PinnedMap):
                 f"{len(want)} remote subnets do not fit {self.path} "
                 f"(max_entries {self.max_entries}); nothing applied"
             )
-        upserts, removals, result = diff_entries(want, self.peers())
+        upserts, removals, result = diff_entries(want, self.entries())
         for i in range(0, len(upserts), batch):
             self._update(upserts[i : i + batch])
         for i in range(0, len(removals), batch):
@@ -325,7 +326,7 @@ class NodeConfigMap(PinnedMap):
 
 class CounterMap(PinnedMap):
     """A per-CPU array of struct counter: values are summed over CPUs on read. A map
-    with another number of slots was made by a build with other labels (layout.h's
+    with another number of slots was made by a build with other labels (types.h's
     enums): reading it would put its counts under the wrong ones."""
 
     slots: int = 0
@@ -355,7 +356,7 @@ class TrafficMap(CounterMap):
         out = {}
         for slot, total in enumerate(self.totals()):
             backend, direction = divmod(slot, layout.DIRECTION_MAX)
-            label = layout.BACKEND_LABELS[layout.Backend(backend)]
+            label = layout.backend_label(backend)
             out[(label, layout.Direction(direction).name.lower())] = total
         return out
 
@@ -370,6 +371,6 @@ class ReasonsMap(CounterMap):
             backend, reason = divmod(slot, layout.REASON_MAX)
             if reason == layout.Reason.REASON_NONE:
                 continue
-            label = layout.BACKEND_LABELS[layout.Backend(backend)]
+            label = layout.backend_label(backend)
             out[(label, layout.Reason(reason).name)] = total
         return out

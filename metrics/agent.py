@@ -1,22 +1,22 @@
-"""Prometheus metrics of the agent's control plane, computed at scrape time from its stats."""
+"""Prometheus metrics of the agent's control plane, computed at scrape time.
+
+The HTTP server's thread calls a function for a ControlPlane: an immutable snapshot the
+agent assembles from what its loop published, so a scrape never walks a dict that the
+loop is changing."""
 
 from __future__ import annotations
 
 import platform
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from flannel_xdp.metrics.datapath import PREFIX, DataPathCollector
-
-if TYPE_CHECKING:
-    from flannel_xdp.agent.agent import Agent
 
 SYNC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -28,28 +28,43 @@ def version() -> str:
         return "unknown"
 
 
+@dataclass(frozen=True)
+class ControlPlane:
+    """What the agent's control plane has done, as of one moment."""
+
+    leases_by_backend: Mapping[str, int] = field(default_factory=dict)
+    ignored: int = 0
+    events: int = 0
+    event_errors: int = 0
+    registry_errors: int = 0
+    subnets_wanted: int = 0
+    capacity_refusals: int = 0
+    registry_up: bool = False
+    ready: bool = False
+    tcp_fast_path: bool = False
+    last_sync: float = 0.0  # Unix time; 0: never
+    lease_expiry: float = 0.0  # Unix time
+    ingress_hook: str = ""
+
+
 class AgentCollector(Collector):
-    def __init__(self, agent: Agent):
-        self.agent = agent
+    def __init__(self, status: Callable[[], ControlPlane]):
+        self.status = status
 
     def collect(self) -> Iterator[Metric]:
-        a, s = self.agent, self.agent.stats
+        s = self.status()
         leases = GaugeMetricFamily(
             PREFIX + "leases",
             "Remote leases programmed into the data path, by backend.",
             labels=["backend"],
         )
-        by_backend = Counter(
-            "host-gw" if p.backend.name == "HOST_GW" else p.backend.name.lower()
-            for p in a.programmed.values()
-        )
         for backend in ("vxlan", "host-gw"):
-            leases.add_metric([backend], by_backend.get(backend, 0))
+            leases.add_metric([backend], s.leases_by_backend.get(backend, 0))
         yield leases
         yield GaugeMetricFamily(
             PREFIX + "leases_ignored",
             "Leases in the registry that this node cannot use (refused, each subnet once).",
-            value=len(a.ignored),
+            value=s.ignored,
         )
         yield CounterMetricFamily(
             PREFIX + "registry_events", "Lease events received from the registry.", value=s.events
@@ -77,11 +92,9 @@ class AgentCollector(Collector):
             value=s.capacity_refusals,
         )
         yield GaugeMetricFamily(
-            PREFIX + "registry_up", "1 while the registry answers.", value=int(s.registry_ok)
+            PREFIX + "registry_up", "1 while the registry answers.", value=int(s.registry_up)
         )
-        yield GaugeMetricFamily(
-            PREFIX + "ready", "1 once ready (see /readyz).", value=int(a.is_ready())
-        )
+        yield GaugeMetricFamily(PREFIX + "ready", "1 once ready (see /readyz).", value=int(s.ready))
         yield GaugeMetricFamily(
             PREFIX + "tcp_fast_path",
             "1 while TCP takes the fast path (--tcp-fast-path, and conntrack leaves TCP "
@@ -103,17 +116,17 @@ class AgentCollector(Collector):
             "Version and kernel; always 1.",
             labels=["version", "kernel", "ingress_hook"],
         )
-        info.add_metric([version(), platform.release(), a.ingress_hook.value], 1)
+        info.add_metric([version(), platform.release(), s.ingress_hook], 1)
         yield info
 
 
 class AgentMetrics:
     """The agent's registry: data path counters, control plane figures, sync timings."""
 
-    def __init__(self, agent: Agent, maps_dir: str):
+    def __init__(self, status: Callable[[], ControlPlane], maps_dir: str):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DataPathCollector(maps_dir))
-        self.registry.register(AgentCollector(agent))
+        self.registry.register(AgentCollector(status))
         self.sync_seconds = Histogram(
             PREFIX + "map_sync_seconds",
             "Time to bring maps and routes in line with the registry (full syncs and events).",
@@ -121,6 +134,9 @@ class AgentMetrics:
             buckets=SYNC_BUCKETS,
             registry=self.registry,
         )
+
+    def observe_sync(self, kind: str, seconds: float) -> None:
+        self.sync_seconds.labels(kind).observe(seconds)
 
     def serve(self, addr: str, port: int) -> None:
         start_http_server(port, addr=addr, registry=self.registry)

@@ -3,7 +3,7 @@
 No polling loop: every scrape opens the pinned counter maps, sums the per-CPU
 values and closes them again, so the figures are exactly what the programs
 counted at that moment. Names: prefix flannel_xdp_, counters end in _total,
-labels backend / direction / reason (bpf/layout.h is where they come from).
+labels backend / direction / reason (bpf/types.h is where they come from).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "flannel_xdp_"
 # Unclassified underlay traffic carries backend "none" in the maps.
-_CLASSIFIED = {label for b, label in layout.BACKEND_LABELS.items() if b != layout.Backend.NONE}
+_CLASSIFIED = {str(b) for b in layout.BACKEND_CODES}
 
 
 class DataPathCollector(Collector):

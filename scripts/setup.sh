@@ -60,16 +60,25 @@ link_kernel_headers() {
   log "linked $mod/build -> $build"
 }
 
+package_files() {
+  # Every file the package is made of (pyproject.toml's package-dir folders).
+  find core agent bench bpf cli lab loader maps metrics node registry \
+    \( -name '*.py' -o -name '*.c' -o -name '*.h' \) 2>/dev/null | sort || true
+}
+
 make_venv() {
   local stamp=.venv/.setup-stamp
   local want
-  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+  # Strict editable mode links each module file into build/: a module added or
+  # removed needs a reinstall, so the list of files is part of the stamp.
+  want=$( { cat pyproject.toml constraints.txt; package_files; } | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/flannel-xdp ]; then
     return 0
   fi
   log "creating venv .venv (system python, for bcc)"
   [ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv
-  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt \
+    --config-settings editable_mode=strict -e '.[dev]'
   .venv/bin/python -c 'import bcc, pyroute2, prometheus_client' \
     || { echo "setup: venv cannot import bcc/pyroute2/prometheus_client" >&2; exit 1; }
   echo "$want" >"$stamp"

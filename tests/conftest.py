@@ -1,4 +1,4 @@
-"""Shared fixtures and hooks for the tests that build lab clusters."""
+"""Shared fixtures and hooks: the test tiers, and the lab clusters' diagnostics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,26 @@ from tests.requirements import require_root_and_bcc
 
 # Everything the lab and the traffic tests run (iproute2, util-linux, bpftool, iputils, iperf3).
 LAB_TOOLS = ("ip", "nsenter", "bpftool", "ethtool", "ping", "iperf3", "ss")
+
+# Each test belongs to exactly one tier (declared in pyproject.toml), so that `make unit`
+# (-m unit) and the other selections together run every test once.
+TIERS = ("unit", "bpf", "etcd", "lab", "peers", "kube")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problems = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            have = ", ".join(tiers) if tiers else "none"
+            problems.append(f"  {item.nodeid}: {have}")
+    if problems:
+        raise pytest.UsageError(
+            f"every test needs exactly one tier marker of {', '.join(TIERS)} "
+            "(a module-level `pytestmark = pytest.mark.<tier>`, or one mark per test); "
+            "these have none or several:\n" + "\n".join(problems)
+        )
 
 
 @pytest.fixture(scope="session")

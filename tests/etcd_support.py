@@ -1,4 +1,5 @@
-"""A real etcd (Debian's /usr/bin/etcd, 3.4) for the registry tests.
+"""A real etcd (Debian's /usr/bin/etcd, 3.4) for the registry tests, on top of the
+project's one etcd runner (flannel_xdp.lab.etcd).
 
 ``etcd_cluster()`` starts one member (or a 3-member cluster, for failover) on free
 loopback ports with its data under a fresh temporary directory (on /dev/shm when
@@ -7,10 +8,9 @@ there is one: etcd fsyncs every write), waits until every member answers
 directory afterwards, also when the test or the start-up failed. Each member
 can also listen on a unix socket, reachable from any network namespace.
 
-Members are started under `setpriv --pdeathsig KILL`, so even a killed pytest leaves
-no etcd behind. (Not with a preexec_fn: that makes subprocess fork() a process in
-which gRPC runs, and gRPC's fork handlers can abort the child before it execs.)
-Nothing here needs root; missing binaries fail the test (never skip).
+What is here is for tests only: failing (never skipping) with the reason, and reading
+and writing keys with etcdctl rather than with the code under test. The members die
+with pytest (``setpriv --pdeathsig KILL``). Nothing here needs root.
 """
 
 from __future__ import annotations
@@ -20,22 +20,26 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
-from flannel_xdp.agent.registry import Endpoint, EtcdRegistry, parse_endpoints
-from flannel_xdp.lab.etcd import ETCD, ETCDCTL, member_argv
+from flannel_xdp.lab.etcd import (
+    ETCD,
+    ETCDCTL,
+    EtcdError,
+    EtcdServer,
+    ServerTls,
+    free_ports,
+    start_cluster,
+)
+from flannel_xdp.registry.etcd import Endpoint, EtcdRegistry, parse_endpoints
 
-START_TIMEOUT = 15.0
+__all__ = ["EtcdCluster", "etcd_cluster", "free_ports", "require_etcd", "require_root"]
 
 
 def require_etcd() -> None:
@@ -53,136 +57,12 @@ def require_root(why: str) -> None:
         pytest.fail(f"this test needs root ({why}): run it as root")
 
 
-def free_ports(count: int) -> list[int]:
-    """count distinct free TCP ports on 127.0.0.1 (held open together while chosen)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def die_with_parent(argv: list[str]) -> list[str]:
-    """argv, killed when the process that started it dies (setpriv, where there is one)."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
-
-
-@dataclass
-class EtcdMember:
-    name: str
-    client_port: int
-    peer_port: int
-    workdir: str  # etcd's cwd: the unix socket file is created here
-    unix_socket: bool
-    proc: subprocess.Popen | None = None
-    log_path: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
-
-    @property
-    def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
-
-    @property
-    def socket_path(self) -> str:
-        """etcd names the socket file after the URL's host:port, in its cwd."""
-        return os.path.join(self.workdir, f"etcd.sock:{self.client_port}")
-
-    @property
-    def unix_url(self) -> str:
-        return f"unix://{self.socket_path}"
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, initial_cluster: str, token: str) -> None:
-        os.makedirs(self.workdir, exist_ok=True)
-        argv = member_argv(
-            self.name,
-            self.workdir,
-            self.client_port,
-            self.peer_port,
-            initial_cluster,
-            unix_socket=self.unix_socket,
-            token=token,
-        )
-        self.log_path = os.path.join(self.workdir, "etcd.log")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                die_with_parent(argv),
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def stop(self, sig: int = signal.SIGKILL) -> None:
-        """Stop the member (SIGKILL by default: a crash, not a goodbye)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def pause(self) -> None:
-        """SIGSTOP: the member hangs with its sockets open (no error reaches a client)."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-        deadline = time.monotonic() + 5
-        while not self._all_threads_stopped():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"etcd member {self.name} did not stop on SIGSTOP")
-            time.sleep(0.005)
-
-    def _all_threads_stopped(self) -> bool:
-        assert self.proc is not None
-        task_dir = f"/proc/{self.proc.pid}/task"
-        for tid in os.listdir(task_dir):
-            try:
-                with open(f"{task_dir}/{tid}/stat") as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
-            except FileNotFoundError:
-                continue
-            if state not in ("T", "t"):
-                return False
-        return True
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=0.5) as resp:
-                return json.loads(resp.read()).get("health") == "true"
-        except (OSError, ValueError):
-            return False
-
-    def log_tail(self, lines: int = 12, width: int = 400) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(line[:width].rstrip() + "\n" for line in f.readlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
 @dataclass
 class EtcdCluster:
-    members: list[EtcdMember]
+    members: list[EtcdServer]
     tmpdir: str
     prefixes: list[str] = field(default_factory=list)
+    tls: ServerTls | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -202,8 +82,12 @@ class EtcdCluster:
     def etcdctl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         """Run etcdctl (API v3) against the running members; its stdout."""
         urls = ",".join(m.url for m in self.members if m.running)
+        tls = []
+        if self.tls is not None:
+            t = self.tls
+            tls = [f"--cacert={t.ca}", f"--cert={t.client_cert}", f"--key={t.client_key}"]
         result = subprocess.run(
-            [ETCDCTL, f"--endpoints={urls}", "--command-timeout=5s", *args],
+            [ETCDCTL, f"--endpoints={urls}", "--command-timeout=5s", *tls, *args],
             env={**os.environ, "ETCDCTL_API": "3"},
             input=input,
             capture_output=True,
@@ -264,27 +148,6 @@ class EtcdCluster:
         self.prefixes.append(prefix)
         return prefix
 
-    def wait_healthy(self, members: list[EtcdMember], timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        pending = list(members)
-        while pending:
-            for m in list(pending):
-                if not m.running:
-                    pytest.fail(
-                        f"etcd member {m.name} exited with {m.proc.returncode if m.proc else '?'} "
-                        f"during start-up; its log:\n{m.log_tail()}"
-                    )
-                if m.healthy():
-                    pending.remove(m)
-            if pending and time.monotonic() > deadline:
-                tails = "\n".join(f"--- {m.name}:\n{m.log_tail()}" for m in pending)
-                pytest.fail(
-                    f"etcd members {[m.name for m in pending]} not healthy in "
-                    f"{timeout:.0f} s:\n{tails}"
-                )
-            if pending:
-                time.sleep(0.05)
-
     def close(self) -> None:
         for m in self.members:
             with contextlib.suppress(Exception):
@@ -296,47 +159,23 @@ def _tmp_root() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
-def _start_cluster(size: int, unix_socket: bool) -> EtcdCluster | None:
-    """A healthy cluster; None when a chosen port was taken meanwhile (try again)."""
-    tmpdir = tempfile.mkdtemp(prefix="fxdp-etcd-", dir=_tmp_root())
-    ports = free_ports(2 * size)
-    members = [
-        EtcdMember(
-            name=f"m{i}",
-            client_port=ports[2 * i],
-            peer_port=ports[2 * i + 1],
-            workdir=os.path.join(tmpdir, f"m{i}"),
-            unix_socket=unix_socket,
-        )
-        for i in range(size)
-    ]
-    cluster = EtcdCluster(members=members, tmpdir=tmpdir)
-    try:
-        initial = ",".join(f"{m.name}={m.peer_url}" for m in members)
-        token = f"fxdp-test-{uuid.uuid4().hex[:8]}"
-        for m in members:
-            m.start(initial, token)
-        cluster.wait_healthy(members)
-        return cluster
-    except BaseException:  # pytest.fail is a BaseException too
-        clash = any("address already in use" in m.log_tail(200) for m in members)
-        cluster.close()
-        if clash:
-            return None
-        raise
-
-
 @contextlib.contextmanager
-def etcd_cluster(size: int = 1, unix_socket: bool = False) -> Iterator[EtcdCluster]:
-    """size etcd members on 127.0.0.1 (free ports), healthy; removed afterwards, always."""
+def etcd_cluster(
+    size: int = 1, unix_socket: bool = False, tls: ServerTls | None = None
+) -> Iterator[EtcdCluster]:
+    """size etcd members on 127.0.0.1 (free ports), healthy; removed afterwards, always.
+    tls: clients must speak TLS with a certificate from tls.ca."""
     require_etcd()
-    cluster = None
-    for _ in range(3):
-        cluster = _start_cluster(size, unix_socket)
-        if cluster is not None:
-            break
-    if cluster is None:
-        pytest.fail("etcd: the free ports chosen were taken by someone else, three times")
+    tmpdir = tempfile.mkdtemp(prefix="fxdp-etcd-", dir=_tmp_root())
+    try:
+        members = start_cluster(size, tmpdir, unix_socket=unix_socket, tls=tls)
+    except EtcdError as exc:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        pytest.fail(str(exc))
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    cluster = EtcdCluster(members=members, tmpdir=tmpdir, tls=tls)
     try:
         yield cluster
     finally:

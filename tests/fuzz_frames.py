@@ -19,8 +19,20 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from itertools import islice
 
-from flannel_xdp.maps.layout import Backend
-from flannel_xdp.maps.views import Peer, parse_mac
+from flannel_xdp.backend import Backend
+from flannel_xdp.lab.frames import (
+    ETH_P_8021AD,
+    ETH_P_8021Q,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    eth,
+    ipv4,
+    l4_csum,
+    pseudo_sum,
+    vxlan_udp,
+)
+from flannel_xdp.mac import parse_mac
 from tests.packet_support import (
     OWN_IP,
     OWN_SUBNET,
@@ -31,7 +43,6 @@ from tests.packet_support import (
     VNI,
     RemotePeer,
 )
-from tests.reference_classifier import ones_sum
 
 # Below what a test run holds in one linear buffer: an XDP test run puts bytes beyond 3520
 # into fragments even for a program without BPF_F_XDP_HAS_FRAGS (which no device would run,
@@ -67,9 +78,7 @@ EXTRA_PEERS = (
     ),
 )
 # An entry no agent writes (backend none): tunnel_egress must still drop it as no route.
-NONE_BACKEND_PEER = RemotePeer(
-    "Z", IPv4Network("198.18.10.0/24"), IPv4Address("192.0.2.2"), Backend.NONE
-)
+NONE_BACKEND_PEER = RemotePeer("Z", IPv4Network("198.18.10.0/24"), IPv4Address("192.0.2.2"), None)
 
 
 @dataclass(frozen=True)
@@ -95,8 +104,8 @@ class Scenario:
             vtep_mac=self.vtep_mac,
         )
 
-    def table(self) -> list[Peer]:
-        return [p.peer() for p in self.peers]
+    def table(self) -> list[RemotePeer]:
+        return list(self.peers)
 
 
 SCENARIOS = (
@@ -121,50 +130,8 @@ SCENARIOS = (
 
 # --- building blocks -----------------------------------------------------------------------------
 
-ETH_P_IP, ETH_P_ARP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x0806, 0x86DD, 0x8100, 0x88A8
 ODD_ETHERTYPES = (0x0000, 0x0001, 0x05DC, 0x0600, 0x0806, 0x0842, 0x86DD, 0x8847, 0x88CC, 0xFFFF)
 PROTOS = (6, 17, 1, 47, 0, 255)  # TCP, UDP, ICMP, GRE, and two odd ones
-
-
-def csum16(data: bytes) -> bytes:
-    return (~ones_sum(data) & 0xFFFF).to_bytes(2, "big")
-
-
-def ipv4(
-    src: bytes,
-    dst: bytes,
-    payload: bytes,
-    proto: int,
-    *,
-    tos: int = 0,
-    ident: int = 0,
-    frag: int = 0x4000,
-    ttl: int = 64,
-    options: bytes = b"",
-    ihl: int | None = None,
-    version: int = 4,
-    tot_len: int | None = None,
-) -> bytes:
-    hlen = 20 + len(options)
-    ihl = hlen // 4 if ihl is None else ihl
-    tot_len = hlen + len(payload) if tot_len is None else tot_len
-    hdr = (
-        struct.pack(
-            "!BBHHHBBH", (version << 4) | ihl, tos, tot_len & 0xFFFF, ident, frag, ttl, proto, 0
-        )
-        + src
-        + dst
-        + options
-    )
-    return hdr[:10] + csum16(hdr) + hdr[12:] + payload
-
-
-def l4_checksum(src: bytes, dst: bytes, proto: int, l4: bytes) -> int:
-    return ~ones_sum(src + dst + struct.pack("!HH", proto, len(l4)) + l4) & 0xFFFF
-
-
-def eth(dst: bytes, src: bytes, ethertype: int) -> bytes:
-    return dst + src + ethertype.to_bytes(2, "big")
 
 
 class FrameMaker:
@@ -253,11 +220,11 @@ class FrameMaker:
             return data
         r = rng.random()
         if r < 0.45:
-            value = l4_checksum(src, dst, proto, seg)
+            value = l4_csum(src, dst, proto, seg)
             if proto == 17 and value == 0:
                 value = 0xFFFF
         elif r < 0.8:
-            value = ones_sum(src + dst + struct.pack("!HH", proto, len(seg)))
+            value = pseudo_sum(src, dst, proto, len(seg))
         elif r < 0.9:
             value = 0
         else:
@@ -267,7 +234,7 @@ class FrameMaker:
     def ip_packet(self, src: bytes, dst: bytes, big: bool = False, **kw) -> bytes:
         proto = self.rng.choice(PROTOS) if self.rng.random() < 0.3 else self.rng.choice((6, 17))
         tos = self.rng.randrange(256) if self.rng.random() < 0.3 else 0
-        return ipv4(src, dst, self.l4(src, dst, proto, big), proto, tos=tos, **kw)
+        return ipv4(src, dst, proto, self.l4(src, dst, proto, big), tos=tos, **kw)
 
     # --- underlay frames
 
@@ -287,12 +254,15 @@ class FrameMaker:
     ) -> bytes:
         inner = eth(inner_dst or self.own_vtep, inner_src, inner_type) + inner_ip
         vni = self.s.vni if vni is None else vni
-        vx = bytes((flags, 0, 0, 0)) + vni.to_bytes(3, "big") + b"\0"
         sport = self.rng.randrange(32768, 61000)
-        udp = struct.pack(
-            "!HHHH", sport, self.s.port if dport is None else dport, 16 + len(inner), 0
+        port = self.s.port if dport is None else dport
+        outer = ipv4(
+            outer_src,
+            outer_dst or self.own_ip,
+            17,
+            vxlan_udp(sport, port, vni, inner, flags),
+            **outer_kw,
         )
-        outer = ipv4(outer_src, outer_dst or self.own_ip, udp + vx + inner, 17, **outer_kw)
         return eth(self.underlay_mac, b"\x02\x00\x00\x00\x00\x02", ETH_P_IP) + outer
 
     def valid_vxlan(self, big: bool = False) -> bytes:
@@ -304,11 +274,11 @@ class FrameMaker:
         if rng.random() < 0.1:  # inner options and fragments are the stack's business
             inner_kw["options"] = rng.randbytes(4 * rng.randrange(1, 11))
         if rng.random() < 0.1:
-            inner_kw["frag"] = rng.randrange(65536)
+            inner_kw["flags_frag"] = rng.randrange(65536)
         inner_ip = self.ip_packet(self.pod_of(peer), self.own_pod(), big, **inner_kw)
         if rng.random() < 0.05:  # trailing bytes beyond tot_len
             inner_ip += rng.randbytes(rng.randrange(1, 40))
-        outer_kw = {"frag": rng.choice((0x4000, 0x0000, 0x8000))}
+        outer_kw = {"flags_frag": rng.choice((0x4000, 0x0000, 0x8000))}
         if rng.random() < 0.2:
             outer_kw["tos"] = rng.randrange(256)
             outer_kw["ttl"] = rng.randrange(256)
@@ -382,12 +352,12 @@ class FrameMaker:
         if what == 0:
             kw["options"] = rng.randbytes(4 * rng.randrange(1, 11))
         elif what == 1:
-            kw["frag"] = rng.choice((0x2000, 0x0001, 0x1FFF, 0x6000, rng.randrange(65536)))
+            kw["flags_frag"] = rng.choice((0x2000, 0x0001, 0x1FFF, 0x6000, rng.randrange(65536)))
         elif what == 2:
             kw["ihl"] = rng.randrange(0, 16)
         else:
             kw["version"] = rng.randrange(16)
-        return frame[:14] + ipv4(peer_ip, frame[30:34], payload, 17, **kw)
+        return frame[:14] + ipv4(peer_ip, frame[30:34], 17, payload, **kw)
 
     def host_gw(self) -> bytes:
         """Plain IPv4 on the underlay: host-gw peers' pods to ours (delivery), and nearby

@@ -65,7 +65,7 @@ def agent_argv(
 ) -> list[str]:
     return [
         sys.executable, "-m", "flannel_xdp.cli", "agent",
-        "--etcd-endpoints", etcd.members[0].unix_url,
+        "--etcd-endpoints", etcd.members[0].endpoint,
         "--etcd-prefix", prefix,
         "--iface", iface,
         "--bpffs", bpffs,
@@ -154,7 +154,7 @@ def someone_elses_tcx(ns: str, dev: str) -> int:
     from pyroute2 import IPRoute
 
     from flannel_xdp import netns
-    from flannel_xdp.maps import libbpf
+    from flannel_xdp.loader import libbpf
 
     module = BPF(text=b"int someone_elses(struct __sk_buff *skb) { return 0; }")
     prog_fd = module.load_func(b"someone_elses", BPF.SCHED_CLS).fd

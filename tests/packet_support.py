@@ -17,8 +17,14 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
 from flannel_xdp import netns
-from flannel_xdp.maps.layout import Backend
-from flannel_xdp.maps.libbpf import prog_test_run
+from flannel_xdp.backend import Backend
+from flannel_xdp.lab import frames
+from flannel_xdp.lab.frames import ETH_P_IP, IPPROTO_UDP, eth
+from flannel_xdp.lab.frames import mac_bytes as mac
+from flannel_xdp.loader.libbpf import prog_test_run
+from flannel_xdp.mac import parse_mac
+from flannel_xdp.maps import layout, libbpf
+from flannel_xdp.maps.layout import RemoteSubnet
 from flannel_xdp.maps.views import (
     NodeConfigMap,
     NodeSettings,
@@ -26,18 +32,13 @@ from flannel_xdp.maps.views import (
     ReasonsMap,
     SubnetsMap,
     TrafficMap,
-    parse_mac,
+    subnet_key,
 )
 
 # Program return values (uapi linux/bpf.h, linux/pkt_cls.h).
 XDP_DROP, XDP_PASS, XDP_REDIRECT = 1, 2, 4
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 
-ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0800, 0x0806, 0x86DD
-ETH_P_8021Q, ETH_P_8021AD = 0x8100, 0x88A8
-IPPROTO_TCP, IPPROTO_UDP = 6, 17
-ETH_HLEN, IP_HLEN, UDP_HLEN, VXLAN_HLEN = 14, 20, 8, 8
-VXLAN_OVERHEAD = ETH_HLEN + IP_HLEN + UDP_HLEN + VXLAN_HLEN  # 50
 SPORT_MIN, SPORT_MAX = 32768, 60999  # the kernel's default ephemeral range, inclusive
 
 # --- the test node and its peers -------------------------------------------------------
@@ -58,12 +59,21 @@ class RemotePeer:
     name: str
     subnet: IPv4Network
     public_ip: IPv4Address
-    backend: Backend
+    backend: Backend | None  # None: an entry no agent writes (backend code NONE)
     vtep_mac: str = "00:00:00:00:00:00"
     neigh_mac: str | None = None  # permanent neighbour entry for public_ip, if any
 
     def peer(self) -> Peer:
+        assert self.backend is not None, f"{self.name} has no backend: write_raw() it"
         return Peer(self.subnet, self.public_ip, self.backend, self.vtep_mac)
+
+    def write_raw(self, subnets: SubnetsMap) -> None:
+        """The entry as the map holds it, backend code NONE included."""
+        value = RemoteSubnet()
+        value.public_ip[:] = self.public_ip.packed
+        value.vtep_mac[:] = parse_mac(self.vtep_mac)
+        value.backend = layout.BACKEND_CODES.get(self.backend, layout.BackendCode.NONE)
+        libbpf.update(subnets.fd, subnet_key(self.subnet), value)
 
     def host(self, n: int) -> str:
         return str(self.subnet.network_address + n)
@@ -167,123 +177,21 @@ def setup_underlay(ns: str) -> tuple[int, int, int]:
     return ifindex(ns, "u0"), ifindex(ns, "flannel.1"), ifindex(ns, "fxdp.1")
 
 
-# --- checksums ----------------------------------------------------------------------------
-
-
-def ones_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
-
-
-def inet_csum(data: bytes) -> int:
-    return ~ones_sum(data) & 0xFFFF
-
-
-def pseudo_sum(src: str, dst: str, proto: int, l4len: int) -> int:
-    """Folded (not inverted) pseudo-header sum: what a CHECKSUM_PARTIAL skb carries."""
-    return ones_sum(
-        IPv4Address(src).packed + IPv4Address(dst).packed + struct.pack("!HH", proto, l4len)
-    )
-
-
-def l4_csum_ok(ip_packet: bytes) -> bool:
-    """Is the TCP/UDP checksum of this IPv4 packet (no options) valid?"""
-    src, dst = ip_packet[12:16], ip_packet[16:20]
-    proto, l4 = ip_packet[9], ip_packet[20:]
-    return ones_sum(src + dst + struct.pack("!HH", proto, len(l4)) + l4) == 0xFFFF
-
-
 # --- frames ---------------------------------------------------------------------------------
-
-
-def mac(text: str) -> bytes:
-    return parse_mac(text)
-
-
-def eth(dst: str, src: str, ethertype: int = ETH_P_IP) -> bytes:
-    return mac(dst) + mac(src) + struct.pack("!H", ethertype)
-
-
-def ipv4_header(
-    src: str,
-    dst: str,
-    payload_len: int,
-    *,
-    proto: int = IPPROTO_UDP,
-    tos: int = 0,
-    ident: int = 0,
-    flags_frag: int = 0x4000,
-    ttl: int = 64,
-    options: bytes = b"",
-    ihl: int | None = None,
-    version: int = 4,
-) -> bytes:
-    ihl = (IP_HLEN + len(options)) // 4 if ihl is None else ihl
-    tot_len = IP_HLEN + len(options) + payload_len
-    hdr = struct.pack(
-        "!BBHHHBBH4s4s",
-        (version << 4) | ihl,
-        tos,
-        tot_len,
-        ident,
-        flags_frag,
-        ttl,
-        proto,
-        0,
-        IPv4Address(src).packed,
-        IPv4Address(dst).packed,
-    )
-    hdr += options
-    return hdr[:10] + struct.pack("!H", inet_csum(hdr)) + hdr[12:]
+# Headers and checksums come from the project's one frame builder (flannel_xdp.lab.frames);
+# what is here are the test node's own frames.
 
 
 def udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes, **ip_kw) -> bytes:
     """An IPv4/UDP packet with a correct UDP checksum."""
-    udp = struct.pack("!HHHH", sport, dport, UDP_HLEN + len(payload), 0) + payload
-    csum = inet_csum(
-        IPv4Address(src).packed
-        + IPv4Address(dst).packed
-        + struct.pack("!HH", IPPROTO_UDP, len(udp))
-        + udp
-    )
-    udp = udp[:6] + struct.pack("!H", csum or 0xFFFF) + udp[8:]
-    return ipv4_header(src, dst, len(udp), proto=IPPROTO_UDP, **ip_kw) + udp
+    return frames.udp(src, dst, sport, dport, payload, **ip_kw)
 
 
 def tcp_packet(
     src: str, dst: str, sport: int, dport: int, payload: bytes, *, flags: int = 0x18, **ip_kw
 ) -> bytes:
     """An IPv4/TCP packet (20-byte header) with a correct TCP checksum."""
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1000, 2000, 5 << 4, flags, 65535, 0, 0)
-    tcp += payload
-    csum = inet_csum(
-        IPv4Address(src).packed
-        + IPv4Address(dst).packed
-        + struct.pack("!HH", IPPROTO_TCP, len(tcp))
-        + tcp
-    )
-    tcp = tcp[:16] + struct.pack("!H", csum) + tcp[18:]
-    return ipv4_header(src, dst, len(tcp), proto=IPPROTO_TCP, **ip_kw) + tcp
-
-
-def with_l4_csum(ip_packet: bytes, value: int) -> bytes:
-    """The packet with its TCP/UDP checksum field set to value."""
-    off = IP_HLEN + (16 if ip_packet[9] == IPPROTO_TCP else 6)
-    return ip_packet[:off] + struct.pack("!H", value) + ip_packet[off + 2 :]
-
-
-def partial_csum(ip_packet: bytes) -> bytes:
-    """As a CHECKSUM_PARTIAL skb leaves a veth: the field holds the pseudo-header sum only."""
-    src, dst = str(IPv4Address(ip_packet[12:16])), str(IPv4Address(ip_packet[16:20]))
-    return with_l4_csum(ip_packet, pseudo_sum(src, dst, ip_packet[9], len(ip_packet) - IP_HLEN))
-
-
-def vxlan_header(vni: int = VNI, flags: int = 0x08) -> bytes:
-    return struct.pack("!B3xI", flags, vni << 8)
+    return frames.tcp(src, dst, sport, dport, payload, flags=flags, seq=1000, ack=2000, **ip_kw)
 
 
 def vxlan_frame(
@@ -303,10 +211,9 @@ def vxlan_frame(
 ) -> bytes:
     """A VXLAN frame as a peer sends it to us on the underlay."""
     inner = eth(inner_dst_mac, inner_src_mac, inner_type) + inner_ip
-    udp = struct.pack("!HHHH", sport, dport, UDP_HLEN + VXLAN_HLEN + len(inner), 0)
-    payload = udp + vxlan_header(vni, vxlan_flags) + inner
-    outer = ipv4_header(outer_src, outer_dst, len(payload), proto=IPPROTO_UDP, **outer_ip_kw)
-    return eth(UNDERLAY_MAC, PEER_A.neigh_mac or "", outer_type) + outer + payload
+    payload = frames.vxlan_udp(sport, dport, vni, inner, vxlan_flags)
+    outer = frames.ipv4(outer_src, outer_dst, IPPROTO_UDP, payload, **outer_ip_kw)
+    return eth(UNDERLAY_MAC, PEER_A.neigh_mac or "", outer_type) + outer
 
 
 def tunnel_frame(inner_ip: bytes, ethertype: int = ETH_P_IP) -> bytes:
@@ -409,7 +316,10 @@ class Lab:
         with NodeConfigMap(self.maps_dir) as m:
             m.write(settings or self.settings())
         with SubnetsMap(self.maps_dir) as m:
-            m.apply([p.peer() if isinstance(p, RemotePeer) else p for p in peers])
+            raw = [p for p in peers if isinstance(p, RemotePeer) and p.backend is None]
+            m.apply([p.peer() if isinstance(p, RemotePeer) else p for p in peers if p not in raw])
+            for p in raw:
+                p.write_raw(m)
 
     def run(self, prog: str, frame: bytes) -> tuple[int, bytes]:
         """Run prog ("egress", "xdp", "tc" or "kernel") on frame in the netns whose FIB it
@@ -460,11 +370,10 @@ def program_lab(name: str) -> Iterator[Lab]:
         pins.ensure()
 
         def load(source: str, kind: int, **params) -> int:
-            module = compile_program(
-                source, BuildParams(maps_dir=pins.maps, max_subnets=64, **params)
-            )
+            build = BuildParams(maps_dir=pins.maps, max_subnets=64, **params)
+            module = compile_program(source, build)
             stack.callback(module.cleanup)
-            return module.load_func(source.encode(), kind).fd
+            return module.load_func(build.program_name(source).encode(), kind).fd
 
         fds = dict(
             egress_fd=load("tunnel_egress", BPF.SCHED_CLS),

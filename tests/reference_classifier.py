@@ -16,11 +16,14 @@ Addresses are kept as 4-byte strings and MACs as 6-byte strings, as they are on 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
-from flannel_xdp.maps.layout import Backend
-from flannel_xdp.maps.views import NodeSettings, Peer, parse_mac
+from flannel_xdp.backend import Backend
+from flannel_xdp.lab.frames import inet_csum, ipv4_header, ones_sum, vxlan_udp
+from flannel_xdp.mac import parse_mac
+from flannel_xdp.maps.views import NodeSettings, Peer
 
 ETH_HLEN, IPV4_HLEN, UDP_HLEN, VXLAN_HLEN = 14, 20, 8, 8
 VXLAN_ENCAP_LEN = ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN  # 50
@@ -47,23 +50,6 @@ def reason(backend: str, name: str) -> CounterKey:
 
 def traffic(backend: str, direction: str) -> CounterKey:
     return ("traffic", backend, direction)
-
-
-# --- checksums ---------------------------------------------------------------------------------
-
-
-def ones_sum(data: bytes) -> int:
-    """Folded 16-bit ones' complement sum (0 only for all-zero data). 2**16 = 1 mod 0xffff,
-    so the sum of the big-endian words is the whole buffer read as one integer, mod 0xffff."""
-    if len(data) % 2:
-        data += b"\0"
-    n = int.from_bytes(data, "big")
-    s = n % 0xFFFF
-    return 0xFFFF if s == 0 and n else s
-
-
-def inet_csum(data: bytes) -> int:
-    return ~ones_sum(data) & 0xFFFF
 
 
 # --- what the programs know ----------------------------------------------------------------------
@@ -110,17 +96,17 @@ class Entry:
 
     public_ip: bytes
     vtep_mac: bytes
-    backend: int
+    backend: Backend | None  # None: an entry without a backend (code NONE)
 
 
 class PeerTable:
     """The subnets LPM trie: the longest prefix holding an address wins."""
 
-    def __init__(self, peers: list[Peer]):
+    def __init__(self, peers: Iterable[Peer]):  # or packet_support's RemotePeer
         self._by_len: dict[int, dict[int, Entry]] = {}
         for p in peers:
             net = int(p.subnet.network_address)
-            entry = Entry(p.public_ip.packed, parse_mac(p.vtep_mac), int(p.backend))
+            entry = Entry(p.public_ip.packed, parse_mac(p.vtep_mac), p.backend)
             self._by_len.setdefault(p.subnet.prefixlen, {})[net] = entry
         self._lens = sorted(self._by_len, reverse=True)
 
@@ -333,25 +319,17 @@ def vxlan_outer_ecn(inner_tos: int) -> int:
 def vxlan_encapsulated(frame: bytes, node: Node, peer: Entry) -> bytes:
     """vxlan.h vxlan_encap(): 50 bytes pushed after the frame's Ethernet header (which stays
     as it came until the next hop is known), the UDP source port left as 0 here."""
-    outer_len = len(frame) - ETH_HLEN + VXLAN_ENCAP_LEN
     inner_eth = peer.vtep_mac + node.vtep_mac + ETH_P_IP
-    vxlan = bytes((VXLAN_FLAG_VNI, 0, 0, 0)) + node.vni.to_bytes(3, "big") + b"\0"
-    udp = struct.pack("!HHHH", 0, node.port, outer_len - IPV4_HLEN, 0)
-    ip = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        vxlan_outer_ecn(frame[15]),
-        outer_len,
-        0,
-        0x4000,  # DF
-        VXLAN_OUTER_TTL,
-        IPPROTO_UDP,
-        0,
+    udp_vxlan = vxlan_udp(0, node.port, node.vni, inner_eth + frame[ETH_HLEN:])
+    ip = ipv4_header(
         node.public_ip,
         peer.public_ip,
-    )
-    ip = ip[:10] + inet_csum(ip).to_bytes(2, "big") + ip[12:]
-    return frame[:12] + ETH_P_IP + ip + udp + vxlan + inner_eth + frame[ETH_HLEN:]
+        len(udp_vxlan),
+        proto=IPPROTO_UDP,
+        tos=vxlan_outer_ecn(frame[15]),
+        ttl=VXLAN_OUTER_TTL,
+    )  # ID 0, DF
+    return frame[:12] + ETH_P_IP + ip + udp_vxlan
 
 
 def egress(frame: bytes, node: Node, peers: PeerTable, net: Underlay) -> Outcome:

@@ -12,12 +12,14 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flannel_xdp.agent.acquire import NoSubnetAvailable, acquire, fits
-from flannel_xdp.agent.agent import LEASE_TTL
-from flannel_xdp.agent.config import parse_config
-from flannel_xdp.agent.lease import LeaseAttrs, parse_subnet_key
-from flannel_xdp.agent.subnet_env import SubnetEnv, read_subnet, write
+from flannel_xdp.node.subnet_env import SubnetEnv, read_subnet, write
+from flannel_xdp.registry.acquire import NoSubnetAvailable, acquire, fits
+from flannel_xdp.registry.config import parse_config
+from flannel_xdp.registry.etcd import LEASE_TTL
+from flannel_xdp.registry.lease import LeaseAttrs, parse_subnet_key
 from tests.etcd_support import EtcdCluster, etcd_cluster
+
+pytestmark = pytest.mark.etcd
 
 FLANNEL_KEY_RE = r"(\d+\.\d+.\d+.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?$"
 CONFIG = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
@@ -172,7 +174,7 @@ def test_twenty_nodes_at_once_get_twenty_distinct_subnets(etcd: EtcdCluster, cap
     )
     assert len(config.subnets()) == 31
     nodes = [attrs(f"198.18.2.{i + 1}", f"0a:00:00:00:02:{i + 1:02x}") for i in range(20)]
-    caplog.set_level("INFO", logger="flannel_xdp.agent.acquire")
+    caplog.set_level("INFO", logger="flannel_xdp.registry.acquire")
 
     async def scenario():
         regs = [etcd.registry(prefix) for _ in nodes]

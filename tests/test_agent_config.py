@@ -19,7 +19,7 @@ import pytest
 
 from tests.etcd_support import EtcdCluster, etcd_cluster, require_root
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def run_agent(etcd: EtcdCluster, prefix: str, tmp_path) -> tuple[subprocess.Comp
     argv = [
         "unshare", "--net", "--",
         sys.executable, "-m", "flannel_xdp.cli", "agent",
-        "--etcd-endpoints", etcd.members[0].unix_url,
+        "--etcd-endpoints", etcd.members[0].endpoint,
         "--etcd-prefix", prefix,
         "--iface", "lo",
         "--bpffs", bpffs,

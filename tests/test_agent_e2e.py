@@ -1,4 +1,4 @@
-"""The agent end to end in network namespaces (issue 3's must-shows).
+"""The agent end to end in network namespaces, as an operator would see it.
 
 Three nodes each run `flannel-xdp agent` against a real etcd (through its unix socket,
 with `nsenter --net` so that the pins on /sys/fs/bpf stay visible), with flannel's
@@ -18,20 +18,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from flannel_xdp.agent import node_state
+from flannel_xdp.backend import Backend
 from flannel_xdp.lab import process, traffic
 from flannel_xdp.lab.agentcluster import AgentCluster
-from flannel_xdp.lab.topology import NetworkBackend
-from flannel_xdp.maps.layout import Backend
+from flannel_xdp.node import routes
 from tests.lab_support import agent_cluster, check_all_pairs
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
 CONFIGS = {
-    "vxlan": ({"backend": NetworkBackend.VXLAN}, Backend.VXLAN),
-    "host-gw": ({"backend": NetworkBackend.HOST_GW}, Backend.HOST_GW),
+    "vxlan": ({"backend": Backend.VXLAN}, Backend.VXLAN),
+    "host-gw": ({"backend": Backend.HOST_GW}, Backend.HOST_GW),
     # every node shares one L2 segment, so DirectRouting routes every peer directly
-    "directrouting": ({"backend": NetworkBackend.VXLAN, "direct_routing": True}, Backend.HOST_GW),
+    "directrouting": ({"backend": Backend.VXLAN, "direct_routing": True}, Backend.HOST_GW),
 }
 PING_RATE = 100  # per second, at least
 # iputils ping rounds a 10 ms interval up to its 16 ms poll granularity (62/s); 9 ms gives
@@ -64,14 +63,14 @@ def test_pods_on_three_agent_nodes_reach_each_other(cluster: AgentCluster):
         assert set(peers) == {n.subnet for n in cluster.nodes if n is not node}
         assert {p.backend for p in peers.values()} == {cluster.expected_backend}  # type: ignore[attr-defined]
         # host-gw next hops are kept resolved (managed neighbours, marked as ours), so no
-        # packet ever waits for ARP with the tunnel's route attached (see node_state.py)
+        # packet ever waits for ARP with the tunnel's route attached (see routes.py)
         neigh = json.loads(
             process.run(node.netns, ["ip", "-j", "-d", "neigh", "show", "dev", "eth0"]).stdout
         )
         managed = {
             n["dst"]
             for n in neigh
-            if "managed" in n and str(n.get("protocol")) == str(node_state.NEIGH_PROTOCOL)
+            if "managed" in n and str(n.get("protocol")) == str(routes.NEIGH_PROTOCOL)
         }
         want = {str(p.public_ip) for p in peers.values() if p.backend is Backend.HOST_GW}
         assert managed == want, f"{node.netns}: managed neighbours {neigh}, want {want}"

@@ -10,13 +10,14 @@ import time
 import pytest
 
 from flannel_xdp import netns
-from flannel_xdp.agent import conntrack
 from flannel_xdp.lab import agents
-from flannel_xdp.loader import datapath
+from flannel_xdp.loader import pod_ports
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps.views import LocalPodsMap, NodeConfigMap
+from flannel_xdp.node import conntrack
 from tests.lab_support import agent_cluster
+from tests.pod_ports_support import pod_ports_attached
 from tests.test_fast_path import (
     DATAGRAMS,
     FAST,
@@ -26,7 +27,7 @@ from tests.test_fast_path import (
     veth_tx_packets,
 )
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
 SCAN_WAIT_S = 10
 FAST_SEND = ("vxlan", "fast_send")  # the agent scans every defaults.LOCAL_PODS_INTERVAL_S
@@ -62,7 +63,7 @@ def test_the_agent_finds_its_pods_and_udp_goes_straight_to_them():
 
 def pod_program_attached(ns: str, port: str) -> bool:
     with netns.entered(ns):
-        return port in datapath.pod_ports_attached()
+        return port in pod_ports_attached()
 
 
 def attach_log_lines(node, port: str) -> int:
@@ -89,7 +90,7 @@ def test_the_agent_puts_the_sending_side_back_on_a_pods_veth_end():
         wait_for_pod_program(node.netns, a.host_veth)
         attached_before = attach_log_lines(node, a.host_veth)
         with netns.entered(node.netns):
-            datapath.detach_pod_ports(node.bpffs)
+            pod_ports.detach_pod_ports(node.bpffs)
         assert not pod_program_attached(node.netns, a.host_veth)
         wait_for_pod_program(node.netns, a.host_veth)
         assert attach_log_lines(node, a.host_veth) >= attached_before + 1

@@ -27,7 +27,7 @@ from tests.test_agent_limits import (
     wait_until,
 )
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
 GAUGE = "flannel_xdp_leases_ignored"
 # observed once an event has been applied (the events counter moves before)

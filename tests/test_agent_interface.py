@@ -8,10 +8,10 @@ import uuid
 import pytest
 
 from flannel_xdp import netns
-from flannel_xdp.agent.interface import InterfaceError, find_underlay
+from flannel_xdp.node.underlay import InterfaceError, find_underlay
 from tests.requirements import require_root_and_bcc
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
 
 @pytest.fixture

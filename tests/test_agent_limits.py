@@ -32,8 +32,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flannel_xdp import netns
+from flannel_xdp.backend import Backend
 from flannel_xdp.loader.bpffs import PinDir
-from flannel_xdp.maps.layout import Backend
 from flannel_xdp.maps.views import Peer, SubnetsMap
 from tests.etcd_support import EtcdCluster, etcd_cluster
 from tests.node_support import (
@@ -48,7 +48,7 @@ from tests.node_support import (
 )
 from tests.requirements import require_root_and_bcc
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
 CONFIG = {"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}
 CAPACITY = 4
@@ -328,7 +328,9 @@ def test_more_peers_than_the_map_holds(agent_run: AgentRun):
     # A size below what the map holds is refused up front; the data path stays as it was.
     run.start("--max-subnets", "2")
     assert run.proc is not None and run.proc.wait(AGENT_TIMEOUT) == 2
-    assert "ERROR flannel_xdp.agent.cli: --max-subnets 2 is below the 6 remote subnets" in run.log()
+    assert (
+        "ERROR flannel_xdp.agent.flags: --max-subnets 2 is below the 6 remote subnets" in run.log()
+    )
     assert run.max_entries() == 8 and run.map() == peers and run.routes() == set(peers)
 
 

@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
 from flannel_xdp.agent.agent import Agent, AgentOptions
-from flannel_xdp.agent.config import parse_config
-from flannel_xdp.agent.interface import Underlay
-from flannel_xdp.agent.lease import LeaseAttrs
-from flannel_xdp.agent.peers import Ignored, desired_peers, on_link, peer_for
-from flannel_xdp.agent.registry import Endpoint, EventKind, LeaseEvent
-from flannel_xdp.maps.layout import Backend
+from flannel_xdp.agent.reconcile import Reconciler
+from flannel_xdp.backend import Backend
 from flannel_xdp.maps.views import Peer
 from flannel_xdp.metrics.agent import AgentCollector
-from tests.test_registry import FakeSubnetsMap
+from flannel_xdp.node.peers import Ignored, desired_peers, on_link, peer_for
+from flannel_xdp.registry.base import EventKind, LeaseEvent
+from flannel_xdp.registry.config import parse_config
+from flannel_xdp.registry.etcd import Endpoint
+from flannel_xdp.registry.lease import LeaseAttrs
+from tests.fakes import FakeRoutes, FakeSubnetsMap
+
+pytestmark = pytest.mark.unit
 
 UNDERLAY = IPv4Network("198.18.0.0/24")  # the node's own L2 network
 ON_LINK_IP = IPv4Address("198.18.0.7")
@@ -170,7 +173,7 @@ def test_on_link():
 
 
 def test_ingress_hook_follows_the_backend_when_not_given():
-    from flannel_xdp.agent.agent import ingress_hook_for
+    from flannel_xdp.agent.bootstrap import ingress_hook_for
     from flannel_xdp.loader.datapath import DEFAULT_INGRESS_HOOK, IngressHook
 
     assert ingress_hook_for("host-gw") is IngressHook.TC
@@ -180,27 +183,26 @@ def test_ingress_hook_follows_the_backend_when_not_given():
 # -- flannel_xdp_leases_ignored: the refused leases of the agent's current desired state ------
 
 
-def kernel_free_agent(monkeypatch, config, own: IPv4Network, own_attrs: LeaseAttrs) -> Agent:
-    """An Agent past start() with an in-memory subnets map; routes are not touched."""
-    for name in ("_sync_routes", "_add_route", "_remove_route"):
-        monkeypatch.setattr(Agent, name, staticmethod(lambda *_: None))
+def kernel_free_agent(config, own: IPv4Network, own_attrs: LeaseAttrs) -> Agent:
+    """An Agent past bootstrap whose reconciler has an in-memory map and route table."""
     agent = Agent(AgentOptions(etcd_endpoints=[Endpoint("127.0.0.1", 1, tls=False)]))
-    agent.config = config
-    agent.underlay = Underlay("ul0", 2, IPv4Interface("198.18.0.10/24"), 1500)
-    agent.subnet, agent.attrs = own, own_attrs
-    agent.subnets_map = FakeSubnetsMap()  # type: ignore[assignment]
+    agent.reconciler = Reconciler(
+        config, own, own_attrs, FakeSubnetsMap(), FakeRoutes(), [UNDERLAY]
+    )
     return agent
 
 
 def ignored_gauge(agent: Agent) -> float:
     (family,) = [
-        m for m in AgentCollector(agent).collect() if m.name == "flannel_xdp_leases_ignored"
+        m
+        for m in AgentCollector(agent.control_plane).collect()
+        if m.name == "flannel_xdp_leases_ignored"
     ]
     (sample,) = family.samples
     return sample.value
 
 
-def test_ignored_leases_gauge_follows_full_syncs_and_watch_events(monkeypatch):
+def test_ignored_leases_gauge_follows_full_syncs_and_watch_events():
     """After every applied change, full sync or watch event, the gauge is the number of
     leases the agent currently refuses: as many as a full sync of the same leases finds,
     each subnet once however often it is refused."""
@@ -209,7 +211,9 @@ def test_ignored_leases_gauge_follows_full_syncs_and_watch_events(monkeypatch):
     good, loop, other = (IPv4Network(f"10.244.{i}.0/24") for i in (2, 4, 5))
     good_attrs = vxlan_lease(IPv4Address("198.19.0.2"))
     looping = vxlan_lease(IPv4Address("10.244.2.5"))  # PublicIP inside the Network: refused
-    agent = kernel_free_agent(monkeypatch, config, own, own_attrs)
+    agent = kernel_free_agent(config, own, own_attrs)
+    rec = agent.reconciler
+    assert rec is not None
     revision = 10
 
     def event(subnet: IPv4Network, attrs: LeaseAttrs | None) -> LeaseEvent:
@@ -219,11 +223,11 @@ def test_ignored_leases_gauge_follows_full_syncs_and_watch_events(monkeypatch):
         return LeaseEvent(kind, subnet, attrs, revision)
 
     def refused_now() -> int:
-        return len(desired_peers(agent.leases, own, config, [UNDERLAY]).ignored)
+        return len(desired_peers(rec.leases, own, config, [UNDERLAY]).ignored)
 
     async def scenario() -> list[tuple[str, float, int]]:
         seen = []
-        await agent._full_sync({own: own_attrs, good: good_attrs, loop: looping}, revision)
+        await rec.full_sync({own: own_attrs, good: good_attrs, loop: looping}, revision)
         seen.append(("full sync", ignored_gauge(agent), refused_now()))
         steps = [
             ("refused PUT", event(other, vxlan_lease(vni=7))),
@@ -234,9 +238,9 @@ def test_ignored_leases_gauge_follows_full_syncs_and_watch_events(monkeypatch):
             ("own lease renewed", event(own, own_attrs)),
         ]
         for what, ev in steps:
-            await agent._on_event(ev)
+            await rec.apply(ev)
             seen.append((what, ignored_gauge(agent), refused_now()))
-        await agent._full_sync({**agent.leases}, revision)
+        await rec.full_sync({**rec.leases}, revision)
         seen.append(("full sync again", ignored_gauge(agent), refused_now()))
         return seen
 
@@ -252,5 +256,5 @@ def test_ignored_leases_gauge_follows_full_syncs_and_watch_events(monkeypatch):
         ("full sync again", 1),
     ]
     assert all(gauge == refused for _, gauge, refused in seen), seen
-    assert set(agent.programmed) == {loop}
-    assert agent.stats.event_errors == 0
+    assert set(rec.programmed) == {loop}
+    assert rec.status.event_errors == 0

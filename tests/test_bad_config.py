@@ -38,7 +38,7 @@ from tests.node_support import (
 )
 from tests.requirements import require_root_and_bcc
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
 GOOD = {"Network": "198.18.0.0/16", "Backend": {"Type": "vxlan"}}
 NOBODY = "65534"

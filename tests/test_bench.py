@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from flannel_xdp.backend import Backend
 from flannel_xdp.bench.report import RATIOS
 from flannel_xdp.bench.runner import WORKLOAD_KEYS
 from flannel_xdp.bench.variants import (
@@ -26,32 +27,29 @@ from flannel_xdp.bench.variants import (
     flannel_xdp_variant,
     stock_variant,
 )
-from flannel_xdp.lab import NetworkBackend
 from flannel_xdp.lab.topology import BPFFS_ROOT
 from tests.conftest import LAB_TOOLS
 from tests.requirements import require_root_and_bcc
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
-# The four variants the named ratios need, with the default ingress hook, and
+# The four variants the headline ratios need, with the default ingress hook, and
 # each backend's fast-path variant.
 VARIANTS = [
-    stock_variant(NetworkBackend.VXLAN).name,
-    flannel_xdp_variant(NetworkBackend.VXLAN, DEFAULT_HOOK).name,
-    fast_path_variant(NetworkBackend.VXLAN).name,
-    stock_variant(NetworkBackend.HOST_GW).name,
-    flannel_xdp_variant(NetworkBackend.HOST_GW, DEFAULT_HOOK).name,
-    fast_path_variant(NetworkBackend.HOST_GW).name,
+    stock_variant(Backend.VXLAN).name,
+    flannel_xdp_variant(Backend.VXLAN, DEFAULT_HOOK).name,
+    fast_path_variant(Backend.VXLAN).name,
+    stock_variant(Backend.HOST_GW).name,
+    flannel_xdp_variant(Backend.HOST_GW, DEFAULT_HOOK).name,
+    fast_path_variant(Backend.HOST_GW).name,
 ]
-PROGRAMS = ("underlay_xdp", "underlay_tc", "tunnel_egress", "underlay_tc_fast", "pod_ingress")
+PROGRAMS = ("underlay_xdp", "underlay_tc", "tunnel_egress", "underlay_kd_fp", "pod_ingress")
 # The fast path's cases on a TCP segment of a stream held open for them, per backend.
+# The fast path's receiving build is the kernel hook's for vxlan, the tc hook's for host-gw.
 FAST_TCP_CASES = [
     f"{program}/{backend}_{case}"
-    for backend in ("vxlan", "hostgw")
-    for program, case in (
-        ("underlay_tc_fast", "fast_tcp_full"),
-        ("pod_ingress", "fast_send_tcp_full"),
-    )
+    for backend, build in (("vxlan", "underlay_kd_fp"), ("hostgw", "underlay_tc_fp"))
+    for program, case in ((build, "fast_tcp_full"), ("pod_ingress", "fast_send_tcp_full"))
 ]
 _PREFIX_LINE = re.compile(r"lab prefix (\S+)\)")
 

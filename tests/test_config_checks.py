@@ -8,10 +8,12 @@ from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
-from flannel_xdp.agent import cli, privileges
-from flannel_xdp.agent.config import ConfigError, check_underlay, parse_config
+from flannel_xdp.agent import flags, privileges
 from flannel_xdp.cli import build_parser
 from flannel_xdp.loader.bpffs import BpffsError, PinDir
+from flannel_xdp.registry.config import ConfigError, check_underlay, parse_config
+
+pytestmark = pytest.mark.unit
 
 
 def config(network: str, subnet_len: int | None = None, **extra: str):
@@ -110,13 +112,13 @@ def agent_args(*argv: str):
 
 
 def test_listen_addresses(monkeypatch):
-    opts = cli.options_from(agent_args())
+    opts = flags.options_from(agent_args())
     assert (opts.healthz_ip, opts.metrics_ip) == ("0.0.0.0", "0.0.0.0")  # flanneld's default
-    opts = cli.options_from(agent_args("--healthz-ip", "127.0.0.1", "--metrics-ip", "::1"))
+    opts = flags.options_from(agent_args("--healthz-ip", "127.0.0.1", "--metrics-ip", "::1"))
     assert (opts.healthz_ip, opts.metrics_ip) == ("127.0.0.1", "::1")
     monkeypatch.setenv("FLANNELD_HEALTHZ_IP", "192.0.2.10")
     monkeypatch.setenv("FLANNELD_METRICS_IP", "192.0.2.11")
-    opts = cli.options_from(agent_args())
+    opts = flags.options_from(agent_args())
     assert (opts.healthz_ip, opts.metrics_ip) == ("192.0.2.10", "192.0.2.11")
     with pytest.raises(ValueError, match="--healthz-ip: 'eth0' is not an IP address"):
-        cli.options_from(agent_args("--healthz-ip", "eth0"))
+        flags.options_from(agent_args("--healthz-ip", "eth0"))

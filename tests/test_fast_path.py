@@ -30,21 +30,30 @@ from pyroute2 import IPRoute
 
 from flannel_xdp import defaults, netns
 from flannel_xdp.agent import local_pods
-from flannel_xdp.bench import frames
+from flannel_xdp.backend import Backend
 from flannel_xdp.bench.progcost import TC_ACT_OK, TC_ACT_REDIRECT, skb_ctx_on
-from flannel_xdp.lab import Cluster, ClusterSpec, NetworkBackend, Node, Pod, process, traffic
+from flannel_xdp.lab import (
+    Cluster,
+    ClusterSpec,
+    Node,
+    Pod,
+    frames,
+    process,
+    traffic,
+)
 from flannel_xdp.lab.topology import CNI_BRIDGE, UNDERLAY_IFNAME, link_index
-from flannel_xdp.loader import datapath
+from flannel_xdp.loader import libbpf, pod_ports
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
-from flannel_xdp.maps import libbpf
-from flannel_xdp.maps.layout import c_define
+from flannel_xdp.loader.programs import POD_INGRESS
 from flannel_xdp.maps.views import LocalPodsMap, NodeConfigMap
+from tests.bpf_support import c_define
 from tests.node_support import someone_elses_filter, someone_elses_tcx
+from tests.pod_ports_support import pod_ports_attached
 from tests.requirements import require_root_and_bcc
 from tests.test_packets import wait_out_cache
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
 SERVICE_IP, SERVICE_PORT = "198.19.0.53", 53  # a "Service" DNATed on the client's node
 SERVER_PORT = 9000
@@ -60,10 +69,10 @@ DATAGRAMS = 300
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h: root may exceed net.core.rmem_max
 RCVBUF = 8 << 20  # every datagram of a burst fits, whatever the path's speed
 # The hook each backend's fast path is built into (datapath.udp_fast_path_fits).
-HOOKS = {NetworkBackend.VXLAN: IngressHook.KERNEL, NetworkBackend.HOST_GW: IngressHook.TC}
+HOOKS = {Backend.VXLAN: IngressHook.KERNEL, Backend.HOST_GW: IngressHook.TC}
 # The counters (direction label per backend) of a packet sent and of one received.
-SENT = {NetworkBackend.VXLAN: "encap", NetworkBackend.HOST_GW: "forward"}
-RECEIVED = {NetworkBackend.VXLAN: "decap", NetworkBackend.HOST_GW: "deliver"}
+SENT = {Backend.VXLAN: "encap", Backend.HOST_GW: "forward"}
+RECEIVED = {Backend.VXLAN: "decap", Backend.HOST_GW: "deliver"}
 FAST = ("vxlan", "fast_deliver")  # vxlan, for the agent's test
 
 
@@ -284,15 +293,15 @@ def test_the_sending_side_runs_on_the_pods_veth_end(cluster):
     found the pod); without it the pod's UDP takes the stack, with it again the fast path."""
     node, a, b = cluster.nodes[0], cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
     with netns.entered(node.netns):
-        assert datapath.pod_ports_attached() == [a.host_veth]
-        datapath.detach_pod_ports(node.bpffs)
-        assert datapath.pod_ports_attached() == []
+        assert pod_ports_attached() == [a.host_veth]
+        pod_ports.detach_pod_ports(node.bpffs)
+        assert pod_ports_attached() == []
     before = cluster.counters(node)
     send_and_receive(a, b)
     assert packets(cluster, 0, before, "fast_send") == 0
     with netns.entered(node.netns):
-        assert datapath.ensure_pod_ports(node.bpffs, [a.host_veth]) == [a.host_veth]
-        assert datapath.ensure_pod_ports(node.bpffs, [a.host_veth]) == []  # there already
+        assert pod_ports.ensure_pod_ports(node.bpffs, [a.host_veth]) == [a.host_veth]
+        assert pod_ports.ensure_pod_ports(node.bpffs, [a.host_veth]) == []  # there already
     before = cluster.counters(node)
     send_and_receive(a, b)
     assert packets(cluster, 0, before, "fast_send") >= DATAGRAMS - 5
@@ -310,8 +319,8 @@ def test_attaching_the_sending_side_drops_nothing_the_pod_is_sent(cluster):
     def churn() -> None:
         with netns.entered(node.netns):
             while not stop.is_set():
-                datapath.detach_pod_ports(node.bpffs)
-                assert datapath.ensure_pod_ports(node.bpffs, [b.host_veth]) == [b.host_veth]
+                pod_ports.detach_pod_ports(node.bpffs)
+                assert pod_ports.ensure_pod_ports(node.bpffs, [b.host_veth]) == [b.host_veth]
                 rounds[0] += 1
 
     got: list[int] = []
@@ -345,7 +354,7 @@ def test_attaching_the_sending_side_drops_nothing_the_pod_is_sent(cluster):
     assert sorted(got) == list(range(sent)), f"{sent - len(set(got))} of {sent} lost"
     assert rounds[0] >= 10
     with netns.entered(node.netns):
-        assert datapath.pod_ports_attached() == [b.host_veth]
+        assert pod_ports_attached() == [b.host_veth]
 
 
 def test_a_pod_local_pods_does_not_know_sends_through_the_stack(cluster):
@@ -389,7 +398,7 @@ def test_pod_ingress_sends_only_what_the_pod_on_that_veth_would_route(cluster):
         "bad header checksum": (bytes(bad_csum), pod.ifindex, TC_ACT_OK),
         "trailing bytes": (good + bytes(6), pod.ifindex, TC_ACT_OK),
     }
-    fd = libbpf.obj_get(PinDir(node.bpffs).prog(datapath.POD_INGRESS.name))
+    fd = libbpf.obj_get(PinDir(node.bpffs).prog(POD_INGRESS.name))
     own_port = skb_ctx_on(pod.ifindex)
     got, primed = {}, {}
     try:
@@ -630,7 +639,7 @@ def test_a_tcp_aggregate_whose_segments_the_route_cannot_take_is_left_to_the_sta
     device it sends the pod no ICMP."""
     node, a, b = cluster.nodes[0], cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
     backend = cluster.spec.backend.value
-    encap = defaults.VXLAN_OVERHEAD if cluster.spec.backend is NetworkBackend.VXLAN else 0
+    encap = defaults.VXLAN_OVERHEAD if cluster.spec.backend is Backend.VXLAN else 0
     route = [f"{cluster.nodes[1].public_ip}/32", "dev", UNDERLAY_IFNAME]
     lock = str(cluster.spec.pod_mtu + encap - 1)
     process.run(node.netns, ["ip", "route", "replace", *route, "mtu", "lock", lock])

@@ -36,8 +36,9 @@ from ipaddress import IPv4Interface
 import pytest
 
 from flannel_xdp import netns
+from flannel_xdp.lab.frames import mac_bytes as mac
+from flannel_xdp.loader.libbpf import BpfError, prog_test_run
 from flannel_xdp.maps import layout, libbpf
-from flannel_xdp.maps.libbpf import BpfError, prog_test_run
 from tests.fuzz_frames import SCENARIOS, Scenario, frames
 from tests.packet_support import (
     TC_ACT_OK,
@@ -50,7 +51,6 @@ from tests.packet_support import (
     Counters,
     Lab,
     ip,
-    mac,
     program_lab,
 )
 from tests.reference_classifier import (
@@ -70,7 +70,7 @@ from tests.reference_classifier import (
 )
 from tests.requirements import require_root_and_bcc
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.bpf
 
 SEED = int(os.environ.get("FXDP_FUZZ_SEED", "0x7F022"), 0)
 FRAMES = int(os.environ.get("FXDP_FUZZ_FRAMES", "100000"))
@@ -165,7 +165,7 @@ def underlay_model(ns: str) -> Underlay:
 
 # --- counters, one slot at a time -----------------------------------------------------------------
 
-BACKENDS = {label: int(b) for b, label in layout.BACKEND_LABELS.items()}
+BACKENDS = {layout.backend_label(code): int(code) for code in layout.BackendCode}
 
 
 class Slots:

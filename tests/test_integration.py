@@ -20,23 +20,24 @@ from itertools import product
 
 import pytest
 
+from flannel_xdp.backend import Backend
 from flannel_xdp.lab import (
     Cluster,
     ClusterSpec,
     Dataplane,
-    NetworkBackend,
     Node,
     NodeSpec,
     Pod,
     process,
     traffic,
 )
+from flannel_xdp.loader.compile import BuildParams
 from flannel_xdp.loader.datapath import IngressHook
-from flannel_xdp.maps.layout import BACKEND_LABELS, Backend
+from flannel_xdp.maps import layout
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
-BACKENDS = [NetworkBackend.VXLAN, NetworkBackend.HOST_GW]
+BACKENDS = [Backend.VXLAN, Backend.HOST_GW]
 # Every backend with each place VXLAN can be decapsulated on the underlay.
 CASES = [(b, h) for b in BACKENDS for h in IngressHook]
 IPERF_SECONDS = 3
@@ -138,8 +139,7 @@ def cross_node_pairs(cluster: Cluster) -> list[tuple[Pod, Pod]]:
 
 
 def backend_label(cluster: Cluster) -> str:
-    backend = Backend.VXLAN if cluster.spec.backend is NetworkBackend.VXLAN else Backend.HOST_GW
-    return BACKEND_LABELS[backend]
+    return str(cluster.spec.backend)
 
 
 def wait_listening(pod: Pod, port: int, proto: str = "t", timeout: float = 5.0) -> None:
@@ -331,7 +331,15 @@ def test_bpftool_shows_programs_and_typed_maps(cluster: Cluster):
             prog = _bpftool(node, "prog", "show", "id", str(xdp[0]["id"]))
             assert prog["name"] == "underlay_xdp"
         else:
-            assert not xdp and underlay_tc == [("clsact/ingress", "underlay_tc")], net
+            build = BuildParams(
+                maps_dir=node.bpffs,
+                kernel_decap=cluster.spec.ingress_hook is IngressHook.KERNEL,
+                udp_fast_path=cluster.spec.udp_fast_path,
+            ).program_name("underlay_tc")
+            assert not xdp and underlay_tc == [("clsact/ingress", build)], net
+            (on_eth0,) = [p for p in net["tc"] if p["devname"] == "eth0"]
+            prog = _bpftool(node, "prog", "show", "id", str(on_eth0["id"]))
+            assert prog["name"] == build
 
         entries = _bpftool(node, "map", "dump", "pinned", f"{node.bpffs}/maps/subnets")
         (peer,) = [n for n in cluster.nodes if n is not node]
@@ -343,7 +351,7 @@ def test_bpftool_shows_programs_and_typed_maps(cluster: Cluster):
         assert key["addr"] == int.from_bytes(peer.subnet.network_address.packed, sys.byteorder)
         assert value["public_ip"] == int.from_bytes(peer.public_ip.packed, sys.byteorder)
         lease = peer.lease(cluster.spec.backend).peer()
-        assert value["backend"] == int(lease.backend)
+        assert value["backend"] == layout.BACKEND_CODES[lease.backend]
         assert bytes(value["vtep_mac"]).hex(":") == lease.vtep_mac
 
 

@@ -13,10 +13,10 @@ import os
 
 import pytest
 
+from flannel_xdp.lab.frames import VXLAN_OVERHEAD
 from tests.packet_support import (
     OWN_SUBNET,
     PEER_A,
-    VXLAN_OVERHEAD,
     XDP_DROP,
     XDP_PASS,
     XDP_REDIRECT,
@@ -27,7 +27,7 @@ from tests.packet_support import (
 from tests.requirements import require_root_and_bcc
 from tests.test_packets import UNDERLAY_CASES, refused_by_test_run
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.bpf
 
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
 KERNEL_VERDICT = {XDP_PASS: TC_ACT_OK, XDP_DROP: TC_ACT_SHOT, XDP_REDIRECT: TC_ACT_OK}

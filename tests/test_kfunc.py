@@ -18,15 +18,16 @@ from pathlib import Path
 import pytest
 
 from flannel_xdp import netns
+from flannel_xdp.lab.frames import eth
 from flannel_xdp.lab.traffic import udp_socket
 from flannel_xdp.loader import btf
 from flannel_xdp.loader.compile import expand_includes
 from flannel_xdp.loader.kfunc import KFUNCS, KfuncError, kfunc_cflags, load, patch_calls
-from flannel_xdp.maps.libbpf import prog_test_run
-from tests.packet_support import eth, ip, run, temp_netns, udp_packet
+from flannel_xdp.loader.libbpf import prog_test_run
+from tests.packet_support import ip, run, temp_netns, udp_packet
 from tests.requirements import require_root_and_bcc
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.bpf
 
 NS = f"fxdp-kf-{os.getpid()}"
 PROBE = Path(__file__).with_name("ct_probe.c")

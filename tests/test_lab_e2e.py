@@ -27,6 +27,7 @@ from itertools import product
 
 import pytest
 
+from flannel_xdp.backend import Backend
 from flannel_xdp.lab import process, traffic
 from flannel_xdp.lab.agentcluster import (
     ETCD_PREFIX,
@@ -37,8 +38,7 @@ from flannel_xdp.lab.agentcluster import (
     run_dir_for,
 )
 from flannel_xdp.lab.etcd import ETCDCTL
-from flannel_xdp.lab.topology import Counters, Dataplane, NetworkBackend, Pod
-from flannel_xdp.maps.layout import Backend
+from flannel_xdp.lab.topology import Counters, Dataplane, Pod
 from tests.lab_support import (
     IP_ICMP_HEADERS,
     IP_TCP_HEADERS,
@@ -51,12 +51,12 @@ from tests.lab_support import (
     require_lab,
 )
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
 CONFIGS = {
-    "vxlan": {"backend": NetworkBackend.VXLAN},
-    "host-gw": {"backend": NetworkBackend.HOST_GW},
-    "directrouting": {"backend": NetworkBackend.VXLAN, "direct_routing": True},
+    "vxlan": {"backend": Backend.VXLAN},
+    "host-gw": {"backend": Backend.HOST_GW},
+    "directrouting": {"backend": Backend.VXLAN, "direct_routing": True},
 }
 # What each config's peers become in the subnets map: all nodes share one L2 segment.
 EXPECTED_BACKEND = {
@@ -159,7 +159,7 @@ def test_full_size_segments_cross_and_df_over_mtu_fails(cluster: AgentCluster):
     a DF ping at the MTU crosses, one byte more fails at once, naming the MTU."""
     a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[1]
     mtu = cluster.nodes[0].mtu
-    assert mtu == (1450 if cluster.spec.backend is NetworkBackend.VXLAN else 1500)
+    assert mtu == (1450 if cluster.spec.backend is Backend.VXLAN else 1500)
     for pod in (a, b):
         link = json.loads(process.run(pod.netns, ["ip", "-j", "link", "show", "eth0"]).stdout)
         assert link[0]["mtu"] == mtu, f"{pod.netns}: MTU {link[0]['mtu']}, subnet.env says {mtu}"

@@ -8,16 +8,19 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 import pytest
 
 from flannel_xdp import cli
+from flannel_xdp.backend import Backend
 from flannel_xdp.lab import agentcluster, agents, demo, options, traffic
 from flannel_xdp.lab.agentcluster import AgentCluster, AgentClusterSpec, LabNode
-from flannel_xdp.lab.topology import Dataplane, LabError, NetworkBackend, Pod
+from flannel_xdp.lab.topology import Dataplane, LabError, Pod
 from flannel_xdp.loader import datapath
 from flannel_xdp.loader.datapath import IngressHook
+
+pytestmark = pytest.mark.unit
 
 
 def test_cli_choices_match_the_enums():
     # options.py spells the choices out so that `flannel-xdp agent` never imports the lab
-    assert set(options.BACKENDS) == {b.value for b in NetworkBackend}
+    assert set(options.BACKENDS) == {b.value for b in Backend}
     assert set(options.INGRESS_HOOKS) == {h.value for h in IngressHook}
     assert options.DEFAULT_LAB_NAME == agentcluster.DEFAULT_NAME
     assert options.RUN_ROOT == agentcluster.RUN_ROOT
@@ -42,7 +45,7 @@ def test_spec_validation_and_net_conf():
         "Network": "198.18.0.0/16",
         "Backend": {"Type": "vxlan", "DirectRouting": True},
     }
-    assert AgentClusterSpec(name="abc", backend=NetworkBackend.HOST_GW).net_conf() == {
+    assert AgentClusterSpec(name="abc", backend=Backend.HOST_GW).net_conf() == {
         "Network": "198.18.0.0/16",
         "Backend": {"Type": "host-gw"},
     }
@@ -52,7 +55,7 @@ def test_spec_validation_and_net_conf():
         AgentClusterSpec(name="x" * 13),
         AgentClusterSpec(name="ok", stock=4, nodes=3),
         AgentClusterSpec(name="ok", nodes=0),
-        AgentClusterSpec(name="ok", backend=NetworkBackend.HOST_GW, direct_routing=True),
+        AgentClusterSpec(name="ok", backend=Backend.HOST_GW, direct_routing=True),
     ):
         with pytest.raises(LabError):
             bad.validate()
@@ -83,7 +86,7 @@ def test_naming_and_plan_without_touching_the_system():
 
 def test_spec_and_nodes_survive_the_state_file():
     spec = AgentClusterSpec(
-        name="st", backend=NetworkBackend.HOST_GW, ingress_hook=IngressHook.TC, stock=1
+        name="st", backend=Backend.HOST_GW, ingress_hook=IngressHook.TC, stock=1
     )
     assert AgentClusterSpec.from_state(spec.to_state()) == spec
     node = LabNode(
@@ -201,9 +204,9 @@ def test_demo_spec_from_arguments():
 @pytest.mark.parametrize(
     ("backend", "hook"),
     [
-        (NetworkBackend.HOST_GW, IngressHook.XDP),
-        (NetworkBackend.VXLAN, IngressHook.XDP),
-        (NetworkBackend.VXLAN, IngressHook.TC),
+        (Backend.HOST_GW, IngressHook.XDP),
+        (Backend.VXLAN, IngressHook.XDP),
+        (Backend.VXLAN, IngressHook.TC),
     ],
 )
 def test_where_the_udp_fast_path_fits(backend, hook):
@@ -211,9 +214,9 @@ def test_where_the_udp_fast_path_fits(backend, hook):
     with pytest.raises(LabError, match="--udp-fast-path fits a vxlan network with the kernel"):
         spec.validate()
     for backend, hook in [
-        (NetworkBackend.VXLAN, IngressHook.KERNEL),
-        (NetworkBackend.HOST_GW, IngressHook.TC),
-        (NetworkBackend.HOST_GW, IngressHook.KERNEL),
+        (Backend.VXLAN, IngressHook.KERNEL),
+        (Backend.HOST_GW, IngressHook.TC),
+        (Backend.HOST_GW, IngressHook.KERNEL),
     ]:
         AgentClusterSpec(
             name="unit", backend=backend, ingress_hook=hook, udp_fast_path=True

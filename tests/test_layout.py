@@ -1,4 +1,4 @@
-"""The Python view of every map layout equals what bcc compiles from bpf/layout.h."""
+"""The Python view of every map layout equals what bcc compiles from bpf/types.h and maps.h."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ import uuid
 import pytest
 
 from flannel_xdp import defaults
+from flannel_xdp.bpf import TYPES_HEADER, c_enums, source_dir
 from flannel_xdp.loader.bpffs import PinDir
-from flannel_xdp.loader.compile import BuildParams, bpf_source_dir, compile_program
+from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.maps import layout
 from tests.requirements import require_root_and_bcc
-
-pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +40,7 @@ def _fields(ctype) -> list[tuple[str, int, int]]:
     ]
 
 
+@pytest.mark.bpf
 @pytest.mark.parametrize("map_name", sorted(layout.MAP_LAYOUTS))
 def test_map_layout_matches_bcc(compiled, map_name):
     key_type, value_type = layout.MAP_LAYOUTS[map_name]
@@ -57,14 +57,15 @@ def test_map_layout_matches_bcc(compiled, map_name):
         assert _fields(table.Key) == _fields(key_type)
 
 
+@pytest.mark.unit
 def test_enums_come_from_the_header():
-    text = (bpf_source_dir() / "layout.h").read_text()
+    text = (source_dir() / TYPES_HEADER).read_text()
     for member in layout.Reason:
         assert re.search(rf"\b{member.name}\b", text)
     assert layout.Reason.REASON_NONE == 0
-    assert layout.Backend.VXLAN == 1 and layout.Backend.HOST_GW == 2
+    assert layout.BackendCode.VXLAN == 1 and layout.BackendCode.HOST_GW == 2
     assert [r.name for r in layout.Reason][1:] == [
-        m for m in layout.c_enums()["reason"] if m not in ("REASON_NONE", "REASON_MAX")
+        m for m in c_enums()["reason"] if m not in ("REASON_NONE", "REASON_MAX")
     ]
     for reason in layout.Reason:
         if reason != layout.Reason.REASON_NONE:
@@ -72,14 +73,16 @@ def test_enums_come_from_the_header():
             assert reason.name.startswith(("PASS_", "DROP_"))
 
 
+@pytest.mark.unit
 def test_vxlan_overhead_default_matches_the_c_constant():
-    parse_h = (bpf_source_dir() / "parse.h").read_text()
+    parse_h = (source_dir() / "parse.h").read_text()
     # VXLAN_ENCAP_LEN = Ethernet + IPv4 + UDP + VXLAN headers
     assert "#define VXLAN_ENCAP_LEN\t(ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN)" in parse_h
     assert re.search(r"#define VXLAN_HLEN\s+8\b", parse_h)
     assert defaults.VXLAN_OVERHEAD == 14 + 20 + 8 + 8
 
 
+@pytest.mark.bpf
 def test_pinned_maps_are_btf_typed_and_private(compiled):
     _, pins = compiled
     for d in (pins.root, pins.maps, pins.progs):

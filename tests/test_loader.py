@@ -14,10 +14,11 @@ import pytest
 from pyroute2 import IPRoute
 
 from flannel_xdp import netns
-from flannel_xdp.loader import attach, datapath, devices
+from flannel_xdp.backend import Backend
+from flannel_xdp.loader import attach, datapath, devices, libbpf, map_upgrades, pod_ports
 from flannel_xdp.loader.bpffs import PinDir
-from flannel_xdp.maps import libbpf
-from flannel_xdp.maps.layout import Backend
+from flannel_xdp.loader.programs import POD_INGRESS
+from flannel_xdp.maps import libbpf as map_libbpf
 from flannel_xdp.maps.views import (
     CapacityError,
     LayoutMismatch,
@@ -28,9 +29,10 @@ from flannel_xdp.maps.views import (
     TrafficMap,
 )
 from tests.node_support import someone_elses_filter
+from tests.pod_ports_support import pod_ports_attached
 from tests.requirements import require_root_and_bcc
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.bpf
 
 NODE = datapath.NodeParams(
     public_ip=IPv4Address("192.0.2.1"),
@@ -175,6 +177,24 @@ def test_refuses_to_adopt_a_foreign_flannel_device(node):
     _ip("-n", ns, "link", "del", "flannel.1")
 
 
+def test_replaces_flanneld_vxlan_device(node):
+    """flanneld's flannel.1 (a kernel vxlan device with a VNI and an FDB), left by a node
+    moving over: our tunnel takes its name, with the VtepMAC asked for."""
+    ns, bpffs = node
+    _ip(
+        "-n", ns, "link", "add", "flannel.1", "address", NODE.vtep_mac, "type", "vxlan",
+        "id", "1", "local", "192.0.2.1", "dev", "eth0", "dstport", "8472", "nolearning",
+    )  # fmt: skip
+    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs)
+    with netns.entered(ns):
+        datapath.install(cfg, NODE)
+    assert _tunnel_kind(ns) == cfg.ingress_hook.tunnel_kind.value
+    res = subprocess.run(
+        ["ip", "-n", ns, "-j", "link", "show", "flannel.1"], capture_output=True, text=True
+    )
+    assert json.loads(res.stdout)[0]["address"] == NODE.vtep_mac
+
+
 def _peer(i: int, backend: Backend = Backend.VXLAN) -> Peer:
     return Peer(
         subnet=IPv4Network(f"198.18.{i}.0/24"),
@@ -283,7 +303,7 @@ def test_maps_pinned_by_another_layout_start_anew(node, caplog):
         TrafficMap(pins.maps)
     with pytest.raises(LayoutMismatch, match="key/value size 4/36"):
         NodeConfigMap(pins.maps)
-    caplog.set_level(logging.INFO, logger="flannel_xdp.loader.datapath")
+    caplog.set_level(logging.INFO, logger="flannel_xdp.loader.map_upgrades")
     with netns.entered(ns):
         datapath.install(cfg, NODE)
     with TrafficMap(pins.maps) as traffic:
@@ -311,32 +331,32 @@ def test_the_fast_paths_sending_side_comes_and_goes_with_the_flag(node):
     _ip("-n", ns, "link", "set", "vpod0", "master", "cni0")
     keep_fd = someone_elses_filter(ns, "vpod0", prio=7)
     fast = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, udp_fast_path=True)
-    pin = PinDir(bpffs).prog(datapath.POD_INGRESS.name)
+    pin = PinDir(bpffs).prog(POD_INGRESS.name)
     try:
         with netns.entered(ns):
             datapath.install(fast, NODE)
-            assert os.path.exists(pin) and datapath.pod_ports_attached() == []
-            assert datapath.ensure_pod_ports(bpffs, ["vpod0"]) == ["vpod0"]
+            assert os.path.exists(pin) and pod_ports_attached() == []
+            assert pod_ports.ensure_pod_ports(bpffs, ["vpod0"]) == ["vpod0"]
             first = _tcx_prog_ids("vpod0")
             datapath.install(fast, NODE)
-            assert datapath.pod_ports_attached() == ["vpod0"]
+            assert pod_ports_attached() == ["vpod0"]
             assert len(_tcx_prog_ids("vpod0")) == 1 and _tcx_prog_ids("vpod0") != first
             datapath.install(dataclasses.replace(fast, udp_fast_path=False), NODE)
-            assert datapath.pod_ports_attached() == [] and not os.path.exists(pin)
+            assert pod_ports_attached() == [] and not os.path.exists(pin)
             assert os.listdir(PinDir(bpffs).links) == []
 
             datapath.install(fast, NODE)
             fd = libbpf.obj_get(pin)
             try:  # as an older release attached it
-                attach.attach_tc("vpod0", "ingress", fd, datapath.POD_INGRESS.name)
+                attach.attach_tc("vpod0", "ingress", fd, POD_INGRESS.name)
             finally:
                 os.close(fd)
             datapath.install(fast, NODE)
-            assert datapath.pod_ports_attached() == ["vpod0"]
+            assert pod_ports_attached() == ["vpod0"]
             assert attach.tc_filter_name("vpod0", "ingress") is None
 
             datapath.uninstall(bpffs, "eth0", NODE.vni)
-            assert datapath.pod_ports_attached() == []
+            assert pod_ports_attached() == []
         filters = subprocess.run(
             ["tc", "-n", ns, "filter", "show", "dev", "vpod0", "ingress"],
             capture_output=True,
@@ -358,11 +378,11 @@ def test_the_link_of_a_gone_veth_end_is_unpinned_at_the_next_scan(node):
     with netns.entered(ns):
         datapath.install(fast, NODE)
         try:
-            assert datapath.ensure_pod_ports(bpffs, ["vpod1"]) == ["vpod1"]
+            assert pod_ports.ensure_pod_ports(bpffs, ["vpod1"]) == ["vpod1"]
             assert len(os.listdir(links)) == 1
             _ip("-n", ns, "link", "del", "vpod1")
             assert len(os.listdir(links)) == 1
-            assert datapath.ensure_pod_ports(bpffs, []) == []
+            assert pod_ports.ensure_pod_ports(bpffs, []) == []
             assert os.listdir(links) == []
         finally:
             datapath.uninstall(bpffs, "eth0", NODE.vni)
@@ -372,3 +392,91 @@ def _tcx_prog_ids(dev: str) -> list[int]:
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=dev)[0]
     return libbpf.prog_query(index, libbpf.BPF_TCX_INGRESS)
+
+
+# Every build of the underlay's ingress program, by (hook, fast path): its name in the kernel.
+UNDERLAY_BUILDS = [
+    (datapath.IngressHook.XDP, False, "underlay_xdp"),
+    (datapath.IngressHook.TC, False, "underlay_tc"),
+    (datapath.IngressHook.TC, True, "underlay_tc_fp"),
+    (datapath.IngressHook.KERNEL, False, "underlay_kd"),
+    (datapath.IngressHook.KERNEL, True, "underlay_kd_fp"),
+]
+
+
+@pytest.mark.parametrize(("hook", "fast", "build"), UNDERLAY_BUILDS)
+def test_each_build_runs_under_its_own_name(node, hook, fast, build):
+    """bpftool tells the builds apart: a program's kernel name says which build it is."""
+    ns, bpffs = node
+    cfg = datapath.DataPathConfig(
+        underlay="eth0", bpffs=bpffs, ingress_hook=hook, udp_fast_path=fast
+    )
+    with netns.entered(ns):
+        datapath.install(cfg, NODE)
+    pins = PinDir(bpffs)
+    names = {}
+    for prog in datapath.programs(hook, fast):
+        shown = subprocess.run(
+            ["bpftool", "-j", "prog", "show", "pinned", pins.prog(prog.name)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        names[prog.name] = json.loads(shown.stdout)["name"]
+    underlay = datapath.UNDERLAY_PROGRAM[hook].name
+    assert names.pop(underlay) == build
+    assert all(name == source for source, name in names.items()), names
+    listed = json.loads(
+        subprocess.run(
+            ["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert build in {p.get("name") for p in listed}
+    if hook is not datapath.IngressHook.XDP:  # and its tc filter on the underlay, the same
+        net = json.loads(
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "bpftool", "-j", "net", "show"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )[0]
+        assert [p["name"] for p in net["tc"] if p["devname"] == "eth0"] == [build], net
+
+
+def test_a_resize_killed_part_way_is_put_back_and_done_again(node):
+    """An install killed (with its agent) after setting the subnets map aside, before it
+    attached: the set-aside map is the one in use, the one in its place may be empty. The
+    next install puts it back and resizes it again, copying every entry."""
+    ns, bpffs = node
+    with netns.entered(ns):
+        installed = datapath.install(
+            datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, max_subnets=4), NODE
+        )
+        with SubnetsMap(installed.pins.maps) as m:
+            m.apply([_peer(2), _peer(3)])
+        # what the killed install left: the map in use set aside, an empty one in its place
+        assert map_upgrades.set_aside_resized_subnets(installed.pins, 8)
+        fd = map_libbpf.obj_get(os.path.join(bpffs, map_upgrades.RESIZE_DIR, SubnetsMap.name))
+        in_use = map_libbpf.map_info(fd).id
+        os.close(fd)
+        datapath.install(datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, max_subnets=8), NODE)
+        assert not os.path.exists(os.path.join(bpffs, map_upgrades.RESIZE_DIR))
+        with SubnetsMap(installed.pins.maps) as m:
+            assert m.max_entries == 8
+            assert m.peers() == {p.subnet: p for p in [_peer(2), _peer(3)]}
+        # the map set aside was put back, then replaced by the resize it was waiting for
+        fd = map_libbpf.obj_get(os.path.join(installed.pins.maps, SubnetsMap.name))
+        assert map_libbpf.map_info(fd).id != in_use
+        os.close(fd)
+
+
+def test_teardown_unpins_what_an_interrupted_install_set_aside(node):
+    ns, bpffs = node
+    with netns.entered(ns):
+        installed = datapath.install(
+            datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, max_subnets=4), NODE
+        )
+        assert map_upgrades.set_aside_resized_subnets(installed.pins, 8)
+        datapath.uninstall(bpffs, "eth0", NODE.vni)
+    assert not os.path.exists(bpffs)

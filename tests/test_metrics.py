@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,13 +20,16 @@ from wsgiref.simple_server import WSGIServer
 import pytest
 from prometheus_client import CollectorRegistry, start_http_server
 
-from flannel_xdp.lab import Cluster, ClusterSpec, NetworkBackend, Node, Pod, process
+from flannel_xdp.backend import Backend
+from flannel_xdp.lab import Cluster, ClusterSpec, Node, Pod, process
+from flannel_xdp.lab.etcd import free_port
+from flannel_xdp.loader.compile import BuildParams
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.loader.datapath import programs as datapath_programs
 from flannel_xdp.metrics.datapath import DataPathCollector
 from tests.requirements import require_root_and_bcc
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
 DATAGRAMS = 50
 PAYLOAD = 100
@@ -57,12 +59,6 @@ except TimeoutError:
     pass
 print(got, flush=True)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Exporter:
@@ -101,9 +97,7 @@ def sample(text: str, name: str, **labels: str) -> float:
 @pytest.fixture(scope="module", params=list(IngressHook), ids=[h.value for h in IngressHook])
 def lab(request: pytest.FixtureRequest) -> Iterator[tuple[Cluster, list[Exporter]]]:
     require_root_and_bcc("promtool", "prometheus")
-    spec = ClusterSpec.uniform(
-        nodes=2, pods=1, backend=NetworkBackend.VXLAN, ingress_hook=request.param
-    )
+    spec = ClusterSpec.uniform(nodes=2, pods=1, backend=Backend.VXLAN, ingress_hook=request.param)
     with Cluster(spec) as cluster:
         exporters = [Exporter(n) for n in cluster.nodes]
         try:
@@ -239,7 +233,15 @@ def test_inspect_shows_the_known_peers(lab):
         assert report["node"]["subnet"] == str(node.subnet)
         assert report["node"]["public_ip"] == str(node.public_ip)
         programs = {p["pin"]: p["name"] for p in report["programs"]}
-        assert programs == {p.name: p.name for p in datapath_programs(cluster.spec.ingress_hook)}
+        build = BuildParams(
+            maps_dir=node.bpffs,
+            kernel_decap=cluster.spec.ingress_hook is IngressHook.KERNEL,
+            udp_fast_path=cluster.spec.udp_fast_path,
+        )
+        assert programs == {
+            p.name: build.program_name(p.name)
+            for p in datapath_programs(cluster.spec.ingress_hook, cluster.spec.udp_fast_path)
+        }
         text = subprocess.run(
             [".venv/bin/flannel-xdp", "inspect", "--bpffs", node.bpffs],
             capture_output=True,
@@ -254,7 +256,7 @@ def test_every_metric_the_dashboard_queries_exists(lab):
     from prometheus_client import generate_latest
 
     from flannel_xdp.agent.agent import Agent, AgentOptions
-    from flannel_xdp.agent.registry import parse_endpoints
+    from flannel_xdp.registry.etcd import parse_endpoints
 
     cluster, _ = lab
     agent = Agent(

@@ -21,7 +21,7 @@ from flannel_xdp.lab import traffic
 from tests.lab_support import agent_cluster
 from tests.requirements import require_root_and_bcc
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
 PROM_PORT = 9099
 

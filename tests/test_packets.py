@@ -38,9 +38,8 @@ from ipaddress import IPv4Address
 import pytest
 
 from flannel_xdp import netns
-from flannel_xdp.maps.layout import Backend, c_define
-from flannel_xdp.maps.libbpf import BpfError, prog_test_run
-from tests.packet_support import (
+from flannel_xdp.backend import Backend
+from flannel_xdp.lab.frames import (
     ETH_HLEN,
     ETH_P_8021AD,
     ETH_P_8021Q,
@@ -48,6 +47,21 @@ from tests.packet_support import (
     ETH_P_IPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    UDP_HLEN,
+    VXLAN_HLEN,
+    VXLAN_OVERHEAD,
+    eth,
+    inet_csum,
+    ipv4_header,
+    l4_csum_ok,
+    partial_csum,
+    vxlan_udp,
+    with_l4_csum,
+)
+from flannel_xdp.lab.frames import mac_bytes as mac
+from flannel_xdp.loader.libbpf import BpfError, prog_test_run
+from tests.bpf_support import c_define
+from tests.packet_support import (
     OWN_IP,
     OWN_SUBNET,
     OWN_VTEP,
@@ -63,27 +77,18 @@ from tests.packet_support import (
     TC_ACT_OK,
     TC_ACT_REDIRECT,
     TC_ACT_SHOT,
-    UDP_HLEN,
     UNDERLAY_MAC,
     UNKNOWN_HOST,
     VNI,
-    VXLAN_HLEN,
-    VXLAN_OVERHEAD,
     XDP_DROP,
     XDP_PASS,
     XDP_REDIRECT,
     Counters,
     RemotePeer,
     arp_payload,
-    eth,
     ifindex,
-    inet_csum,
     ip,
-    ipv4_header,
     ipv6_packet,
-    l4_csum_ok,
-    mac,
-    partial_csum,
     program_lab,
     run,
     sysctl,
@@ -92,12 +97,10 @@ from tests.packet_support import (
     tunnel_frame,
     udp_packet,
     vxlan_frame,
-    vxlan_header,
-    with_l4_csum,
 )
 from tests.requirements import require_root_and_bcc
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.bpf
 
 TAG = f"{os.getpid()}"
 OWN_HOST = str(OWN_SUBNET.network_address + 5)
@@ -177,8 +180,7 @@ def one(delta, key, packets=1, nbytes=None):
 def expected_encap(inner_ip, peer, *, sport, outer_dst, outer_src, vni=VNI, port=PORT):
     """The frame tunnel_egress must produce, built independently of the C code."""
     inner = eth(peer.vtep_mac, OWN_VTEP) + inner_ip
-    udp = struct.pack("!HHHH", sport, port, UDP_HLEN + VXLAN_HLEN + len(inner), 0)
-    payload = udp + vxlan_header(vni) + inner
+    payload = vxlan_udp(sport, port, vni, inner)
     outer_ip = ipv4_header(
         str(OWN_IP),
         str(peer.public_ip),

@@ -12,16 +12,18 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flannel_xdp.agent import agent as agent_module
-from flannel_xdp.agent.agent import LEASE_TTL, Agent, AgentExit, AgentOptions
-from flannel_xdp.agent.config import parse_config
-from flannel_xdp.agent.interface import Underlay
-from flannel_xdp.agent.lease import LeaseAttrs
-from flannel_xdp.agent.registry import (
+from flannel_xdp.agent.reconcile import Reconciler
+from flannel_xdp.backend import Backend
+from flannel_xdp.maps.views import Peer
+from flannel_xdp.registry import etcd as etcd_module
+from flannel_xdp.registry.base import LeaseRevoked, Snapshot
+from flannel_xdp.registry.config import parse_config
+from flannel_xdp.registry.etcd import (
+    LEASE_TTL,
     Compacted,
     EtcdRegistry,
     EventKind,
@@ -29,13 +31,13 @@ from flannel_xdp.agent.registry import (
     RegistryUnavailable,
     parse_endpoints,
 )
-from flannel_xdp.maps.layout import Backend
-from flannel_xdp.maps.views import ApplyResult, Peer
+from flannel_xdp.registry.lease import LeaseAttrs
 from tests.etcd_support import EtcdCluster, etcd_cluster, free_ports
+from tests.fakes import FakeRoutes, FakeSubnetsMap
 
-# The key pattern flannel itself uses (shared/flannel-compat.md), verbatim.
+# The key pattern flannel itself matches subnet keys with, verbatim.
 FLANNEL_KEY_RE = re.compile(r"(\d+\.\d+.\d+.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?$")
-# The lease value of shared/flannel-compat.md, byte for byte.
+# A vxlan lease value as flanneld writes it (Go's encoding/json), byte for byte.
 FLANNEL_VXLAN_VALUE = (
     b'{"PublicIP":"192.0.2.3","PublicIPv6":null,"BackendType":"vxlan",'
     b'"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}'
@@ -52,7 +54,7 @@ def vxlan_value(ip: str, mac: str, vni: int = 1) -> str:
 
 
 def host_gw_value(ip: str) -> str:
-    return f'{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"host-gw","BackendData":null}}'
+    return f'{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"host-gw"}}'
 
 
 def net(text: str) -> IPv4Network:
@@ -96,6 +98,7 @@ def etcd() -> Iterable[EtcdCluster]:
 # -- format -------------------------------------------------------------------------------
 
 
+@pytest.mark.etcd
 def test_written_leases_match_flanneld_key_json_and_ttl(etcd: EtcdCluster):
     prefix = etcd.new_prefix()
     vxlan = LeaseAttrs(IPv4Address("192.0.2.3"), "vxlan", vni=1, vtep_mac="c6:d2:32:6f:8f:44")
@@ -129,6 +132,7 @@ def test_written_leases_match_flanneld_key_json_and_ttl(etcd: EtcdCluster):
         assert ttl - 30 <= info["ttl"] <= ttl
 
 
+@pytest.mark.etcd
 def test_renewal_keeps_the_format_under_a_fresh_etcd_lease(etcd: EtcdCluster):
     prefix = etcd.new_prefix()
     attrs = LeaseAttrs(IPv4Address("192.0.2.3"), "vxlan", vni=1, vtep_mac="c6:d2:32:6f:8f:44")
@@ -162,6 +166,7 @@ MALFORMED = {
 }
 
 
+@pytest.mark.etcd
 def test_foreign_leases_are_listed_and_malformed_ones_skipped(etcd: EtcdCluster):
     prefix = etcd.new_prefix()
     etcd.put(f"{prefix}/config", VXLAN_CONFIG)
@@ -197,6 +202,7 @@ def test_foreign_leases_are_listed_and_malformed_ones_skipped(etcd: EtcdCluster)
     assert listing.revision == etcd.revision()
 
 
+@pytest.mark.etcd
 def test_watch_delivers_foreign_adds_changes_and_removals_past_malformed_values(
     etcd: EtcdCluster,
 ):
@@ -254,6 +260,7 @@ def test_watch_delivers_foreign_adds_changes_and_removals_past_malformed_values(
 # -- compaction ----------------------------------------------------------------------------
 
 
+@pytest.mark.etcd
 def test_watch_from_a_compacted_revision_raises_compacted_and_a_relist_recovers(
     etcd: EtcdCluster,
 ):
@@ -297,35 +304,6 @@ def test_watch_from_a_compacted_revision_raises_compacted_and_a_relist_recovers(
     assert (ev.kind, ev.subnet) == (EventKind.ADDED, net("10.244.4.0/24"))
 
 
-class FakeSubnetsMap:
-    """The pinned subnets map's interface, in memory (the agent's view of the data path)."""
-
-    max_entries = 16384
-
-    def __init__(self):
-        self.entries: dict[IPv4Network, Peer] = {}
-
-    def peers(self) -> dict[IPv4Network, Peer]:
-        return dict(self.entries)
-
-    def apply(self, desired) -> ApplyResult:
-        want = {p.subnet: p for p in desired}
-        added = sum(1 for s in want if s not in self.entries)
-        changed = sum(1 for s, p in want.items() if s in self.entries and self.entries[s] != p)
-        removed = sum(1 for s in self.entries if s not in want)
-        self.entries = want
-        return ApplyResult(added=added, changed=changed, removed=removed)
-
-    def upsert(self, peer: Peer) -> None:
-        self.entries[peer.subnet] = peer
-
-    def remove(self, subnet: IPv4Network) -> bool:
-        return self.entries.pop(subnet, None) is not None
-
-    def close(self) -> None:
-        pass
-
-
 OWN = net("10.244.1.0/24")
 OWN_ATTRS = LeaseAttrs(IPv4Address("198.18.0.10"), "vxlan", vni=1, vtep_mac="0a:00:00:00:00:01")
 
@@ -334,38 +312,42 @@ def peer(subnet: str, ip: str, mac: str) -> Peer:
     return Peer(net(subnet), IPv4Address(ip), Backend.VXLAN, mac)
 
 
-def kernel_free_agent(monkeypatch, cluster: EtcdCluster, prefix: str, **registry_kw) -> Agent:
-    """An Agent past start(): real registry, an in-memory map, routes only recorded.
+class Follower:
+    """The agent's control loop without a kernel: the registry's updates applied by a
+    Reconciler to an in-memory map and a recorded route table."""
 
-    The config and our own lease are put in etcd first, as start() would have left them.
+    def __init__(self, registry: EtcdRegistry):
+        self.registry = registry
+        self.map = FakeSubnetsMap()
+        self.routes = FakeRoutes()
+        self.reconciler = Reconciler(
+            parse_config(VXLAN_CONFIG),
+            OWN,
+            OWN_ATTRS,
+            self.map,
+            self.routes,
+            [IPv4Network("198.18.0.0/24")],
+        )
+
+    async def follow(self) -> None:
+        async for update in self.registry.updates():
+            await self.reconciler.apply(update)
+
+
+def kernel_free_follower(cluster: EtcdCluster, prefix: str, **registry_kw) -> Follower:
+    """A control loop past bootstrap: real registry, an in-memory map, routes recorded.
+
+    The config and our own lease are put in etcd first, as bootstrap would have left them.
     """
     cluster.put(f"{prefix}/config", VXLAN_CONFIG)
     cluster.put(key_of(prefix, str(OWN)), OWN_ATTRS.to_json())
-    routes: list[tuple[str, object]] = []
-    monkeypatch.setattr(
-        Agent, "_sync_routes", staticmethod(lambda peers, vni, *_: routes.append(("sync", peers)))
-    )
-    monkeypatch.setattr(
-        Agent, "_add_route", staticmethod(lambda p, vni, *_: routes.append(("add", p.subnet)))
-    )
-    monkeypatch.setattr(
-        Agent, "_remove_route", staticmethod(lambda s, vni: routes.append(("remove", s)))
-    )
-    agent = Agent(AgentOptions(etcd_endpoints=cluster.endpoints, etcd_prefix=prefix))
-    if registry_kw:
-        agent.registry = EtcdRegistry(cluster.endpoints, prefix=prefix, **registry_kw)
-    agent.config = parse_config(VXLAN_CONFIG)
-    agent.underlay = Underlay("eth0", 2, IPv4Interface("198.18.0.10/24"), 1500)
-    agent.subnet, agent.attrs = OWN, OWN_ATTRS
-    agent.subnets_map = FakeSubnetsMap()  # type: ignore[assignment]
-    agent.routes = routes  # type: ignore[attr-defined]
-    return agent
+    return Follower(EtcdRegistry(cluster.endpoints, prefix=prefix, **registry_kw))
 
 
 @pytest.fixture
-def agent_without_kernel(monkeypatch, etcd: EtcdCluster):
+def follower(etcd: EtcdCluster):
     prefix = etcd.new_prefix()
-    return kernel_free_agent(monkeypatch, etcd, prefix), prefix
+    return kernel_free_follower(etcd, prefix), prefix
 
 
 async def _stop(task: asyncio.Task) -> None:
@@ -374,28 +356,35 @@ async def _stop(task: asyncio.Task) -> None:
         await task
 
 
-def test_agent_relists_after_compaction_and_goes_on_watching(etcd, agent_without_kernel, caplog):
-    agent, prefix = agent_without_kernel
-    fake: FakeSubnetsMap = agent.subnets_map
+@pytest.mark.etcd
+def test_agent_relists_after_compaction_and_goes_on_watching(etcd, follower, caplog):
+    f, prefix = follower
+    fake = f.map
     m2, m3, m5 = "0a:00:00:00:00:02", "0a:00:00:00:00:03", "0a:00:00:00:00:05"
     etcd.put(key_of(prefix, "10.244.2.0/24"), vxlan_value("198.18.0.2", m2))
-    caplog.set_level(logging.INFO, logger="flannel_xdp.agent")
+    caplog.set_level(logging.INFO, logger="flannel_xdp")
 
     async def scenario():
+        updates = f.registry.updates()
         try:
-            await agent._relist()
+            first = await anext(updates)
+            assert isinstance(first, Snapshot)
+            await f.reconciler.apply(first)
             assert fake.entries == {net("10.244.2.0/24"): peer("10.244.2.0/24", "198.18.0.2", m2)}
-            seen = agent._revision
-            # While the agent is not watching: one lease goes, two come, history is compacted.
+            # While nobody is watching: one lease goes, two come, history is compacted.
             etcd.delete(key_of(prefix, "10.244.2.0/24"))
             etcd.put(key_of(prefix, "10.244.3.0/24"), vxlan_value("198.18.0.3", m3))
             etcd.put(key_of(prefix, "10.244.4.0/24"), host_gw_value("198.18.0.4"))
             etcd.compact(etcd.revision())
-            task = asyncio.create_task(agent._watch_loop())
-            await wait_until(lambda: agent.stats.full_syncs == 2, what="the relist")
-            assert agent._revision > seen
+
+            async def follow() -> None:
+                async for update in updates:
+                    await f.reconciler.apply(update)
+
+            task = asyncio.create_task(follow())
+            await wait_until(lambda: f.reconciler.status.full_syncs == 2, what="the relist")
             assert fake.entries == {net("10.244.3.0/24"): peer("10.244.3.0/24", "198.18.0.3", m3)}
-            assert net("10.244.4.0/24") in agent.leases  # listed, but ignored: host-gw lease
+            assert net("10.244.4.0/24") in f.reconciler.leases  # listed, but ignored: host-gw
             # and the watch goes on from the relisted revision
             await asyncio.to_thread(
                 etcd.put, key_of(prefix, "10.244.5.0/24"), vxlan_value("198.18.0.5", m5)
@@ -406,13 +395,14 @@ def test_agent_relists_after_compaction_and_goes_on_watching(etcd, agent_without
             assert not task.done()
             await _stop(task)
         finally:
-            await agent.registry.close()
+            await f.registry.close()
 
     run(scenario())
     assert fake.entries == {net("10.244.5.0/24"): peer("10.244.5.0/24", "198.18.0.5", m5)}
-    assert agent.stats.full_syncs == 2 and agent.stats.event_errors == 0
-    assert ("add", net("10.244.5.0/24")) in agent.routes
-    assert ("remove", net("10.244.3.0/24")) in agent.routes
+    assert f.reconciler.status.full_syncs == 2 and f.reconciler.status.event_errors == 0
+    assert ("add", net("10.244.5.0/24")) in f.routes.calls
+    assert ("remove", net("10.244.3.0/24")) in f.routes.calls
+    assert f.routes.routes == {net("10.244.5.0/24")}
     assert any("has been compacted" in r.getMessage() for r in caplog.records)
     synced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("synced")]
     assert "(1 added, 0 changed, 0 removed)" in synced[0]
@@ -420,34 +410,34 @@ def test_agent_relists_after_compaction_and_goes_on_watching(etcd, agent_without
     assert any("ignoring lease 10.244.4.0/24" in r.getMessage() for r in caplog.records)
 
 
-def test_agent_exits_when_its_own_lease_is_deleted(etcd, agent_without_kernel):
-    agent, prefix = agent_without_kernel
+@pytest.mark.etcd
+def test_agent_exits_when_its_own_lease_is_deleted(etcd, follower):
+    f, prefix = follower
 
     async def scenario():
         try:
-            await agent._relist()
-            task = asyncio.create_task(agent._watch_loop())
-            await asyncio.sleep(0.2)
+            task = asyncio.create_task(f.follow())
+            await wait_until(lambda: f.reconciler.status.synced, what="the first sync")
             await asyncio.to_thread(etcd.delete, key_of(prefix, str(OWN)))
             await asyncio.wait_for(asyncio.shield(task), 5)
         finally:
-            await agent.registry.close()
+            await f.registry.close()
 
-    with pytest.raises(AgentExit) as caught:
+    with pytest.raises(LeaseRevoked) as caught:
         run(scenario())
-    assert caught.value.code == 1
     assert "Lease has been revoked" in str(caught.value)
 
 
 # -- endpoints and failover ------------------------------------------------------------------
 
 
+@pytest.mark.etcd
 def test_unix_socket_endpoint(etcd: EtcdCluster):
     prefix = etcd.new_prefix()
     attrs = LeaseAttrs(IPv4Address("192.0.2.3"), "host-gw")
 
     async def scenario():
-        reg = EtcdRegistry(parse_endpoints(etcd.members[0].unix_url), prefix=prefix)
+        reg = EtcdRegistry(parse_endpoints(etcd.members[0].endpoint), prefix=prefix)
         try:
             assert await reg.create_lease(net("10.244.7.0/24"), attrs, 60)
             return await reg.list_leases()
@@ -459,6 +449,7 @@ def test_unix_socket_endpoint(etcd: EtcdCluster):
     assert etcd.get_raw(key_of(prefix, "10.244.7.0/24")) == attrs.to_json().encode()
 
 
+@pytest.mark.etcd
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_dead_endpoint_first_fails_over_to_the_live_one(etcd: EtcdCluster, tmp_path, kind):
     prefix = etcd.new_prefix()
@@ -466,7 +457,7 @@ def test_dead_endpoint_first_fails_over_to_the_live_one(etcd: EtcdCluster, tmp_p
     if kind == "tcp":
         dead, live = f"http://127.0.0.1:{free_ports(1)[0]}", etcd.members[0].url
     else:
-        dead, live = f"unix://{tmp_path}/absent.sock", etcd.members[0].unix_url
+        dead, live = f"unix://{tmp_path}/absent.sock", etcd.members[0].endpoint
     attrs = LeaseAttrs(IPv4Address("192.0.2.3"), "host-gw")
 
     async def scenario():
@@ -488,6 +479,7 @@ def test_dead_endpoint_first_fails_over_to_the_live_one(etcd: EtcdCluster, tmp_p
     assert took < 2.0, f"failing over from a refused endpoint took {took:.2f} s"
 
 
+@pytest.mark.unit
 def test_no_live_endpoint_raises_registry_unavailable(tmp_path):
     dead = [f"http://127.0.0.1:{p}" for p in free_ports(2)] + [f"unix://{tmp_path}/none.sock"]
 
@@ -504,6 +496,7 @@ def test_no_live_endpoint_raises_registry_unavailable(tmp_path):
         assert url in str(caught.value)
 
 
+@pytest.mark.etcd
 def test_three_members_stop_the_one_in_use_and_calls_go_on():
     with etcd_cluster(3) as cluster:
         leader = cluster.leader()
@@ -556,6 +549,7 @@ def test_three_members_stop_the_one_in_use_and_calls_go_on():
     ]
 
 
+@pytest.mark.etcd
 def test_three_members_stop_the_leader_and_calls_resume_after_the_election():
     with etcd_cluster(3) as cluster:
         leader = cluster.leader()
@@ -589,6 +583,7 @@ def test_three_members_stop_the_leader_and_calls_resume_after_the_election():
     assert took < 10, f"no answer {took:.1f} s after the leader stopped ({attempts} attempts)"
 
 
+@pytest.mark.etcd
 def test_hung_member_calls_time_out_and_fail_over():
     with etcd_cluster(3) as cluster:
         leader = cluster.leader()
@@ -613,19 +608,21 @@ def test_hung_member_calls_time_out_and_fail_over():
     assert 0.9 < took < 3, f"failing over from a hung member took {took:.2f} s"
 
 
-def test_agent_keeps_following_the_registry_through_a_hung_and_a_dead_member(monkeypatch):
-    """The agent's watch loop: a hung member is noticed by the probe beside the watch, a
-    dead one by the watch itself; either way the agent goes on through the next member
-    and misses no lease written meanwhile."""
+@pytest.mark.etcd
+def test_agent_keeps_following_the_registry_through_a_hung_and_a_dead_member():
+    """The registry's update stream: a hung member is noticed by the probe beside the
+    watch, a dead one by the watch itself; either way the stream goes on through the next
+    member and misses no lease written meanwhile."""
     with etcd_cluster(3) as cluster:
         leader = cluster.leader()
         order = [i for i in range(3) if i != leader] + [leader]  # followers first
         members = [cluster.members[i] for i in order]
         prefix = cluster.new_prefix()
-        endpoints = parse_endpoints(",".join(m.url for m in members))
-        agent = kernel_free_agent(monkeypatch, cluster, prefix)
-        agent.registry = EtcdRegistry(endpoints, prefix=prefix, timeout=1)
-        fake: FakeSubnetsMap = agent.subnets_map
+        f = kernel_free_follower(cluster, prefix, timeout=1)
+        f.registry = EtcdRegistry(
+            parse_endpoints(",".join(m.url for m in members)), prefix=prefix, timeout=1
+        )
+        fake = f.map
         mac = "0a:00:00:00:00:0{}".format
 
         async def put(subnet: str, i: int) -> None:
@@ -636,18 +633,18 @@ def test_agent_keeps_following_the_registry_through_a_hung_and_a_dead_member(mon
         async def scenario():
             timings = {}
             try:
-                await agent._relist()
-                task = asyncio.create_task(agent._watch_loop())
+                task = asyncio.create_task(f.follow())
+                await wait_until(lambda: f.reconciler.status.synced, what="the first sync")
                 await put("10.244.2.0/24", 2)
                 await wait_until(lambda: net("10.244.2.0/24") in fake.entries, what="first")
-                assert str(agent.registry.endpoint) == members[0].url
+                assert str(f.registry.endpoint) == members[0].url
 
                 members[0].pause()  # hung: the watch on it just goes quiet
                 started = time.monotonic()
                 await put("10.244.3.0/24", 3)
                 await wait_until(lambda: net("10.244.3.0/24") in fake.entries, 10, "hung")
                 timings["hung"] = time.monotonic() - started
-                assert str(agent.registry.endpoint) == members[1].url
+                assert str(f.registry.endpoint) == members[1].url
                 members[0].resume()
 
                 members[1].stop()  # dead: the watch on it breaks at once
@@ -655,59 +652,59 @@ def test_agent_keeps_following_the_registry_through_a_hung_and_a_dead_member(mon
                 await put("10.244.4.0/24", 4)
                 await wait_until(lambda: net("10.244.4.0/24") in fake.entries, 10, "dead")
                 timings["dead"] = time.monotonic() - started
-                assert str(agent.registry.endpoint) != members[1].url
+                assert str(f.registry.endpoint) != members[1].url
                 assert not task.done()
                 await _stop(task)
                 return timings
             finally:
-                await agent.registry.close()
+                await f.registry.close()
 
         timings = run(scenario(), timeout=40)
     assert set(fake.entries) == {net("10.244.2.0/24"), net("10.244.3.0/24"), net("10.244.4.0/24")}
-    assert agent.stats.event_errors == 0
+    assert f.reconciler.status.event_errors == 0
     # probe interval (1 s) + call timeout (1 s) + backoff; a dead member: backoff only
     assert timings["hung"] < 5, timings
     assert timings["dead"] < 3, timings
 
 
-def test_watch_backoff_doubles_and_starts_over_after_a_healthy_watch(
-    etcd, agent_without_kernel, monkeypatch
-):
+@pytest.mark.etcd
+def test_watch_backoff_doubles_and_starts_over_after_a_healthy_watch(etcd, follower, monkeypatch):
     """Failing watches retry after 0.1, 0.2, 0.4 s ...; a watch that stayed up for
     HEALTHY_WATCH_SECONDS means the registry recovered, so its failure retries after 0.1 s
     again (watches rarely end cleanly, so a clean end alone would never reset it)."""
-    agent, _ = agent_without_kernel
-    monkeypatch.setattr(agent_module, "HEALTHY_WATCH_SECONDS", 0.5)
+    f, _ = follower
+    registry = f.registry
+    monkeypatch.setattr(etcd_module, "HEALTHY_WATCH_SECONDS", 0.5)
     sleeps: list[float] = []
-    real_sleep = agent._sleep_or_stop
+
+    class Over(Exception):
+        pass
 
     async def recorded_sleep(seconds: float) -> None:
         sleeps.append(seconds)
-        await real_sleep(0.01)
+        if len(sleeps) == 6:
+            raise Over
+        await asyncio.sleep(0.01)
 
     # Three watches fail at once, the fourth stays up for 0.6 s before failing, then the
-    # fifth fails at once; the sixth ends the test.
-    lifetimes = iter([0.0, 0.0, 0.0, 0.6, 0.0])
+    # fifth and sixth fail at once; the sixth backoff ends the test.
+    lifetimes = iter([0.0, 0.0, 0.0, 0.6, 0.0, 0.0])
 
-    async def watch_once() -> None:
-        try:
-            lifetime = next(lifetimes)
-        except StopIteration:
-            agent._stop.set()
-            raise RegistryUnavailable("test over") from None
-        await asyncio.sleep(lifetime)
+    async def watch(start_revision: int):
+        await asyncio.sleep(next(lifetimes))
         raise RegistryUnavailable("etcd gone (test)")
+        yield  # an async generator, as the real one
 
-    monkeypatch.setattr(agent, "_sleep_or_stop", recorded_sleep)
-    monkeypatch.setattr(agent, "_watch_once", watch_once)
+    monkeypatch.setattr(registry, "_sleep", recorded_sleep)
+    monkeypatch.setattr(registry, "_watch_with_probe", watch)
 
     async def scenario():
         try:
-            await agent._relist()
-            await asyncio.wait_for(agent._watch_loop(), timeout=30)
+            await asyncio.wait_for(f.follow(), timeout=30)
         finally:
-            await agent.registry.close()
+            await registry.close()
 
-    run(scenario())
+    with pytest.raises(Over):
+        run(scenario())
     assert sleeps[:5] == [0.1, 0.2, 0.4, 0.1, 0.2], sleeps
-    assert agent.stats.registry_errors == 6
+    assert registry.errors == 6

@@ -7,15 +7,17 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flannel_xdp.agent.lease import LeaseAttrs
-from flannel_xdp.agent.registry import EtcdRegistry, RegistryUnavailable, TlsFiles, parse_endpoints
-from tests.etcd_support import die_with_parent, free_ports, require_etcd
+from flannel_xdp.lab.etcd import ServerTls
+from flannel_xdp.registry.etcd import EtcdRegistry, RegistryUnavailable, TlsFiles, parse_endpoints
+from flannel_xdp.registry.lease import LeaseAttrs
+from tests.etcd_support import etcd_cluster, require_etcd
+
+pytestmark = pytest.mark.etcd
 
 
 def _openssl(*args: str, cwd: str) -> None:
@@ -85,67 +87,19 @@ def tls_etcd() -> Iterator[tuple[str, str]]:
     if shutil.which("openssl") is None:
         pytest.fail("openssl is missing: run `make setup`")
     d = tempfile.mkdtemp(prefix="fxdp-etcd-tls-")
-    make_pki(d, "good")
-    make_pki(d, "other")
-    client, peer = free_ports(2)
-    proc = subprocess.Popen(
-        die_with_parent(
-            [
-                "etcd",
-                "--data-dir",
-                os.path.join(d, "data"),
-                "--listen-client-urls",
-                f"https://127.0.0.1:{client}",
-                "--advertise-client-urls",
-                f"https://127.0.0.1:{client}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{peer}",
-                "--cert-file",
-                os.path.join(d, "good-server.crt"),
-                "--key-file",
-                os.path.join(d, "good-server.key"),
-                "--trusted-ca-file",
-                os.path.join(d, "good-ca.crt"),
-                "--client-cert-auth",
-            ]
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=d,
-    )
     try:
-        url = f"https://127.0.0.1:{client}"
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            ok = (
-                subprocess.run(
-                    [
-                        "etcdctl",
-                        "--endpoints",
-                        url,
-                        "--cacert",
-                        f"{d}/good-ca.crt",
-                        "--cert",
-                        f"{d}/good-client.crt",
-                        "--key",
-                        f"{d}/good-client.key",
-                        "endpoint",
-                        "health",
-                    ],
-                    capture_output=True,
-                    check=False,
-                ).returncode
-                == 0
-            )
-            if ok:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the TLS etcd did not become healthy")
-        yield url, d
+        make_pki(d, "good")
+        make_pki(d, "other")
+        tls = ServerTls(
+            ca=f"{d}/good-ca.crt",
+            cert=f"{d}/good-server.crt",
+            key=f"{d}/good-server.key",
+            client_cert=f"{d}/good-client.crt",
+            client_key=f"{d}/good-client.key",
+        )
+        with etcd_cluster(1, tls=tls) as cluster:
+            yield cluster.urls[0], d
     finally:
-        proc.kill()
-        proc.wait()
         shutil.rmtree(d, ignore_errors=True)
 
 

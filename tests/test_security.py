@@ -39,6 +39,7 @@ import pytest
 from flannel_xdp import netns
 from flannel_xdp.lab import agents, process
 from flannel_xdp.lab.agentcluster import ETCD_PREFIX, AgentCluster, LabNode
+from flannel_xdp.lab.frames import eth, vxlan_header
 from flannel_xdp.lab.topology import (
     UNDERLAY_IFNAME,
     Counters,
@@ -54,9 +55,9 @@ from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps.layout import Reason, reason_label
 from flannel_xdp.maps.views import NodeConfigMap
 from tests.lab_support import agent_cluster
-from tests.packet_support import eth, udp_packet, vxlan_header
+from tests.packet_support import udp_packet
 
-pytestmark = pytest.mark.root
+pytestmark = pytest.mark.lab
 
 ATTACKER_IP = IPv4Address("192.0.2.200")
 ATTACKER_PORT = "atk"  # its port on the underlay switch

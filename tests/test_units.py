@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from flannel_xdp.backend import Backend
+from flannel_xdp.bpf import c_enums
 from flannel_xdp.loader.compile import BuildParams, CompileError, expand_includes
+from flannel_xdp.loader.libbpf import PROG_NAME_MAX
 from flannel_xdp.maps import layout
 from flannel_xdp.maps.views import (
     ApplyResult,
@@ -17,6 +21,8 @@ from flannel_xdp.maps.views import (
     parse_mac,
     peer_from_entry,
 )
+
+pytestmark = pytest.mark.unit
 
 
 def test_expand_includes_inlines_local_headers_once_with_line_markers(tmp_path):
@@ -59,13 +65,17 @@ def test_peer_round_trips_through_the_c_layout():
     peer = Peer(
         subnet=IPv4Network("198.18.3.0/24"),
         public_ip=IPv4Address("192.0.2.3"),
-        backend=layout.Backend.VXLAN,
+        backend=Backend.VXLAN,
         vtep_mac="c6:d2:32:6f:8f:44",
     )
     key, value = peer.key(), peer.value()
     assert key.prefixlen == 24 and bytes(key.addr) == bytes([198, 18, 3, 0])
     assert bytes(value.public_ip) == bytes([192, 0, 2, 3]) and value.backend == 1
     assert peer_from_entry(key, value) == peer
+    for backend in Backend:  # each backend has its own code and comes back as itself
+        assert peer_from_entry(key, replace(peer, backend=backend).value()).backend is backend
+    value.backend = layout.BackendCode.NONE  # an entry no agent writes: no peer
+    assert peer_from_entry(key, value) is None
 
 
 def test_node_settings_round_trip_and_validation():
@@ -84,7 +94,7 @@ def test_node_settings_round_trip_and_validation():
     assert raw.fast_flags == 0
     assert NodeSettings.from_value(raw) == s
     tcp = NodeSettings(**{**s.__dict__, "tcp_fast_path": True})
-    assert tcp.value().fast_flags == layout.c_enums()["fast_flag"]["FAST_TCP"]
+    assert tcp.value().fast_flags == c_enums()["fast_flag"]["FAST_TCP"]
     assert NodeSettings.from_value(tcp.value()) == tcp
     for bad in ({"vni": 0}, {"vni": 1 << 24}, {"vxlan_port": 0}, {"vxlan_port": 70000}):
         with pytest.raises(ValueError):
@@ -105,3 +115,39 @@ def test_diff_entries_writes_new_and_changed_and_deletes_the_rest():
     assert removals == ["c"]
     assert result == ApplyResult(added=1, changed=1, removed=1)
     assert diff_entries(have, have) == ([], [], ApplyResult(0, 0, 0))
+
+
+def test_install_request_round_trips_through_json():
+    from flannel_xdp.loader import datapath
+    from flannel_xdp.loader.attach import XdpMode
+
+    request = datapath.InstallRequest(
+        datapath.DataPathConfig(
+            underlay="eth0",
+            bpffs="/sys/fs/bpf/x",
+            max_subnets=128,
+            xdp_mode=XdpMode.AUTO,
+            ingress_hook=datapath.IngressHook.KERNEL,
+            tunnel_mtu=1400,
+            udp_fast_path=True,
+            tcp_fast_path=True,
+        ),
+        datapath.NodeParams(
+            public_ip=IPv4Address("192.0.2.1"),
+            subnet=IPv4Network("10.244.1.0/24"),
+            vtep_mac="02:00:00:00:01:01",
+            vni=7,
+            vxlan_port=4789,
+        ),
+    )
+    assert datapath.InstallRequest.from_json(request.to_json()) == request
+
+
+def test_each_underlay_tc_build_has_a_kernel_name_of_its_own():
+    names = {
+        BuildParams("/x", kernel_decap=k, udp_fast_path=f).program_name("underlay_tc")
+        for k in (False, True)
+        for f in (False, True)
+    }
+    assert len(names) == 4 and all(len(n) <= PROG_NAME_MAX for n in names)
+    assert BuildParams("/x", udp_fast_path=True).program_name("pod_ingress") == "pod_ingress"

@@ -1,0 +1,91 @@
+"""The pod scan: once a second, keep the fast path's view of this node's pods current.
+
+local_pods equals the pods on cni0 (a pod not in it yet is reached through cni0, and
+sends through it), pod_ingress is attached to each of their veth ends (the sending
+side), and FAST_TCP in node_config follows conntrack's window checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from flannel_xdp import defaults
+from flannel_xdp.agent import local_pods
+from flannel_xdp.loader import attach, pod_ports
+from flannel_xdp.loader.bpffs import PinDir
+from flannel_xdp.maps.views import CapacityError, NodeConfigMap
+from flannel_xdp.node import conntrack
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PodScan:
+    bpffs: str
+    tcp_fast_path: bool  # asked for (--tcp-fast-path)
+    bridge: str = defaults.CNI_BRIDGE
+    # FAST_TCP as the scan last wrote it to node_config; None: not written yet.
+    tcp_on: bool | None = None
+
+    async def run(self) -> None:
+        maps_dir = PinDir(self.bpffs).maps
+        failing = False
+        while True:
+            if self.tcp_fast_path:
+                self.tcp_on = await asyncio.to_thread(keep_tcp_fast_path, maps_dir, self.tcp_on)
+            try:
+                done = await asyncio.to_thread(local_pods.sync, maps_dir, self.bridge)
+                attached = await asyncio.to_thread(
+                    pod_ports.ensure_pod_ports, self.bpffs, done.ports
+                )
+            except (OSError, CapacityError, NetlinkError, attach.AttachError) as exc:
+                if not failing:
+                    log.warning(
+                        "fast path: keeping up with the pods on %s failed: %s", self.bridge, exc
+                    )
+                failing = True
+            else:
+                if failing:
+                    log.info("fast path: keeping up with the pods on %s works again", self.bridge)
+                failing = False
+                applied = done.applied
+                if applied.added or applied.changed or applied.removed:
+                    log.info(
+                        "local pods: %d added, %d changed, %d removed",
+                        applied.added,
+                        applied.changed,
+                        applied.removed,
+                    )
+                if attached:
+                    log.info("fast path: sending side attached to %s", ", ".join(attached))
+            await asyncio.sleep(defaults.LOCAL_PODS_INTERVAL_S)
+
+
+def keep_tcp_fast_path(maps_dir: str, was: bool | None) -> bool | None:
+    """FAST_TCP in node_config as conntrack's window checks allow it now; returns what
+    node_config holds."""
+    problem = conntrack.tcp_fast_path_problem()
+    want = problem is None
+    if want == was:
+        return was
+    try:
+        with NodeConfigMap(maps_dir) as node_config:
+            if not node_config.set_tcp_fast_path(want):
+                return was
+    except OSError as exc:
+        log.warning("TCP fast path: cannot update node_config: %s", exc)
+        return was
+    if want:
+        log.info("TCP fast path: on (%s=1)", conntrack.TCP_BE_LIBERAL)
+    elif was is None:
+        log.warning("TCP fast path: off: %s", problem)
+    else:
+        log.warning(
+            "TCP fast path: off: %s; streams it carried may now be judged out of window",
+            problem,
+        )
+    return want

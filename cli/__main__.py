@@ -1,0 +1,3 @@
+from flannel_xdp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,37 @@
+"""Every default of flannel-xdp, in one place."""
+
+from __future__ import annotations
+
+# bpffs directory under which maps/, progs/ and links/ are pinned.
+BPFFS_DIR = "/sys/fs/bpf/flannel-xdp"
+
+# Flannel's vxlan defaults (flannel-compat.md): VNI 1, port 0 meaning 8472.
+VXLAN_VNI = 1
+VXLAN_PORT = 8472
+
+# Where VXLAN from the wire is judged and decapsulated: "xdp", "tc" or "kernel" (see
+# loader/datapath.IngressHook). `make bench` chose "kernel": on veth underlays it keeps
+# GSO aggregates whole (TCP 2.5x the XDP hook's), at a lower small-packet receive rate.
+INGRESS_HOOK = "kernel"
+
+# Capacity of the remote subnets map: one entry per remote node.
+MAX_SUBNETS = 16384
+
+# Outer Ethernet + IPv4 + UDP + VXLAN that a VXLAN frame adds to the inner
+# frame; checked against bpf/parse.h (VXLAN_ENCAP_LEN) in the tests.
+VXLAN_OVERHEAD = 50
+
+# The bridge flannel's CNI plugin puts pods on (its "bridge" option; cbr0's default).
+CNI_BRIDGE = "cni0"
+
+# How often the agent re-reads cni0's pods for the fast path's direct delivery.
+LOCAL_PODS_INTERVAL_S = 1.0
+
+# Name of the tunnel device (flanneld: flannel.<VNI>) and of its BPF-side peer.
+TUNNEL_DEVICE_FORMAT = "flannel.{vni}"
+TUNNEL_PEER_FORMAT = "fxdp.{vni}"
+
+
+def tunnel_device(vni: int = VXLAN_VNI) -> str:
+    """The tunnel device of a VNI, named as flanneld names it."""
+    return TUNNEL_DEVICE_FORMAT.format(vni=vni)

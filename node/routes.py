@@ -1,0 +1,314 @@
+"""The node state flanneld makes around its tunnel device, made for flannel.<VNI>.
+
+flanneld's vxlan backend gives the device ``<own subnet .0>/32`` and, per remote
+lease, a permanent neighbour ``<remote subnet .0> -> VtepMAC`` and a route
+``<remote subnet> via <remote subnet .0> dev flannel.<VNI> onlink``
+(shared/flannel-compat.md). flannel-xdp keeps that shape so that netfilter,
+``ip route`` and everything that reads them see what they see with flanneld,
+with one difference: *every* remote subnet goes to the tunnel device, host-gw
+peers included. The device's tc egress program decides per destination
+whether to encapsulate (vxlan) or only rewrite MACs (host-gw); for host-gw
+peers the neighbour's MAC is a placeholder that only keeps the kernel from
+sending ARP on a device that carries routed IPv4 only.
+
+Every function is idempotent (replace semantics) and acts in the caller's
+network namespace: enter the node's netns first (flannel_xdp.netns.entered).
+pyroute2's sync IPRoute is used, so do not call these from a running asyncio
+event loop (use asyncio.to_thread there).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from socket import AF_INET
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import ndmsg
+from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
+
+from flannel_xdp import defaults
+from flannel_xdp.backend import Backend
+from flannel_xdp.maps.views import Peer
+
+log = logging.getLogger(__name__)
+
+MAIN_TABLE = 254
+NUD_PERMANENT = ndmsg.states["permanent"]
+# Deleting what is already gone is success: removal must be repeatable.
+_GONE = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
+
+
+class NodeStateError(RuntimeError):
+    """The tunnel device is missing, or the kernel refused a change."""
+
+
+@dataclass(frozen=True)
+class RouteSync:
+    """What sync_peers() changed: peers written (replaced), stale entries removed."""
+
+    written: int
+    removed_routes: int
+    removed_neighbours: int
+
+
+def gateway(subnet: IPv4Network) -> IPv4Address:
+    """flanneld's next hop for a remote subnet: its network address (the peer's flannel.N)."""
+    return subnet.network_address
+
+
+def tunnel_ifindex(ipr: IPRoute, vni: int = defaults.VXLAN_VNI) -> int:
+    name = defaults.tunnel_device(vni)
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise NodeStateError(f"tunnel device {name} does not exist in this network namespace")
+    return found[0]
+
+
+def set_tunnel_address(ipr: IPRoute, subnet: IPv4Network, vni: int = defaults.VXLAN_VNI) -> None:
+    """Put <subnet .0>/32 on the tunnel device and drop any other IPv4 address there.
+
+    Other addresses are what an earlier lease left behind; flanneld removes them
+    too, otherwise the node would keep answering for a subnet it gave up.
+    """
+    idx = tunnel_ifindex(ipr, vni)
+    want = gateway(subnet)
+    try:
+        held = [
+            (IPv4Address(msg.get_attr("IFA_ADDRESS")), msg["prefixlen"])
+            for msg in ipr.get_addr(family=AF_INET, index=idx)
+        ]
+        # The new address first: the kernel flushes a device's routes when its last IPv4
+        # address goes. One it holds already is left alone (an adopting restart).
+        if (want, 32) not in held:
+            ipr.addr("replace", index=idx, address=str(want), prefixlen=32)
+        for have, prefixlen in held:
+            if (have, prefixlen) != (want, 32):
+                ipr.addr("del", index=idx, address=str(have), prefixlen=prefixlen)
+                log.info("removed stale address %s/%s from %s", have, prefixlen, idx)
+    except NetlinkError as exc:
+        raise NodeStateError(
+            f"cannot set {want}/32 on {defaults.tunnel_device(vni)}: {exc}"
+        ) from exc
+
+
+def add_peer(ipr: IPRoute, peer: Peer, vni: int = defaults.VXLAN_VNI) -> None:
+    """Permanent neighbour and onlink route for one remote subnet (replacing older ones)."""
+    idx = tunnel_ifindex(ipr, vni)
+    gw = str(gateway(peer.subnet))
+    try:
+        ipr.neigh("replace", dst=gw, lladdr=peer.vtep_mac, ifindex=idx, state=NUD_PERMANENT)
+        ipr.route(
+            "replace",
+            dst=str(peer.subnet),
+            gateway=gw,
+            oif=idx,
+            flags=RTNH_F_ONLINK,
+            table=MAIN_TABLE,
+        )
+    except NetlinkError as exc:
+        raise NodeStateError(
+            f"cannot route {peer.subnet} into {defaults.tunnel_device(vni)}: {exc}"
+        ) from exc
+
+
+def remove_peer(ipr: IPRoute, subnet: IPv4Network, vni: int = defaults.VXLAN_VNI) -> None:
+    """Remove the route and neighbour of one remote subnet; absent entries are fine."""
+    idx = tunnel_ifindex(ipr, vni)
+    gw = str(gateway(subnet))
+    try:
+        ipr.route("del", dst=str(subnet), gateway=gw, oif=idx, table=MAIN_TABLE)
+    except NetlinkError as exc:
+        if exc.code not in _GONE:
+            raise NodeStateError(f"cannot remove route {subnet}: {exc}") from exc
+    try:
+        ipr.neigh("del", dst=gw, ifindex=idx)
+    except NetlinkError as exc:
+        if exc.code not in _GONE:
+            raise NodeStateError(f"cannot remove neighbour {gw}: {exc}") from exc
+
+
+def _tunnel_routes(ipr: IPRoute, idx: int) -> list[IPv4Network]:
+    out = []
+    for msg in ipr.get_routes(family=AF_INET, table=MAIN_TABLE):
+        if msg.get_attr("RTA_OIF") != idx or msg.get_attr("RTA_DST") is None:
+            continue
+        out.append(IPv4Network(f"{msg.get_attr('RTA_DST')}/{msg['dst_len']}"))
+    return out
+
+
+def _permanent_neighbours(ipr: IPRoute, idx: int) -> list[IPv4Address]:
+    out = []
+    for msg in ipr.get_neighbours(family=AF_INET, ifindex=idx):
+        if msg["state"] & NUD_PERMANENT and msg.get_attr("NDA_DST"):
+            out.append(IPv4Address(msg.get_attr("NDA_DST")))
+    return out
+
+
+def sync_peers(ipr: IPRoute, peers: Iterable[Peer], vni: int = defaults.VXLAN_VNI) -> RouteSync:
+    """Make the tunnel's routes and permanent neighbours exactly those of peers.
+
+    Everything routed through flannel.<VNI> is ours (flanneld owns its device the
+    same way), so a route or neighbour there that no peer wants is stale and goes.
+    """
+    want = {p.subnet: p for p in peers}
+    for peer in want.values():
+        add_peer(ipr, peer, vni)
+    idx = tunnel_ifindex(ipr, vni)
+    routes = 0
+    for subnet in _tunnel_routes(ipr, idx):
+        if subnet not in want:
+            try:
+                ipr.route("del", dst=str(subnet), oif=idx, table=MAIN_TABLE)
+                routes += 1
+            except NetlinkError as exc:
+                if exc.code not in _GONE:
+                    raise NodeStateError(f"cannot remove stale route {subnet}: {exc}") from exc
+    gateways = {gateway(s) for s in want}
+    neighbours = 0
+    for addr in _permanent_neighbours(ipr, idx):
+        if addr not in gateways:
+            try:
+                ipr.neigh("del", dst=str(addr), ifindex=idx)
+                neighbours += 1
+            except NetlinkError as exc:
+                if exc.code not in _GONE:
+                    raise NodeStateError(f"cannot remove stale neighbour {addr}: {exc}") from exc
+    return RouteSync(written=len(want), removed_routes=routes, removed_neighbours=neighbours)
+
+
+# -- host-gw next hops on the underlay ----------------------------------------------------
+#
+# host-gw (and DirectRouting) frames leave through tunnel_egress, which asks the kernel's
+# FIB for the next hop's MAC (bpf_fib_lookup). When the neighbour is not resolved yet,
+# bpf_redirect_neigh() queues the frame for ARP, but the queued frame keeps its route
+# into the tunnel device, and once ARP answers the kernel sends it with that route's
+# neighbour: the tunnel's placeholder MAC, on the underlay. It is lost. So the agent keeps
+# a *managed* neighbour entry (NTF_EXT_MANAGED, Linux 5.16+) for every host-gw next hop:
+# the kernel resolves it at once and keeps it resolved, and the program always finds the
+# MAC. Entries are marked with NEIGH_PROTOCOL so that only ours are ever removed.
+
+NUD_NONE = 0
+NUD_VALID = 0xDE  # NUD_REACHABLE|NOARP|PERMANENT|STALE|DELAY|PROBE (include/net/neighbour.h)
+NTF_EXT_MANAGED = 0x1
+NEIGH_PROTOCOL = 0x66  # "f": flannel-xdp's underlay neighbours
+
+
+def next_hops(peers: Iterable[Peer]) -> set[IPv4Address]:
+    """The underlay next hops that need a resolved neighbour: host-gw peers' public IPs."""
+    return {p.public_ip for p in peers if p.backend is Backend.HOST_GW}
+
+
+def _neighbour(ipr: IPRoute, ifindex: int, addr: IPv4Address):
+    try:
+        found = ipr.neigh("get", dst=str(addr), ifindex=ifindex)
+    except NetlinkError as exc:
+        if exc.code in _GONE:
+            return None
+        raise
+    return found[0] if found else None
+
+
+def ensure_next_hop(ipr: IPRoute, underlay_ifindex: int, addr: IPv4Address) -> None:
+    """A managed neighbour entry for addr on the underlay; an entry that is resolved
+    already keeps its MAC and state (no moment without one)."""
+    have = _neighbour(ipr, underlay_ifindex, addr)
+    if (
+        have is not None
+        and have.get_attr("NDA_FLAGS_EXT", 0) & NTF_EXT_MANAGED
+        and have.get_attr("NDA_PROTOCOL") == NEIGH_PROTOCOL
+    ):
+        return
+    kwargs = {"state": NUD_NONE}
+    if have is not None and have["state"] & NUD_VALID and have.get_attr("NDA_LLADDR"):
+        kwargs = {"state": have["state"], "lladdr": have.get_attr("NDA_LLADDR")}
+    try:
+        ipr.neigh(
+            "replace",
+            dst=str(addr),
+            ifindex=underlay_ifindex,
+            NDA_FLAGS_EXT=NTF_EXT_MANAGED,
+            NDA_PROTOCOL=NEIGH_PROTOCOL,
+            **kwargs,
+        )
+    except NetlinkError as exc:
+        raise NodeStateError(
+            f"cannot keep the neighbour of next hop {addr} resolved: {exc}"
+        ) from exc
+
+
+def remove_next_hop(ipr: IPRoute, underlay_ifindex: int, addr: IPv4Address) -> None:
+    """Remove our managed neighbour entry for addr, if there is one."""
+    have = _neighbour(ipr, underlay_ifindex, addr)
+    if have is None or have.get_attr("NDA_PROTOCOL") != NEIGH_PROTOCOL:
+        return
+    try:
+        ipr.neigh("del", dst=str(addr), ifindex=underlay_ifindex)
+    except NetlinkError as exc:
+        if exc.code not in _GONE:
+            raise NodeStateError(f"cannot remove the neighbour of {addr}: {exc}") from exc
+
+
+def sync_next_hops(ipr: IPRoute, underlay_ifindex: int, peers: Iterable[Peer]) -> int:
+    """Managed neighbours for exactly the host-gw next hops of peers; returns how many
+    stale ones (ours) were removed."""
+    want = next_hops(peers)
+    for addr in want:
+        ensure_next_hop(ipr, underlay_ifindex, addr)
+    removed = 0
+    for msg in ipr.get_neighbours(family=AF_INET, ifindex=underlay_ifindex):
+        dst = msg.get_attr("NDA_DST")
+        if msg.get_attr("NDA_PROTOCOL") == NEIGH_PROTOCOL and dst and IPv4Address(dst) not in want:
+            remove_next_hop(ipr, underlay_ifindex, IPv4Address(dst))
+            removed += 1
+    return removed
+
+
+__all__ = [
+    "NodeStateError",
+    "RouteSync",
+    "add_peer",
+    "ensure_next_hop",
+    "gateway",
+    "next_hops",
+    "remove_next_hop",
+    "remove_peer",
+    "set_tunnel_address",
+    "sync_next_hops",
+    "sync_peers",
+    "tunnel_ifindex",
+]
+
+
+@dataclass(frozen=True)
+class KernelRoutes:
+    """The kernel side of the peers: the tunnel's routes and neighbours, the underlay's
+    next-hop neighbours (the agent's RouteTable; each call its own netlink socket, as
+    they run in worker threads)."""
+
+    vni: int
+    underlay_ifindex: int
+
+    def sync(self, peers: list[Peer]) -> None:
+        with IPRoute() as ipr:
+            # host-gw next hops resolved before any route sends a packet their way
+            sync_next_hops(ipr, self.underlay_ifindex, peers)
+            sync_peers(ipr, peers, self.vni)
+
+    def add(self, peer: Peer) -> None:
+        with IPRoute() as ipr:
+            if peer.backend is Backend.HOST_GW:
+                ensure_next_hop(ipr, self.underlay_ifindex, peer.public_ip)
+            add_peer(ipr, peer, self.vni)
+
+    def remove(self, subnet: IPv4Network) -> None:
+        with IPRoute() as ipr:
+            remove_peer(ipr, subnet, self.vni)
+
+    def forget_next_hop(self, addr: IPv4Address) -> None:
+        with IPRoute() as ipr:
+            remove_next_hop(ipr, self.underlay_ifindex, addr)

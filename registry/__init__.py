@@ -1,0 +1,1 @@
+"""The subnet registry: flannel's network config and leases, and where they are kept."""
