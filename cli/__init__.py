@@ -7,6 +7,7 @@ import logging
 import sys
 
 from flannel_xdp import defaults
+from flannel_xdp.backend import Backend
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -19,7 +20,13 @@ def _cmd_teardown(args: argparse.Namespace) -> int:
     from flannel_xdp.loader import datapath
     from flannel_xdp.node import masq
 
-    datapath.uninstall(args.bpffs, args.iface, args.vni)
+    if args.handover:
+        if not args.iface:
+            log.error("--handover needs --iface (the underlay the peers are routed on)")
+            return EXIT_USAGE
+        datapath.hand_over(args.bpffs, args.iface, Backend(args.handover), args.vni)
+    else:
+        datapath.uninstall(args.bpffs, args.iface, args.vni)
     masq.remove()
     if args.iface:
         from pyroute2 import IPRoute
@@ -86,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     teardown.add_argument("--bpffs", default=defaults.BPFFS_DIR, help="pin directory (%(default)s)")
     teardown.add_argument("--iface", help="underlay interface whose XDP program to detach")
     teardown.add_argument("--vni", type=int, default=defaults.VXLAN_VNI, help="VNI (%(default)s)")
+    teardown.add_argument(
+        "--handover",
+        choices=[b.value for b in Backend],
+        help="moving the node back to flanneld with this backend: leave its routes (and, "
+        "for vxlan, flannel.<VNI> as flanneld's kind of device with every peer's FDB and "
+        "neighbour entry) so that flanneld, started next, adopts them without a gap",
+    )
     teardown.set_defaults(func=_cmd_teardown)
     return parser
 
@@ -95,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=defaults.LOG_FORMAT,
     )
     if args.command is None:
         parser.print_help()

@@ -35,3 +35,7 @@ TUNNEL_PEER_FORMAT = "fxdp.{vni}"
 def tunnel_device(vni: int = VXLAN_VNI) -> str:
     """The tunnel device of a VNI, named as flanneld names it."""
     return TUNNEL_DEVICE_FORMAT.format(vni=vni)
+
+
+# One log line format for the agent and its loader child, whose lines share one log.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

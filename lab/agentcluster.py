@@ -49,11 +49,9 @@ from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from socket import AF_INET
 
-from pyroute2 import IPRoute
-
-from flannel_xdp import defaults, netns
+from flannel_xdp import netns
 from flannel_xdp.backend import Backend
-from flannel_xdp.lab import agents, cni, flanneld, peers, process
+from flannel_xdp.lab import agents, cni, peers, process
 from flannel_xdp.lab.etcd import EtcdError, EtcdServer
 from flannel_xdp.lab.topology import (
     BPFFS_ROOT,
@@ -96,13 +94,6 @@ def prefix_for(name: str) -> str:
 
 def run_dir_for(name: str, run_root: str = RUN_ROOT) -> str:
     return os.path.join(run_root, name)
-
-
-def _link_mac(name: str) -> str | None:
-    """The MAC of link name in the current netns, None when it does not exist."""
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-        return ipr.get_links(found[0])[0].get_attr("IFLA_ADDRESS") if found else None
 
 
 def random_name() -> str:
@@ -679,9 +670,10 @@ class AgentCluster:
         """Move the node from flanneld to a flannel-xdp agent or back, as a rollout does:
         the old process gets SIGTERM (its kernel state stays and keeps forwarding), the new
         one starts with the same flags and subnet file, finds its own lease in etcd (same
-        public IP) and the VtepMAC on flannel.<VNI>. Going back, the agent's data path is
-        removed first: flanneld adopts only a flannel.<VNI> of its own kind. Seconds until
-        every node routes to every other again."""
+        public IP) and the VtepMAC on flannel.<VNI>. Either way flannel.<VNI> is swapped
+        under traffic (loader.handover): the agent's loader takes flanneld's, and going
+        back the agent's data path is handed over (datapath.hand_over) before flanneld
+        starts. Seconds until every node routes to every other again."""
         if dataplane is node.dataplane:
             raise LabError(f"{node.netns} runs {dataplane} already")
         self._stop_process(node, signal.SIGTERM)
@@ -690,21 +682,9 @@ class AgentCluster:
         self._procs.pop(node.index, None)
         if node.is_agent:
             with netns.entered(node.netns):
-                mac = _link_mac(defaults.tunnel_device(defaults.VXLAN_VNI))
-                datapath.uninstall(node.bpffs, UNDERLAY_IFNAME)
-                if mac is not None and self.spec.backend is Backend.VXLAN:
-                    # flanneld in etcd mode gives a new device a random MAC, which every
-                    # peer would have to learn from its changed lease; a flannel.<VNI> of
-                    # flanneld's own kind with the agent's MAC is adopted as it is.
-                    assert node.subnet is not None and node.mtu is not None
-                    flanneld.ensure_vxlan_device(
-                        node.public_ip,
-                        node.subnet,
-                        mac,
-                        node.mtu,
-                        UNDERLAY_IFNAME,
-                        defaults.VXLAN_VNI,
-                    )
+                # As an operator moving a node back would: flanneld adopts a flannel.<VNI>
+                # of its own kind with the same VtepMAC, and the routes on it, as they are.
+                datapath.hand_over(node.bpffs, UNDERLAY_IFNAME, self.spec.backend)
         node.dataplane = dataplane
         started = time.monotonic()
         self._start_process(node)

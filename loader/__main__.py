@@ -12,13 +12,12 @@ import logging
 import sys
 from dataclasses import asdict
 
+from flannel_xdp import defaults
 from flannel_xdp.loader import datapath
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.INFO, format=defaults.LOG_FORMAT, stream=sys.stderr)
     if argv != ["install"]:
         print("usage: python -m flannel_xdp.loader install < request.json", file=sys.stderr)
         return 2

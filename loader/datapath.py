@@ -18,8 +18,12 @@ from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
 from flannel_xdp import defaults
-from flannel_xdp.loader import attach, devices, kfunc, libbpf, map_upgrades, pod_ports
+from flannel_xdp.backend import Backend
+from flannel_xdp.loader import attach, devices, handover, kfunc, libbpf, map_upgrades, pod_ports
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.loader.programs import (
@@ -31,7 +35,7 @@ from flannel_xdp.loader.programs import (
     UNDERLAY_XDP,
     Program,
 )
-from flannel_xdp.maps.views import NodeConfigMap, NodeSettings
+from flannel_xdp.maps.views import NodeConfigMap, NodeSettings, SubnetsMap
 
 log = logging.getLogger(__name__)
 
@@ -253,37 +257,60 @@ def _install(
             pins.remove()
         raise
 
-    tunnel = devices.ensure_tunnel(
-        node.vni,
-        node.vtep_mac,
-        tunnel_mtu,
-        kind=cfg.ingress_hook.tunnel_kind,
-        port=node.vxlan_port,
-    )
-    settings = NodeSettings(
-        public_ip=node.public_ip,
-        subnet=node.subnet,
-        vni=node.vni,
-        vxlan_port=node.vxlan_port,
-        vtep_mac=node.vtep_mac,
-        underlay_ifindex=underlay_ifindex,
-        tunnel_ifindex=tunnel.ifindex,
-        tunnel_peer_ifindex=tunnel.peer_ifindex,
-        tcp_fast_path=cfg.tcp_fast_path,
-    )
-    with NodeConfigMap(pins.maps) as node_config:
-        if node_config.read() != settings:  # the programs attached read it
-            node_config.write(settings)
-
-    attach.attach_tc(
-        tunnel.name, TUNNEL_EGRESS.direction, fds[TUNNEL_EGRESS.name], TUNNEL_EGRESS.name
-    )
-    if TUNNEL_INGRESS in progs:
-        # Before the underlay program lets VXLAN through to the device: never unchecked.
-        attach.attach_tc(
-            tunnel.name, TUNNEL_INGRESS.direction, fds[TUNNEL_INGRESS.name], TUNNEL_INGRESS.name
+    # flanneld's flannel.<VNI> is swapped for ours under traffic (loader.handover): its
+    # peers go into the map before anything reads it, its routes onto ours at the switch.
+    handover.recover(node.vni)
+    swap = handover.Swap.step_aside(node.vni) if devices.is_flanneld_tunnel(node.vni) else None
+    try:
+        if swap is not None:
+            with SubnetsMap(pins.maps) as subnets:
+                for peer in swap.state.vxlan_peers():
+                    subnets.upsert(peer)
+        tunnel = devices.ensure_tunnel(
+            node.vni,
+            node.vtep_mac,
+            tunnel_mtu,
+            kind=cfg.ingress_hook.tunnel_kind,
+            port=node.vxlan_port,
+            up=swap is None,
         )
+        if swap is not None:
+            swap.prepare(tunnel.ifindex)
+        settings = NodeSettings(
+            public_ip=node.public_ip,
+            subnet=node.subnet,
+            vni=node.vni,
+            vxlan_port=node.vxlan_port,
+            vtep_mac=node.vtep_mac,
+            underlay_ifindex=underlay_ifindex,
+            tunnel_ifindex=tunnel.ifindex,
+            tunnel_peer_ifindex=tunnel.peer_ifindex,
+            tcp_fast_path=cfg.tcp_fast_path,
+        )
+        with NodeConfigMap(pins.maps) as node_config:
+            if node_config.read() != settings:  # the programs attached read it
+                node_config.write(settings)
+
+        attach.attach_tc(
+            tunnel.name, TUNNEL_EGRESS.direction, fds[TUNNEL_EGRESS.name], TUNNEL_EGRESS.name
+        )
+        if TUNNEL_INGRESS in progs:
+            # Before the underlay program lets VXLAN through to the device: never unchecked.
+            attach.attach_tc(
+                tunnel.name,
+                TUNNEL_INGRESS.direction,
+                fds[TUNNEL_INGRESS.name],
+                TUNNEL_INGRESS.name,
+            )
+        if swap is not None:
+            swap.switch(tunnel.ifindex)
+    except Exception:
+        if swap is not None:
+            swap.abort()
+        raise
     mode = _attach_underlay(cfg, fds, names)
+    if swap is not None:
+        swap.finish()
     if POD_INGRESS in progs:
         # The pods' veth ends that run an older build get this one; the agent attaches
         # it to the others as it finds their pods (agent/local_pods.py).
@@ -329,6 +356,73 @@ def _attach_underlay(
     )
     attach.detach_xdp(cfg.underlay)
     return None
+
+
+def hand_over(bpffs: str, underlay: str, backend: Backend, vni: int = defaults.VXLAN_VNI) -> None:
+    """Leave the node's routes as flanneld keeps them for this backend, then uninstall,
+    so that a flanneld started next on the same lease adopts them without a gap.
+
+    vxlan: flannel.<VNI> becomes flanneld's kind of device (same VNI, VtepMAC, address
+    and MTU) with an FDB entry, a neighbour and a route per vxlan peer; host-gw and
+    DirectRouting peers are routed via their public IP on the underlay, as flanneld does.
+    """
+    pins = PinDir(bpffs)
+    if not os.path.isdir(pins.maps):
+        raise handover.HandoverError(f"no data path pinned under {bpffs}: nothing to hand over")
+    with _exclusive(pins):
+        with NodeConfigMap(pins.maps) as node_config:
+            settings = node_config.read()
+        if settings is None:
+            raise handover.HandoverError(
+                f"no node_config pinned under {bpffs}: nothing to hand over"
+            )
+        with SubnetsMap(pins.maps) as subnets:
+            peers = subnets.peers()
+        direct = [p for p in peers.values() if p.backend is not Backend.VXLAN]
+        try:
+            with IPRoute() as ipr:
+                for peer in direct:  # independent of the tunnel: one route replace each
+                    ipr.route(
+                        "replace", dst=str(peer.subnet), gateway=str(peer.public_ip),
+                        oif=settings.underlay_ifindex, table=handover.MAIN_TABLE,
+                    )  # fmt: skip
+        except NetlinkError as exc:
+            raise handover.HandoverError(
+                f"cannot route host-gw peers via {underlay}: {exc}"
+            ) from exc
+        if backend is Backend.VXLAN:
+            swap = handover.Swap.step_aside(vni)
+            try:
+                moved = {p.subnet for p in direct}
+                swap.state.routes = [r for r in swap.state.routes if r.dst not in moved]
+                new = handover.create_flanneld_device(
+                    vni,
+                    settings.public_ip,
+                    settings.underlay_ifindex,
+                    settings.vxlan_port,
+                    settings.vtep_mac,
+                    swap.state.mtu,
+                )
+                fdb = {
+                    p.vtep_mac: p.public_ip for p in peers.values() if p.backend is Backend.VXLAN
+                }
+                swap.prepare(new, fdb)
+                swap.switch(new)
+            except Exception:
+                swap.abort()
+                raise
+        # What stays of ours goes now: the underlay program last handed VXLAN to our
+        # tunnel; from here the kernel's socket of flanneld's device takes it.
+        pod_ports.detach_pod_ports(bpffs)
+        attach.detach_xdp(underlay)
+        attach.detach_tc(underlay, UNDERLAY_TC.direction)
+        if backend is Backend.VXLAN:
+            swap.finish()
+        else:
+            devices.remove_tunnel(vni)
+        map_upgrades.drop_leftovers(pins)
+    pins.remove()
+    log.info("data path handed over to flanneld (%s, %d peers)", backend, len(peers))
 
 
 def uninstall(bpffs: str, underlay: str | None, vni: int = defaults.VXLAN_VNI) -> None:

@@ -103,6 +103,12 @@ def _is_flanneld_vxlan(ipr: IPRoute, idx: int) -> bool:
     return data is not None and not data.get_attr("IFLA_VXLAN_COLLECT_METADATA")
 
 
+def is_flanneld_tunnel(vni: int) -> bool:
+    with IPRoute() as ipr:
+        idx = ifindex(ipr, tunnel_names(vni)[0])
+        return idx is not None and _is_flanneld_vxlan(ipr, idx)
+
+
 def _sysctl(path: str, value: str) -> None:
     try:
         with open(path, "w") as f:
@@ -138,8 +144,10 @@ def ensure_tunnel(
     mtu: int,
     kind: TunnelKind = TunnelKind.VETH,
     port: int = defaults.VXLAN_PORT,
+    up: bool = True,
 ) -> TunnelDevice:
-    """Create (or adopt) the tunnel device of this kind and bring it up with our settings.
+    """Create (or adopt) the tunnel device of this kind and bring it up with our settings
+    (a new one stays down when not up: loader.handover brings it up at its switch).
     A tunnel of our other kind is replaced (the ingress hook changed)."""
     name, peer = tunnel_names(vni)
     with IPRoute() as ipr:
@@ -147,13 +155,10 @@ def ensure_tunnel(
         if idx is not None:
             found = _tunnel_kind(ipr, idx)
             if found is None and _is_flanneld_vxlan(ipr, idx):
-                # A node moving over from flanneld: its device goes, ours takes its name
-                # (the agent keeps its VtepMAC), and the routes flanneld hung on it are
-                # put back by the agent's reconciler.
-                log.warning("replacing flanneld's vxlan device %s by a %s tunnel", name, kind)
-                ipr.link("del", index=idx)
-                idx = None
-            elif found is None:
+                raise DeviceError(
+                    f"{name} is flanneld's vxlan device: swap it with loader.handover first"
+                )
+            if found is None:
                 raise DeviceError(
                     f"{name} exists but is not a flannel-xdp tunnel (kind {_link_kind(ipr, idx)}): "
                     "is flanneld running here?"
@@ -192,7 +197,8 @@ def ensure_tunnel(
                 ipr.link("set", index=idx, **settings)
             if peer_idx is not None:
                 _set_up(ipr, peer_idx, mtu)
-            _set_up(ipr, idx)
+            if up:
+                _set_up(ipr, idx)
         except NetlinkError as exc:
             raise DeviceError(f"cannot configure tunnel device {name}: {exc}") from exc
     if kind is TunnelKind.VXLAN:
@@ -251,6 +257,7 @@ __all__ = [
     "TunnelDevice",
     "TunnelKind",
     "ensure_tunnel",
+    "is_flanneld_tunnel",
     "link_mtu",
     "remove_tunnel",
     "require_ifindex",

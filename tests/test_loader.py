@@ -15,7 +15,15 @@ from pyroute2 import IPRoute
 
 from flannel_xdp import netns
 from flannel_xdp.backend import Backend
-from flannel_xdp.loader import attach, datapath, devices, libbpf, map_upgrades, pod_ports
+from flannel_xdp.loader import (
+    attach,
+    datapath,
+    devices,
+    handover,
+    libbpf,
+    map_upgrades,
+    pod_ports,
+)
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.programs import POD_INGRESS
 from flannel_xdp.maps import libbpf as map_libbpf
@@ -28,6 +36,7 @@ from flannel_xdp.maps.views import (
     SubnetsMap,
     TrafficMap,
 )
+from flannel_xdp.node import routes
 from tests.node_support import someone_elses_filter
 from tests.pod_ports_support import pod_ports_attached
 from tests.requirements import require_root_and_bcc
@@ -177,22 +186,134 @@ def test_refuses_to_adopt_a_foreign_flannel_device(node):
     _ip("-n", ns, "link", "del", "flannel.1")
 
 
-def test_replaces_flanneld_vxlan_device(node):
-    """flanneld's flannel.1 (a kernel vxlan device with a VNI and an FDB), left by a node
-    moving over: our tunnel takes its name, with the VtepMAC asked for."""
-    ns, bpffs = node
+FLANNELD_PEER = Peer(
+    subnet=IPv4Network("198.18.2.0/24"),
+    public_ip=IPv4Address("192.0.2.2"),
+    backend=Backend.VXLAN,
+    vtep_mac="02:00:00:00:02:02",
+)
+
+
+def _flanneld_node(ns: str) -> None:
+    """flanneld's flannel.1 as it leaves it: a VNI device with our address, and one
+    peer's FDB entry, neighbour and onlink route."""
     _ip(
         "-n", ns, "link", "add", "flannel.1", "address", NODE.vtep_mac, "type", "vxlan",
         "id", "1", "local", "192.0.2.1", "dev", "eth0", "dstport", "8472", "nolearning",
     )  # fmt: skip
+    _ip("-n", ns, "addr", "add", "198.18.1.0/32", "dev", "flannel.1")
+    _ip("-n", ns, "link", "set", "flannel.1", "up")
+    p = FLANNELD_PEER
+    _ip("-n", ns, "neigh", "add", "198.18.2.0", "lladdr", p.vtep_mac, "dev", "flannel.1",
+        "nud", "permanent")  # fmt: skip
+    _ip("-n", ns, "link", "set", "flannel.1", "up")
+    subprocess.run(
+        ["bridge", "-n", ns, "fdb", "add", p.vtep_mac, "dev", "flannel.1", "dst",
+         str(p.public_ip), "self", "permanent"], check=True,
+    )  # fmt: skip
+    _ip("-n", ns, "route", "add", str(p.subnet), "via", "198.18.2.0", "dev", "flannel.1",
+        "onlink")  # fmt: skip
+
+
+def _link(ns: str, name: str) -> dict | None:
+    res = subprocess.run(
+        ["ip", "-n", ns, "-d", "-j", "link", "show", name], capture_output=True, text=True
+    )
+    return json.loads(res.stdout)[0] if res.returncode == 0 else None
+
+
+def _routed_via(ns: str, subnet: IPv4Network) -> tuple[str, str]:
+    out = subprocess.run(
+        ["ip", "-n", ns, "-j", "route", "show", str(subnet)], capture_output=True, text=True
+    ).stdout
+    (route,) = json.loads(out)
+    return route["dev"], route.get("gateway", "")
+
+
+@pytest.mark.parametrize("hook", [datapath.IngressHook.KERNEL, datapath.IngressHook.TC])
+def test_takes_over_flanneld_vxlan_device_with_its_routes(node, hook):
+    """A node moving over from flanneld: our tunnel takes flannel.1's name, VtepMAC,
+    address, neighbours and routes (swapped under traffic, loader.handover), and the
+    peers flanneld programmed are in the map before anything reads it."""
+    ns, bpffs = node
+    _flanneld_node(ns)
+    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, ingress_hook=hook)
+    with netns.entered(ns):
+        datapath.install(cfg, NODE)
+        with SubnetsMap(PinDir(bpffs).maps) as subnets:
+            assert subnets.peers() == {FLANNELD_PEER.subnet: FLANNELD_PEER}
+    assert _tunnel_kind(ns) == hook.tunnel_kind.value
+    link = _link(ns, "flannel.1")
+    assert link["address"] == NODE.vtep_mac and "UP" in link["flags"]
+    assert _link(ns, handover.aside_name(1)) is None, "flanneld's device was left behind"
+    assert _routed_via(ns, FLANNELD_PEER.subnet) == ("flannel.1", "198.18.2.0")
+    neigh = subprocess.run(
+        ["ip", "-n", ns, "neigh", "show", "198.18.2.0", "dev", "flannel.1"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert FLANNELD_PEER.vtep_mac in neigh and "PERMANENT" in neigh
+    addr = subprocess.run(
+        ["ip", "-n", ns, "-4", "addr", "show", "flannel.1"], capture_output=True, text=True
+    ).stdout
+    assert "198.18.1.0/32" in addr
+
+
+def test_an_interrupted_takeover_is_undone_and_done_again(node):
+    """Killed between stepping aside and the switch: flanneld's device waits under its
+    aside name beside an unfinished flannel.1 of ours; the next install starts over."""
+    ns, bpffs = node
+    _flanneld_node(ns)
+    _ip("-n", ns, "link", "set", "flannel.1", "name", handover.aside_name(1))
+    _ip("-n", ns, "link", "add", "flannel.1", "type", "vxlan", "external", "dstport", "8472")
     cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs)
     with netns.entered(ns):
         datapath.install(cfg, NODE)
-    assert _tunnel_kind(ns) == cfg.ingress_hook.tunnel_kind.value
-    res = subprocess.run(
-        ["ip", "-n", ns, "-j", "link", "show", "flannel.1"], capture_output=True, text=True
-    )
-    assert json.loads(res.stdout)[0]["address"] == NODE.vtep_mac
+    assert _link(ns, handover.aside_name(1)) is None
+    assert _routed_via(ns, FLANNELD_PEER.subnet) == ("flannel.1", "198.18.2.0")
+
+
+@pytest.mark.parametrize("hook", [datapath.IngressHook.KERNEL, datapath.IngressHook.XDP])
+def test_hand_over_leaves_flanneld_its_kind_of_device(node, hook):
+    """Moving back: flannel.1 becomes a VNI device as flanneld makes it (same VtepMAC,
+    address, MTU), with an FDB entry, neighbour and route per vxlan peer, a host-gw peer
+    routed via its public IP on the underlay, and nothing of ours left."""
+    ns, bpffs = node
+    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, ingress_hook=hook)
+    hostgw = Peer(IPv4Network("198.18.3.0/24"), IPv4Address("192.0.2.3"), Backend.HOST_GW)
+    with netns.entered(ns):
+        installed = datapath.install(cfg, NODE)
+        with IPRoute() as ipr:
+            routes.set_tunnel_address(ipr, NODE.subnet, NODE.vni)
+            routes.sync_peers(ipr, [FLANNELD_PEER, hostgw], NODE.vni)
+        with SubnetsMap(installed.pins.maps) as subnets:
+            subnets.apply([FLANNELD_PEER, hostgw])
+        mtu = devices.link_mtu("flannel.1")
+        datapath.hand_over(bpffs, "eth0", Backend.VXLAN, NODE.vni)
+    link = _link(ns, "flannel.1")
+    data = link["linkinfo"]["info_data"]
+    assert link["linkinfo"]["info_kind"] == "vxlan" and not data.get("external")
+    assert (data["id"], data["local"], data["port"]) == (1, "192.0.2.1", 8472)
+    assert link["address"] == NODE.vtep_mac and link["mtu"] == mtu and "UP" in link["flags"]
+    fdb = subprocess.run(
+        ["bridge", "-n", ns, "fdb", "show", "dev", "flannel.1"], capture_output=True, text=True
+    ).stdout
+    assert f"{FLANNELD_PEER.vtep_mac} dst {FLANNELD_PEER.public_ip}" in fdb
+    assert _routed_via(ns, FLANNELD_PEER.subnet) == ("flannel.1", "198.18.2.0")
+    assert _routed_via(ns, hostgw.subnet) == ("eth0", "192.0.2.3")
+    assert _link(ns, handover.aside_name(1)) is None
+    assert not os.path.exists(bpffs)
+    assert "xdp" not in json.dumps(_link(ns, "eth0")), "an XDP program stayed on eth0"
+    tc = subprocess.run(
+        ["ip", "netns", "exec", ns, "bpftool", "net", "show", "dev", "eth0"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "underlay" not in tc, tc
+
+
+def test_hand_over_without_a_data_path_is_a_clear_error(node):
+    ns, bpffs = node
+    with netns.entered(ns), pytest.raises(handover.HandoverError, match="nothing to hand over"):
+        datapath.hand_over(bpffs, "eth0", Backend.VXLAN, NODE.vni)
 
 
 def _peer(i: int, backend: Backend = Backend.VXLAN) -> Peer:

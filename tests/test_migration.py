@@ -11,14 +11,12 @@ lease exactly (subnet, PublicIP, VtepMAC): the other nodes have nothing to relea
 
 Per step the pings lost are printed (run with -s) and carried in the assertion
 messages, as a share of the step's pings (the step plus SETTLE seconds either side) and as
-the outage they mean on each pair through the node. The goal is LOSS_GOAL of a step's pings
-and nothing lost where the node keeps its lease; today each step costs about 0.3-0.6 s on
-the pairs through the node (moving over: the agent's loader replaces flanneld's device, and
-the routes come back only once the loader child has exited and the agent has synced; moving
-back: flanneld's start-up, lease and iptables work before it programs its peers), so the
-goal is reported, not asserted. Asserted: no stream breaks or loses a byte, every lease
-stays exactly as it was, and no step costs a pair more than OUTAGE_MAX (a changed VtepMAC,
-a lost route or a device left behind costs seconds, or everything).
+the outage they mean on each pair through the node. flannel.<VNI> is swapped under traffic
+both ways (loader/handover.py); with the default kernel hook the swap has a gap of a few
+milliseconds (two kernel vxlan devices cannot hold the UDP port at once), which costs a
+pair through the node a ping or two per step, so "nothing lost" is reported, not asserted.
+Asserted: no step loses more than LOSS_GOAL of its pings, no stream breaks or loses a byte,
+every lease stays exactly as it was, and no step costs a pair more than OUTAGE_MAX.
 """
 
 from __future__ import annotations
@@ -37,9 +35,8 @@ from tests.test_outage import PING_INTERVAL, Pinger, PingOutcome, Stream
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 
 LOSS_GOAL = 0.01  # of a step's pings, over every pair
-# Seconds of lost pings on any one pair in one step: 0.3-0.8 s on a quiet machine, up to
-# 2.3 s seen while other test suites loaded both cores.
-OUTAGE_MAX = 5.0
+# Seconds of lost pings on any one pair in one step: 10-40 ms seen, with both cores loaded.
+OUTAGE_MAX = 0.5
 # Seconds of traffic before and after each step: a step's pings are those of this window
 # plus the step itself (an agent's start takes 10-20 s here, mostly compiling; flanneld's
 # under a second), so 1 % of them is about 0.2-0.4 s of outage on the pairs through the node.
@@ -91,6 +88,8 @@ def test_rolling_migration_under_traffic(tmp_path: Path) -> None:
                 worst = max(len(o.lost) for o in outcomes) * PING_MS / 1000
                 if worst > OUTAGE_MAX:
                     problems.append(f"step {step} ({label}): a pair lost {worst:.2f} s of pings")
+                if lost > LOSS_GOAL * sent:
+                    problems.append(f"step {step} ({label}): {lost} of {sent} pings lost")
                 assert lab.process_alive(node), node_label(node)
         finally:
             results = []
@@ -102,7 +101,7 @@ def test_rolling_migration_under_traffic(tmp_path: Path) -> None:
         table = [
             f"step {step}: {label:16} {lost:5} of {sent:6} pings lost "
             f"({100 * lost / max(sent, 1):.2f} %, {lost / max(pairs, 1) * PING_MS:.0f} ms per "
-            f"pair through the node; goal {'met' if lost <= LOSS_GOAL * sent else 'MISSED'}), "
+            f"pair through the node), "
             f"converged in {took:.1f} s" + (f" [{per_pair}]" if per_pair else "")
             for step, label, sent, lost, took, per_pair, pairs in rows
         ]
