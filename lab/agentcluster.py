@@ -646,8 +646,15 @@ class AgentCluster:
             return proc.poll() is None
         return node.pid is not None and process.pid_alive(node.pid, node.dir)
 
-    def kill_process(self, node: LabNode, sig: int = signal.SIGKILL) -> None:
-        """Kill the node's agent (or stock controller); its data path stays."""
+    def kill_process(self, node: LabNode, sig: int = signal.SIGKILL, tree: bool = False) -> None:
+        """Kill the node's agent (or stock controller); its data path stays. tree: its
+        children too (the loader child), in one sweep, as when a container's cgroup is
+        killed."""
+        if tree and node.pid is not None and self.process_alive(node):
+            pids = [node.pid, *process.descendants(node.pid)]
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
         self._stop_process(node, sig)
 
     def start_process(self, node: LabNode) -> None:

@@ -12,6 +12,7 @@ Two ways in, for two needs:
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import signal
 import subprocess
@@ -177,6 +178,22 @@ def kill_pid(pid: int, marker: str, sig: int = signal.SIGKILL, timeout: float = 
         _reap(pid)
         time.sleep(0.01)
     return True
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (children first found, then theirs)."""
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in glob.glob(f"/proc/{parent}/task/*/children"):
+            try:
+                with open(task) as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
 
 
 def pids_with(marker: str) -> list[int]:

@@ -145,7 +145,10 @@ def test_the_quick_run_left_nothing_behind(quick_run: dict):
 
 def test_an_interrupted_run_removes_its_clusters(tmp_path: Path):
     out = tmp_path / "results.json"
-    argv = bench_argv(out, "--only", VARIANTS[1], "--seconds", "10", "--workloads", "tcp1")
+    # A measurement far longer than the wait below: however slow the clusters come up on a
+    # loaded machine, the interrupt lands while they run (with 10 s, a run on a busy
+    # machine had finished before it).
+    argv = bench_argv(out, "--only", VARIANTS[1], "--seconds", "120", "--workloads", "tcp1")
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     prefix = None
     try:
@@ -164,6 +167,7 @@ def test_an_interrupted_run_removes_its_clusters(tmp_path: Path):
             n.startswith(prefix) for n in leftovers(prefix)
         ):
             time.sleep(0.2)
+        assert leftovers(prefix), f"no cluster of {prefix} came up within 30 s"
         time.sleep(4)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)

@@ -15,10 +15,12 @@ arrivals.
   changes happen and must resync on their own; their maps and routes then hold
   exactly the changed set and they are ready again.
 * Agent crash: one node's agent is SIGKILLed and restarted CRASH_ROUNDS times while
-  the traffic crosses that node; nothing is lost, and afterwards the node holds the
-  same pins (same map ids), the same number of BPF programs and maps, and the same
-  links, addresses, routes, qdiscs, filters and iptables rules as after its first
-  start. Every BPF object the lab ever had is gone once the lab is torn down.
+  the traffic crosses that node (and, KILL_ROUNDS times, killed with its loader child at
+  a random moment of its start, with and without the fast path); nothing is lost, and
+  afterwards the node holds the same pins (same map ids), the same number of BPF
+  programs and maps, and the same links, addresses, routes, qdiscs, filters and
+  iptables rules as after its first start. Every BPF object the lab ever had is gone
+  once the lab is torn down.
 """
 
 from __future__ import annotations
@@ -52,7 +54,11 @@ from tests.lab_support import agent_cluster
 pytestmark = pytest.mark.lab
 
 OUTAGE_SECONDS = 60.0  # how long etcd is down: a whole minute, not a blip
-CRASH_ROUNDS = 20  # SIGKILL + restart cycles of one agent
+CRASH_ROUNDS = 20  # SIGKILL + restart cycles of one agent, once ready
+KILL_ROUNDS = 20  # SIGKILL (agent and loader child) at a random moment of a start
+# Two pod scans (defaults.LOCAL_PODS_INTERVAL_S) and a margin: a ready agent has
+# attached the fast path's pod links to the pods that talk by then.
+POD_SCAN_SETTLE = 2.5
 PING_RATE = 100  # per second, at least
 # iputils rounds a 10 ms interval up to its 16 ms poll granularity (62/s); 9 ms gives
 # about 111/s (see test_agent_e2e.py).
@@ -485,10 +491,12 @@ def seen() -> Iterator[Seen]:
 
 
 @pytest.fixture
-def lab(seen: Seen) -> Iterator[AgentCluster]:
+def lab(seen: Seen, request: pytest.FixtureRequest) -> Iterator[AgentCluster]:
+    """Three vxlan nodes; a test parametrized indirectly adds spec fields (the fast path)."""
+    extra = getattr(request, "param", {})
     # ip-masq on: its iptables rules are part of what a restart must not duplicate
     with agent_cluster(
-        nodes=3, pods=1, backend=Backend.VXLAN, ip_masq=True, outside=False
+        nodes=3, pods=1, backend=Backend.VXLAN, ip_masq=True, outside=False, **extra
     ) as cluster:
         seen.add(cluster)
         yield cluster
@@ -816,3 +824,80 @@ def test_sigkill_agent_repeatedly_during_traffic_leaks_nothing(
     assert not diff, f"the node's links, routes, qdiscs, filters or rules changed:\n{diff}"
     assert lab.process_alive(victim) and lab.ready(victim)
     assert len(lab.leases()) == 3
+
+
+@pytest.mark.parametrize(
+    "lab",
+    [{}, {"udp_fast_path": True, "tcp_fast_path": True}],
+    indirect=True,
+    ids=["stack-path", "fast-path"],
+)
+def test_sigkill_at_any_moment_of_the_agents_life(lab: AgentCluster, seen: Seen, tmp_path: Path):
+    """Kubelet restarts a crashing agent whenever it crashes, and kills the whole container:
+    KILL_ROUNDS x (start the agent, SIGKILL it and its loader child at a random moment of
+    its start: before, during or after the install, in the first sync, or once ready),
+    then a last start. Meanwhile a ping crosses the node both ways and a stream runs each
+    way through it: nothing lost, no stream broken, and the node ends as it began."""
+    victim, other, third = lab.agent_nodes
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    # how long a start takes here and now: the kills spread over it and a bit beyond
+    lab.kill_process(victim, signal.SIGKILL)
+    start_took = lab.restart_process(victim)
+
+    moments: list[float] = []
+    with traffic_through(
+        lab, (other.pods[0], victim.pods[0]), (victim.pods[0], third.pods[0]), tmp_path
+    ) as (pinger, outbound):
+        inbound = Stream(third.pods[0], victim.pods[0], seed=9)
+        try:
+            # The fast path attaches its pod links to pods that have talked: the node's
+            # picture is taken with the traffic on.
+            time.sleep(POD_SCAN_SETTLE)
+            first_pins = pins(victim)
+            first_bpf = node_bpf(victim)
+            first_state = netns_state(victim.netns)
+            drops_before = drop_counts(lab)
+            for i in range(KILL_ROUNDS):
+                lab.kill_process(victim, signal.SIGKILL, tree=True)
+                assert not lab.process_alive(victim), f"round {i}: the agent survived SIGKILL"
+                time.sleep(rng.uniform(0.0, 0.3))
+                lab.start_process(victim)
+                moments.append(rng.uniform(0.0, 1.2 * start_took))
+                time.sleep(moments[-1])
+                seen.add(lab)
+            lab.kill_process(victim, signal.SIGKILL, tree=True)
+            last_took = lab.restart_process(victim)
+            time.sleep(POD_SCAN_SETTLE)
+            pinged = pinger.stop()
+            streamed = [outbound.stop(), inbound.stop()]
+        finally:
+            inbound.kill()
+
+    print(
+        f"{KILL_ROUNDS} kills (seed {seed}) at {', '.join(f'{m:.1f}' for m in moments)} s "
+        f"into a start that takes {start_took:.1f} s; last start {last_took:.1f} s; ping "
+        f"{pinged.label}: {pinged.answered}/{pinged.sent}; "
+        + "; ".join(Stream.figures(r) for r in streamed)
+    )
+    where = f" (seed {seed}; kills at {[round(m, 2) for m in moments]} s into a start)"
+    try:
+        pinged.check()
+        for result in streamed:
+            Stream.check(result)
+        check_no_drops(drops_before, drop_counts(lab))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}{where}") from None
+    now_pins = pins(victim)
+    assert now_pins == first_pins, (
+        f"pins gone {sorted(first_pins - now_pins)}, new {sorted(now_pins - first_pins)}{where}"
+    )
+    now = node_bpf(victim)
+    assert now.pinned_maps == first_bpf.pinned_maps, f"a restart replaced pinned maps{where}"
+    assert len(now.progs) == len(first_bpf.progs), where
+    assert len(now.maps) == len(first_bpf.maps), where
+    left = wait_gone(seen.progs[victim.netns] - now.progs, seen.maps[victim.netns] - now.maps)
+    assert not any(left), f"programs {sorted(left[0])} and maps {sorted(left[1])} leaked{where}"
+    diff = state_diff(first_state, netns_state(victim.netns))
+    assert not diff, f"the node's links, routes, qdiscs, filters or rules changed{where}:\n{diff}"
+    assert lab.process_alive(victim) and lab.ready(victim)
