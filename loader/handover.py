@@ -13,8 +13,9 @@ are back. So the swap keeps the gap to what the kernel forces:
 3. the switch: the new device comes up and the routes move onto it. Two kernel
    vxlan devices of different kinds cannot hold the same UDP port, so when both are
    vxlan the old one goes down first: until the new one is up nothing receives VXLAN,
-   and until a route is back nothing is sent on it (one `ip -batch`: about 50 us per
-   message; a veth tunnel holds no port, and each route moves atomically);
+   and until a route is back nothing is sent on it. One `ip -batch` sends the messages
+   back to back, but closing the old device waits for RCU grace periods: 10-30 ms
+   here. A veth tunnel holds no port, and each route moves atomically;
 4. the old device is deleted.
 
 A crash between 1 and 4 leaves the old device under its aside name; the next attempt

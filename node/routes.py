@@ -20,7 +20,9 @@ event loop (use asyncio.to_thread there).
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -49,7 +51,8 @@ class NodeStateError(RuntimeError):
 
 @dataclass(frozen=True)
 class RouteSync:
-    """What sync_peers() changed: peers written (replaced), stale entries removed."""
+    """What sync_peers() changed: peers written (their route or neighbour differed),
+    stale entries removed."""
 
     written: int
     removed_routes: int
@@ -132,21 +135,45 @@ def remove_peer(ipr: IPRoute, subnet: IPv4Network, vni: int = defaults.VXLAN_VNI
             raise NodeStateError(f"cannot remove neighbour {gw}: {exc}") from exc
 
 
-def _tunnel_routes(ipr: IPRoute, idx: int) -> list[IPv4Network]:
-    out = []
-    for msg in ipr.get_routes(family=AF_INET, table=MAIN_TABLE):
-        if msg.get_attr("RTA_OIF") != idx or msg.get_attr("RTA_DST") is None:
+def _ip_json(*args: str) -> list[dict]:
+    run = subprocess.run(["ip", "-j", *args], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise NodeStateError(f"ip {' '.join(args)}: {run.stderr.strip()}")
+    return json.loads(run.stdout or "[]")
+
+
+def ip_batch(commands: list[str]) -> None:
+    """Many route and neighbour changes through one `ip -batch`: iproute2 sends them back
+    to back, about 25 us each where a pyroute2 call takes 350, so a full sync of
+    thousands of peers takes a fraction of a second. Stops at the first failure."""
+    if not commands:
+        return
+    run = subprocess.run(
+        ["ip", "-batch", "-"], input="\n".join(commands) + "\n", capture_output=True, text=True
+    )
+    if run.returncode != 0:
+        raise NodeStateError(f"ip -batch: {run.stderr.strip()[-1000:]}")
+
+
+TunnelRoutes = dict[IPv4Network, IPv4Address | None]
+
+
+def _tunnel_state(name: str) -> tuple[TunnelRoutes, dict[IPv4Address, str]]:
+    """The tunnel's routes (subnet -> onlink gateway, None for any other kind) and its
+    permanent neighbours (address -> MAC)."""
+    routes = {}
+    for r in _ip_json("route", "show", "table", "main", "dev", name):
+        if r.get("dst") in (None, "default"):
             continue
-        out.append(IPv4Network(f"{msg.get_attr('RTA_DST')}/{msg['dst_len']}"))
-    return out
-
-
-def _permanent_neighbours(ipr: IPRoute, idx: int) -> list[IPv4Address]:
-    out = []
-    for msg in ipr.get_neighbours(family=AF_INET, ifindex=idx):
-        if msg["state"] & NUD_PERMANENT and msg.get_attr("NDA_DST"):
-            out.append(IPv4Address(msg.get_attr("NDA_DST")))
-    return out
+        onlink = "onlink" in r.get("flags", [])
+        gw = r.get("gateway")
+        routes[IPv4Network(r["dst"])] = IPv4Address(gw) if gw and onlink else None
+    neighbours = {
+        IPv4Address(n["dst"]): n.get("lladdr", "").lower()
+        for n in _ip_json("neigh", "show", "dev", name, "nud", "permanent")
+        if n.get("dst")
+    }
+    return routes, neighbours
 
 
 def sync_peers(ipr: IPRoute, peers: Iterable[Peer], vni: int = defaults.VXLAN_VNI) -> RouteSync:
@@ -154,31 +181,37 @@ def sync_peers(ipr: IPRoute, peers: Iterable[Peer], vni: int = defaults.VXLAN_VN
 
     Everything routed through flannel.<VNI> is ours (flanneld owns its device the
     same way), so a route or neighbour there that no peer wants is stale and goes.
+    Only what differs is written (an adopting restart writes nothing), all of it in
+    one batch: each neighbour before its route, each route removed before its
+    neighbour.
     """
+    tunnel_ifindex(ipr, vni)  # a clear error when the device is missing
+    name = defaults.tunnel_device(vni)
+    routes, neighbours = _tunnel_state(name)
     want = {p.subnet: p for p in peers}
+    commands = []
+    written = 0
     for peer in want.values():
-        add_peer(ipr, peer, vni)
-    idx = tunnel_ifindex(ipr, vni)
-    routes = 0
-    for subnet in _tunnel_routes(ipr, idx):
-        if subnet not in want:
-            try:
-                ipr.route("del", dst=str(subnet), oif=idx, table=MAIN_TABLE)
-                routes += 1
-            except NetlinkError as exc:
-                if exc.code not in _GONE:
-                    raise NodeStateError(f"cannot remove stale route {subnet}: {exc}") from exc
+        gw = gateway(peer.subnet)
+        changed = False
+        if neighbours.get(gw) != peer.vtep_mac.lower():
+            commands.append(f"neigh replace {gw} lladdr {peer.vtep_mac} dev {name} nud permanent")
+            changed = True
+        if routes.get(peer.subnet) != gw:
+            commands.append(f"route replace {peer.subnet} via {gw} dev {name} onlink")
+            changed = True
+        written += changed
+    stale_routes = [subnet for subnet in routes if subnet not in want]
+    commands += [f"route del {subnet} dev {name}" for subnet in stale_routes]
     gateways = {gateway(s) for s in want}
-    neighbours = 0
-    for addr in _permanent_neighbours(ipr, idx):
-        if addr not in gateways:
-            try:
-                ipr.neigh("del", dst=str(addr), ifindex=idx)
-                neighbours += 1
-            except NetlinkError as exc:
-                if exc.code not in _GONE:
-                    raise NodeStateError(f"cannot remove stale neighbour {addr}: {exc}") from exc
-    return RouteSync(written=len(want), removed_routes=routes, removed_neighbours=neighbours)
+    stale_neighbours = [addr for addr in neighbours if addr not in gateways]
+    commands += [f"neigh del {addr} dev {name}" for addr in stale_neighbours]
+    ip_batch(commands)
+    return RouteSync(
+        written=written,
+        removed_routes=len(stale_routes),
+        removed_neighbours=len(stale_neighbours),
+    )
 
 
 # -- host-gw next hops on the underlay ----------------------------------------------------
@@ -274,6 +307,7 @@ __all__ = [
     "add_peer",
     "ensure_next_hop",
     "gateway",
+    "ip_batch",
     "next_hops",
     "remove_next_hop",
     "remove_peer",
