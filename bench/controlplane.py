@@ -14,7 +14,8 @@ A real `flannel-xdp agent` process against a real etcd, measured from outside:
 * CPU while idle: utime + stime of the agent process over 10 s with nothing changing
   (its registry probe keeps running, as in production).
 
-Targets: full sync < 2 s, addition p99 < 100 ms, RSS < 100 MB, idle CPU < 1 %.
+Targets: ready (map and routes) < 2 s after the listing, addition p99 < 100 ms, RSS < 100 MB,
+idle CPU < 1 %.
 
 Set-up, all throwaway: etcd 3.4 on a free 127.0.0.1 port and on a unix socket (the
 agent reaches it through the socket from its network namespace); two network
@@ -79,7 +80,8 @@ EVENT_TIMEOUT = 5.0
 START_TIMEOUT = 120.0  # the agent compiles its BPF programs with bcc first
 
 TARGETS = {
-    "full_sync_s": ("<", 2.0),
+    # A peer is reachable once its route is there too: "ready" is the headline.
+    "ready_after_listing_s": ("<", 2.0),
     "add_p99_ms": ("<", 100.0),
     "rss_mb": ("<", 100.0),
     "idle_cpu_pct": ("<", 1.0),
@@ -492,7 +494,7 @@ def summarize(ms: list[float]) -> dict:
 
 def verdicts(results: dict) -> dict[str, dict]:
     values = {
-        "full_sync_s": results.get("full_sync_s"),
+        "ready_after_listing_s": results.get("ready_after_listing_s"),
         "add_p99_ms": results.get("add_ms", {}).get("p99"),
         "rss_mb": results.get("rss_mb"),
         "idle_cpu_pct": results.get("idle_cpu_pct"),
@@ -509,11 +511,12 @@ def table(results: dict, checks: dict[str, dict], leases: int) -> str:
     mem = results.get("memory_mb", {})
     rows = [
         ("metric", "value", "target", "ok"),
-        (f"full sync, {leases} leases -> map", f"{results['full_sync_s']:.3f} s", "< 2 s",
-         checks["full_sync_s"]["ok"]),
+        (f"{leases} leases: listing -> ready (map + routes)",
+         f"{results['ready_after_listing_s']:.3f} s", "< 2 s",
+         checks["ready_after_listing_s"]["ok"]),
+        ("  listing -> map complete", f"{results['full_sync_s']:.3f} s", "", ""),
         ("  agent's own sync figure (map + routes)", f"{results['agent_reported_sync_s']:.3f} s",
          "", ""),
-        ("  listing -> ready (map + routes)", f"{results['ready_after_listing_s']:.3f} s", "", ""),
         ("  process start -> map complete", f"{results['start_to_map_complete_s']:.3f} s", "", ""),
         (f"lease added -> in map, p50 (n={add.get('n')})", f"{add.get('p50')} ms", "", ""),
         (f"lease added -> in map, p99 (n={add.get('n')})", f"{add.get('p99')} ms", "< 100 ms",
