@@ -88,6 +88,10 @@ class Reconciler:
         self.direct_networks = direct_networks
         self.leases: dict[IPv4Network, LeaseAttrs] = {}
         self.programmed: dict[IPv4Network, Peer] = {}
+        # programmed's peers by backend label, kept as it changes: a Status is published
+        # after every event, and counting thousands of peers each time costs more than
+        # the event itself.
+        self._by_backend: Counter[str] = Counter()
         # Remote leases that peer_for refuses, by subnet (each once).
         self.ignored: dict[IPv4Network, Ignored] = {}
         self.status = Status(capacity=peer_map.max_entries)
@@ -142,6 +146,7 @@ class Reconciler:
             second = self.map.apply(peers)
             await asyncio.to_thread(self.routes.sync, peers)
         self.programmed = target
+        self._by_backend = Counter(str(p.backend) for p in target.values())
         took = time.monotonic() - started
         self._observe_sync("full", took)
         self._publish(synced=True, full_syncs=self.status.full_syncs + 1, last_sync=time.time())
@@ -187,7 +192,9 @@ class Reconciler:
                 self.map.upsert(got)
                 await asyncio.to_thread(self.routes.add, got)
                 self.programmed[ev.subnet] = got
+                self._by_backend[str(got.backend)] += 1
                 if old is not None:
+                    self._by_backend[str(old.backend)] -= 1
                     await asyncio.to_thread(self._drop_next_hop, old)
                 log.info("peer %s via %s (%s)", got.subnet, got.public_ip, got.backend)
             return
@@ -197,6 +204,7 @@ class Reconciler:
             await asyncio.to_thread(self.routes.remove, ev.subnet)
             self.map.remove(ev.subnet)
             del self.programmed[ev.subnet]
+            self._by_backend[str(old.backend)] -= 1
             await asyncio.to_thread(self._drop_next_hop, old)
             log.info("peer %s removed", ev.subnet)
 
@@ -264,7 +272,7 @@ class Reconciler:
     def _publish(self, **changed) -> None:
         self.status = replace(
             self.status,
-            leases_by_backend=dict(Counter(str(p.backend) for p in self.programmed.values())),
+            leases_by_backend=dict(+self._by_backend),
             programmed=len(self.programmed),
             ignored=len(self.ignored),
             capacity=self.map.max_entries,

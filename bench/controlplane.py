@@ -13,14 +13,16 @@ A real `flannel-xdp agent` process against a real etcd, measured from outside:
   additions, each timed from just before the put. Removals likewise (no target).
 * a restart at that size: the agent stopped and started again, adopting the pinned map
   and the routes (its sync should change nothing): listing -> ready.
+* churn: 100 leases replaced per second for 60 s (the oldest deleted, a new one put):
+  each new one's put -> reachable, p50/p99, and the agent's CPU meanwhile.
 * agent memory: VmRSS at 5,000 leases (and after the additions).
 * CPU while idle: utime + stime of the agent process over 10 s with nothing changing
   (its registry probe keeps running, as in production).
 
 Targets (targets()): ready (map and routes) 2 s after the listing at 5,000 leases, 8 s at
 20,000 (the same for a restart, which adopts the pinned state); a lease added -> in the map
-p99 < 100 ms, reachable (map and route) p99 < 50 ms; RSS 100 MB at 5,000, 200 MB at
-20,000; idle CPU < 1 %.
+p99 < 100 ms, reachable (map and route) p99 < 50 ms, under churn p99 < 200 ms; RSS
+100 MB at 5,000, 200 MB at 20,000; idle CPU < 1 %.
 
 Set-up, all throwaway: etcd 3.4 on a free 127.0.0.1 port and on a unix socket (the
 agent reaches it through the socket from its network namespace); two network
@@ -114,6 +116,7 @@ def targets(leases: int) -> dict[str, float]:
         "add_p99_ms": 100.0,
         "add_reachable_p99_ms": 50.0,
         "restart_ready_after_listing_s": ready,
+        "churn_reachable_p99_ms": 200.0,
         "rss_mb": max(100.0, leases * RSS_MB_PER_LEASE),
         "idle_cpu_pct": 1.0,
     }
@@ -321,14 +324,18 @@ class AgentProcess:
 # -- leases ------------------------------------------------------------------------------------
 
 
-def lease_plan(count: int, additions: int) -> tuple[list[IPv4Network], list[IPv4Network]]:
-    """Subnets preloaded and subnets added later; the agent picks its own among the 100
-    free subnets after the preloaded ones, so the added ones come from far above."""
-    config, _ = sizing(count + additions)
+def lease_plan(
+    count: int, additions: int, churn: int = 0
+) -> tuple[list[IPv4Network], list[IPv4Network], list[IPv4Network]]:
+    """Subnets preloaded, added one by one later, and brought in by the churn; the agent
+    picks its own among the free subnets after the preloaded ones, so the others come
+    from far above."""
+    config, _ = sizing(count + additions + churn)
     subnets = parse_config(json.dumps(config)).subnets()
-    if count + SPARE_SUBNETS + additions > len(subnets):
-        raise BenchError(f"{count} leases and {additions} additions do not fit {config}")
-    return subnets[:count], subnets[-additions:] if additions else []
+    if count + SPARE_SUBNETS + additions + churn > len(subnets):
+        raise BenchError(f"{count} leases, {additions} additions and {churn} churned do not fit")
+    late = subnets[len(subnets) - additions - churn :]
+    return subnets[:count], late[:additions], late[additions:]
 
 
 def lease_value(i: int, rng: random.Random) -> bytes:
@@ -487,6 +494,52 @@ async def measure_events(
     return out
 
 
+async def measure_churn(
+    client: aetcd.Client,
+    m: SubnetsMap,
+    routes: Routes,
+    current: list[IPv4Network],
+    fresh: list[IPv4Network],
+    rate: int,
+    rng: random.Random,
+) -> list[float]:
+    """rate leases replaced per second (the oldest deleted, a new one put) until fresh is
+    used up; per new lease, ms from its put to reachable (map and route). A checker in
+    the routes thread polls what is pending every POLL_INTERVAL."""
+    pending: dict[IPv4Network, float] = {}
+    done: list[float] = []
+    stop = threading.Event()
+
+    def check() -> None:
+        while not stop.is_set() or pending:
+            for subnet, started in list(pending.items()):
+                if _present(m.fd, subnet) and routes.routed(subnet):
+                    done.append((time.perf_counter() - started) * 1000)
+                    del pending[subnet]
+            if stop.is_set() and pending and time.perf_counter() > deadline[0]:
+                raise BenchError(f"{sorted(pending)[:3]} never became reachable under churn")
+            time.sleep(POLL_INTERVAL)
+
+    deadline = [float("inf")]
+    checker = asyncio.get_running_loop().run_in_executor(ROUTES_THREAD, check)
+    queue = list(current)
+    interval = 1.0 / rate
+    next_at = time.perf_counter()
+    try:
+        for i, subnet in enumerate(fresh):
+            await client.delete(lease_key(queue.pop(0)))
+            pending[subnet] = time.perf_counter()
+            await client.put(lease_key(subnet), lease_value(200_000 + i, rng))
+            queue.append(subnet)
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+    finally:
+        deadline[0] = time.perf_counter() + EVENT_TIMEOUT
+        stop.set()
+        await checker
+    return done
+
+
 @dataclass
 class ControlPlaneSettings:
     leases: int
@@ -495,20 +548,27 @@ class ControlPlaneSettings:
     out: Path
     keep: bool
 
+    churn_rate: int = 100  # leases replaced per second
+    churn_seconds: float = 60.0
+
+    @property
+    def churn(self) -> int:
+        return int(self.churn_rate * self.churn_seconds)
+
     @property
     def config(self) -> dict:
-        return sizing(self.leases + self.additions)[0]
+        return sizing(self.leases + self.additions + self.churn)[0]
 
     @property
     def max_subnets(self) -> int:
-        return sizing(self.leases + self.additions)[1]
+        return sizing(self.leases + self.additions + self.churn)[1]
 
 
 async def measure(
     settings: ControlPlaneSettings, etcd: EtcdServer, node: BenchNode, workdir: str
 ) -> dict:
     rng = random.Random(3)
-    preloaded, added = lease_plan(settings.leases, settings.additions)
+    preloaded, added, churned = lease_plan(settings.leases, settings.additions, settings.churn)
     results: dict = {}
     client = aetcd.Client(host="127.0.0.1", port=etcd.client_port, timeout=10)
     agent: AgentProcess | None = None
@@ -577,6 +637,29 @@ async def measure(
                 results["remove_ms"]["p99"],
             )
 
+            if churned:
+                routes = await in_routes_thread(Routes, node.netns)
+                try:
+                    cpu0, t0 = agent.cpu_seconds(), time.monotonic()
+                    churn = await measure_churn(
+                        client, m, routes, preloaded, churned, settings.churn_rate, rng
+                    )
+                    cpu1, t1 = agent.cpu_seconds(), time.monotonic()
+                finally:
+                    await in_routes_thread(routes.close)
+                results["churn_reachable_ms"] = summarize(churn)
+                results["churn_cpu_pct"] = round((cpu1 - cpu0) / (t1 - t0) * 100, 1)
+                results["churn_rate_per_s"] = round(len(churn) / (t1 - t0), 1)
+                log.info(
+                    "churn: %d replacements at %.0f/s, reachable p50 %.1f ms p99 %.1f ms, "
+                    "agent CPU %.1f %%",
+                    len(churn),
+                    results["churn_rate_per_s"],
+                    results["churn_reachable_ms"]["p50"],
+                    results["churn_reachable_ms"]["p99"],
+                    results["churn_cpu_pct"],
+                )
+
             await asyncio.sleep(1)
             cpu0, t0 = agent.cpu_seconds(), time.monotonic()
             await asyncio.sleep(settings.idle_seconds)
@@ -629,6 +712,7 @@ def verdicts(results: dict, leases: int) -> dict[str, dict]:
         "add_p99_ms": results.get("add_ms", {}).get("p99"),
         "add_reachable_p99_ms": results.get("add_reachable_ms", {}).get("p99"),
         "restart_ready_after_listing_s": results.get("restart_ready_after_listing_s"),
+        "churn_reachable_p99_ms": results.get("churn_reachable_ms", {}).get("p99"),
         "rss_mb": results.get("rss_mb"),
         "idle_cpu_pct": results.get("idle_cpu_pct"),
     }
@@ -642,6 +726,7 @@ def verdicts(results: dict, leases: int) -> dict[str, dict]:
 def table(results: dict, checks: dict[str, dict], leases: int) -> str:
     add, rem = results.get("add_ms", {}), results.get("remove_ms", {})
     reach, unreach = results.get("add_reachable_ms", {}), results.get("remove_reachable_ms", {})
+    churn = results.get("churn_reachable_ms", {})
     mem = results.get("memory_mb", {})
     rows = [
         ("metric", "value", "target", "ok"),
@@ -669,6 +754,12 @@ def table(results: dict, checks: dict[str, dict], leases: int) -> str:
          checks["restart_ready_after_listing_s"]["ok"]),
         ("  process start -> ready", f"{results['restart_start_to_ready_s']:.3f} s", "", ""),
         ("  what the restart's sync changed", results["restart_sync"], "", ""),
+        (f"churn ({results.get('churn_rate_per_s')}/s replaced): reachable, p50",
+         f"{churn.get('p50')} ms", "", ""),
+        ("  reachable, p99", f"{churn.get('p99')} ms",
+         f"{checks['churn_reachable_p99_ms']['target']} ms",
+         checks["churn_reachable_p99_ms"]["ok"]),
+        ("  agent CPU during the churn", f"{results.get('churn_cpu_pct')} %", "", ""),
         (f"agent RSS at {leases} leases", f"{results['rss_mb']:.1f} MB",
          f"{checks['rss_mb']['target']} MB",
          checks["rss_mb"]["ok"]),
@@ -760,6 +851,8 @@ def run(settings: ControlPlaneSettings) -> int:
             "leases": settings.leases,
             "additions": settings.additions,
             "idle_seconds": settings.idle_seconds,
+            "churn_rate": settings.churn_rate,
+            "churn_seconds": settings.churn_seconds,
             "max_subnets": settings.max_subnets,
             "poll_interval_ms": POLL_INTERVAL * 1000,
             "config": settings.config,
@@ -786,12 +879,23 @@ def parse_args(argv: list[str] | None) -> ControlPlaneSettings:
     p.add_argument("--leases", type=int, default=5000, help="leases in etcd (default 5000)")
     p.add_argument("--additions", type=int, default=200, help="leases added one by one (200)")
     p.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU window (10 s)")
+    p.add_argument(
+        "--churn-seconds", type=float, default=60.0, help="seconds of churn, 0 for none (60)"
+    )
+    p.add_argument("--churn-rate", type=int, default=100, help="leases replaced per second (100)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output ({DEFAULT_OUT})")
     p.add_argument("--keep", action="store_true", help="keep the agent's and etcd's logs")
     a = p.parse_args(argv)
     if a.leases < 1 or a.additions < 1 or a.leases + a.additions > MAX_LEASES:
         p.error(f"need 1 <= leases, additions and leases + additions <= {MAX_LEASES}")
-    return ControlPlaneSettings(a.leases, a.additions, a.idle_seconds, a.out, a.keep)
+    if a.churn_seconds < 0 or a.churn_rate < 1:
+        p.error("need --churn-seconds >= 0 and --churn-rate >= 1")
+    settings = ControlPlaneSettings(
+        a.leases, a.additions, a.idle_seconds, a.out, a.keep, a.churn_rate, a.churn_seconds
+    )
+    if settings.leases + settings.additions + settings.churn > MAX_LEASES:
+        p.error(f"leases, additions and churned leases must be at most {MAX_LEASES} together")
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:

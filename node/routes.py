@@ -23,8 +23,8 @@ import errno
 import json
 import logging
 import subprocess
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from socket import AF_INET
 
@@ -99,9 +99,12 @@ def set_tunnel_address(ipr: IPRoute, subnet: IPv4Network, vni: int = defaults.VX
         ) from exc
 
 
-def add_peer(ipr: IPRoute, peer: Peer, vni: int = defaults.VXLAN_VNI) -> None:
-    """Permanent neighbour and onlink route for one remote subnet (replacing older ones)."""
-    idx = tunnel_ifindex(ipr, vni)
+def add_peer(
+    ipr: IPRoute, peer: Peer, vni: int = defaults.VXLAN_VNI, idx: int | None = None
+) -> None:
+    """Permanent neighbour and onlink route for one remote subnet (replacing older ones);
+    idx: the tunnel's ifindex when the caller knows it."""
+    idx = idx or tunnel_ifindex(ipr, vni)
     gw = str(gateway(peer.subnet))
     try:
         ipr.neigh("replace", dst=gw, lladdr=peer.vtep_mac, ifindex=idx, state=NUD_PERMANENT)
@@ -119,9 +122,11 @@ def add_peer(ipr: IPRoute, peer: Peer, vni: int = defaults.VXLAN_VNI) -> None:
         ) from exc
 
 
-def remove_peer(ipr: IPRoute, subnet: IPv4Network, vni: int = defaults.VXLAN_VNI) -> None:
+def remove_peer(
+    ipr: IPRoute, subnet: IPv4Network, vni: int = defaults.VXLAN_VNI, idx: int | None = None
+) -> None:
     """Remove the route and neighbour of one remote subnet; absent entries are fine."""
-    idx = tunnel_ifindex(ipr, vni)
+    idx = idx or tunnel_ifindex(ipr, vni)
     gw = str(gateway(subnet))
     try:
         ipr.route("del", dst=str(subnet), gateway=gw, oif=idx, table=MAIN_TABLE)
@@ -318,30 +323,45 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass
 class KernelRoutes:
     """The kernel side of the peers: the tunnel's routes and neighbours, the underlay's
     next-hop neighbours (the agent's RouteTable; each call its own netlink socket, as
-    they run in worker threads)."""
+    they run in worker threads). The tunnel's ifindex is looked up once (a link dump per
+    event cost as much as the event) and again when the device was replaced."""
 
     vni: int
     underlay_ifindex: int
+    _tunnel: int | None = field(default=None, init=False, repr=False)
+
+    def _on_tunnel(self, ipr: IPRoute, change: Callable[[int], None]) -> None:
+        if self._tunnel is None:
+            self._tunnel = tunnel_ifindex(ipr, self.vni)
+        try:
+            change(self._tunnel)
+        except NodeStateError:
+            fresh = tunnel_ifindex(ipr, self.vni)
+            if fresh == self._tunnel:
+                raise
+            self._tunnel = fresh
+            change(fresh)
 
     def sync(self, peers: list[Peer]) -> None:
         with IPRoute() as ipr:
             # host-gw next hops resolved before any route sends a packet their way
             sync_next_hops(ipr, self.underlay_ifindex, peers)
             sync_peers(ipr, peers, self.vni)
+            self._tunnel = tunnel_ifindex(ipr, self.vni)
 
     def add(self, peer: Peer) -> None:
         with IPRoute() as ipr:
             if peer.backend is Backend.HOST_GW:
                 ensure_next_hop(ipr, self.underlay_ifindex, peer.public_ip)
-            add_peer(ipr, peer, self.vni)
+            self._on_tunnel(ipr, lambda idx: add_peer(ipr, peer, self.vni, idx))
 
     def remove(self, subnet: IPv4Network) -> None:
         with IPRoute() as ipr:
-            remove_peer(ipr, subnet, self.vni)
+            self._on_tunnel(ipr, lambda idx: remove_peer(ipr, subnet, self.vni, idx))
 
     def forget_next_hop(self, addr: IPv4Address) -> None:
         with IPRoute() as ipr:

@@ -258,3 +258,46 @@ def test_ignored_leases_gauge_follows_full_syncs_and_watch_events():
     assert all(gauge == refused for _, gauge, refused in seen), seen
     assert set(rec.programmed) == {loop}
     assert rec.status.event_errors == 0
+
+
+def test_leases_by_backend_follow_events_as_a_full_sync_counts_them():
+    """Status.leases_by_backend, kept as events program and unprogram peers, equals what
+    a full sync of the same leases counts; a backend with none left is not listed."""
+    config = vxlan_config(DirectRouting=True)
+    own, own_attrs = IPv4Network("10.244.1.0/24"), vxlan_lease(IPv4Address("198.18.0.1"))
+    a, b, c = (IPv4Network(f"10.244.{i}.0/24") for i in (2, 3, 4))
+    rec = Reconciler(config, own, own_attrs, FakeSubnetsMap(), FakeRoutes(), [UNDERLAY])
+    revision = 1
+
+    def event(subnet: IPv4Network, attrs: LeaseAttrs | None) -> LeaseEvent:
+        nonlocal revision
+        revision += 1
+        kind = EventKind.ADDED if attrs is not None else EventKind.REMOVED
+        return LeaseEvent(kind, subnet, attrs, revision)
+
+    async def scenario() -> list[dict[str, int]]:
+        seen = []
+        await rec.full_sync({own: own_attrs, a: vxlan_lease()}, revision)
+        seen.append(dict(rec.status.leases_by_backend))
+        for ev in (
+            event(b, vxlan_lease(ON_LINK_IP)),  # DirectRouting: on the link, host-gw
+            event(c, vxlan_lease()),
+            event(a, vxlan_lease(IPv4Address("198.18.0.9"))),  # now on the link too
+            event(c, None),
+            event(b, None),
+        ):
+            await rec.apply(ev)
+            seen.append(dict(rec.status.leases_by_backend))
+        await rec.full_sync({**rec.leases}, revision)
+        seen.append(dict(rec.status.leases_by_backend))
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        {"vxlan": 1},
+        {"vxlan": 1, "host-gw": 1},
+        {"vxlan": 2, "host-gw": 1},
+        {"vxlan": 1, "host-gw": 2},
+        {"host-gw": 2},
+        {"host-gw": 1},
+        {"host-gw": 1},
+    ]
