@@ -229,9 +229,10 @@ class BenchNode:
 class AgentProcess:
     """The agent's process; its log lines, each stamped when the bench read it."""
 
-    def __init__(self, argv: list[str], log_path: str):
+    def __init__(self, argv: list[str], log_path: str, extra_env: dict[str, str] | None = None):
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra_env or {})
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             process.die_with_parent(argv, "TERM"),

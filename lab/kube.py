@@ -24,14 +24,17 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flannel_xdp import netns
 from flannel_xdp.lab import process
 from flannel_xdp.lab.etcd import EtcdServer, free_port
 
@@ -43,6 +46,42 @@ ADVERTISE_ADDRESS = "192.0.2.1"
 SERVICE_CIDR = "198.19.255.0/24"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "fxdp-admin"
+
+
+def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+def relay(ns: str, port: int) -> socket.socket:
+    """Listen on 127.0.0.1:port inside ns, forward each connection to 127.0.0.1:port here:
+    the loopback-only apiserver, reached from a node's namespace at the same URL. Close
+    the returned listener to stop it."""
+    with netns.entered(ns):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                inner, _ = listener.accept()
+            except OSError:
+                return
+            outer = socket.create_connection(("127.0.0.1", port))
+            for a, b in ((inner, outer), (outer, inner)):
+                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
 
 
 class KubeError(RuntimeError):

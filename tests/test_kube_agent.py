@@ -22,10 +22,10 @@ import uuid
 import pytest
 
 from flannel_xdp.lab import agents, process
-from flannel_xdp.lab.kube import KubeApiServer, peer_binary
+from flannel_xdp.lab.kube import KubeApiServer, peer_binary, relay
 from flannel_xdp.netns import NETNS_RUN_DIR
 from tests.requirements import require_root_and_bcc
-from tests.test_kube_flanneld import relay, sh
+from tests.test_kube_flanneld import sh
 
 pytestmark = pytest.mark.kube
 

@@ -7,13 +7,10 @@ loopback-only apiserver through a small TCP relay listening on the namespace's l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
-import threading
 import time
 import uuid
 from ipaddress import IPv4Address
@@ -22,7 +19,7 @@ import pytest
 
 from flannel_xdp import netns
 from flannel_xdp.lab import process
-from flannel_xdp.lab.kube import KubeApiServer, peer_binary
+from flannel_xdp.lab.kube import KubeApiServer, peer_binary, relay
 from flannel_xdp.registry.config import parse_config
 from flannel_xdp.registry.kube import KubeRegistry, KubeSettings
 from flannel_xdp.registry.lease import LeaseAttrs
@@ -34,40 +31,6 @@ P = "flannel.alpha.coreos.com"
 NET_CONF = '{"Network":"198.18.0.0/16","Backend":{"Type":"vxlan"}}'
 MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 IP_RE = re.compile(r"\b\d+\.\d+\.\d+\.\d+\b")
-
-
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-
-def relay(ns: str, port: int) -> socket.socket:
-    """Listen on 127.0.0.1:port inside ns, forward each connection to 127.0.0.1:port here."""
-    with netns.entered(ns):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", port))
-    listener.listen(16)
-
-    def serve() -> None:
-        while True:
-            try:
-                inner, _ = listener.accept()
-            except OSError:
-                return
-            outer = socket.create_connection(("127.0.0.1", port))
-            for a, b in ((inner, outer), (outer, inner)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return listener
 
 
 def sh(*argv: str) -> None:
