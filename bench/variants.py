@@ -302,11 +302,14 @@ class Bed:
 
 
 class BenchInterrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, turned into an exception so that every cluster is torn down."""
+    """SIGINT, SIGTERM or SIGHUP, turned into an exception so that every cluster is torn
+    down."""
 
 
-_TERMINATING = (signal.SIGTERM, signal.SIGHUP)
-_IGNORED_IN_TEARDOWN = (signal.SIGINT, *_TERMINATING)
+# SIGINT is handled explicitly too: a process started with SIGINT ignored (a background
+# job of a non-interactive shell, as CI and scripts start it) would otherwise never see
+# Ctrl-C or an interrupt sent to it, and run on to the end.
+_INTERRUPTING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _raise_interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -331,7 +334,7 @@ class Testbed:
 
     def __enter__(self) -> Testbed:
         self._handlers = {
-            signum: signal.signal(signum, _raise_interrupt) for signum in _TERMINATING
+            signum: signal.signal(signum, _raise_interrupt) for signum in _INTERRUPTING
         }
         try:
             for variant in self.variants:
@@ -342,7 +345,7 @@ class Testbed:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        held = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _IGNORED_IN_TEARDOWN}
+        held = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _INTERRUPTING}
         try:
             self._stack.close()
         finally:

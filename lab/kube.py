@@ -76,7 +76,11 @@ def relay(ns: str, port: int) -> socket.socket:
                 inner, _ = listener.accept()
             except OSError:
                 return
-            outer = socket.create_connection(("127.0.0.1", port))
+            try:
+                outer = socket.create_connection(("127.0.0.1", port))
+            except OSError:  # the apiserver is down: this client sees a closed connection
+                inner.close()
+                continue
             for a, b in ((inner, outer), (outer, inner)):
                 threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
 
@@ -255,6 +259,10 @@ class KubeApiServer:
     def restart(self) -> None:
         """Stop the apiserver (not etcd) and start it again on the same port."""
         self.stop_apiserver()
+        self.start_apiserver()
+
+    def start_apiserver(self) -> None:
+        """Start the apiserver again after stop_apiserver(), same port and etcd."""
         self._spawn()
         self.wait_ready()
 
