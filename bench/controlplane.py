@@ -12,7 +12,8 @@ A real `flannel-xdp agent` process against a real etcd, measured from outside:
   table until an address of the subnet routes into flannel.1; p50/p99 over 200
   additions, each timed from just before the put. Removals likewise (no target).
 * a restart at that size: the agent stopped and started again, adopting the pinned map
-  and the routes (its sync should change nothing): listing -> ready.
+  and the routes (its sync should change nothing): listing -> ready, and the fewest map
+  entries and routes sampled meanwhile (every one must stay).
 * churn: 100 leases replaced per second for 60 s (the oldest deleted, a new one put):
   each new one's put -> reachable, p50/p99, and the agent's CPU meanwhile.
 * agent memory: VmRSS at 5,000 leases (and after the additions).
@@ -670,20 +671,47 @@ async def measure(
             results["final_entries"] = count_entries(m)
             log.info("idle CPU %.3f %% over %.1f s", results["idle_cpu_pct"], t1 - t0)
 
-            # A restart at this size adopts the pinned map and the routes: nothing to write.
-            results["agent_exit"] = agent.stop()
-            agent = AgentProcess(argv, os.path.join(workdir, "agent-restart.log"))
-            t_wrote, _ = agent.wait_line(r"wrote .*subnet\.env", START_TIMEOUT)
-            t_ready, _ = agent.wait_line(r"ready: \d+ peers programmed", 120)
+            # A restart at this size adopts the pinned map and the routes: nothing to write,
+            # and nothing of the data path may go meanwhile (sampled until it is ready).
+            routes = await in_routes_thread(Routes, node.netns)
+            held = count_entries(m), await in_routes_thread(routes.count)
+            sampling = threading.Event()
+
+            def sample() -> list[tuple[int, int]]:
+                seen = []
+                while not sampling.is_set():
+                    seen.append((count_entries(m), routes.count()))
+                    time.sleep(0.05)
+                return seen
+
+            sampler = asyncio.get_running_loop().run_in_executor(ROUTES_THREAD, sample)
+            try:
+                results["agent_exit"] = agent.stop()
+                agent = AgentProcess(argv, os.path.join(workdir, "agent-restart.log"))
+                t_wrote, _ = agent.wait_line(r"wrote .*subnet\.env", START_TIMEOUT)
+                t_ready, _ = agent.wait_line(r"ready: \d+ peers programmed", 120)
+            finally:
+                sampling.set()
+                seen = await sampler
+                await in_routes_thread(routes.close)
+            results["restart_held"] = {"entries": held[0], "routes": held[1]}
+            results["restart_fewest"] = {
+                "entries": min(e for e, _ in seen),
+                "routes": min(r for _, r in seen),
+                "samples": len(seen),
+            }
             _, synced = agent.wait_line(r"synced (\d+) peers .*\((.*)\) in ([\d.]+) s", 5)
             results["restart_ready_after_listing_s"] = round(t_ready - t_wrote, 3)
             results["restart_start_to_ready_s"] = round(t_ready - agent.started, 3)
             results["restart_sync"] = synced.group(2)
             log.info(
-                "restart: ready %.3f s after the listing (%.1f s after the start; %s)",
+                "restart: ready %.3f s after the listing (%.1f s after the start; %s); "
+                "fewest entries and routes meanwhile %s of %s",
                 results["restart_ready_after_listing_s"],
                 results["restart_start_to_ready_s"],
                 results["restart_sync"],
+                results["restart_fewest"],
+                results["restart_held"],
             )
         finally:
             m.close()
@@ -728,6 +756,7 @@ def table(results: dict, checks: dict[str, dict], leases: int) -> str:
     add, rem = results.get("add_ms", {}), results.get("remove_ms", {})
     reach, unreach = results.get("add_reachable_ms", {}), results.get("remove_reachable_ms", {})
     churn = results.get("churn_reachable_ms", {})
+    fewest, held = results.get("restart_fewest", {}), results.get("restart_held", {})
     mem = results.get("memory_mb", {})
     rows = [
         ("metric", "value", "target", "ok"),
@@ -755,6 +784,10 @@ def table(results: dict, checks: dict[str, dict], leases: int) -> str:
          checks["restart_ready_after_listing_s"]["ok"]),
         ("  process start -> ready", f"{results['restart_start_to_ready_s']:.3f} s", "", ""),
         ("  what the restart's sync changed", results["restart_sync"], "", ""),
+        ("  fewest map entries / routes meanwhile",
+         f"{fewest.get('entries')} / {fewest.get('routes')} of {held.get('entries')} / "
+         f"{held.get('routes')} ({fewest.get('samples')} samples)", "all kept",
+         fewest == {**held, "samples": fewest.get("samples")}),
         (f"churn ({results.get('churn_rate_per_s')}/s replaced): reachable, p50",
          f"{churn.get('p50')} ms", "", ""),
         ("  reachable, p99", f"{churn.get('p99')} ms",
