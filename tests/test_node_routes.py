@@ -111,3 +111,25 @@ def test_sync_without_the_tunnel_is_a_clear_error(ns: str) -> None:
     _ip(ns, "link", "del", "flannel.1")
     with pytest.raises(routes.NodeStateError, match=r"flannel\.1 does not exist"):
         _sync(ns, [_peer(1)])
+
+
+def test_an_unowned_subnet_is_not_routed_into_the_tunnel_and_a_removed_one_no_longer(
+    ns: str,
+) -> None:
+    """One route per peer, as flanneld keeps them: an address of the Network that no lease
+    owns (and one whose lease went) is not sent into flannel.1; the node's other routes
+    answer for it (here none: unreachable), as on a flanneld node without
+    --ip-blackhole-route."""
+
+    def via(addr: str) -> str:
+        res = subprocess.run(
+            ["ip", "-n", ns, "-j", "route", "get", addr], capture_output=True, text=True
+        )
+        return json.loads(res.stdout)[0].get("dev", "") if res.returncode == 0 else "unreachable"
+
+    _sync(ns, [_peer(1), _peer(2)])
+    assert via("198.18.1.7") == "flannel.1"
+    assert via("198.18.5.7") == "unreachable"
+    _sync(ns, [_peer(1)])
+    assert via("198.18.2.7") == "unreachable"
+    assert via("198.18.1.7") == "flannel.1"
