@@ -12,8 +12,11 @@ A real `flannel-xdp agent` process against a real etcd, measured from outside:
   table until an address of the subnet routes into flannel.1; p50/p99 over 200
   additions, each timed from just before the put. Removals likewise (no target).
 * a restart at that size: the agent stopped and started again, adopting the pinned map
-  and the routes (its sync should change nothing): listing -> ready, and the fewest map
-  entries and routes sampled meanwhile (every one must stay).
+  and the routes (its sync should change nothing): listing -> ready, the fewest map
+  entries and routes sampled meanwhile (every one must stay), and pings lost meanwhile to
+  the one real peer (the peer namespace, a kernel vxlan device as flanneld makes it, whose
+  lease is among the N) from the node, every 10 ms from 1 s before the stop to 1 s after
+  ready.
 * churn: 100 leases replaced per second for 60 s (the oldest deleted, a new one put):
   each new one's put -> reachable, p50/p99, and the agent's CPU meanwhile.
 * agent memory: VmRSS at 5,000 leases (and after the additions).
@@ -81,13 +84,17 @@ from flannel_xdp.registry.lease import LeaseAttrs, subnet_key_name
 log = logging.getLogger("flannel_xdp.bench.controlplane")
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "controlplane.json"
-TOOLS = ("ip", "nsenter")
+TOOLS = ("ip", "nsenter", "bridge", "ping")
 PREFIX = "/coreos.com/network"
 # Documentation/benchmark ranges only: 198.18.0.0/15 holds 8,192 /28 pod subnets, or
 # 32,768 /30 ones for the larger sizes.
 NETWORK = "198.18.0.0/15"
 SPARE_SUBNETS = 100  # of the Network, never leased: the node's own lease comes from there
 NODE_ADDRESS = "192.0.2.1/24"  # inside the node's namespace only
+# One lease is a real node: the peer namespace, with a kernel vxlan device as flanneld
+# makes it, answers pings across the data path while the agent restarts.
+LIVE_PEER_ADDRESS = "192.0.2.2"
+LIVE_PEER_MAC = "02:fe:00:00:00:02"
 
 
 def sizing(total: int) -> tuple[dict, int]:
@@ -185,6 +192,34 @@ class BenchNode:
         for ns in (self.netns, self.peer_netns):
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
             _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        # Nodes forward (kubelet and kube-proxy see to it); bpf_fib_lookup needs it too.
+        _run(["ip", "netns", "exec", self.netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+
+    def make_live_peer(self, subnet: IPv4Network) -> None:
+        """The peer namespace as a flanneld node holding subnet (vxlan, VNI 1)."""
+        ns, gw = self.peer_netns, str(subnet.network_address)
+        _run(["ip", "-n", ns, "addr", "add", f"{LIVE_PEER_ADDRESS}/24", "dev", "eth0"])
+        _run(["ip", "-n", ns, "link", "add", "flannel.1", "address", LIVE_PEER_MAC,
+              "type", "vxlan", "id", "1", "local", LIVE_PEER_ADDRESS, "dev", "eth0",
+              "dstport", "8472", "nolearning"])  # fmt: skip
+        _run(["ip", "-n", ns, "addr", "add", f"{gw}/32", "dev", "flannel.1"])
+        _run(["ip", "-n", ns, "link", "set", "flannel.1", "up"])
+
+    def connect_live_peer(self) -> IPv4Network:
+        """Program the live peer with this node's lease, as flanneld would from etcd."""
+        with open(self.subnet_file) as f:
+            values = dict(line.strip().split("=", 1) for line in f if "=" in line)
+        own = IPv4Network(values["FLANNEL_SUBNET"], strict=False)
+        link = json.loads(_run(["ip", "-n", self.netns, "-j", "link", "show", "flannel.1"]).stdout)
+        mac, gw = link[0]["address"], str(own.network_address)
+        ns = self.peer_netns
+        _run(["ip", "-n", ns, "neigh", "replace", gw, "lladdr", mac, "dev", "flannel.1",
+              "nud", "permanent"])  # fmt: skip
+        _run(["bridge", "-n", ns, "fdb", "replace", mac, "dev", "flannel.1",
+              "dst", NODE_ADDRESS.split("/")[0], "self", "permanent"])  # fmt: skip
+        _run(["ip", "-n", ns, "route", "replace", str(own), "via", gw, "dev", "flannel.1",
+              "onlink"])  # fmt: skip
+        return own
 
     def agent_argv(self, etcd: EtcdServer, max_subnets: int) -> list[str]:
         return self.nsenter(
@@ -577,6 +612,12 @@ async def measure(
     try:
         t = time.perf_counter()
         await preload(client, settings.config, preloaded, rng)
+        live = preloaded[0]
+        node.make_live_peer(live)
+        live_attrs = LeaseAttrs(
+            IPv4Address(LIVE_PEER_ADDRESS), "vxlan", vni=1, vtep_mac=LIVE_PEER_MAC
+        )
+        await client.put(lease_key(live), live_attrs.to_json().encode())
         results["preload_s"] = round(time.perf_counter() - t, 3)
         log.info("%d leases in etcd (%.2f s)", len(preloaded), results["preload_s"])
 
@@ -644,7 +685,7 @@ async def measure(
                 try:
                     cpu0, t0 = agent.cpu_seconds(), time.monotonic()
                     churn = await measure_churn(
-                        client, m, routes, preloaded, churned, settings.churn_rate, rng
+                        client, m, routes, preloaded[1:], churned, settings.churn_rate, rng
                     )
                     cpu1, t1 = agent.cpu_seconds(), time.monotonic()
                 finally:
@@ -684,16 +725,45 @@ async def measure(
                     time.sleep(0.05)
                 return seen
 
+            node.connect_live_peer()
+            target = str(live.network_address)
+            check = _run(node.nsenter(["ping", "-n", "-c", "3", "-i", "0.2", "-W", "1", target]),
+                         check=False)  # fmt: skip
+            if check.returncode != 0:
+                seen = [
+                    _run(node.nsenter(argv), check=False).stdout
+                    for argv in (
+                        ["ip", "route", "get", target],
+                        [sys.executable, "-m", "flannel_xdp.cli", "inspect", "--bpffs", node.bpffs],
+                    )
+                ]
+                raise BenchError(
+                    f"the live peer {target} does not answer:\n{check.stdout}\n" + "\n".join(seen)
+                )
             sampler = asyncio.get_running_loop().run_in_executor(ROUTES_THREAD, sample)
+            pinger = subprocess.Popen(
+                node.nsenter(["ping", "-n", "-i", "0.01", "-W", "1", target]),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
             try:
+                await asyncio.sleep(1)
                 results["agent_exit"] = agent.stop()
                 agent = AgentProcess(argv, os.path.join(workdir, "agent-restart.log"))
                 t_wrote, _ = agent.wait_line(r"wrote .*subnet\.env", START_TIMEOUT)
                 t_ready, _ = agent.wait_line(r"ready: \d+ peers programmed", 120)
+                await asyncio.sleep(1)
             finally:
+                pinger.send_signal(signal.SIGINT)
+                out, _ = pinger.communicate(timeout=10)
                 sampling.set()
                 seen = await sampler
                 await in_routes_thread(routes.close)
+            sent = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+            if sent is None:
+                raise BenchError(f"ping printed no summary:\n{out[-500:]}")
+            # the last one may still be on its way when ping is stopped
+            lost = max(0, int(sent.group(1)) - int(sent.group(2)) - 1)
+            results["restart_pings"] = {"sent": int(sent.group(1)), "lost": lost}
             results["restart_held"] = {"entries": held[0], "routes": held[1]}
             results["restart_fewest"] = {
                 "entries": min(e for e, _ in seen),
@@ -759,6 +829,7 @@ def table(results: dict, checks: dict[str, dict], leases: int) -> str:
     reach, unreach = results.get("add_reachable_ms", {}), results.get("remove_reachable_ms", {})
     churn = results.get("churn_reachable_ms", {})
     fewest, held = results.get("restart_fewest", {}), results.get("restart_held", {})
+    pings = results.get("restart_pings", {})
     mem = results.get("memory_mb", {})
     rows = [
         ("metric", "value", "target", "ok"),
@@ -786,6 +857,8 @@ def table(results: dict, checks: dict[str, dict], leases: int) -> str:
          checks["restart_ready_after_listing_s"]["ok"]),
         ("  process start -> ready", f"{results['restart_start_to_ready_s']:.3f} s", "", ""),
         ("  what the restart's sync changed", results["restart_sync"], "", ""),
+        ("  pings to a live peer meanwhile, lost",
+         f"{pings.get('lost')} of {pings.get('sent')}", "0", pings.get("lost") == 0),
         ("  fewest map entries / routes meanwhile",
          f"{fewest.get('entries')} / {fewest.get('routes')} of {held.get('entries')} / "
          f"{held.get('routes')} ({fewest.get('samples')} samples)", "all kept",
