@@ -881,16 +881,30 @@ def table(results: dict, checks: dict[str, dict], leases: int) -> str:
              checks["churn_reachable_p99_ms"]["ok"]),
             ("  agent CPU during the churn", f"{results.get('churn_cpu_pct')} %", "", ""),
         ]  # fmt: skip
+    return render_rows(rows)
+
+
+def render_rows(rows: list[tuple]) -> str:
+    """(metric, value, target, ok) rows as an aligned table, the first one its header; an
+    ok that is a bool prints as yes or NO."""
     widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
     lines = []
     for i, r in enumerate(rows):
-        cells = [str(c) if c != "" else "" for c in r]
+        cells = [str(c) for c in r]
         if isinstance(r[3], bool):
             cells[3] = "yes" if r[3] else "NO"
         lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict) -> None:
+    """The JSON report, replaced in one rename (a reader never sees half of it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)
 
 
 def _check_prerequisites() -> None:
@@ -974,10 +988,7 @@ def run(settings: ControlPlaneSettings) -> int:
         "targets": checks,
         "teardown_problems": problems,
     }
-    settings.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = settings.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, settings.out)
+    write_report(settings.out, report)
     print(table(results, checks, settings.leases))
     print(f"\nwrote {settings.out}")
     return 0

@@ -54,7 +54,9 @@ from flannel_xdp.bench.controlplane import (
     in_routes_thread,
     open_map,
     poll,
+    render_rows,
     summarize,
+    write_report,
 )
 from flannel_xdp.lab.kube import KubeApiServer, relay
 from flannel_xdp.registry.config import parse_config
@@ -246,16 +248,7 @@ def table(results: dict, nodes: int) -> tuple[str, dict]:
          f"{results['idle_requests_per_s']} /s", "~0 /s", ok["idle_requests_per_s"]),
         ("agent CPU while idle", f"{results['idle_cpu_pct']} %", "", ""),
     ]  # fmt: skip
-    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
-    lines = []
-    for i, r in enumerate(rows):
-        cells = [str(c) for c in r]
-        if isinstance(r[3], bool):
-            cells[3] = "yes" if r[3] else "NO"
-        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines), ok
+    return render_rows(rows), ok
 
 
 def run(settings: Settings) -> int:
@@ -309,8 +302,7 @@ def run(settings: Settings) -> int:
         "targets": {k: {"target": f"< {v:g}", "ok": ok[k]} for k, v in TARGETS.items()},
         "teardown_problems": problems,
     }
-    settings.out.parent.mkdir(parents=True, exist_ok=True)
-    settings.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(settings.out, report)
     print(text)
     print(f"\nwrote {settings.out}")
     return 0
