@@ -32,6 +32,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
 from flannel_xdp import defaults
+from flannel_xdp.loader import handover
 from flannel_xdp.maps.views import Peer
 from flannel_xdp.node import routes
 
@@ -66,18 +67,9 @@ def ensure_vxlan_device(
         lower = _ifindex(ipr, underlay)
         if not ipr.link_lookup(ifname=name):
             try:
-                ipr.link(
-                    "add",
-                    ifname=name,
-                    kind="vxlan",
-                    vxlan_id=vni,
-                    vxlan_local=str(public_ip),
-                    vxlan_link=lower,
-                    vxlan_port=port,
-                    vxlan_learning=0,
-                )
-            except NetlinkError as exc:
-                raise FlanneldStateError(f"cannot create vxlan device {name}: {exc}") from exc
+                handover.create_flanneld_device(vni, public_ip, lower, port, vtep_mac, mtu)
+            except handover.HandoverError as exc:
+                raise FlanneldStateError(str(exc)) from exc
             log.info("created kernel vxlan device %s (vni %d, local %s)", name, vni, public_ip)
         idx = _ifindex(ipr, name)
         ipr.link("set", index=idx, address=vtep_mac, mtu=mtu)
