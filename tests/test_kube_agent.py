@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +42,35 @@ def wait(what: str, check, timeout: float, logs) -> None:
         time.sleep(0.5)
 
 
+def linked_nodes(ends: dict[str, str], port: int) -> list[socket.socket]:
+    """Network namespaces {name: address/24} on one veth link, forwarding as nodes do,
+    each reaching the loopback apiserver on port through a relay; the relays' listeners."""
+    (na, addr_a), (nb, addr_b) = ends.items()
+    for ns in (na, nb):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        # nodes forward (kubelet and kube-proxy see to it); bpf_fib_lookup needs it too
+        sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    sh("ip", "-n", na, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+       "netns", nb)  # fmt: skip
+    listeners = []
+    for ns, addr in ((na, addr_a), (nb, addr_b)):
+        sh("ip", "-n", ns, "addr", "add", addr, "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        listeners.append(relay(ns, port))
+    return listeners
+
+
+def kube_agent_argv(kubeconfig: str, conf: str, bpffs: str, subnet_file: str) -> list[str]:
+    """`flannel-xdp agent --kube-subnet-mgr` on eth0 (NODE_NAME comes from the environment)."""
+    return [
+        sys.executable, "-m", "flannel_xdp.cli", "agent", "--kube-subnet-mgr",
+        f"--kubeconfig-file={kubeconfig}", f"--net-config-path={conf}",
+        "--iface", "eth0", "--bpffs", bpffs, "--subnet-file", subnet_file,
+        "--healthz-port", str(agents.HEALTHZ_PORT),
+    ]  # fmt: skip
+
+
 def test_agent_and_flanneld_in_kube_mode_reach_each_other(tmp_path) -> None:
     require_root_and_bcc("ip", "nsenter", "bridge", "ping")
     tag = uuid.uuid4().hex[:6]
@@ -51,17 +81,7 @@ def test_agent_and_flanneld_in_kube_mode_reach_each_other(tmp_path) -> None:
     listeners = []
     kube.start()
     try:
-        for ns in (na, nb):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            # nodes forward (kubelet and kube-proxy see to it); bpf_fib_lookup needs it too
-            sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        sh("ip", "-n", na, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
-           "netns", nb)  # fmt: skip
-        for ns, addr in ((na, "192.0.2.60/24"), (nb, "192.0.2.61/24")):
-            sh("ip", "-n", ns, "addr", "add", addr, "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            listeners.append(relay(ns, kube.port))
+        listeners += linked_nodes({na: "192.0.2.60/24", nb: "192.0.2.61/24"}, kube.port)
         for name, cidr in (("node-a", "198.18.60.0/24"), ("node-b", "198.18.61.0/24")):
             kube.apply(
                 {
@@ -103,12 +123,7 @@ def test_agent_and_flanneld_in_kube_mode_reach_each_other(tmp_path) -> None:
             f"--kubeconfig-file={kube.kubeconfig}", f"--net-config-path={conf}",
             "--iface=eth0", f"--subnet-file={tmp_path / 'b.env'}",
         ]  # fmt: skip
-        a_argv = [
-            sys.executable, "-m", "flannel_xdp.cli", "agent", "--kube-subnet-mgr",
-            f"--kubeconfig-file={kube.kubeconfig}", f"--net-config-path={conf}",
-            "--iface", "eth0", "--bpffs", bpffs, "--subnet-file", str(tmp_path / "a.env"),
-            "--healthz-port", str(agents.HEALTHZ_PORT),
-        ]  # fmt: skip
+        a_argv = kube_agent_argv(kube.kubeconfig, str(conf), bpffs, str(tmp_path / "a.env"))
         with open(b_log, "wb") as out:
             procs.append(
                 process.start_daemon(b_argv, out, detach=False, env={**env, "NODE_NAME": "node-b"})

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,12 +24,12 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from flannel_xdp.lab import agents, process
-from flannel_xdp.lab.kube import KubeApiServer, relay
+from flannel_xdp.lab.kube import KubeApiServer
 from flannel_xdp.lab.topology import Pod
 from flannel_xdp.registry.kube_annotations import Annotations, lease_annotations
 from flannel_xdp.registry.lease import LeaseAttrs
 from tests.requirements import require_root_and_bcc
-from tests.test_kube_flanneld import sh
+from tests.test_kube_agent import kube_agent_argv, linked_nodes
 from tests.test_outage import Pinger, Stream
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(600)]
@@ -116,16 +115,9 @@ def test_apiserver_outage_keeps_traffic_and_applies_what_changed_meanwhile(tmp_p
     kube.start()
     try:
         na, nb = ns["node-a"], ns["node-b"]
-        for n in (na, nb):
-            sh("ip", "netns", "add", n)
-            sh("ip", "-n", n, "link", "set", "lo", "up")
-            sh("ip", "netns", "exec", n, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        sh("ip", "-n", na, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
-           "netns", nb)  # fmt: skip
-        for name, (addr, cidr) in NODES.items():
-            sh("ip", "-n", ns[name], "addr", "add", f"{addr}/24", "dev", "eth0")
-            sh("ip", "-n", ns[name], "link", "set", "eth0", "up")
-            listeners.append(relay(ns[name], kube.port))
+        ends = {ns[name]: f"{addr}/24" for name, (addr, _) in NODES.items()}
+        listeners += linked_nodes(ends, kube.port)
+        for name, (_, cidr) in NODES.items():
             kube.apply(node_object(name, cidr))
         kube.apply(node_object(*DELETED))
         conf = tmp_path / "net-conf.json"
@@ -141,13 +133,12 @@ def test_apiserver_outage_keeps_traffic_and_applies_what_changed_meanwhile(tmp_p
             )
 
         for name in NODES:
-            argv = [
-                sys.executable, "-m", "flannel_xdp.cli", "agent", "--kube-subnet-mgr",
-                f"--kubeconfig-file={kube.kubeconfig}", f"--net-config-path={conf}",
-                "--iface", "eth0", "--bpffs", f"/sys/fs/bpf/fxko-{tag}-{name}",
-                "--subnet-file", str(tmp_path / f"{name}.env"),
-                "--healthz-port", str(agents.HEALTHZ_PORT),
-            ]  # fmt: skip
+            argv = kube_agent_argv(
+                kube.kubeconfig,
+                str(conf),
+                f"/sys/fs/bpf/fxko-{tag}-{name}",
+                str(tmp_path / f"{name}.env"),
+            )
             with open(logs_of[name], "wb") as out:
                 procs.append(
                     process.start_daemon(
