@@ -43,16 +43,18 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from socket import AF_INET
 
-from flannel_xdp import netns
+from flannel_xdp import defaults, netns
 from flannel_xdp.backend import Backend
-from flannel_xdp.lab import agents, cni, peers, process
+from flannel_xdp.lab import agents, cni, kubelab, peers, process
 from flannel_xdp.lab.etcd import EtcdError, EtcdServer
+from flannel_xdp.lab.kube import KubeApiServer, kubeconfig_text, relay_argv
 from flannel_xdp.lab.topology import (
     BPFFS_ROOT,
     DEFAULT_MTU,
@@ -85,6 +87,10 @@ DEFAULT_NAME = "lab"
 START_TIMEOUT = 60.0
 CONVERGE_TIMEOUT = 30.0
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+# Where a DaemonSet pod's agent pins, below the /sys/fs/bpf it mounts from its node.
+DAEMONSET_PINS = defaults.BPFFS_DIR.removeprefix(BPFFS_ROOT)
+KUBE_PROXY_LOG = "kube-proxy.log"
+RELAY_LOG = "apiserver-relay.log"
 
 
 def prefix_for(name: str) -> str:
@@ -125,6 +131,7 @@ class AgentClusterSpec:
     run_root: str = RUN_ROOT
     bpffs_root: str = BPFFS_ROOT
     detach: bool = False  # processes outlive the creating process (lab up, demo --keep)
+    kube: bool = False  # the Kubernetes API as the registry (kubelab.py), not etcd
 
     def validate(self) -> None:
         if not _NAME.match(self.name):
@@ -188,10 +195,18 @@ class LabNode:
     subnet: IPv4Network | None = None
     mtu: int | None = None
     pods: list[Pod] = field(default_factory=list)
+    kube: bool = False  # runs as a DaemonSet pod would (kubelab.PodSandbox)
 
     @property
     def name(self) -> str:
+        """Also its Node object's name in kube mode."""
         return f"n{self.index}"
+
+    @property
+    def bpffs_root(self) -> str:
+        """What the node's processes see as /sys/fs/bpf in kube mode (a DaemonSet pod
+        mounts the host's)."""
+        return self.bpffs.removesuffix(DAEMONSET_PINS)
 
     @property
     def is_agent(self) -> bool:
@@ -199,6 +214,8 @@ class LabNode:
 
     @property
     def subnet_file(self) -> str:
+        if self.kube:  # flanneld's default, /run/flannel/subnet.env, on the node's host
+            return os.path.join(self.dir, "host", "run", "flannel", "subnet.env")
         return os.path.join(self.dir, "subnet.env")
 
     @property
@@ -251,12 +268,25 @@ class AgentCluster:
 
     def __init__(self, spec: AgentClusterSpec):
         spec.validate()
+        self.daemonset: kubelab.DaemonSetPod | None = None
+        if spec.kube:  # the agent's ports are the DaemonSet's
+            self.daemonset = kubelab.daemonset_pod()
+            spec = replace(
+                spec,
+                healthz_port=self.daemonset.port_arg("--healthz-port"),
+                metrics_port=self.daemonset.port_arg("--metrics-port"),
+            )
         self.spec = spec
         self.prefix = prefix_for(spec.name)
         self.run_dir = run_dir_for(spec.name, spec.run_root)
         self.switch = f"{self.prefix}-sw"
         self.outside_ns = f"{self.prefix}-out"
         self.etcd = EtcdServer(os.path.join(self.run_dir, "etcd"))
+        self.kube: KubeApiServer | None = None
+        if spec.kube:  # over the lab's etcd, as a cluster's control plane
+            self.kube = KubeApiServer(
+                os.path.join(self.run_dir, "kube"), etcd=self.etcd, detach=spec.detach
+            )
         first_stock = spec.nodes - spec.stock
         self.nodes: list[LabNode] = [
             self._plan_node(i, Dataplane.FLANNELD if i >= first_stock else Dataplane.FLANNEL_XDP)
@@ -271,6 +301,7 @@ class AgentCluster:
         if i + 2 >= spec.underlay.num_addresses:
             raise LabError(f"node {i} does not fit the underlay {spec.underlay}")
         outside = spec.outside_network.network_address + 1 + i if spec.outside else None
+        bpffs = os.path.join(spec.bpffs_root, f"{self.prefix}-n{i}")
         return LabNode(
             index=i,
             netns=f"{self.prefix}-n{i}",
@@ -279,9 +310,10 @@ class AgentCluster:
             underlay_prefixlen=spec.underlay.prefixlen,
             outside_ip=outside,
             switch_port=f"n{i}",
-            bpffs=os.path.join(spec.bpffs_root, f"{self.prefix}-n{i}"),
+            bpffs=bpffs + DAEMONSET_PINS if spec.kube else bpffs,
             dir=os.path.join(self.run_dir, f"n{i}"),
             pods_wanted=spec.pods if pods is None else pods,
+            kube=spec.kube,
         )
 
     @property
@@ -316,6 +348,8 @@ class AgentCluster:
 
     def pin_dirs(self) -> list[str]:
         found = set(glob.glob(os.path.join(self.spec.bpffs_root, f"{self.prefix}-n*")))
+        found |= set(glob.glob(os.path.join(self.spec.bpffs_root, f"{self.prefix}-n*",
+                                            DAEMONSET_PINS.strip("/"))))  # fmt: skip
         found |= {n.bpffs for n in self.nodes if os.path.exists(n.bpffs)}
         return sorted(found)
 
@@ -331,6 +365,7 @@ class AgentCluster:
             "spec": self.spec.to_state(),
             "prefix": self.prefix,
             "etcd": self.etcd.state(),
+            "kube": self.kube.state() if self.kube is not None else None,
             "nodes": [n.to_state() for n in self.nodes],
             "switch": self.switch,
             "outside": self.outside_ns if self.spec.outside else None,
@@ -356,6 +391,8 @@ class AgentCluster:
         lab = cls(AgentClusterSpec.from_state(state["spec"]))
         lab.nodes = [LabNode.from_state(n) for n in state["nodes"]]
         lab.etcd = EtcdServer.from_state(state["etcd"])
+        if state.get("kube"):
+            lab.kube = KubeApiServer.from_state(state["kube"], etcd=lab.etcd)
         return lab
 
     def exists(self) -> bool:
@@ -385,13 +422,17 @@ class AgentCluster:
         try:
             started = time.monotonic()
             self.etcd.start(detach=self.spec.detach)
-            self.etcd.put(self.config_key, json.dumps(self.spec.net_conf()))
+            if self.kube is None:
+                self.etcd.put(self.config_key, json.dumps(self.spec.net_conf()))
             self.save_state()
             say(
                 f"etcd on {self.etcd.url} (agents: {self.etcd.endpoint}) "
                 f"({time.monotonic() - started:.1f} s)"
             )
-            say(f"network config {self.config_key} = {json.dumps(self.spec.net_conf())}")
+            if self.kube is None:
+                say(f"network config {self.config_key} = {json.dumps(self.spec.net_conf())}")
+            else:
+                self._start_control_plane(say)
             make_switch(self.switch)
             if self.spec.outside:
                 self._make_outside_host()
@@ -408,12 +449,19 @@ class AgentCluster:
             )
             started = time.monotonic()
             for node in self.nodes:
+                self._start_node_services(node)
                 self._start_process(node)
             self.save_state()
             self._wait_leases(self.nodes)
             for node in self.nodes:
                 self._make_pods(node)
                 kind = "flannel-xdp agent" if node.is_agent else "stock flanneld"
+                if self.kube is not None:
+                    kind += (
+                        " (DaemonSet pod), kube-proxy"
+                        if node.is_agent
+                        else " (kube mode), kube-proxy"
+                    )
                 say(
                     f"{node.name}: {kind}, lease {node.subnet}, MTU {node.mtu}, "
                     f"{len(node.pods)} pods"
@@ -441,6 +489,8 @@ class AgentCluster:
         # has since exited, a stray loader child): by pid, never by name.
         for pid in process.pids_with(self.run_dir + os.sep):
             process.kill_pid(pid, self.run_dir + os.sep)
+        if self.kube is not None:
+            self.kube.stop_apiserver()
         self.etcd.stop()
         namespaces = set(self.namespaces())
         for node in self.nodes:
@@ -453,7 +503,7 @@ class AgentCluster:
         # pods first, the switch last: deleting a netns deletes its end of every veth
         for ns in sorted(namespaces, key=lambda n: (-n.count("-"), n != self.switch, n)):
             delete_netns(ns, f"lab {self.spec.name}")
-        for pins in self.pin_dirs():
+        for pins in sorted(self.pin_dirs(), key=len, reverse=True):  # a pod's pins first
             PinDir(pins).remove()
             with contextlib.suppress(OSError):
                 os.rmdir(pins)
@@ -494,8 +544,80 @@ class AgentCluster:
             tcp_be_liberal=self.spec.tcp_fast_path,
         )
         os.makedirs(node.dir, exist_ok=True)
+        if self.kube is not None:
+            # Nodes have a default route; without --iface (the DaemonSet has none) the
+            # agent and flanneld take its interface and that interface's first address.
+            via = self.outside_ip if self.spec.outside else self.spec.underlay[-2]
+            process.run(node.netns, ["ip", "route", "add", "default", "via", str(via)])
+            self._register_node(node)
+
+    # -- kube mode -------------------------------------------------------------------------
+
+    def _start_control_plane(self, say) -> None:
+        """kube-apiserver over the lab's etcd, and deploy/'s objects but the DaemonSet."""
+        assert self.kube is not None
+        started = time.monotonic()
+        self.kube.start()
+        self.save_state()
+        kubelab.bootstrap(self.kube, self.spec.net_conf())
+        say(
+            f"kube-apiserver on {self.kube.url} ({time.monotonic() - started:.1f} s); "
+            f"applied {os.path.basename(kubelab.MANIFEST)} but its DaemonSet, with "
+            f"net-conf.json = {json.dumps(self.spec.net_conf())}"
+        )
+
+    def _register_node(self, node: LabNode) -> None:
+        """The Node object, as kubelet registers it and the controller-manager gives it a
+        podCIDR (the cluster network's /24s in node order)."""
+        assert self.kube is not None
+        cidr = kubelab.pod_cidr(self.spec.network, node.index)
+        kubelab.register_node(self.kube, node.name, cidr, node.public_ip)
+        if node.is_agent:  # the label that moves a node over (docs/kubernetes.md)
+            self.kube.kubectl("label", "node", node.name, "flannel-xdp.io/data-path=xdp")
+
+    def sandbox(self, node: LabNode) -> kubelab.PodSandbox:
+        assert self.kube is not None and self.daemonset is not None
+        return kubelab.PodSandbox(
+            pod=self.daemonset,
+            node_name=node.name,
+            node_dir=node.dir,
+            bpffs_root=node.bpffs_root,
+            api_port=self.kube.port,
+        )
+
+    def _start_node_services(self, node: LabNode) -> None:
+        """What a kube node runs besides its network agent: the relay to the apiserver
+        (the node's 127.0.0.1:<port>) and kube-proxy."""
+        if self.kube is None:
+            return
+        # The relay lives here, in the apiserver's netns, listening in the node's.
+        with open(os.path.join(node.dir, RELAY_LOG), "ab") as out:
+            process.start_daemon(
+                relay_argv(node.netns, self.kube.port, node.dir + os.sep),
+                out,
+                detach=self.spec.detach,
+            )
+        token = self.kube.token_for(kubelab.KUBE_PROXY_SA, "kube-system")
+        kubeconfig = os.path.join(node.dir, "kube-proxy.kubeconfig")
+        with open(kubeconfig, "w") as f:
+            f.write(kubeconfig_text(self.kube.url, self.kube.ca, token=token))
+        agents.start(
+            kubelab.kube_proxy_argv(node.name, kubeconfig, self.spec.network),
+            node.netns,
+            os.path.join(node.dir, KUBE_PROXY_LOG),
+            detach=self.spec.detach,
+        )
 
     def _argv(self, node: LabNode) -> list[str]:
+        if self.kube is not None:
+            box = self.sandbox(node)
+            box.prepare(self.kube)
+            if node.is_agent:
+                return box.argv(box.agent_command(os.path.dirname(sys.executable)))
+            # kube-flannel.yml's flanneld, and the health port the lab watches
+            argv = [peers.flanneld(), "--kube-subnet-mgr"]
+            argv.append(f"--healthz-port={self.spec.healthz_port}")
+            return box.argv([*argv, "--ip-masq"] if self.spec.ip_masq else argv)
         if node.is_agent:
             return agents.agent_argv(
                 endpoint=self.etcd.endpoint,
@@ -520,7 +642,12 @@ class AgentCluster:
         )
 
     def _start_process(self, node: LabNode) -> None:
-        proc = agents.start(self._argv(node), node.netns, node.log_file, detach=self.spec.detach)
+        env = None
+        if self.kube is not None:
+            env = {**self.sandbox(node).env(), process.MARKER_ENV: node.dir + os.sep}
+        proc = agents.start(
+            self._argv(node), node.netns, node.log_file, detach=self.spec.detach, extra_env=env
+        )
         self._procs[node.index] = proc
         node.pid = proc.pid
 
@@ -602,6 +729,7 @@ class AgentCluster:
         node = self._plan_node(max(n.index for n in self.nodes) + 1, dataplane, pods)
         self.nodes.append(node)
         self._make_node(node)
+        self._start_node_services(node)
         self._start_process(node)
         self.save_state()
         if wait:
@@ -615,8 +743,13 @@ class AgentCluster:
         self.save_state()
 
     def remove_node(self, node: LabNode) -> None:
-        """The node's process, namespaces and pins go (its lease stays: delete_lease)."""
+        """The node's process, namespaces and pins go (its lease stays: delete_lease; in
+        kube mode its Node object goes, as when a node is drained and deleted)."""
         self._stop_process(node)
+        for pid in process.pids_with(node.dir + os.sep):  # kube-proxy, the relay
+            process.kill_pid(pid, node.dir + os.sep)
+        if self.kube is not None:
+            self.kube.kubectl("delete", "node", node.name, "--wait=false")
         if node.is_agent and process.netns_exists(node.netns):
             with contextlib.suppress(Exception), netns.entered(node.netns):
                 datapath.uninstall(node.bpffs, UNDERLAY_IFNAME)
@@ -840,6 +973,13 @@ class AgentCluster:
                 "endpoint": self.etcd.endpoint,
                 "pid": self.etcd.pid,
                 "healthy": self.etcd.healthy(),
+            },
+            "kube": None
+            if self.kube is None
+            else {
+                "url": self.kube.url,
+                "kubeconfig": self.kube.kubeconfig,
+                "ready": self.kube.ready(),
             },
             "outside_host": str(self.outside_ip) if self.spec.outside else None,
             "outside_netns": self.outside_ns if self.spec.outside else None,

@@ -98,11 +98,19 @@ def healthy(ns: str, port: int = HEALTHZ_PORT) -> bool:
         return False
 
 
-def start(argv: Sequence[str], ns: str, log_path: str, *, detach: bool) -> subprocess.Popen:
+def start(
+    argv: Sequence[str],
+    ns: str,
+    log_path: str,
+    *,
+    detach: bool,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen:
     """Start argv in ns, appending its output to log_path."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     # FLANNELD_* in our environment would silently change the node's flags.
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
+    env.update(extra_env or {})
     with open(log_path, "ab") as out:
         return process.start_daemon(argv, out, detach=detach, netns=ns, env=env)
 

@@ -43,12 +43,12 @@ def _pick_name(args: argparse.Namespace) -> str | None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     quiet_logs(args)
-    problems = preflight.problems(stock=args.stock > 0)
+    problems = preflight.problems(stock=args.stock > 0, kube=args.kube)
     if problems:
         for p in problems:
             print(f"missing: {p}")
         return EXIT_FAILURE
-    spec = build_spec(args, name=args.name or DEFAULT_NAME, ip_masq=args.ip_masq)
+    spec = build_spec(args, name=args.name or DEFAULT_NAME, ip_masq=args.ip_masq, kube=args.kube)
     lab = AgentCluster(spec)
     try:
         lab.up(progress=lambda msg: print(f"  {msg}", flush=True))
@@ -59,10 +59,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(render_status(lab.status()))
     me = self_command()
     where = lab.pods[0].netns if lab.pods else lab.nodes[0].netns
+    if lab.kube is not None:
+        registry = f"kubectl --kubeconfig {lab.kube.kubeconfig} get nodes -o wide"
+    else:
+        registry = f"ETCDCTL_API=3 etcdctl --endpoints {lab.etcd.url} get --prefix {ETCD_PREFIX}"
     print(
         f"\nexplore:  ip netns exec {where} ping <pod IP>\n"
         f"          {me} inspect --bpffs {lab.nodes[0].bpffs}\n"
-        f"          ETCDCTL_API=3 etcdctl --endpoints {lab.etcd.url} get --prefix {ETCD_PREFIX}\n"
+        f"          {registry}\n"
         f"remove:   {me} lab down --name {spec.name}"
     )
     return EXIT_OK
@@ -109,6 +113,12 @@ def render_status(s: dict) -> str:
         f"etcd: {etcd['url']} ({'healthy' if etcd['healthy'] else 'NOT HEALTHY'}), "
         f"agents use {etcd['endpoint']}",
     ]
+    if s.get("kube"):
+        kube = s["kube"]
+        lines.append(
+            f"kube-apiserver: {kube['url']} ({'ready' if kube['ready'] else 'NOT READY'}), "
+            f"kubeconfig {kube['kubeconfig']}; per node kube-proxy and the DaemonSet's agent"
+        )
     if s["outside_host"]:
         lines.append(f"outside host: {s['outside_host']} (netns {s['outside_netns']})")
     for n in s["nodes"]:

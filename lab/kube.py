@@ -27,6 +27,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -35,12 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flannel_xdp import netns
-from flannel_xdp.lab import process
+from flannel_xdp.lab import peers, process
 from flannel_xdp.lab.etcd import EtcdServer, free_port
 
 log = logging.getLogger(__name__)
 
-PEERS_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "peers.sh"
 START_TIMEOUT = 90.0  # the first start on two cores compiles nothing but is slow to serve
 ADVERTISE_ADDRESS = "192.0.2.1"
 SERVICE_CIDR = "198.19.255.0/24"
@@ -92,26 +92,12 @@ class KubeError(RuntimeError):
     pass
 
 
-def peers_env() -> dict[str, str]:
-    """Where scripts/peers.sh puts the Go-built peers (KEY=path per line)."""
-    try:
-        out = subprocess.run(
-            ["bash", str(PEERS_SCRIPT), "--print-env"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KubeError(f"{PEERS_SCRIPT} --print-env failed: {exc}") from exc
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
 def peer_binary(key: str) -> str:
-    path = peers_env().get(key, "")
-    if not (path and os.access(path, os.X_OK)):
-        raise KubeError(f"{key}: {path or 'no path'} is missing; build it with `make peers`")
-    return path
+    """A Go-built peer's path (lab/peers.py); KubeError when `make peers` has not built it."""
+    try:
+        return peers.binary(key)
+    except peers.PeersMissing as exc:
+        raise KubeError(str(exc)) from exc
 
 
 def _openssl(*args: str, cwd: str) -> None:
@@ -185,6 +171,14 @@ class KubeApiServer:
     pid: int | None = None
     etcd: EtcdServer | None = None
     extra_args: list[str] = field(default_factory=list)
+    detach: bool = False  # outlives the caller (lab up): found again by state()/from_state()
+
+    def state(self) -> dict:
+        return {"workdir": self.workdir, "port": self.port, "pid": self.pid}
+
+    @classmethod
+    def from_state(cls, d: dict, etcd: EtcdServer | None = None) -> KubeApiServer:
+        return cls(d["workdir"], port=d["port"], pid=d["pid"], etcd=etcd, detach=True)
 
     @property
     def pki(self) -> str:
@@ -237,7 +231,7 @@ class KubeApiServer:
             make_pki(self.pki)
         if self.etcd is None:
             self.etcd = EtcdServer(os.path.join(self.workdir, "etcd"), unix_socket=False)
-            self.etcd.start(detach=False)
+            self.etcd.start(detach=self.detach)
         Path(self.kubeconfig).parent.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         self._spawn()
@@ -253,7 +247,9 @@ class KubeApiServer:
 
     def _spawn(self) -> None:
         with open(self.log_path, "ab") as out:
-            self._proc = process.start_daemon(self.argv(), out, cwd=self.workdir, detach=False)
+            self._proc = process.start_daemon(
+                self.argv(), out, cwd=self.workdir, detach=self.detach
+            )
         self.pid = self._proc.pid
 
     def restart(self) -> None:
@@ -269,7 +265,9 @@ class KubeApiServer:
     @property
     def running(self) -> bool:
         proc = getattr(self, "_proc", None)
-        return proc is not None and proc.poll() is None
+        if proc is None:  # started by another process (lab up)
+            return self.pid is not None and process.pid_alive(self.pid, self.workdir)
+        return proc.poll() is None
 
     def ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=self.ca)
@@ -306,6 +304,12 @@ class KubeApiServer:
     def stop_apiserver(self) -> None:
         proc = getattr(self, "_proc", None)
         if proc is None:
+            if self.pid is not None:
+                process.kill_pid(self.pid, self.workdir, signal.SIGTERM)
+                deadline = time.monotonic() + 15
+                while process.pid_alive(self.pid, self.workdir) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                process.kill_pid(self.pid, self.workdir)
             return
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -361,4 +365,21 @@ class KubeApiServer:
         return path
 
 
-__all__ = ["KubeApiServer", "KubeError", "kubeconfig_text", "peer_binary", "peers_env"]
+def relay_argv(ns: str, port: int, marker: str) -> list[str]:
+    """A relay (see relay()) as a process of its own, for a lab that outlives its maker;
+    marker (the lab's run directory) names it in its command line."""
+    return [sys.executable, "-m", "flannel_xdp.lab.kube", "relay", ns, str(port), marker]
+
+
+def _relay_main(argv: list[str]) -> None:
+    if len(argv) != 4 or argv[0] != "relay":
+        raise SystemExit("usage: python -m flannel_xdp.lab.kube relay <netns> <port> <marker>")
+    relay(argv[1], int(argv[2]))
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    _relay_main(sys.argv[1:])
+
+
+__all__ = ["KubeApiServer", "KubeError", "kubeconfig_text", "peer_binary", "relay_argv"]

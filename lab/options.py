@@ -74,6 +74,13 @@ def lab_arguments(p: argparse.ArgumentParser) -> None:
         default=True,
         help="agents masquerade pod traffic leaving the cluster network (default: on)",
     )
+    up.add_argument(
+        "--kube",
+        action="store_true",
+        help="the Kubernetes API as the registry: a real kube-apiserver, a Node object per "
+        "node, real kube-proxy on each, the agents run as deploy/kube-flannel-xdp.yml's "
+        "DaemonSet runs them (--stock N: flanneld --kube-subnet-mgr)",
+    )
     up.set_defaults(func=_lazy("flannel_xdp.lab.cli", "cmd_up"))
     down = sub.add_parser("down", help="remove a lab: processes, namespaces, pins, run dir")
     down.add_argument("--name", help="lab name (default: the only lab that is up)")

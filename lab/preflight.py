@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -14,9 +15,13 @@ TOOLS = (
 )  # fmt: skip
 
 
-def problems(stock: bool = True) -> list[str]:
+KUBE_PEERS = ("FXDP_KUBE_APISERVER", "FXDP_KUBE_PROXY", "FXDP_KUBECTL")
+
+
+def problems(stock: bool = True, kube: bool = False) -> list[str]:
     """Each missing requirement, with what to do about it; empty when all is there.
-    stock: the lab runs flanneld nodes, so flanneld is needed too."""
+    stock: the lab runs flanneld nodes, so flanneld is needed too; kube: the Kubernetes
+    binaries."""
     out = []
     if os.geteuid() != 0:
         out.append("not running as root: the lab needs it (network namespaces, BPF programs)")
@@ -31,7 +36,9 @@ def problems(stock: bool = True) -> list[str]:
     if missing:
         out.append(f"missing tools {', '.join(missing)}: run `make setup`")
     # pods come from the real CNI chain, stock nodes run the real flanneld
-    for check in (peers.cnitool, peers.cni_path, *([peers.flanneld] if stock else [])):
+    checks = [peers.cnitool, peers.cni_path, *([peers.flanneld] if stock else [])]
+    checks += [functools.partial(peers.binary, key) for key in (KUBE_PEERS if kube else ())]
+    for check in checks:
         try:
             check()
         except (peers.PeersMissing, OSError) as exc:

@@ -143,9 +143,31 @@ def _cmdline(pid: int) -> str | None:
         return None
 
 
+# Set in the environment of a process whose command line cannot name its lab (a DaemonSet
+# container's arguments are the manifest's): its marker, for pid_alive() and pids_with().
+MARKER_ENV = "FXDP_LAB_MARKER"
+
+
+def _environ_marker(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return ""
+    prefix = MARKER_ENV.encode() + b"="
+    return next((e[len(prefix) :].decode(errors="replace") for e in entries
+                 if e.startswith(prefix)), "")  # fmt: skip
+
+
+def _names(pid: int, marker: str) -> bool:
+    cmdline = _cmdline(pid)
+    return cmdline is not None and (marker in cmdline or marker in _environ_marker(pid))
+
+
 def pid_alive(pid: int, marker: str) -> bool:
-    """pid runs and its command line names marker (a path unique to the lab): a pid the
-    kernel has since given to an unrelated process is never taken for ours."""
+    """pid runs and its command line (or MARKER_ENV) names marker (a path unique to the
+    lab): a pid the kernel has since given to an unrelated process is never taken for
+    ours."""
     cmdline = _cmdline(pid)
     if cmdline is None:
         return False
@@ -156,7 +178,7 @@ def pid_alive(pid: int, marker: str) -> bool:
                 return False
     except (OSError, IndexError):
         return False
-    return marker in cmdline
+    return _names(pid, marker)
 
 
 def _reap(pid: int) -> None:
@@ -197,11 +219,10 @@ def descendants(pid: int) -> list[int]:
 
 
 def pids_with(marker: str) -> list[int]:
-    """Every process whose command line names marker (for a teardown without state)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            cmdline = _cmdline(int(entry))
-            if cmdline and marker in cmdline:
-                out.append(int(entry))
-    return out
+    """Every process whose command line (or MARKER_ENV) names marker (for a teardown
+    without state)."""
+    return [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and int(entry) != os.getpid() and _names(int(entry), marker)
+    ]
