@@ -9,7 +9,7 @@ import pytest
 
 from flannel_xdp import cli
 from flannel_xdp.backend import Backend
-from flannel_xdp.lab import agentcluster, agents, demo, options, traffic
+from flannel_xdp.lab import agentcluster, agents, demo, kubelab, options, traffic
 from flannel_xdp.lab.agentcluster import AgentCluster, AgentClusterSpec, LabNode
 from flannel_xdp.lab.topology import Dataplane, LabError, Pod
 from flannel_xdp.loader import datapath
@@ -232,3 +232,39 @@ def test_the_tcp_fast_path_is_part_of_the_udp_one():
     AgentClusterSpec(name="unit", udp_fast_path=True, tcp_fast_path=True).validate()
     with pytest.raises(ValueError, match="the TCP fast path is part of the UDP fast path"):
         datapath.DataPathConfig(underlay="eth0", tcp_fast_path=True)
+
+
+def test_the_kube_lab_runs_the_daemonset_as_the_manifest_states_it():
+    pod = kubelab.daemonset_pod()
+    assert pod.command == ("flannel-xdp", "agent")
+    assert "--kube-subnet-mgr" in pod.args
+    assert pod.port_arg("--healthz-port") == 8081 and pod.port_arg("--metrics-port") == 9465
+    assert pod.env_from_fields == {
+        "POD_NAME": "metadata.name",
+        "POD_NAMESPACE": "metadata.namespace",
+        "NODE_NAME": "spec.nodeName",
+    }
+    by_path = {m.path: m for m in pod.mounts}
+    assert by_path["/run/flannel"].host_path == "/run/flannel"
+    assert by_path["/etc/kube-flannel"].config_map == "kube-flannel-xdp-cfg"
+    assert by_path["/sys/fs/bpf"].host_path == "/sys/fs/bpf"
+    box = kubelab.PodSandbox(pod, "n1", "/run/x/n1", "/sys/fs/bpf/fxlab-x-n1", 6443)
+    assert box.host_path("/sys/fs/bpf") == "/sys/fs/bpf/fxlab-x-n1"
+    assert box.host_path("/run/flannel") == "/run/x/n1/host/run/flannel"
+    assert box.host_path("/lib/modules") == "/lib/modules"
+    env = box.env()
+    assert env["NODE_NAME"] == "n1" and env["POD_NAMESPACE"] == "kube-flannel"
+    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("127.0.0.1", "6443")
+    script = box.mount_script()
+    # the new /run is moved into place last: every source below the old one is mounted by then
+    assert script.rstrip().endswith("/run/x/n1/pod/run /run")
+    assert "/run/x/n1/pod/run/secrets/kubernetes.io/serviceaccount" in script
+
+
+def test_the_kube_lab_hands_out_pod_cidrs_in_node_order():
+    net = IPv4Network("198.18.0.0/16")
+    assert [str(kubelab.pod_cidr(net, i)) for i in (0, 1, 255)] == [
+        "198.18.0.0/24",
+        "198.18.1.0/24",
+        "198.18.255.0/24",
+    ]
