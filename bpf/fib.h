@@ -130,32 +130,33 @@ static __always_inline int rewrite_and_redirect(struct __sk_buff *skb, const str
 }
 
 /*
- * Returns TC_ACT_REDIRECT, or TC_ACT_SHOT with *reason set. The frame's
- * Ethernet header must be at skb->data and its IPv4 header right after it.
+ * The route and neighbour toward next_hop, asked before the frame is sent (and
+ * encapsulated): tot_len is the IP length of each packet it will be on the wire
+ * (0: not checked against the route's MTU). Returns bpf_fib_lookup()'s answer;
+ * on BPF_FIB_LKUP_RET_FRAG_NEEDED, fib->mtu_result holds the route's MTU.
  */
-static __always_inline int redirect_to_next_hop(struct __sk_buff *skb, __be32 src,
-						__be32 next_hop, __u32 underlay_ifindex,
-						int *reason)
+static __always_inline int next_hop_lookup(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
+					   __be32 src, __be32 next_hop, __u32 underlay_ifindex,
+					   __u32 tot_len)
 {
-	struct bpf_fib_lookup fib = {};
+	fib->family = AF_INET;
+	fib->ipv4_src = src;
+	fib->ipv4_dst = next_hop;
+	fib->ifindex = underlay_ifindex;
+	fib->tot_len = tot_len;
+	return fib_lookup_cached(skb, fib, BPF_FIB_LOOKUP_OUTPUT);
+}
+
+/*
+ * Sends the frame at skb->data (Ethernet header, then IPv4) by a next_hop_lookup()
+ * that answered rc. Returns TC_ACT_REDIRECT, or TC_ACT_SHOT with *reason set.
+ */
+static __always_inline int redirect_to_next_hop(struct __sk_buff *skb, int rc,
+						const struct bpf_fib_lookup *fib,
+						__be32 next_hop, int *reason)
+{
 	struct next_hop hop;
-	void *data, *data_end;
-	int rc;
 
-	fib.family = AF_INET;
-	fib.ipv4_src = src;
-	fib.ipv4_dst = next_hop;
-	fib.ifindex = underlay_ifindex;
-	/*
-	 * A GSO packet is segmented to the route MTU later; only check single frames.
-	 * Test gso_size, not gso_segs: bpf_skb_adjust_room() zeroes gso_segs when it
-	 * grows a GSO packet (vxlan encap), which made every encapsulated GSO packet
-	 * look like one oversized frame.
-	 */
-	if (!skb->gso_size)
-		fib.tot_len = skb->len - ETH_HLEN;
-
-	rc = fib_lookup_cached(skb, &fib, BPF_FIB_LOOKUP_OUTPUT);
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		/*
 		 * Let the neighbour subsystem resolve and queue, as ip_finish_output2 does.
@@ -166,29 +167,24 @@ static __always_inline int redirect_to_next_hop(struct __sk_buff *skb, __be32 sr
 		 * remote pod) needs the next hop named, or the kernel resolves the pod's
 		 * address on the underlay, which nobody answers.
 		 */
-		struct bpf_redir_neigh nh = { .nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst };
-		struct iphdr *ip;
+		struct bpf_redir_neigh nh = { .nh_family = AF_INET, .ipv4_nh = fib->ipv4_dst };
+		void *data = (void *)(long)skb->data;
+		void *data_end = (void *)(long)skb->data_end;
+		struct iphdr *ip = data + ETH_HLEN;
 
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-		ip = data + ETH_HLEN;
 		if ((void *)(ip + 1) > data_end) {
 			*reason = DROP_MALFORMED;
 			return TC_ACT_SHOT;
 		}
 		if (ip->daddr == next_hop)
-			return fxdp_redirect_neigh(fib.ifindex, 0, 0, 0);
-		return fxdp_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
-	}
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-		*reason = DROP_TOO_BIG;
-		return TC_ACT_SHOT;
+			return fxdp_redirect_neigh(fib->ifindex, 0, 0, 0);
+		return fxdp_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 	}
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS) {
 		*reason = DROP_NO_UNDERLAY_ROUTE;
 		return TC_ACT_SHOT;
 	}
-	next_hop_from(&hop, &fib);
+	next_hop_from(&hop, fib);
 	return rewrite_and_redirect(skb, &hop, reason);
 }
 

@@ -9,7 +9,8 @@
  * stack reassembled, a VNI underlay_tc leaves to the stack) is decapsulated too.
  * Here every decapsulated packet is checked against its tunnel metadata by the
  * same rules: our VNI, to our public IP, from the registered owner of its inner
- * source. Only drops are counted: what passes was counted as decap on the underlay.
+ * source. Only drops are counted: what passes was counted as decap on the underlay
+ * (or, for tunnel_egress's ICMP answer to a packet too big, as frag_needed there).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -18,6 +19,7 @@
 #include "parse.h"
 #include "counters.h"
 #include "csum.h"
+#include "pmtu.h"
 #include "vxlan.h"
 
 static __always_inline int drop(int reason, __u64 bytes)
@@ -41,8 +43,14 @@ int tunnel_ingress(struct __sk_buff *skb)
 	cfg = node_config.lookup(&zero);
 	if (!cfg || !cfg->public_ip)
 		return drop(DROP_NOT_CONFIGURED, bytes);
-	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0))
+	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0)) {
+		/* Not decapsulated: tunnel_egress's answer to a packet too big (pmtu.h)? */
+		ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) <= data_end && eth->h_proto == bpf_htons(ETH_P_IP) &&
+		    is_frag_needed_reply(ip, data_end))
+			return TC_ACT_OK;
 		return drop(DROP_MALFORMED, bytes);	/* no IPv4 tunnel metadata */
+	}
 	if (key.tunnel_id != cfg->vni || bpf_htonl(key.local_ipv4) != cfg->public_ip)
 		return drop(DROP_FOREIGN_TUNNEL, bytes);
 

@@ -59,6 +59,8 @@ enum reason {
 	DROP_TOO_BIG,		/* encapsulated frame would exceed the underlay MTU */
 	DROP_ENCAP_FAILED,	/* the kernel refused to grow or shrink the packet */
 	DROP_FOREIGN_TUNNEL,	/* decapsulated by the vxlan device, but not our VNI or public IP */
+	DROP_FRAG_NEEDED,	/* DF set and too big for the route to the peer: dropped, and an
+				 * ICMP "fragmentation needed" sent back to its sender (pmtu.h) */
 	REASON_MAX
 };
 

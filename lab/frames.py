@@ -16,12 +16,16 @@ from flannel_xdp.mac import parse_mac
 
 ETH_P_IP, ETH_P_ARP, ETH_P_IPV6 = 0x0800, 0x0806, 0x86DD
 ETH_P_8021Q, ETH_P_8021AD = 0x8100, 0x88A8
-IPPROTO_TCP, IPPROTO_UDP = 6, 17
+IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP = 1, 6, 17
 ETH_HLEN, IP_HLEN, UDP_HLEN, TCP_HLEN, VXLAN_HLEN = 14, 20, 8, 20, 8
 VXLAN_OVERHEAD = ETH_HLEN + IP_HLEN + UDP_HLEN + VXLAN_HLEN  # 50
 VXLAN_FLAG_VNI = 0x08
 IP_DF = 0x4000
 TCP_ACK_PSH = 0x18
+ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED = 3, 4
+# An ICMP error fills at most the 576 bytes every IPv4 host accepts (RFC 1812 4.3.2.3).
+ICMP_ERROR_MAX_LEN = 576
+ICMP_HLEN = 8
 
 Address = str | bytes | IPv4Address
 
@@ -180,6 +184,15 @@ def partial_csum(ip_packet: bytes) -> bytes:
     """As a CHECKSUM_PARTIAL skb leaves a veth: the field holds the pseudo-header sum only."""
     src, dst = ip_packet[12:16], ip_packet[16:20]
     return with_l4_csum(ip_packet, pseudo_sum(src, dst, ip_packet[9], len(ip_packet) - IP_HLEN))
+
+
+def icmp_frag_needed(src: Address, dst: Address, mtu: int, packet: bytes) -> bytes:
+    """ICMP "fragmentation needed" from src to dst about packet (an IPv4 packet), announcing
+    mtu and quoting as much of packet as fits in ICMP_ERROR_MAX_LEN."""
+    quote = packet[: ICMP_ERROR_MAX_LEN - IP_HLEN - ICMP_HLEN]
+    icmp = struct.pack("!BBHHH", ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 0, 0, mtu) + quote
+    icmp = icmp[:2] + struct.pack("!H", inet_csum(icmp)) + icmp[4:]
+    return ipv4(src, dst, IPPROTO_ICMP, icmp)
 
 
 # --- Ethernet and VXLAN ------------------------------------------------------------------

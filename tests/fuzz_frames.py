@@ -421,6 +421,8 @@ class FrameMaker:
         kw: dict[str, object] = {}
         if rng.random() < 0.05:
             kw["options"] = rng.randbytes(4 * rng.randrange(1, 11))
+        if rng.random() < 0.3:  # without DF, or a fragment: one too big is not answered
+            kw["flags_frag"] = rng.choice((0, 0x2000, 0x6000, 0x4001))
         pkt = self.ip_packet(self.own_pod(), dst, big, **kw)
         return eth(b"\x02\x00\x00\x00\x0f\x0f", self.own_vtep, ETH_P_IP) + pkt
 

@@ -21,7 +21,16 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 from flannel_xdp.backend import Backend
-from flannel_xdp.lab.frames import inet_csum, ipv4_header, ones_sum, vxlan_udp
+from flannel_xdp.lab.frames import (
+    ICMP_ERROR_MAX_LEN,
+    ICMP_HLEN,
+    IPPROTO_ICMP,
+    icmp_frag_needed,
+    inet_csum,
+    ipv4_header,
+    ones_sum,
+    vxlan_udp,
+)
 from flannel_xdp.mac import parse_mac
 from flannel_xdp.maps.views import NodeSettings, Peer
 
@@ -31,6 +40,8 @@ INNER_IPV4_END = VXLAN_ENCAP_LEN + ETH_HLEN + IPV4_HLEN  # 84: where classify st
 ETH_P_IP, ETH_P_IPV6 = b"\x08\x00", b"\x86\xdd"
 VLAN_TYPES = (b"\x81\x00", b"\x88\xa8")
 IPPROTO_TCP, IPPROTO_UDP = 6, 17
+# ICMP errors, never answered with another (pmtu.h icmp_is_error())
+ICMP_ERROR_TYPES = frozenset({3, 4, 5, 11, 12})
 IP_FRAG_MASK = 0x3FFF
 VXLAN_FLAG_VNI = 0x08
 VXLAN_OUTER_TTL = 64
@@ -332,6 +343,29 @@ def vxlan_encapsulated(frame: bytes, node: Node, peer: Entry) -> bytes:
     return frame[:12] + ETH_P_IP + ip + udp_vxlan
 
 
+def frag_needed_answerable(frame: bytes, mtu: int) -> bool:
+    """pmtu.h frag_needed_answerable(), and a frame long enough to quote in full."""
+    ihl = frame[ETH_HLEN] & 0x0F
+    if mtu < ICMP_ERROR_MAX_LEN or frame[20:22] != b"\x40\x00" or frame[ETH_HLEN] >> 4 != 4:
+        return False
+    if ihl < 5 or len(frame) < ETH_HLEN + ICMP_ERROR_MAX_LEN - IPV4_HLEN - ICMP_HLEN:
+        return False
+    if frame[23] != IPPROTO_ICMP:
+        return True
+    return ihl == 5 and frame[ETH_HLEN + IPV4_HLEN] not in ICMP_ERROR_TYPES
+
+
+def answer_too_big(frame: bytes, backend: str, mtu: int) -> Outcome:
+    """pmtu.h answer_too_big(): ICMP "fragmentation needed" from the packet's destination
+    to its source, in to the tunnel device (whose MAC sent it), or a drop."""
+    n = len(frame)
+    if not frag_needed_answerable(frame, mtu):
+        return Outcome(DROP, reason(backend, "DROP_TOO_BIG"), n, frame)
+    reply = icmp_frag_needed(frame[30:34], frame[26:30], mtu, frame[ETH_HLEN:])
+    out = frame[6:12] + frame[0:6] + ETH_P_IP + reply
+    return Outcome(REDIRECT, reason(backend, "DROP_FRAG_NEEDED"), n, out)
+
+
 def egress(frame: bytes, node: Node, peers: PeerTable, net: Underlay) -> Outcome:
     """tunnel_egress on frame."""
     if kernel_refuses("tc", frame):
@@ -347,22 +381,27 @@ def egress(frame: bytes, node: Node, peers: PeerTable, net: Underlay) -> Outcome
     if peer is None:
         return Outcome(DROP, reason("none", "DROP_NO_ROUTE"), n, frame)
     if peer.backend == Backend.VXLAN:
-        if n - ETH_HLEN + VXLAN_ENCAP_LEN > 0xFFFF:
-            return Outcome(DROP, reason("vxlan", "DROP_TOO_BIG"), n, frame)
-        out = vxlan_encapsulated(frame, node, peer)
-        backend, counter, sport_at = "vxlan", traffic("vxlan", "encap"), ETH_HLEN + IPV4_HLEN
+        backend, grow = "vxlan", VXLAN_ENCAP_LEN
     elif peer.backend == Backend.HOST_GW:
-        out = frame
-        backend, counter, sport_at = "host-gw", traffic("host-gw", "forward"), None
+        backend, grow = "host-gw", 0
     else:
         return Outcome(DROP, reason("none", "DROP_NO_ROUTE"), n, frame)
-    # fib.h redirect_to_next_hop(): the frame as it is now (encapsulated or not) is sized
-    # against the route's MTU; dropped frames are returned as the program left them.
-    result, mac = net.fib(peer.public_ip, len(out) - ETH_HLEN)
+    # send.h: the frame is sized against the route's MTU as it will leave, before it is
+    # encapsulated; one the route cannot take is answered (pmtu.h) or dropped as it came.
+    if n - ETH_HLEN + grow > 0xFFFF:
+        return Outcome(DROP, reason(backend, "DROP_TOO_BIG"), n, frame)
+    result, mac = net.fib(peer.public_ip, n - ETH_HLEN + grow)
+    if result == "frag_needed":
+        return answer_too_big(frame, backend, net.mtu - grow)
+    if peer.backend == Backend.VXLAN:
+        out = vxlan_encapsulated(frame, node, peer)
+        counter, sport_at = traffic("vxlan", "encap"), ETH_HLEN + IPV4_HLEN
+    else:
+        out = frame
+        counter, sport_at = traffic("host-gw", "forward"), None
+    # fib.h redirect_to_next_hop(): dropped frames are returned as the program left them.
     if result == "no_route":
         return Outcome(DROP, reason(backend, "DROP_NO_UNDERLAY_ROUTE"), n, out, sport_at)
-    if result == "frag_needed":
-        return Outcome(DROP, reason(backend, "DROP_TOO_BIG"), n, out, sport_at)
     if result == "success":
         assert mac is not None
         out = mac + net.own_mac + ETH_P_IP + out[ETH_HLEN:]

@@ -126,8 +126,10 @@ EGRESS_OUTCOMES = {
     ("reason", "none", "DROP_NO_ROUTE"),
     ("reason", "vxlan", "DROP_NO_UNDERLAY_ROUTE"),
     ("reason", "vxlan", "DROP_TOO_BIG"),
+    ("reason", "vxlan", "DROP_FRAG_NEEDED"),
     ("reason", "host-gw", "DROP_NO_UNDERLAY_ROUTE"),
     ("reason", "host-gw", "DROP_TOO_BIG"),
+    ("reason", "host-gw", "DROP_FRAG_NEEDED"),
 }
 MIN_PER_OUTCOME = max(1, FRAMES // 2000)  # 50 in a run of 100,000
 

@@ -45,6 +45,7 @@ from flannel_xdp.lab.frames import (
     ETH_P_8021Q,
     ETH_P_ARP,
     ETH_P_IPV6,
+    IP_DF,
     IPPROTO_TCP,
     IPPROTO_UDP,
     UDP_HLEN,
@@ -311,19 +312,31 @@ def test_host_gw_rewrites_only_the_macs(lab, kind):
 
 
 @pytest.mark.parametrize(
-    ("peer", "inner_len", "verdict", "key"),
+    ("peer", "inner_len", "df", "verdict", "key"),
     [
-        (PEER_A, 1450, TC_ACT_REDIRECT, ("traffic", "vxlan", "encap")),
-        (PEER_A, 1451, TC_ACT_SHOT, ("reason", "vxlan", "DROP_TOO_BIG")),
-        (PEER_HOSTGW, 1500, TC_ACT_REDIRECT, ("traffic", "host-gw", "forward")),
-        (PEER_HOSTGW, 1501, TC_ACT_SHOT, ("reason", "host-gw", "DROP_TOO_BIG")),
+        (PEER_A, 1450, True, TC_ACT_REDIRECT, ("traffic", "vxlan", "encap")),
+        (PEER_A, 1451, True, TC_ACT_REDIRECT, ("reason", "vxlan", "DROP_FRAG_NEEDED")),
+        (PEER_A, 1451, False, TC_ACT_SHOT, ("reason", "vxlan", "DROP_TOO_BIG")),
+        (PEER_HOSTGW, 1500, True, TC_ACT_REDIRECT, ("traffic", "host-gw", "forward")),
+        (PEER_HOSTGW, 1501, True, TC_ACT_REDIRECT, ("reason", "host-gw", "DROP_FRAG_NEEDED")),
+        (PEER_HOSTGW, 1501, False, TC_ACT_SHOT, ("reason", "host-gw", "DROP_TOO_BIG")),
     ],
-    ids=["vxlan-1450", "vxlan-1451", "host-gw-1500", "host-gw-1501"],
+    ids=[
+        "vxlan-1450",
+        "vxlan-1451",
+        "vxlan-1451-no-df",
+        "host-gw-1500",
+        "host-gw-1501",
+        "host-gw-1501-no-df",
+    ],
 )
-def test_underlay_mtu_boundary(lab, peer, inner_len, verdict, key):
-    """u0 has MTU 1500: a VXLAN frame is 50 bytes more than its inner packet."""
+def test_underlay_mtu_boundary(lab, peer, inner_len, df, verdict, key):
+    """u0 has MTU 1500: a VXLAN frame is 50 bytes more than its inner packet. One too big
+    is answered with ICMP "fragmentation needed" when it has DF (tests/test_pmtu.py shows
+    the answer), dropped when it has not (the stack would fragment it; BPF cannot)."""
     payload = b"m" * (inner_len - 28)
-    frame = tunnel_frame(udp_packet(OWN_HOST, peer.host(3), 1, 2, payload))
+    flags = IP_DF if df else 0
+    frame = tunnel_frame(udp_packet(OWN_HOST, peer.host(3), 1, 2, payload, flags_frag=flags))
     rv, _, delta = lab.counted("egress", frame)
     assert rv == verdict
     one(delta, key, 1, len(frame))
@@ -365,11 +378,13 @@ def test_a_changed_neighbour_reaches_the_wire_once_the_cache_window_passed(lab):
 @pytest.mark.parametrize("peer", [PEER_A, PEER_HOSTGW], ids=["vxlan", "host-gw"])
 def test_a_cached_next_hop_still_checks_every_frame_against_the_mtu(lab, peer):
     """The cache remembers the largest frame the route's MTU allowed; a larger one right
-    after a cached answer is still sized by bpf_fib_lookup and dropped."""
+    after a cached answer is still sized by bpf_fib_lookup and dropped (it has no DF: one
+    with DF would be answered, test_underlay_mtu_boundary)."""
     limit = 1450 if peer.backend is Backend.VXLAN else 1500
 
     def sized(inner_len: int) -> bytes:
-        return tunnel_frame(udp_packet(OWN_HOST, peer.host(3), 1, 2, b"m" * (inner_len - 28)))
+        payload = b"m" * (inner_len - 28)
+        return tunnel_frame(udp_packet(OWN_HOST, peer.host(3), 1, 2, payload, flags_frag=0))
 
     for inner_len, verdict in ((100, TC_ACT_REDIRECT), (limit, TC_ACT_REDIRECT),
                                (limit + 1, TC_ACT_SHOT), (limit, TC_ACT_REDIRECT),
@@ -499,8 +514,9 @@ LEGITIMATE_DIFFERENCES = {
     "ip.id": "kernel: from its IP ID generator (__ip_select_ident), needed because it sends "
     "DF=0; ours: 0, which RFC 6864 allows for atomic datagrams (DF=1)",
     "ip.flag.df": "kernel: 0 (vxlan 'df unset' is the default, flanneld sets none); ours: 1, "
-    "so nothing fragments the outer packet on the underlay (an oversized frame is a counted "
-    "DROP_TOO_BIG before it leaves instead)",
+    "so nothing fragments the outer packet on the underlay (an oversized frame is answered "
+    "with ICMP fragmentation needed, or without DF dropped as DROP_TOO_BIG, before it leaves "
+    "instead)",
     "ip.checksum": "follows from ip.id and ip.flag.df; both headers are checked to be valid",
     "udp.sport": "both are a per-flow hash in 32768..60999, but not the same hash: the kernel "
     "uses skb_get_hash() (a socket's random txhash where there is one) folded with "
@@ -1187,8 +1203,10 @@ def test_every_frame_is_counted_exactly_once(lab, prog):
         kind, _, what = key
         assert rv in TC_VERDICTS, where
         assert nbytes == len(frame), where
-        if rv == TC_ACT_REDIRECT:
-            assert kind == "traffic" and what in ("encap", "forward"), where
+        if rv == TC_ACT_REDIRECT:  # sent, or answered with ICMP (pmtu.h)
+            assert (kind == "traffic" and what in ("encap", "forward")) or (
+                kind == "reason" and what == "DROP_FRAG_NEEDED"
+            ), where
         else:
             assert kind == "reason" and reason_verdict(what) == "drop", where
     total = Counters.delta(start, snapshot)
