@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from flannel_xdp import defaults
+from flannel_xdp import defaults, netns
 from flannel_xdp.backend import Backend
 from flannel_xdp.lab import Cluster, ClusterSpec, Node, Pod, process, traffic
 from flannel_xdp.lab.frames import (
@@ -36,12 +36,15 @@ from flannel_xdp.lab.frames import (
 )
 from flannel_xdp.lab.topology import UNDERLAY_IFNAME
 from flannel_xdp.loader.datapath import IngressHook
+from flannel_xdp.loader.libbpf import prog_test_run
 from tests.packet_support import (
     OWN_SUBNET,
     PEER_A,
     PEER_HOSTGW,
+    TC_ACT_OK,
     TC_ACT_REDIRECT,
     TC_ACT_SHOT,
+    Counters,
     program_lab,
     tunnel_frame,
 )
@@ -118,6 +121,45 @@ def test_a_df_packet_too_big_is_answered_with_frag_needed(lab, peer, proto):
     assert delta == {("reason", peer.backend.value, "DROP_FRAG_NEEDED"): (1, len(frame))}
     sent = "encap" if peer.backend is Backend.VXLAN else "forward"
     assert (fits_rv, list(fits)) == (TC_ACT_REDIRECT, [("traffic", peer.backend.value, sent)])
+
+
+@pytest.fixture(scope="module")
+def tunnel_ingress(lab) -> Iterator[int]:
+    """tunnel_ingress as the kernel ingress hook builds it, against the lab's maps: its fd."""
+    from bcc import BPF
+
+    from flannel_xdp.loader.compile import BuildParams, compile_program
+
+    build = BuildParams(maps_dir=lab.maps_dir, max_subnets=64, kernel_decap=True)
+    module = compile_program("tunnel_ingress", build)
+    try:
+        yield module.load_func(b"tunnel_ingress", BPF.SCHED_CLS).fd
+    finally:
+        module.cleanup()
+
+
+@pytest.mark.bpf
+def test_tunnel_ingress_lets_in_the_answer_and_nothing_else_without_metadata(lab, tunnel_ingress):
+    """The answer comes in on flannel.<VNI> without tunnel metadata, which everything the
+    kernel's vxlan device decapsulates has: tunnel_ingress lets in that ICMP (uncounted: it
+    was counted as frag_needed) and still drops any other frame without it as malformed."""
+    packet = big(PEER_A, "udp", 1251)
+    answer = icmp_frag_needed(packet[16:20], packet[12:16], 1250, packet)
+    echo = big(PEER_A, "icmp", 100)
+    frames = {"answer": tunnel_frame(answer), "echo": tunnel_frame(echo)}
+    got = {}
+    for name, frame in frames.items():
+        before = lab.counters.snapshot()
+        with netns.entered(lab.ns):
+            rv, _, _ = prog_test_run(tunnel_ingress, frame)
+        got[name] = (rv, Counters.delta(before, lab.counters.snapshot()))
+    assert got == {
+        "answer": (TC_ACT_OK, {}),
+        "echo": (
+            TC_ACT_SHOT,
+            {("reason", "vxlan", "DROP_MALFORMED"): (1, len(tunnel_frame(echo)))},
+        ),
+    }
 
 
 @dataclass(frozen=True)
