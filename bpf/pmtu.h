@@ -54,7 +54,7 @@ static __always_inline __u32 encap_len(int backend)
  * The IP length of each packet the frame at skb->data (Ethernet, then the IPv4
  * header at ip) is on the wire: its own, or for a GSO aggregate that of the
  * segments it will be cut into, as skb_gso_network_seglen() counts them (0 when
- * that cannot be told: the route's MTU is then not checked, as before GSO).
+ * that cannot be told, a TCP header beyond the linear data: not checked then).
  */
 static __always_inline __u32 ipv4_wire_len(const struct __sk_buff *skb, const struct iphdr *ip,
 					   const void *data_end)
