@@ -18,6 +18,7 @@ from flannel_xdp.agent import health
 from flannel_xdp.agent.bootstrap import AgentExit, AgentOptions, NodeSetup, bootstrap
 from flannel_xdp.agent.pod_scan import PodScan
 from flannel_xdp.agent.reconcile import Reconciler
+from flannel_xdp.loader import fast_path
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.maps.views import SubnetsMap
 from flannel_xdp.metrics.agent import AgentMetrics, ControlPlane
@@ -105,11 +106,35 @@ class Agent:
             capacity_refusals=status.capacity_refusals if status else 0,
             registry_up=self.registry.up,
             ready=self.is_ready(),
-            tcp_fast_path=bool(self.pod_scan and self.pod_scan.tcp_on),
+            fast_path={
+                proto: state.reason or "" for proto, state in self.fast_path_states().items()
+            },
             last_sync=status.last_sync if status else 0.0,
             lease_expiry=(lease.expiry or 0.0) if lease else 0.0,
             ingress_hook=str(hook) if hook else "",
         )
+
+    def fast_path_states(self) -> dict[str, fast_path.State]:
+        """Whether UDP and TCP take the fast path now, each with why not."""
+        if self.setup is None:
+            return {"udp": fast_path.STARTING, "tcp": fast_path.STARTING}
+        udp = self.setup.udp_fast_path
+        scan = self.pod_scan
+        if not udp.on:
+            tcp = (
+                udp
+                if udp.reason is fast_path.OffReason.TURNED_OFF
+                else fast_path.State.off(fast_path.OffReason.UDP_OFF, "TCP rides on UDP's build")
+            )
+        elif self.opts.fast_path.tcp is fast_path.Mode.OFF:
+            tcp = fast_path.State.off(fast_path.OffReason.TURNED_OFF, "--fast-path off")
+        elif scan is None or scan.tcp_on is None:
+            tcp = fast_path.STARTING
+        elif scan.tcp_on:
+            tcp = fast_path.ON
+        else:
+            tcp = fast_path.State.off(fast_path.OffReason.CONNTRACK_TCP, scan.tcp_off_why)
+        return {"udp": udp, "tcp": tcp}
 
     # -- running ------------------------------------------------------------------------
 
@@ -162,8 +187,8 @@ class Agent:
                 asyncio.create_task(self.follow(self._updates)),
                 asyncio.create_task(self.registry.hold(self.setup.lease)),
             ]
-            if self.opts.udp_fast_path:
-                self.pod_scan = PodScan(self.opts.bpffs, self.opts.tcp_fast_path)
+            if self.setup.udp_fast_path.on:
+                self.pod_scan = PodScan(self.opts.bpffs, self.opts.fast_path.tcp)
                 tasks.append(asyncio.create_task(self.pod_scan.run()))
             stopping = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)

@@ -15,9 +15,9 @@ from ipaddress import IPv4Address, IPv4Network
 from pyroute2 import IPRoute
 
 from flannel_xdp import defaults
-from flannel_xdp.loader import datapath
+from flannel_xdp.loader import datapath, fast_path
 from flannel_xdp.mac import random_vtep_mac
-from flannel_xdp.node import masq, routes, subnet_env
+from flannel_xdp.node import conntrack, masq, routes, subnet_env
 from flannel_xdp.node.underlay import Underlay, find_underlay
 from flannel_xdp.registry.base import Lease, NoSubnetAvailable, PermissionDenied, Registry
 from flannel_xdp.registry.config import ConfigError, NetworkConfig, check_underlay
@@ -56,8 +56,7 @@ class AgentOptions:
     bpffs: str = defaults.BPFFS_DIR
     ingress_hook: datapath.IngressHook | None = None  # None: chosen by backend, see below
     xdp_mode: str = "auto"
-    udp_fast_path: bool = False  # kernel hook, vxlan: bpf/fastpath.h
-    tcp_fast_path: bool = False  # and TCP, while conntrack.tcp_be_liberal()
+    fast_path: fast_path.Wanted = field(default_factory=fast_path.Wanted)
     max_subnets: int = defaults.MAX_SUBNETS
     kube: KubeSettings | None = None  # --kube-subnet-mgr: the Kubernetes API, not etcd
 
@@ -71,6 +70,7 @@ class NodeSetup:
     lease: Lease
     ingress_hook: datapath.IngressHook
     tunnel_mtu: int
+    udp_fast_path: fast_path.State  # TCP's follows conntrack (agent/pod_scan.py)
 
 
 def ingress_hook_for(backend_type: str) -> datapath.IngressHook:
@@ -110,12 +110,7 @@ async def bootstrap(opts: AgentOptions, registry: Registry) -> NodeSetup:
             f"backend {config.backend.type!r} has no BPF data path "
             "(flannel-xdp runs vxlan and host-gw)",
         )
-    if opts.udp_fast_path and not datapath.udp_fast_path_fits(config.backend.type, hook):
-        raise AgentExit(
-            2,
-            f"--udp-fast-path fits {datapath.UDP_FAST_PATH_FITS}; "
-            f"this node runs {config.backend.type} with the {hook} hook",
-        )
+    udp_fast_path = await settle_fast_path(opts.fast_path.udp, config.backend.type, hook)
     try:
         underlay = await asyncio.to_thread(find_underlay, opts.ifaces, opts.iface_regex)
     except RuntimeError as exc:
@@ -160,7 +155,7 @@ async def bootstrap(opts: AgentOptions, registry: Registry) -> NodeSetup:
         raise AgentExit(1, str(exc)) from exc
 
     mtu = tunnel_mtu(config, underlay)
-    setup = NodeSetup(config, underlay, lease, hook, mtu)
+    setup = NodeSetup(config, underlay, lease, hook, mtu, udp_fast_path)
     await install_data_path(opts, setup, vtep_mac, public_ip)
     subnet_env.write(
         opts.subnet_file,
@@ -169,6 +164,38 @@ async def bootstrap(opts: AgentOptions, registry: Registry) -> NodeSetup:
     log.info("wrote %s: subnet %s, MTU %d", opts.subnet_file, lease.subnet, mtu)
     await asyncio.to_thread(masq.install, config.network, lease.subnet, opts.ip_masq)
     return setup
+
+
+async def settle_fast_path(
+    mode: fast_path.Mode, backend_type: str, hook: datapath.IngressHook
+) -> fast_path.State:
+    """Whether UDP takes the fast path on this node, logged in one line; AgentExit(2)
+    when it is asked for (on) and the kernel, backend or hook lacks what it needs."""
+    fits = datapath.udp_fast_path_fits(backend_type, hook)
+    try:
+        lacks = (
+            {} if mode is fast_path.Mode.OFF else await asyncio.to_thread(fast_path.kernel_lacks)
+        )
+        state = fast_path.udp_state(
+            mode, lacks, fits, f"this node runs {backend_type} with the {hook} hook"
+        )
+    except ValueError as exc:
+        raise AgentExit(2, str(exc)) from exc
+    if state.on:
+        log.info(
+            "fast path: on (the conntrack kfuncs and tcx are there; %s, %s hook)",
+            backend_type,
+            hook,
+        )
+    elif state.reason is fast_path.OffReason.TURNED_OFF:
+        log.info("fast path: off (%s): the stack path carries all pod traffic", state.why)
+    else:
+        log.warning(
+            "fast path: off, the stack path carries all pod traffic: %s (%s)",
+            state.why,
+            state.reason,
+        )
+    return state
 
 
 async def install_data_path(
@@ -182,8 +209,11 @@ async def install_data_path(
         xdp_mode=datapath.attach.XdpMode(opts.xdp_mode),
         ingress_hook=setup.ingress_hook,
         tunnel_mtu=setup.tunnel_mtu,
-        udp_fast_path=opts.udp_fast_path,
-        tcp_fast_path=opts.tcp_fast_path,
+        udp_fast_path=setup.udp_fast_path.on,
+        # Where the pod scan starts from; it keeps FAST_TCP to conntrack from then on.
+        tcp_fast_path=setup.udp_fast_path.on
+        and opts.fast_path.tcp is not fast_path.Mode.OFF
+        and conntrack.tcp_fast_path_problem() is None,
     )
     node = datapath.NodeParams(
         public_ip=public_ip,

@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, ip_address
 
 from flannel_xdp import defaults
 from flannel_xdp.agent import privileges
-from flannel_xdp.loader import attach, kfunc
+from flannel_xdp.loader import fast_path
 from flannel_xdp.loader.bpffs import BpffsError, PinDir
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps.views import SubnetsMap
@@ -98,19 +98,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     flag("--xdp-mode", "auto", "XDP attach mode", choices=["auto", "native", "generic"])
     flag(
-        "--udp-fast-path",
-        False,
-        "send and deliver UDP of flows that conntrack has confirmed un-NATed straight "
-        "between the pods' veth ends and the underlay, skipping the node's routing and "
-        "netfilter pass (vxlan with the kernel hook, host-gw; needs the kernel's conntrack "
-        "kfuncs and tcx; docs/fast-path.md)",
+        "--fast-path",
+        defaults.FAST_PATH,
+        "send and deliver pod traffic of flows that conntrack has confirmed un-NATed "
+        "straight between the pods' veth ends and the underlay, skipping the node's routing "
+        "and netfilter pass (docs/fast-path.md): auto where the network's backend and "
+        "ingress hook have a build of it and the kernel has the conntrack kfuncs and tcx "
+        "(elsewhere the stack path, and the log and flannel_xdp_fast_path_off say why); on "
+        "makes a missing part an error (exit 2); off never. TCP takes it while "
+        f"{conntrack.TCP_BE_LIBERAL}=1 in the node's network namespace",
+        choices=[m.value for m in fast_path.Mode],
     )
+    flag("--udp-fast-path", False, "the same as --fast-path on")
     flag(
         "--tcp-fast-path",
         False,
-        "with --udp-fast-path: also segments of established, un-NATed TCP streams "
-        f"(needs {conntrack.TCP_BE_LIBERAL}=1 in the node's network namespace, "
-        "checked at start and every second; SYN, FIN and RST take the stack)",
+        "--fast-path on, and TCP required too: exit 2 unless "
+        f"{conntrack.TCP_BE_LIBERAL}=1 in the node's network namespace at start",
     )
     flag("--max-subnets", defaults.MAX_SUBNETS, "capacity of the remote subnets map", type=int)
     # flanneld's kube subnet manager (docs/kubernetes.md)
@@ -140,6 +144,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="set the node's NetworkUnavailable condition to False once the lease is "
         f"published (kube mode; env {_env_name(name)}; default: True)",
     )
+
+
+def wanted_fast_path(args: argparse.Namespace) -> fast_path.Wanted:
+    """--fast-path, with --udp-fast-path and --tcp-fast-path as its aliases."""
+    Mode = fast_path.Mode
+    try:
+        mode = Mode(args.fast_path)
+    except ValueError:
+        raise ValueError(
+            f"--fast-path: {args.fast_path!r}; choose {', '.join(m.value for m in Mode)}"
+        ) from None
+    given = {"--udp-fast-path": args.udp_fast_path, "--tcp-fast-path": args.tcp_fast_path}
+    aliases = [name for name, on in given.items() if on]
+    if mode is Mode.OFF:
+        if aliases:
+            raise ValueError(f"{aliases[0]} contradicts --fast-path off")
+        return fast_path.Wanted(Mode.OFF, Mode.OFF)
+    udp = Mode.ON if aliases else mode
+    return fast_path.Wanted(udp, Mode.ON if args.tcp_fast_path else Mode.AUTO)
 
 
 def options_from(args: argparse.Namespace):
@@ -213,8 +236,7 @@ def options_from(args: argparse.Namespace):
         bpffs=args.bpffs,
         ingress_hook=None if args.ingress_hook == AUTO else IngressHook(args.ingress_hook),
         xdp_mode=args.xdp_mode,
-        udp_fast_path=args.udp_fast_path,
-        tcp_fast_path=args.tcp_fast_path,
+        fast_path=wanted_fast_path(args),
         max_subnets=args.max_subnets,
     )
 
@@ -225,18 +247,16 @@ def preflight(opts) -> str | None:
     and the network config are checked by the agent before it takes a lease."""
     if (problem := privileges.problem()) is not None:
         return problem
-    if opts.udp_fast_path:
+    if opts.fast_path.udp is fast_path.Mode.ON:
         try:
-            kfunc.kfunc_cflags()
-        except kfunc.KfuncError as exc:
-            return f"--udp-fast-path: {exc}"
-        if (problem := attach.tcx_problem()) is not None:
-            return f"--udp-fast-path: {problem}"
-    if opts.tcp_fast_path:
-        if not opts.udp_fast_path:
-            return "--tcp-fast-path needs --udp-fast-path (it extends that data path)"
-        if (problem := conntrack.tcp_fast_path_problem()) is not None:
-            return problem
+            lacks = fast_path.kernel_lacks()
+        except ValueError as exc:
+            return str(exc)
+        if lacks:
+            return f"--fast-path on: {'; '.join(lacks.values())}"
+    tcp_problem = conntrack.tcp_fast_path_problem()
+    if opts.fast_path.tcp is fast_path.Mode.ON and tcp_problem is not None:
+        return f"--tcp-fast-path: {tcp_problem}"
     pins = PinDir(opts.bpffs)
     try:
         pins.check()

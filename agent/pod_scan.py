@@ -17,6 +17,7 @@ from flannel_xdp import defaults
 from flannel_xdp.agent import local_pods
 from flannel_xdp.loader import attach, pod_ports
 from flannel_xdp.loader.bpffs import PinDir
+from flannel_xdp.loader.fast_path import Mode
 from flannel_xdp.maps.views import CapacityError, NodeConfigMap
 from flannel_xdp.node import conntrack
 
@@ -26,17 +27,20 @@ log = logging.getLogger(__name__)
 @dataclass
 class PodScan:
     bpffs: str
-    tcp_fast_path: bool  # asked for (--tcp-fast-path)
+    tcp: Mode  # as --fast-path and --tcp-fast-path ask for TCP
     bridge: str = defaults.CNI_BRIDGE
     # FAST_TCP as the scan last wrote it to node_config; None: not written yet.
     tcp_on: bool | None = None
+    tcp_off_why: str = ""  # while tcp_on is False: conntrack.tcp_fast_path_problem()
 
     async def run(self) -> None:
         maps_dir = PinDir(self.bpffs).maps
         failing = False
         while True:
-            if self.tcp_fast_path:
-                self.tcp_on = await asyncio.to_thread(keep_tcp_fast_path, maps_dir, self.tcp_on)
+            if self.tcp is not Mode.OFF:
+                self.tcp_on, self.tcp_off_why = await asyncio.to_thread(
+                    keep_tcp_fast_path, maps_dir, self.tcp_on, self.tcp is Mode.ON
+                )
             try:
                 done = await asyncio.to_thread(local_pods.sync, maps_dir, self.bridge)
                 attached = await asyncio.to_thread(
@@ -65,27 +69,30 @@ class PodScan:
             await asyncio.sleep(defaults.LOCAL_PODS_INTERVAL_S)
 
 
-def keep_tcp_fast_path(maps_dir: str, was: bool | None) -> bool | None:
-    """FAST_TCP in node_config as conntrack's window checks allow it now; returns what
-    node_config holds."""
+def keep_tcp_fast_path(maps_dir: str, was: bool | None, asked: bool) -> tuple[bool | None, str]:
+    """FAST_TCP in node_config as conntrack allows it now (the one predicate,
+    conntrack.tcp_fast_path_problem()); returns what node_config holds and, while it is
+    off, why. asked: TCP was asked for explicitly (--tcp-fast-path), so its being off at
+    start is a warning rather than news."""
     problem = conntrack.tcp_fast_path_problem()
     want = problem is None
+    why = problem or ""
     if want == was:
-        return was
+        return was, why
     try:
         with NodeConfigMap(maps_dir) as node_config:
             if not node_config.set_tcp_fast_path(want):
-                return was
+                return was, why
     except OSError as exc:
         log.warning("TCP fast path: cannot update node_config: %s", exc)
-        return was
+        return was, why
     if want:
         log.info("TCP fast path: on (%s=1)", conntrack.TCP_BE_LIBERAL)
     elif was is None:
-        log.warning("TCP fast path: off: %s", problem)
+        log.log(logging.WARNING if asked else logging.INFO, "TCP fast path: off: %s", problem)
     else:
         log.warning(
             "TCP fast path: off: %s; streams it carried may now be judged out of window",
             problem,
         )
-    return want
+    return want, why

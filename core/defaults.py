@@ -14,6 +14,11 @@ VXLAN_PORT = 8472
 # GSO aggregates whole (TCP 2.5x the XDP hook's), at a lower small-packet receive rate.
 INGRESS_HOOK = "kernel"
 
+# The fast path (docs/fast-path.md, loader/fast_path.Mode): "auto" runs it wherever the
+# network's backend and hook have a build of it and the kernel has the conntrack kfuncs and
+# tcx, and the stack path elsewhere; "on" makes a missing part an error; "off" never runs it.
+FAST_PATH = "auto"
+
 # Capacity of the remote subnets map: one entry per remote node.
 MAX_SUBNETS = 16384
 

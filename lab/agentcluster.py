@@ -74,6 +74,7 @@ from flannel_xdp.lab.topology import (
 )
 from flannel_xdp.loader import datapath
 from flannel_xdp.loader.bpffs import PinDir
+from flannel_xdp.loader.fast_path import Mode
 from flannel_xdp.maps.views import Peer, ReasonsMap, SubnetsMap, TrafficMap
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,10 @@ class AgentClusterSpec:
     direct_routing: bool = False
     stock: int = 0
     ingress_hook: datapath.IngressHook = datapath.DEFAULT_INGRESS_HOOK
-    udp_fast_path: bool = False
-    tcp_fast_path: bool = False  # with udp_fast_path; sets conntrack's TCP be_liberal
+    fast_path: Mode | None = None  # the agents' --fast-path; None: theirs by default
+    # the agents' --tcp-fast-path (--fast-path on, TCP required); sets conntrack's TCP
+    # be_liberal on the nodes
+    tcp_fast_path: bool = False
     ip_masq: bool = True
     outside: bool = True
     network: IPv4Network = DEFAULT_NETWORK
@@ -144,10 +147,11 @@ class AgentClusterSpec:
             raise LabError(f"--stock {self.stock}: more stock nodes than nodes ({self.nodes})")
         if self.direct_routing and self.backend is not Backend.VXLAN:
             raise LabError("DirectRouting is a vxlan option")
-        if self.udp_fast_path and not datapath.udp_fast_path_fits(self.backend, self.ingress_hook):
-            raise LabError(f"--udp-fast-path fits {datapath.UDP_FAST_PATH_FITS}")
-        if self.tcp_fast_path and not self.udp_fast_path:
-            raise LabError("--tcp-fast-path is part of the UDP fast path")
+        fast_on = self.fast_path is Mode.ON or self.tcp_fast_path
+        if fast_on and not datapath.udp_fast_path_fits(self.backend, self.ingress_hook):
+            raise LabError(f"--fast-path on: the fast path fits {datapath.UDP_FAST_PATH_FITS}")
+        if self.tcp_fast_path and self.fast_path is Mode.OFF:
+            raise LabError("--tcp-fast-path contradicts --fast-path off")
 
     def net_conf(self) -> dict:
         """flannel's network config (net-conf.json), as put at <prefix>/config."""
@@ -161,7 +165,10 @@ class AgentClusterSpec:
         return self.backend.value + (" DirectRouting" if self.direct_routing else "")
 
     def to_state(self) -> dict:
-        return {k: str(v) if not isinstance(v, bool | int) else v for k, v in asdict(self).items()}
+        return {
+            k: str(v) if not isinstance(v, bool | int | None) else v
+            for k, v in asdict(self).items()
+        }
 
     @classmethod
     def from_state(cls, d: dict) -> AgentClusterSpec:
@@ -170,6 +177,7 @@ class AgentClusterSpec:
                 **d,
                 "backend": Backend(d["backend"]),
                 "ingress_hook": datapath.IngressHook(d["ingress_hook"]),
+                "fast_path": Mode(d["fast_path"]) if d.get("fast_path") else None,
                 "network": IPv4Network(d["network"]),
                 "underlay": IPv4Network(d["underlay"]),
                 "outside_network": IPv4Network(d["outside_network"]),
@@ -629,7 +637,7 @@ class AgentCluster:
                 healthz_port=self.spec.healthz_port,
                 metrics_port=self.spec.metrics_port,
                 xdp_mode=self.spec.xdp_mode,
-                udp_fast_path=self.spec.udp_fast_path,
+                fast_path=self.spec.fast_path,
                 tcp_fast_path=self.spec.tcp_fast_path,
             )
         return agents.stock_argv(

@@ -44,9 +44,10 @@ def agent_argv(
     metrics_port: int = METRICS_PORT,
     iface: str = "eth0",
     xdp_mode: str = "auto",
-    udp_fast_path: bool = False,
+    fast_path: str | None = None,
     tcp_fast_path: bool = False,
 ) -> list[str]:
+    """fast_path: --fast-path's value; None gives none, so the agent's default."""
     argv = [
         sys.executable, "-m", "flannel_xdp.cli", "agent",
         "--etcd-endpoints", endpoint,
@@ -59,8 +60,8 @@ def agent_argv(
         "--healthz-port", str(healthz_port),
         "--metrics-port", str(metrics_port),
     ]  # fmt: skip
-    if udp_fast_path:
-        argv.append("--udp-fast-path")
+    if fast_path is not None:
+        argv += ["--fast-path", fast_path]
     if tcp_fast_path:
         argv.append("--tcp-fast-path")
     return [*argv, "--ip-masq"] if ip_masq else argv

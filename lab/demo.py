@@ -32,6 +32,7 @@ from flannel_xdp.lab.agentcluster import (
 from flannel_xdp.lab.etcd import EtcdError
 from flannel_xdp.lab.topology import LabError, Pod
 from flannel_xdp.loader.datapath import IngressHook
+from flannel_xdp.loader.fast_path import Mode
 
 IPERF_BYTES = 64 << 20
 PROBE_BYTES = 1 << 20
@@ -287,7 +288,7 @@ def build_spec(args: argparse.Namespace, **overrides) -> AgentClusterSpec:
         direct_routing=args.direct_routing,
         stock=args.stock,
         ingress_hook=IngressHook(args.ingress_hook),
-        udp_fast_path=args.udp_fast_path or args.tcp_fast_path,
+        fast_path=Mode(args.fast_path) if args.fast_path else None,  # None: the agent's
         tcp_fast_path=args.tcp_fast_path,
         detach=True,  # --keep leaves it running after this process
     )

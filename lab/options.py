@@ -11,6 +11,7 @@ from flannel_xdp import defaults
 
 BACKENDS = ("vxlan", "host-gw")  # topology.Backend
 INGRESS_HOOKS = ("xdp", "tc", "kernel")  # loader.datapath.IngressHook
+FAST_PATH_MODES = ("auto", "on", "off")  # loader.fast_path.Mode
 DEFAULT_LAB_NAME = "lab"  # agentcluster.DEFAULT_NAME
 DEFAULT_DEMO_NAME = "demo"
 RUN_ROOT = "/run/flannel-xdp-lab"  # agentcluster.RUN_ROOT
@@ -42,15 +43,22 @@ def _cluster_shape(p: argparse.ArgumentParser) -> None:
         help="where the agents judge and decapsulate VXLAN (%(default)s)",
     )
     p.add_argument(
+        "--fast-path",
+        choices=FAST_PATH_MODES,
+        help=f"the agents' --fast-path (default: none given, so the agent's: {defaults.FAST_PATH})",
+    )
+    p.add_argument(
         "--udp-fast-path",
-        action="store_true",
-        help="agents run with --udp-fast-path (vxlan with the kernel hook, host-gw)",
+        action="store_const",
+        dest="fast_path",
+        const="on",
+        help="the same as --fast-path on",
     )
     p.add_argument(
         "--tcp-fast-path",
         action="store_true",
-        help="agents also run with --tcp-fast-path (implies --udp-fast-path; sets "
-        "net.netfilter.nf_conntrack_tcp_be_liberal=1 on their nodes)",
+        help="agents run with --tcp-fast-path (--fast-path on, TCP required); sets "
+        "net.netfilter.nf_conntrack_tcp_be_liberal=1 on their nodes",
     )
 
 

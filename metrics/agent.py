@@ -41,7 +41,9 @@ class ControlPlane:
     capacity_refusals: int = 0
     registry_up: bool = False
     ready: bool = False
-    tcp_fast_path: bool = False
+    # proto ("udp", "tcp") -> "" while it takes the fast path, else why not (the agent's
+    # loader.fast_path.OffReason)
+    fast_path: Mapping[str, str] = field(default_factory=dict)
     last_sync: float = 0.0  # Unix time; 0: never
     lease_expiry: float = 0.0  # Unix time
     ingress_hook: str = ""
@@ -95,12 +97,22 @@ class AgentCollector(Collector):
             PREFIX + "registry_up", "1 while the registry answers.", value=int(s.registry_up)
         )
         yield GaugeMetricFamily(PREFIX + "ready", "1 once ready (see /readyz).", value=int(s.ready))
-        yield GaugeMetricFamily(
-            PREFIX + "tcp_fast_path",
-            "1 while TCP takes the fast path (--tcp-fast-path, and conntrack leaves TCP "
-            "windows unchecked).",
-            value=int(s.tcp_fast_path),
+        on = GaugeMetricFamily(
+            PREFIX + "fast_path",
+            "1 while the protocol takes the fast path (docs/fast-path.md), by proto.",
+            labels=["proto"],
         )
+        off = GaugeMetricFamily(
+            PREFIX + "fast_path_off",
+            "1 for each protocol that does not take the fast path, with why (reason).",
+            labels=["proto", "reason"],
+        )
+        for proto, reason in s.fast_path.items():
+            on.add_metric([proto], int(not reason))
+            if reason:
+                off.add_metric([proto, reason], 1)
+        yield on
+        yield off
         yield GaugeMetricFamily(
             PREFIX + "last_sync_age_seconds",
             "Seconds since the maps were last brought in line with the registry.",

@@ -35,7 +35,7 @@ def tcp_fast_path_problem() -> str | None:
         return None
     now = "there is no conntrack" if liberal is None else "it is 0"
     return (
-        f"--tcp-fast-path needs {TCP_BE_LIBERAL}=1 in the node's network namespace ({now}): "
+        f"TCP on the fast path needs {TCP_BE_LIBERAL}=1 in the node's network namespace ({now}): "
         "conntrack does not see the segments the fast path carries, and would judge "
         "the next one it sees against stale windows"
     )

@@ -1,7 +1,10 @@
-"""The agent with --udp-fast-path: it finds the pods on cni0 (agent/local_pods.py), its
-node then delivers confirmed UDP straight into them, and it keeps the sending side
-(pod_ingress) on their veth ends; with --tcp-fast-path it keeps FAST_TCP to conntrack's
-TCP window setting. Real agents, a real etcd, flanneld's iptables rules (conntrack on)."""
+"""The agent as shipped, no fast-path flag given: it finds the pods on cni0
+(agent/local_pods.py), its node then delivers confirmed UDP straight into them, and it
+keeps the sending side (pod_ingress) on their veth ends; it keeps FAST_TCP to conntrack's
+TCP window setting. On a kernel without the conntrack kfuncs or tcx (simulated through
+the probe's test-only FXDP_TEST_KERNEL_LACKS) it runs the stack path and says why, in
+its log and its metrics. Real agents, a real etcd, flanneld's iptables rules (conntrack
+on)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from flannel_xdp import netns
 from flannel_xdp.lab import agents
 from flannel_xdp.loader import pod_ports
 from flannel_xdp.loader.bpffs import PinDir
-from flannel_xdp.loader.datapath import IngressHook
+from flannel_xdp.loader.fast_path import LACK_ENV, Lack, OffReason
 from flannel_xdp.maps.views import LocalPodsMap, NodeConfigMap
 from flannel_xdp.node import conntrack
 from tests.lab_support import agent_cluster
@@ -34,11 +37,10 @@ FAST_SEND = ("vxlan", "fast_send")  # the agent scans every defaults.LOCAL_PODS_
 
 
 def test_the_agent_finds_its_pods_and_udp_goes_straight_to_them():
-    with agent_cluster(
-        nodes=2, pods=1, ingress_hook=IngressHook.KERNEL, udp_fast_path=True, outside=False
-    ) as lab:
+    with agent_cluster(nodes=2, pods=1, outside=False) as lab:
         a, b = lab.nodes[0].pods[0], lab.nodes[1].pods[0]
         node = lab.nodes[1]
+        assert agents.sample(lab.scrape(node), "flannel_xdp_fast_path", proto="udp") == 1
         send_and_receive(a, b)  # node 1 resolves b, cni0 learns b's MAC
         deadline = time.monotonic() + SCAN_WAIT_S
         while True:
@@ -81,9 +83,7 @@ def wait_for_pod_program(ns: str, port: str) -> None:
 def test_the_agent_puts_the_sending_side_back_on_a_pods_veth_end():
     """The agent attaches pod_ingress to the veth end of every pod it finds, within a
     scan, and again if it is taken off."""
-    with agent_cluster(
-        nodes=2, pods=1, ingress_hook=IngressHook.KERNEL, udp_fast_path=True, outside=False
-    ) as lab:
+    with agent_cluster(nodes=2, pods=1, outside=False) as lab:
         node = lab.nodes[0]
         a, b = node.pods[0], lab.nodes[1].pods[0]
         send_and_receive(a, b)  # the node resolves a, cni0 learns a's MAC
@@ -108,10 +108,10 @@ def tcp_flag(node) -> bool:
 
 
 def wait_for_tcp_flag(lab, node, want: bool) -> None:
-    """FAST_TCP in node_config, and the agent's tcp_fast_path gauge, both as want."""
+    """FAST_TCP in node_config, and the agent's fast_path gauge for TCP, both as want."""
 
     def gauge() -> float:
-        return agents.sample(lab.scrape(node), "flannel_xdp_tcp_fast_path")
+        return agents.sample(lab.scrape(node), "flannel_xdp_fast_path", proto="tcp")
 
     deadline = time.monotonic() + SCAN_WAIT_S
     while (tcp_flag(node), gauge()) != (want, want) and time.monotonic() < deadline:
@@ -126,19 +126,23 @@ def set_tcp_be_liberal(node, value: str) -> None:
 
 
 def test_the_agent_keeps_tcp_on_the_fast_path_only_while_conntrack_leaves_windows_unchecked():
-    with agent_cluster(
-        nodes=2,
-        pods=1,
-        ingress_hook=IngressHook.KERNEL,
-        udp_fast_path=True,
-        tcp_fast_path=True,
-        outside=False,
-    ) as lab:
+    """By default TCP follows conntrack.tcp_fast_path_problem(): off while the node's
+    conntrack checks TCP windows (a new netns's default), on while it does not."""
+    with agent_cluster(nodes=2, pods=1, outside=False) as lab:
         node = lab.nodes[0]
         a, b = node.pods[0], lab.nodes[1].pods[0]
         send_and_receive(a, b)  # the node resolves a, cni0 learns a's MAC
         wait_for_pod_program(node.netns, a.host_veth)
+        wait_for_tcp_flag(lab, node, False)
+        off = {"proto": "tcp", "reason": OffReason.CONNTRACK_TCP.value}
+        assert agents.sample(lab.scrape(node), "flannel_xdp_fast_path_off", **off) == 1
+        before = lab.counters(node)
+        tcp_stream(a, b)
+        assert lab.counters(node).since(before).traffic.get(FAST_SEND, (0, 0)) == (0, 0)
+
+        set_tcp_be_liberal(node, "1")
         wait_for_tcp_flag(lab, node, True)
+        assert agents.sample(lab.scrape(node), "flannel_xdp_fast_path_off", **off) == 0
         before = lab.counters(node)
         tcp_stream(a, b)
         fast_bytes = lab.counters(node).since(before).traffic.get(FAST_SEND, (0, 0))[1]
@@ -154,5 +158,42 @@ def test_the_agent_keeps_tcp_on_the_fast_path_only_while_conntrack_leaves_window
         wait_for_tcp_flag(lab, node, True)
         with open(node.log_file) as f:
             log = f.read()
-        off = log.index(f"TCP fast path: off: --tcp-fast-path needs {conntrack.TCP_BE_LIBERAL}=1")
+        needs = f"TCP on the fast path needs {conntrack.TCP_BE_LIBERAL}=1"
+        first_off = log.index(f"INFO flannel_xdp.agent.pod_scan: TCP fast path: off: {needs}")
+        on = log.index("TCP fast path: on", first_off)
+        off = log.index(f"WARNING flannel_xdp.agent.pod_scan: TCP fast path: off: {needs}", on)
         assert log.index("TCP fast path: on", off) > off
+
+
+@pytest.mark.parametrize("lack", list(Lack), ids=[lack.value for lack in Lack])
+def test_a_kernel_without_what_the_fast_path_needs_gets_the_stack_path(monkeypatch, lack):
+    """The probe reports the kernel lacking the conntrack kfuncs, or tcx: the agent still
+    starts and gets ready, logs one line saying what is missing, exports it, attaches no
+    program to the pods' veth ends, and traffic crosses the stack path (no fast-path
+    counter moves)."""
+    monkeypatch.setenv(LACK_ENV, lack.value)  # the agents inherit it (lab.agents.start)
+    with agent_cluster(nodes=2, pods=1, outside=False) as lab:
+        node, other = lab.nodes
+        a, b = node.pods[0], other.pods[0]
+        before = lab.counters(node), lab.counters(other)
+        send_and_receive(a, b)
+        send_and_receive(b, a)
+        tcp_stream(a, b)
+        time.sleep(2 * SCAN_WAIT_S / 5)  # a scan would have attached pod_ingress by now
+        for n, was in zip((node, other), before, strict=True):
+            moved = lab.counters(n).since(was).traffic
+            assert moved.get(FAST, (0, 0)) == (0, 0) and moved.get(FAST_SEND, (0, 0)) == (0, 0)
+            with netns.entered(n.netns):
+                assert not pod_ports_attached(), f"pod_ingress attached on {n.netns}"
+            samples = lab.scrape(n)
+            reason = {Lack.KFUNCS: OffReason.KERNEL_NO_KFUNCS, Lack.TCX: OffReason.KERNEL_NO_TCX}
+            for proto, why in (("udp", reason[lack]), ("tcp", OffReason.UDP_OFF)):
+                assert agents.sample(samples, "flannel_xdp_fast_path", proto=proto) == 0
+                off = agents.sample(samples, "flannel_xdp_fast_path_off", proto=proto, reason=why)
+                assert off == 1, f"{proto}: no flannel_xdp_fast_path_off{{reason={why}}}"
+            assert agents.sample(samples, "flannel_xdp_ready") == 1
+            with open(n.log_file) as f:
+                lines = [line for line in f if "fast path: off" in line]
+            assert len(lines) == 1, lines
+            assert f"{LACK_ENV} says so" in lines[0] and "WARNING" in lines[0], lines[0]
+            assert "the stack path carries all pod traffic" in lines[0]

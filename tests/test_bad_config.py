@@ -52,6 +52,7 @@ class Case:
     setpriv: tuple[str, ...] = ()  # options for setpriv: dropped capabilities, a uid
     bpffs: str | None = None  # None: a fresh path under /sys/fs/bpf
     iface: str = "ul0"
+    env: tuple[tuple[str, str], ...] = ()  # added to the agent's environment
 
 
 def cfg(**changes) -> str:
@@ -157,42 +158,53 @@ CASES: dict[str, Case] = {
         ("host-gw needs the public IP on ul0 (192.0.2.10), not 198.51.100.7",),
         args=("--public-ip", "198.51.100.7"),
     ),
-    "fast-path-with-host-gw-and-xdp-hook": Case(
+    "fast-path-on-with-host-gw-and-xdp-hook": Case(
         cfg(Backend_Type="host-gw"),
         (
-            "--udp-fast-path fits a vxlan network with the kernel ingress hook, or host-gw "
-            "with tc or kernel; this node runs host-gw with the xdp hook",
+            "--fast-path on: the fast path fits a vxlan network with the kernel ingress hook, "
+            "or host-gw with tc or kernel; this node runs host-gw with the xdp hook",
+        ),
+        args=("--fast-path", "on", "--ingress-hook", "xdp"),
+    ),
+    "udp-fast-path-with-xdp-hook": Case(  # the alias of --fast-path on
+        json.dumps(GOOD),
+        (
+            "--fast-path on: the fast path fits a vxlan network with the kernel ingress hook, "
+            "or host-gw with tc or kernel; this node runs vxlan with the xdp hook",
         ),
         args=("--udp-fast-path", "--ingress-hook", "xdp"),
     ),
-    "fast-path-with-xdp-hook": Case(
+    "fast-path-on-with-vxlan-and-tc-hook": Case(
         json.dumps(GOOD),
         (
-            "--udp-fast-path fits a vxlan network with the kernel ingress hook, or host-gw "
-            "with tc or kernel; this node runs vxlan with the xdp hook",
+            "--fast-path on: the fast path fits a vxlan network with the kernel ingress hook, "
+            "or host-gw with tc or kernel; this node runs vxlan with the tc hook",
         ),
-        args=("--udp-fast-path", "--ingress-hook", "xdp"),
+        args=("--fast-path", "on", "--ingress-hook", "tc"),
     ),
-    "fast-path-with-vxlan-and-tc-hook": Case(
+    "fast-path-on-without-tcx": Case(
         json.dumps(GOOD),
-        (
-            "--udp-fast-path fits a vxlan network with the kernel ingress hook, or host-gw "
-            "with tc or kernel; this node runs vxlan with the tc hook",
-        ),
-        args=("--udp-fast-path", "--ingress-hook", "tc"),
+        ("--fast-path on: this kernel has no tcx hooks (FXDP_TEST_KERNEL_LACKS says so)",),
+        args=("--fast-path", "on"),
+        env=(("FXDP_TEST_KERNEL_LACKS", "tcx"),),
     ),
-    "tcp-fast-path-alone": Case(
+    "fast-path-bad-mode": Case(
         json.dumps(GOOD),
-        ("--tcp-fast-path needs --udp-fast-path",),
-        args=("--tcp-fast-path",),
+        ("--fast-path: 'fast'; choose auto, on, off",),
+        env=(("FLANNELD_FAST_PATH", "fast"),),
+    ),
+    "tcp-fast-path-with-fast-path-off": Case(
+        json.dumps(GOOD),
+        ("--tcp-fast-path contradicts --fast-path off",),
+        args=("--tcp-fast-path", "--fast-path", "off"),
     ),
     "tcp-fast-path-while-conntrack-checks-windows": Case(
         json.dumps(GOOD),  # the node's netns has the kernel's default, 0
         (
-            "--tcp-fast-path needs net.netfilter.nf_conntrack_tcp_be_liberal=1 in the node's "
-            "network namespace (it is 0)",
+            "--tcp-fast-path: TCP on the fast path needs "
+            "net.netfilter.nf_conntrack_tcp_be_liberal=1 in the node's network namespace (it is 0)",
         ),
-        args=("--udp-fast-path", "--tcp-fast-path"),
+        args=("--tcp-fast-path",),
     ),
     # -- the node: interface, bpffs, capabilities -----------------------------------------
     "iface-missing": Case(
@@ -312,7 +324,7 @@ def test_bad_configuration_exits_2_and_makes_nothing(name, etcd, node, tmp_path)
             capture_output=True,
             text=True,
             timeout=AGENT_TIMEOUT,
-            env=agent_env(),
+            env={**agent_env(), **dict(case.env)},
             cwd="/",  # the other uid must find nothing it cannot read
         )
     finally:

@@ -1,6 +1,6 @@
 """The checks behind exit code 2, one by one, without a kernel or etcd (tests/test_bad_config.py
 runs them through a real agent): flanneld's SubnetLen rules, the Network against the underlay,
-capabilities, the --bpffs location, listen addresses."""
+capabilities, the --bpffs location, listen addresses, the fast path's flags and probe."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import pytest
 
 from flannel_xdp.agent import flags, privileges
 from flannel_xdp.cli import build_parser
+from flannel_xdp.loader import fast_path
 from flannel_xdp.loader.bpffs import BpffsError, PinDir
+from flannel_xdp.loader.fast_path import Lack, Mode, OffReason
+from flannel_xdp.metrics.agent import AgentCollector, ControlPlane
 from flannel_xdp.registry.config import ConfigError, check_underlay, parse_config
 
 pytestmark = pytest.mark.unit
@@ -122,3 +125,85 @@ def test_listen_addresses(monkeypatch):
     assert (opts.healthz_ip, opts.metrics_ip) == ("192.0.2.10", "192.0.2.11")
     with pytest.raises(ValueError, match="--healthz-ip: 'eth0' is not an IP address"):
         flags.options_from(agent_args("--healthz-ip", "eth0"))
+
+
+# -- the fast path: --fast-path, its aliases, the kernel probe, what is exported ---------
+
+
+@pytest.mark.parametrize(
+    ("argv", "udp", "tcp"),
+    [
+        ((), "auto", "auto"),  # as shipped
+        (("--fast-path", "off"), "off", "off"),
+        (("--fast-path", "on"), "on", "auto"),
+        (("--udp-fast-path",), "on", "auto"),  # the alias of --fast-path on
+        (("--tcp-fast-path",), "on", "on"),  # on, and TCP required at start
+        (("--fast-path", "on", "--tcp-fast-path"), "on", "on"),
+    ],
+)
+def test_fast_path_flags_and_their_aliases(argv, udp, tcp):
+    wanted = flags.options_from(agent_args(*argv)).fast_path
+    assert (wanted.udp.value, wanted.tcp.value) == (udp, tcp)
+
+
+def test_fast_path_off_is_one_switch(monkeypatch):
+    monkeypatch.setenv("FLANNELD_FAST_PATH", "off")
+    assert flags.options_from(agent_args()).fast_path == fast_path.Wanted(Mode.OFF, Mode.OFF)
+    for alias in ("--udp-fast-path", "--tcp-fast-path"):
+        with pytest.raises(ValueError, match=f"{alias} contradicts --fast-path off"):
+            flags.options_from(agent_args(alias))
+    monkeypatch.setenv("FLANNELD_FAST_PATH", "yes")
+    with pytest.raises(ValueError, match="--fast-path: 'yes'; choose auto, on, off"):
+        flags.options_from(agent_args())
+
+
+def test_the_probe_reports_what_the_test_only_variable_says_is_missing(monkeypatch):
+    monkeypatch.setenv(fast_path.LACK_ENV, "kfuncs,tcx")
+    lacks = fast_path.kernel_lacks()
+    assert set(lacks) == {Lack.KFUNCS, Lack.TCX}
+    assert all(f"{fast_path.LACK_ENV} says so" in why for why in lacks.values())
+    monkeypatch.setenv(fast_path.LACK_ENV, "kfuncs,btf")
+    with pytest.raises(ValueError, match=r"FXDP_TEST_KERNEL_LACKS: unknown \['btf'\]"):
+        fast_path.kernel_lacks()
+
+
+FITS_WHERE = "this node runs vxlan with the xdp hook"
+
+
+@pytest.mark.parametrize(
+    ("mode", "lacks", "fits", "reason"),
+    [
+        (Mode.AUTO, {}, True, None),
+        (Mode.ON, {}, True, None),
+        (Mode.OFF, {}, True, OffReason.TURNED_OFF),
+        (Mode.AUTO, {Lack.KFUNCS: "no kfuncs"}, True, OffReason.KERNEL_NO_KFUNCS),
+        (Mode.AUTO, {Lack.TCX: "no tcx"}, True, OffReason.KERNEL_NO_TCX),
+        (Mode.AUTO, {}, False, OffReason.NOT_BUILT),
+        (Mode.OFF, {Lack.TCX: "no tcx"}, False, OffReason.TURNED_OFF),
+    ],
+)
+def test_where_udp_takes_the_fast_path(mode, lacks, fits, reason):
+    state = fast_path.udp_state(mode, lacks, fits, FITS_WHERE)
+    assert (state.on, state.reason) == (reason is None, reason)
+
+
+def test_fast_path_on_makes_what_is_missing_an_error():
+    with pytest.raises(ValueError, match="--fast-path on: no kfuncs; no tcx"):
+        fast_path.udp_state(Mode.ON, {Lack.KFUNCS: "no kfuncs", Lack.TCX: "no tcx"}, True, "")
+    with pytest.raises(ValueError, match=f"--fast-path on: the fast path fits .*; {FITS_WHERE}"):
+        fast_path.udp_state(Mode.ON, {}, False, FITS_WHERE)
+
+
+def test_the_fast_path_metrics():
+    status = ControlPlane(fast_path={"udp": "", "tcp": OffReason.CONNTRACK_TCP.value})
+    found = {
+        (m.name, tuple(sorted(s.labels.items()))): s.value
+        for m in AgentCollector(lambda: status).collect()
+        for s in m.samples
+        if m.name.startswith("flannel_xdp_fast_path")
+    }
+    assert found == {
+        ("flannel_xdp_fast_path", (("proto", "udp"),)): 1,
+        ("flannel_xdp_fast_path", (("proto", "tcp"),)): 0,
+        ("flannel_xdp_fast_path_off", (("proto", "tcp"), ("reason", "conntrack_tcp"))): 1,
+    }

@@ -14,6 +14,7 @@ from flannel_xdp.lab.agentcluster import AgentCluster, AgentClusterSpec, LabNode
 from flannel_xdp.lab.topology import Dataplane, LabError, Pod
 from flannel_xdp.loader import datapath
 from flannel_xdp.loader.datapath import IngressHook
+from flannel_xdp.loader.fast_path import DEFAULT_MODE, Mode
 
 pytestmark = pytest.mark.unit
 
@@ -22,6 +23,7 @@ def test_cli_choices_match_the_enums():
     # options.py spells the choices out so that `flannel-xdp agent` never imports the lab
     assert set(options.BACKENDS) == {b.value for b in Backend}
     assert set(options.INGRESS_HOOKS) == {h.value for h in IngressHook}
+    assert set(options.FAST_PATH_MODES) == {m.value for m in Mode}
     assert options.DEFAULT_LAB_NAME == agentcluster.DEFAULT_NAME
     assert options.RUN_ROOT == agentcluster.RUN_ROOT
 
@@ -160,6 +162,17 @@ def test_agent_argv_uses_flanneld_flags():
         "--ip-masq",
     ):
         assert flag in joined
+    assert "fast-path" not in joined  # the agent's default
+    argv = agents.agent_argv(
+        endpoint="unix:///run/x/etcd.sock:1",
+        etcd_prefix="/coreos.com/network",
+        bpffs="/sys/fs/bpf/p-n0",
+        subnet_file="/run/x/n0/subnet.env",
+        ingress_hook="xdp",
+        ip_masq=False,
+        fast_path="off",
+    )
+    assert "--fast-path off" in " ".join(argv)
 
 
 def test_ping_summary_parsing():
@@ -190,15 +203,17 @@ def test_demo_spec_from_arguments():
         direct_routing=False,
         stock=1,
         ingress_hook="tc",
-        udp_fast_path=False,
+        fast_path=None,
         tcp_fast_path=False,
     )
     spec = demo.build_spec(args)
     assert spec.detach and spec.stock == 1 and spec.ingress_hook is IngressHook.TC
-    assert not spec.udp_fast_path
-    args.ingress_hook, args.tcp_fast_path = "kernel", True
+    assert spec.fast_path is None  # the agents run their default
+    args.ingress_hook, args.fast_path, args.tcp_fast_path = "kernel", "off", True
     spec = demo.build_spec(args)
-    assert spec.udp_fast_path and spec.tcp_fast_path  # --tcp-fast-path implies the UDP one
+    assert spec.fast_path is Mode.OFF and spec.tcp_fast_path
+    with pytest.raises(LabError, match="--tcp-fast-path contradicts --fast-path off"):
+        spec.validate()
 
 
 @pytest.mark.parametrize(
@@ -210,26 +225,34 @@ def test_demo_spec_from_arguments():
     ],
 )
 def test_where_the_udp_fast_path_fits(backend, hook):
-    spec = AgentClusterSpec(name="unit", backend=backend, ingress_hook=hook, udp_fast_path=True)
-    with pytest.raises(LabError, match="--udp-fast-path fits a vxlan network with the kernel"):
+    spec = AgentClusterSpec(name="unit", backend=backend, ingress_hook=hook, fast_path=Mode.ON)
+    with pytest.raises(LabError, match="--fast-path on: the fast path fits a vxlan network"):
         spec.validate()
+    # auto (the default) runs the stack path there instead: the agent says why
+    AgentClusterSpec(name="unit", backend=backend, ingress_hook=hook).validate()
     for backend, hook in [
         (Backend.VXLAN, IngressHook.KERNEL),
         (Backend.HOST_GW, IngressHook.TC),
         (Backend.HOST_GW, IngressHook.KERNEL),
     ]:
         AgentClusterSpec(
-            name="unit", backend=backend, ingress_hook=hook, udp_fast_path=True
+            name="unit", backend=backend, ingress_hook=hook, fast_path=Mode.ON
         ).validate()
     args = cli.build_parser().parse_args(["lab", "up", "--udp-fast-path"])
-    assert args.udp_fast_path is True
+    assert args.fast_path == "on"  # the alias
+    assert cli.build_parser().parse_args(["lab", "up"]).fast_path is None
+
+
+def test_the_lab_runs_the_agents_default_fast_path():
+    assert DEFAULT_MODE is Mode.AUTO
+    assert AgentClusterSpec(name="unit").fast_path is None
+    state = AgentClusterSpec(name="unit", fast_path=Mode.OFF).to_state()
+    assert AgentClusterSpec.from_state(state).fast_path is Mode.OFF
+    assert AgentClusterSpec.from_state(AgentClusterSpec(name="unit").to_state()).fast_path is None
 
 
 def test_the_tcp_fast_path_is_part_of_the_udp_one():
-    spec = AgentClusterSpec(name="unit", tcp_fast_path=True)
-    with pytest.raises(LabError, match="--tcp-fast-path is part of the UDP fast path"):
-        spec.validate()
-    AgentClusterSpec(name="unit", udp_fast_path=True, tcp_fast_path=True).validate()
+    AgentClusterSpec(name="unit", tcp_fast_path=True).validate()
     with pytest.raises(ValueError, match="the TCP fast path is part of the UDP fast path"):
         datapath.DataPathConfig(underlay="eth0", tcp_fast_path=True)
 
