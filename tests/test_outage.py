@@ -47,6 +47,7 @@ from flannel_xdp.backend import Backend
 from flannel_xdp.lab import agents, process
 from flannel_xdp.lab.agentcluster import ETCD_PREFIX, AgentCluster, LabNode
 from flannel_xdp.lab.topology import Pod
+from flannel_xdp.loader.fast_path import Mode
 from flannel_xdp.maps.views import Peer
 from flannel_xdp.registry.lease import LeaseAttrs
 from tests.lab_support import agent_cluster
@@ -828,9 +829,9 @@ def test_sigkill_agent_repeatedly_during_traffic_leaks_nothing(
 
 @pytest.mark.parametrize(
     "lab",
-    [{}, {"udp_fast_path": True, "tcp_fast_path": True}],
+    [{"fast_path": Mode.OFF}, {}],
     indirect=True,
-    ids=["stack-path", "fast-path"],
+    ids=["stack-path", "default"],
 )
 def test_sigkill_at_any_moment_of_the_agents_life(lab: AgentCluster, seen: Seen, tmp_path: Path):
     """Kubelet restarts a crashing agent whenever it crashes, and kills the whole container:
