@@ -18,9 +18,10 @@ from flannel_xdp.loader.datapath import IngressHook
 from . import progcost
 from .runner import WORKLOADS, BenchSettings, RawResults
 from .variants import (
-    DEFAULT_HOOK,
     VARIANTS,
     Variant,
+    default_variant,
+    direct_variant,
     fast_path_variant,
     flannel_xdp_variant,
     stock_variant,
@@ -80,11 +81,16 @@ class RatioDef:
     baseline: Backend  # of the stock variant (denominator)
     higher_is_better: bool = True
     headline: bool = True  # one of the named ratios the report leads with
+    against_direct: bool = False  # the denominator is the direct veth pair, not stock
 
     def variants(self, hook: IngressHook | str) -> tuple[Variant, Variant]:
-        if hook == FAST_PATH:
-            return fast_path_variant(self.backend), stock_variant(self.baseline)
-        return flannel_xdp_variant(self.backend, hook), stock_variant(self.baseline)
+        if hook == AGENT_DEFAULT:
+            xdp = default_variant(self.backend)
+        elif hook == FAST_PATH:
+            xdp = fast_path_variant(self.backend)
+        else:
+            xdp = flannel_xdp_variant(self.backend, IngressHook(hook))
+        return xdp, direct_variant() if self.against_direct else stock_variant(self.baseline)
 
 
 RATIOS: tuple[RatioDef, ...] = (
@@ -97,6 +103,7 @@ RATIOS: tuple[RatioDef, ...] = (
     RatioDef("hostgw_tcp_vs_kernel", "tcp1", "gbps", HOST_GW, HOST_GW),
     RatioDef("hostgw_udp64_pps_vs_kernel", "udp64", "delivered_pps", HOST_GW, HOST_GW),
     RatioDef("vxlan_tcp_vs_kernel_hostgw", "tcp1", "gbps", VXLAN, HOST_GW),
+    RatioDef("vxlan_crr_vs_flannel", "crr", "tps", VXLAN, VXLAN),
     # beyond the headline ratios
     RatioDef("hostgw_tcp4_vs_kernel", "tcp4", "gbps", HOST_GW, HOST_GW, headline=False),
     RatioDef(
@@ -122,11 +129,72 @@ RATIOS: tuple[RatioDef, ...] = (
         False,
         False,
     ),
+    RatioDef("hostgw_crr_vs_kernel", "crr", "tps", HOST_GW, HOST_GW, headline=False),
+    RatioDef(
+        "vxlan_tcp_vs_direct_veth",
+        "tcp1",
+        "gbps",
+        VXLAN,
+        VXLAN,
+        headline=False,
+        against_direct=True,
+    ),
+    RatioDef(
+        "vxlan_tcp4_vs_direct_veth",
+        "tcp4",
+        "gbps",
+        VXLAN,
+        VXLAN,
+        headline=False,
+        against_direct=True,
+    ),
 )
-# The ratio columns: each ingress hook, and each backend's fast-path variant
-# (vxlan: the kernel hook's; host-gw: the tc hook's).
+# The ratio columns: each ingress hook, each backend's fast-path variant (vxlan: the
+# kernel hook's; host-gw: the tc hook's), and what the agent runs by default here
+# (variants.default_variant: one of the others, named for what it is).
 FAST_PATH = "fast"
-HOOKS: tuple[IngressHook | str, ...] = (*IngressHook, FAST_PATH)
+AGENT_DEFAULT = "default"
+HOOKS: tuple[IngressHook | str, ...] = (*IngressHook, FAST_PATH, AGENT_DEFAULT)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the agent's default data path should reach against its baseline."""
+
+    ratio: str  # a RatioDef name
+    bound: float  # at least this (higher is better) or at most (lower is better)
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("vxlan_tcp_vs_flannel", 1.3),
+    Target("vxlan_tcp4_vs_flannel", 1.5),
+    Target("vxlan_udp64_pps_vs_flannel", 3.0),
+    Target("vxlan_rx_pps_vs_flannel", 3.0),
+    Target("vxlan_lat_p50_vs_flannel", 0.6),
+    Target("vxlan_lat_p99_vs_flannel", 0.7),
+    # the first packets of every flow take the stack: set-up must not get slower
+    Target("vxlan_crr_vs_flannel", 1.0),
+    Target("vxlan_softirq_per_gbit_vs_flannel", 0.5),
+    Target("vxlan_tcp_vs_direct_veth", 0.9),
+)
+
+
+def targets(ratios: dict[str, float]) -> dict[str, dict]:
+    """Each target with the agent's default ratio and whether it is met (None: not run)."""
+    by_name = {r.name: r for r in RATIOS}
+    out = {}
+    for t in TARGETS:
+        better = by_name[t.ratio].higher_is_better
+        got = ratios.get(t.ratio)
+        met = None if got is None else got >= t.bound if better else got <= t.bound
+        out[t.ratio] = {
+            "bound": f"{'>=' if better else '<='} {t.bound:g}",
+            "ratio": got,
+            "met": met,
+        }
+    return out
+
+
 BEST_HOOK_RULE = (
     "the hook with the highest geometric mean over the headline ratios that every "
     "hook has (latency ratios inverted, so higher is better throughout)"
@@ -145,6 +213,7 @@ def ratios_for_hook(med: dict, hook: IngressHook | str) -> dict[str, float]:
 
 
 def best_hook(by_hook: dict[str, dict[str, float]]) -> dict:
+    by_hook = {h: r for h, r in by_hook.items() if h != AGENT_DEFAULT}  # one of the others
     headline = {r.name: r for r in RATIOS if r.headline}
     common = [n for n in headline if all(n in ratios for ratios in by_hook.values())]
     scores: dict[str, float] = {}
@@ -171,11 +240,11 @@ def best_hook(by_hook: dict[str, dict[str, float]]) -> dict:
 def ratio_definitions() -> dict[str, str]:
     out = {}
     for r in RATIOS:
-        xdp, stock = r.variants(IngressHook.XDP)
+        xdp, base = r.variants(IngressHook.XDP)
         better = "higher is better" if r.higher_is_better else "lower is better"
         out[r.name] = (
             f"{r.workload}.{r.metric}: flannel-xdp {r.backend.value} "
-            f"({xdp.name} or its tc-hook twin) / {stock.name}; {better}"
+            f"({xdp.name}, its other hooks' twins or the fast path's) / {base.name}; {better}"
         )
     out["prog_ns_vs_empty"] = (
         "ns per packet of each program on its typical packet / ns of the empty XDP program, "
@@ -301,6 +370,18 @@ LIMITS = {
         "lost first ping is retried and counted (flannel-xdp host-gw loses the first "
         "packet to a peer whose neighbour entry the kernel has garbage-collected)."
     ),
+    "crr": (
+        "every connection's handshake and teardown take the stack on every data path (the "
+        "fast path carries confirmed flows only); bench/crr.py is Python, one blocking "
+        "socket per transaction on each side, so the interpreter adds a fixed share to each "
+        "transaction alike (netperf's TCP_CRR is not in Debian's main archive): compare "
+        "variants within a run, not with netperf figures."
+    ),
+    "direct-veth": (
+        "two pods on one veth pair at the vxlan pods' MTU with no node between them: the "
+        "physical limit of this testbed (the same stacks, copies and veth hops less the "
+        "nodes'); it runs the workloads that need no node (no live frames)."
+    ),
     "cpu": (
         "machine-wide /proc/stat over each TCP run (both pods, both nodes, the tools); "
         "system time includes the socket copies, softirq the network path proper."
@@ -323,7 +404,7 @@ def build_results(
     cost_med = progcost_medians(raw)
     cost = progcost.summarize(raw.progcost_cases, cost_med)
     by_hook = {str(h): ratios_for_hook(med, h) for h in HOOKS}
-    default = dict(by_hook.get(DEFAULT_HOOK.value, {}))
+    default = dict(by_hook.get(AGENT_DEFAULT, {}))
     prog = prog_ratios(cost)
     # A hook competes only on the variants of its own that ran: host-gw under the kernel
     # hook is the tc hook's variant, so without xdp-vxlan-tc the tc hook has nothing of its own.
@@ -360,9 +441,11 @@ def build_results(
             "medians": cost_med,
             "summary": cost,
         },
-        # The headline ratios for the default ingress hook (flannel_xdp.defaults.INGRESS_HOOK).
+        # The headline ratios for what the agent runs by default on this machine (its
+        # default ingress hook, with the fast path where the kernel has what it needs).
         "ratios": {**default, "prog_ns_vs_empty": prog},
-        "ratios_hook": DEFAULT_HOOK.value,
+        "ratios_variants": {b.value: default_variant(b).name for b in Backend},
+        "targets": targets(default),
         "ratios_by_hook": by_hook,
         "best_hook": best,
         "ratio_definitions": ratio_definitions(),
@@ -393,6 +476,8 @@ ROWS: tuple[tuple[str, str, str, float, str], ...] = (
     ("  delivered of injected, %", "rx_pps", "delivered_fraction", 100, "{:.1f}"),
     ("Latency p50 RTT, us", "latency", "p50_us", 1, "{:.1f}"),
     ("Latency p99 RTT, us", "latency", "p99_us", 1, "{:.1f}"),
+    ("TCP connections/s (connect, 1 B each way, close)", "crr", "tps", 1, "{:.0f}"),
+    ("  softirq CPU us per connection", "crr", "softirq_cpu_us_per_conn", 1, "{:.1f}"),
     ("softirq CPU s/Gbit, TCP 1", "tcp1", "softirq_cpu_s_per_gbit", 1, "{:.3f}"),
     ("system CPU s/Gbit, TCP 1", "tcp1", "system_cpu_s_per_gbit", 1, "{:.3f}"),
     ("softirq CPU s/Gbit, TCP 4", "tcp4", "softirq_cpu_s_per_gbit", 1, "{:.3f}"),
@@ -463,12 +548,24 @@ def render(results: dict) -> str:
                 rows.append([name + ("" if _is_headline(name) else " *"), *cells])
         out += _grid(["ratio", *(f"{h} hook" for h in by_hook)], rows)
         scores = ", ".join(f"{h} {v:.2f}" for h, v in best.get("scores", {}).items())
+        defaults_ran = ", ".join(f"{b}: {v}" for b, v in results["ratios_variants"].items())
         out.append(
-            f"default hook (flannel_xdp.defaults.INGRESS_HOOK): {results['ratios_hook']}; "
+            f"default = what the agent runs by default on this machine ({defaults_ran}); "
             f"best hook: {best.get('hook')} ({scores}: geometric mean of the named ratios "
             "that every hook has, latency inverted)"
         )
         out.append("* not among the headline ratios")
+        rows = [
+            [
+                name,
+                t["bound"],
+                f"{t['ratio']:.2f}" if t["ratio"] is not None else "n/a",
+                {True: "met", False: "NOT met", None: "not run"}[t["met"]],
+            ]
+            for name, t in results["targets"].items()
+        ]
+        out += ["", "Targets, the agent's default data path"]
+        out += _grid(["ratio", "target", "default", "met?"], rows)
     else:
         out += ["", "No ratios: no flannel-xdp variant ran beside its stock baseline."]
 

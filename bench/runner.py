@@ -54,6 +54,7 @@ class Workload:
     title: str
     run: Callable[[Bed, BenchSettings, GeneratorCache], dict]
     warm_up: bool = True  # pods exchange a ping each way first (see workloads.warm_up)
+    direct: bool = True  # also on the direct veth pair (needs no node)
 
 
 WORKLOADS: tuple[Workload, ...] = (
@@ -63,6 +64,7 @@ WORKLOADS: tuple[Workload, ...] = (
         "udp64",
         "UDP 64 B live frames at the sender pod's veth, pod to pod",
         lambda b, s, g: livepps.measure_path(b, g, s.live_frames, s.live_batch),
+        direct=False,  # injected at the sender pod's veth end in its node
     ),
     Workload(
         "udp64_iperf3",
@@ -74,8 +76,14 @@ WORKLOADS: tuple[Workload, ...] = (
         "UDP 64 B live frames at the receiver's underlay",
         lambda b, s, g: livepps.measure_rx(b, g, s.live_frames, s.live_batch),
         warm_up=False,  # injected at the receiver: no neighbour to resolve
+        direct=False,  # injected at the receiving node's underlay
     ),
     Workload("latency", "sockperf ping-pong", lambda b, s, g: workloads.latency(b, s.seconds)),
+    Workload(
+        "crr",
+        "new TCP connections: connect, 1 B request, 1 B reply, close",
+        lambda b, s, g: workloads.crr(b, s.seconds),
+    ),
 )
 WORKLOAD_KEYS = tuple(w.key for w in WORKLOADS)
 # What a single measurement may fail with without ending the run.
@@ -116,6 +124,8 @@ def _headline(key: str, result: dict) -> str:
         return f"{result['delivered_pps'] / 1e3:.0f} kpps ({frac:.1f} % delivered)"
     if key == "latency":
         return f"p50 {result['p50_us']:.1f} us, p99 {result['p99_us']:.1f} us"
+    if key == "crr":
+        return f"{result['tps']:.0f} connections/s ({result['failed']} failed)"
     return ""
 
 
@@ -127,6 +137,8 @@ def run_workloads(beds: list[Bed], settings: BenchSettings, raw: RawResults) -> 
             per_variant = raw.workloads.setdefault(wl.key, {})
             for rep in range(settings.reps):
                 for bed in beds:
+                    if bed.variant.is_direct and not wl.direct:
+                        continue
                     name = bed.variant.name
                     t0 = time.monotonic()
                     try:

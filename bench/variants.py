@@ -16,6 +16,7 @@ runs in it between measurements) and a few MB of memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 import signal
@@ -36,8 +37,11 @@ from flannel_xdp.lab import (
 )
 from flannel_xdp.lab.agentcluster import AgentCluster, AgentClusterSpec
 from flannel_xdp.lab.topology import UNDERLAY_IFNAME, link_index, link_mac
+from flannel_xdp.loader import fast_path
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.node.conntrack import TCP_BE_LIBERAL
+
+from .directpair import DirectPair
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ log = logging.getLogger(__name__)
 class Variant:
     name: str
     backend: Backend
-    dataplane: Dataplane
+    dataplane: Dataplane | None  # None: no node at all (directpair.py)
     hook: IngressHook | None  # flannel-xdp only
     code: str  # short tag in lab names
     description: str
@@ -55,6 +59,10 @@ class Variant:
     @property
     def is_xdp(self) -> bool:
         return self.dataplane is Dataplane.FLANNEL_XDP
+
+    @property
+    def is_direct(self) -> bool:
+        return self.dataplane is None
 
     def spec(self, prefix: str) -> ClusterSpec:
         data_path = {}
@@ -80,7 +88,7 @@ class Variant:
     def as_dict(self) -> dict[str, str | None]:
         return {
             "backend": self.backend.value,
-            "dataplane": self.dataplane.value,
+            "dataplane": self.dataplane.value if self.dataplane else "direct veth pair",
             "ingress_hook": self.hook.value if self.hook else None,
             "udp_fast_path": self.fast_path,
             "tcp_fast_path": self.fast_path,
@@ -168,6 +176,15 @@ VARIANTS: tuple[Variant, ...] = (
         "into the pod's netns",
         fast_path=True,
     ),
+    Variant(
+        "direct-veth",
+        Backend.VXLAN,
+        None,
+        None,
+        "dv",
+        "the physical limit: two pods on one veth pair at the vxlan pods' MTU, no node "
+        "between them",
+    ),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 DEFAULT_HOOK = IngressHook(defaults.INGRESS_HOOK)
@@ -209,9 +226,31 @@ def fast_path_variant(backend: Backend) -> Variant:
 
 def stock_variant(backend: Backend) -> Variant:
     for v in VARIANTS:
-        if not v.is_xdp and v.backend is backend:
+        if v.dataplane is Dataplane.FLANNELD and v.backend is backend:
             return v
     raise KeyError(f"no stock variant for {backend}")
+
+
+def direct_variant() -> Variant:
+    for v in VARIANTS:
+        if v.is_direct:
+            return v
+    raise KeyError("no direct veth pair variant")
+
+
+@functools.cache
+def agent_runs_fast_path() -> bool:
+    """Whether the agent, as shipped, runs the fast path on this machine: its default
+    mode, and this kernel's conntrack kfuncs and tcx (both backends' default hooks have
+    a build of it)."""
+    return fast_path.DEFAULT_MODE is not fast_path.Mode.OFF and not fast_path.kernel_lacks()
+
+
+def default_variant(backend: Backend) -> Variant:
+    """The data path the agent runs by default on this machine, for the backend."""
+    if agent_runs_fast_path():
+        return fast_path_variant(backend)
+    return flannel_xdp_variant(backend, DEFAULT_HOOK)
 
 
 @dataclass(frozen=True)
@@ -280,7 +319,7 @@ class Bed:
     pod on node 0 (sender) to the pod on node 1 (receiver)."""
 
     variant: Variant
-    cluster: Cluster | FlanneldCluster
+    cluster: Cluster | FlanneldCluster | DirectPair
     underlay_macs: tuple[str, str] = ("", "")
     underlay_ifindexes: tuple[int, int] = (0, 0)
 
@@ -361,7 +400,9 @@ class Testbed:
     def _bring_up(self, variant: Variant) -> None:
         prefix = self.prefix + variant.code
         if variant.is_xdp:
-            cluster: Cluster | FlanneldCluster = Cluster(variant.spec(prefix))
+            cluster: Cluster | FlanneldCluster | DirectPair = Cluster(variant.spec(prefix))
+        elif variant.is_direct:
+            cluster = DirectPair(prefix)
         else:  # the lab's names allow no "-": fxlab-b<run id><code>-...
             cluster = FlanneldCluster(variant, f"b{self.run_id}{variant.code}")
         log.info("bringing up %s (%s)", variant.name, cluster.spec.prefix)
@@ -377,6 +418,10 @@ class Testbed:
         bed = Bed(variant, cluster)
         try:
             tx, rx = cluster.nodes
+            if variant.is_direct:  # no underlay
+                self._check_connectivity(bed)
+                self.beds[variant.name] = bed
+                return
             bed.underlay_macs = (
                 link_mac(tx.netns, UNDERLAY_IFNAME),
                 link_mac(rx.netns, UNDERLAY_IFNAME),
@@ -399,7 +444,7 @@ class Testbed:
             process.run(src.netns, ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", str(dst.ip)])
 
     @staticmethod
-    def _tear_down(variant: Variant, cluster: Cluster | FlanneldCluster) -> None:
+    def _tear_down(variant: Variant, cluster: Cluster | FlanneldCluster | DirectPair) -> None:
         log.info("tearing down %s (%s)", variant.name, cluster.spec.prefix)
         try:
             cluster.down()

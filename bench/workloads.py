@@ -1,4 +1,5 @@
-"""Pod-to-pod workloads across nodes: TCP throughput, UDP 64-byte packet rate, latency.
+"""Pod-to-pod workloads across nodes: TCP throughput, UDP 64-byte packet rate, latency,
+new TCP connections per second.
 
 Traffic always goes from the pod on node 0 to the pod on node 1 (the receiver), so
 node 0 encapsulates (or forwards) and node 1 decapsulates (or delivers). Offloads stay
@@ -11,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -24,6 +26,7 @@ from .variants import Bed
 
 IPERF_PORT = 5201
 SOCKPERF_PORT = 11111
+CRR_PORT = 5301
 UDP_PAYLOAD = 64
 
 
@@ -261,4 +264,30 @@ def latency(bed: Bed, seconds: float) -> dict:
         raise WorkloadError(f"sockperf rc {res.returncode}: {res.stderr[-300:]}")
     result = parse_sockperf(res.stdout + res.stderr)
     result["cpu"] = latency_cpu()
+    return result
+
+
+# --- new TCP connections -------------------------------------------------------------------
+
+
+def crr(bed: Bed, seconds: float) -> dict:
+    """TCP connect, 1-byte request and reply, close, back to back (bench/crr.py): the
+    first packets of every flow take the stack on every data path (the fast path only
+    carries confirmed flows), so this is what connection set-up costs."""
+    client, server = bed.sender, bed.receiver
+    tool = [sys.executable, "-m", "flannel_xdp.bench.crr"]
+    with servers(server, [[*tool, "server", str(server.ip), str(CRR_PORT)]], [CRR_PORT], "t"):
+        cmd = [*tool, "client", str(server.ip), str(CRR_PORT), f"{seconds:g}"]
+        cpu0 = CpuTimes.now()
+        res = process.run(client.netns, cmd, check=False, timeout=seconds + 30)
+        cpu = CpuTimes.now().since(cpu0)
+    try:
+        result = json.loads(res.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        raise WorkloadError(
+            f"crr rc {res.returncode}, no JSON: {res.stdout[-300:]} {res.stderr[-300:]}"
+        ) from None
+    if res.returncode != 0 or not result["transactions"]:
+        raise WorkloadError(f"crr rc {res.returncode}: {result}")
+    result["softirq_cpu_us_per_conn"] = cpu["softirq"] / result["transactions"] * 1e6
     return result

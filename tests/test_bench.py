@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 
 from flannel_xdp.backend import Backend
-from flannel_xdp.bench.report import RATIOS
-from flannel_xdp.bench.runner import WORKLOAD_KEYS
+from flannel_xdp.bench.report import RATIOS, TARGETS
+from flannel_xdp.bench.runner import WORKLOAD_KEYS, WORKLOADS
 from flannel_xdp.bench.variants import (
     DEFAULT_HOOK,
+    default_variant,
+    direct_variant,
     fast_path_variant,
     flannel_xdp_variant,
     stock_variant,
@@ -33,8 +35,8 @@ from tests.requirements import require_root_and_bcc
 
 pytestmark = pytest.mark.lab
 
-# The four variants the headline ratios need, with the default ingress hook, and
-# each backend's fast-path variant.
+# The variants the headline ratios need, with the default ingress hook, each backend's
+# fast-path variant (the agent's default here), and the direct veth pair.
 VARIANTS = [
     stock_variant(Backend.VXLAN).name,
     flannel_xdp_variant(Backend.VXLAN, DEFAULT_HOOK).name,
@@ -42,7 +44,10 @@ VARIANTS = [
     stock_variant(Backend.HOST_GW).name,
     flannel_xdp_variant(Backend.HOST_GW, DEFAULT_HOOK).name,
     fast_path_variant(Backend.HOST_GW).name,
+    direct_variant().name,
 ]
+DIRECT = direct_variant().name
+ON_DIRECT = {w.key for w in WORKLOADS if w.direct}
 PROGRAMS = ("underlay_xdp", "underlay_tc", "tunnel_egress", "underlay_kd_fp", "pod_ingress")
 # The fast path's cases on a TCP segment of a stream held open for them, per backend.
 # The fast path's receiving build is the kernel hook's for vxlan, the tc hook's for host-gw.
@@ -95,10 +100,15 @@ def test_every_workload_has_raw_figures_for_every_variant(quick_run: dict):
         "udp64_iperf3": "delivered_pps",
         "rx_pps": "delivered_pps",
         "latency": "p50_us",
+        "crr": "tps",
     }
     assert set(figure) == set(WORKLOAD_KEYS)
+    assert {"tcp1", "tcp4", "udp64_iperf3", "latency", "crr"} == ON_DIRECT
     for workload, metric in figure.items():
         for variant in VARIANTS:
+            if variant == DIRECT and workload not in ON_DIRECT:
+                assert variant not in quick_run["raw"][workload]
+                continue
             reps = quick_run["raw"][workload][variant]
             assert len(reps) == 1, (workload, variant, reps)
             assert positive(reps[0].get(metric)), (workload, variant, reps[0])
@@ -113,13 +123,20 @@ def test_every_workload_has_raw_figures_for_every_variant(quick_run: dict):
 def test_named_ratios_are_positive_numbers(quick_run: dict):
     ratios = quick_run["ratios"]
     named = [r.name for r in RATIOS if r.headline]
-    assert len(named) == 9
+    assert len(named) == 10
     for name in named:
         assert positive(ratios.get(name)), (name, ratios)
-    assert quick_run["ratios_hook"] == DEFAULT_HOOK.value
-    assert quick_run["ratios_by_hook"][DEFAULT_HOOK.value] == {
+    # the headline ratios are those of what the agent runs by default on this machine
+    assert quick_run["ratios_variants"] == {
+        b.value: default_variant(b).name for b in (Backend.VXLAN, Backend.HOST_GW)
+    }
+    assert quick_run["ratios_by_hook"]["default"] == {
         k: v for k, v in ratios.items() if k != "prog_ns_vs_empty"
     }
+    assert positive(ratios.get("vxlan_tcp_vs_direct_veth"))
+    for target in TARGETS:
+        got = quick_run["targets"][target.ratio]
+        assert positive(got["ratio"]) and got["met"] in (True, False), (target, got)
     best = quick_run["best_hook"]
     assert set(best["scores"]) == {DEFAULT_HOOK.value, "fast"}  # the hooks that ran
     assert best["hook"] == max(best["scores"], key=best["scores"].get)
