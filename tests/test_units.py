@@ -151,3 +151,14 @@ def test_each_underlay_tc_build_has_a_kernel_name_of_its_own():
     }
     assert len(names) == 4 and all(len(n) <= PROG_NAME_MAX for n in names)
     assert BuildParams("/x", udp_fast_path=True).program_name("pod_ingress") == "pod_ingress"
+
+
+def test_bench_targets_are_met_on_the_right_side_of_their_bound():
+    from flannel_xdp.bench.report import RATIOS, TARGETS, targets
+
+    names = {r.name for r in RATIOS}
+    assert {t.ratio for t in TARGETS} <= names
+    got = targets({"vxlan_tcp_vs_flannel": 1.31, "vxlan_lat_p50_vs_flannel": 0.61})
+    assert got["vxlan_tcp_vs_flannel"] == {"bound": ">= 1.3", "ratio": 1.31, "met": True}
+    assert got["vxlan_lat_p50_vs_flannel"] == {"bound": "<= 0.6", "ratio": 0.61, "met": False}
+    assert got["vxlan_crr_vs_flannel"] == {"bound": ">= 1", "ratio": None, "met": None}
