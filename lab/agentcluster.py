@@ -122,6 +122,9 @@ class AgentClusterSpec:
     # the agents' --tcp-fast-path (--fast-path on, TCP required); sets conntrack's TCP
     # be_liberal on the nodes
     tcp_fast_path: bool = False
+    # net.netfilter.nf_conntrack_tcp_be_liberal=1 on the nodes without any agent flag: what
+    # node.conntrack.tcp_fast_path_problem() asks for TCP to take the fast path by default
+    conntrack_tcp_be_liberal: bool = False
     ip_masq: bool = True
     outside: bool = True
     network: IPv4Network = DEFAULT_NETWORK
@@ -549,7 +552,7 @@ class AgentCluster:
             node.switch_port,
             addresses,
             self.spec.underlay_mtu,
-            tcp_be_liberal=self.spec.tcp_fast_path,
+            tcp_be_liberal=self.spec.tcp_fast_path or self.spec.conntrack_tcp_be_liberal,
         )
         os.makedirs(node.dir, exist_ok=True)
         if self.kube is not None:
