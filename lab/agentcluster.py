@@ -624,7 +624,9 @@ class AgentCluster:
             box = self.sandbox(node)
             box.prepare(self.kube)
             if node.is_agent:
-                return box.argv(box.agent_command(os.path.dirname(sys.executable)))
+                command = box.agent_command(os.path.dirname(sys.executable))
+                fast = agents.fast_path_args(self.spec.fast_path, self.spec.tcp_fast_path)
+                return box.argv([*command, *fast])
             # kube-flannel.yml's flanneld, and the health port the lab watches
             argv = [peers.flanneld(), "--kube-subnet-mgr"]
             argv.append(f"--healthz-port={self.spec.healthz_port}")

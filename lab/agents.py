@@ -60,11 +60,14 @@ def agent_argv(
         "--healthz-port", str(healthz_port),
         "--metrics-port", str(metrics_port),
     ]  # fmt: skip
-    if fast_path is not None:
-        argv += ["--fast-path", fast_path]
-    if tcp_fast_path:
-        argv.append("--tcp-fast-path")
+    argv += fast_path_args(fast_path, tcp_fast_path)
     return [*argv, "--ip-masq"] if ip_masq else argv
+
+
+def fast_path_args(fast_path: str | None, tcp_fast_path: bool) -> list[str]:
+    """The agent's fast-path flags; none for its default."""
+    argv = [] if fast_path is None else ["--fast-path", fast_path]
+    return [*argv, "--tcp-fast-path"] if tcp_fast_path else argv
 
 
 def stock_argv(
