@@ -372,10 +372,11 @@ LIMITS = {
     ),
     "crr": (
         "every connection's handshake and teardown take the stack on every data path (the "
-        "fast path carries confirmed flows only); bench/crr.py is Python, one blocking "
-        "socket per transaction on each side, so the interpreter adds a fixed share to each "
-        "transaction alike (netperf's TCP_CRR is not in Debian's main archive): compare "
-        "variants within a run, not with netperf figures."
+        "fast path carries confirmed flows only); client and server pinned to one CPU, as "
+        "for latency (unpinned, spreads of +-40 % were seen); bench/crr.py is Python, one "
+        "blocking socket per transaction on each side, so the interpreter adds a fixed "
+        "share to each transaction alike (netperf's TCP_CRR is not in Debian's main "
+        "archive): compare variants within a run, not with netperf figures."
     ),
     "direct-veth": (
         "two pods on one veth pair at the vxlan pods' MTU with no node between them: the "

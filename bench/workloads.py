@@ -273,9 +273,11 @@ def latency(bed: Bed, seconds: float) -> dict:
 def crr(bed: Bed, seconds: float) -> dict:
     """TCP connect, 1-byte request and reply, close, back to back (bench/crr.py): the
     first packets of every flow take the stack on every data path (the fast path only
-    carries confirmed flows), so this is what connection set-up costs."""
+    carries confirmed flows), so this is what connection set-up costs. Client and server
+    share one CPU, as in latency()."""
     client, server = bed.sender, bed.receiver
-    tool = [sys.executable, "-m", "flannel_xdp.bench.crr"]
+    # pinned as latency() pins sockperf, for the same reason: repeatable figures
+    tool = ["taskset", "-c", str(latency_cpu()), sys.executable, "-m", "flannel_xdp.bench.crr"]
     with servers(server, [[*tool, "server", str(server.ip), str(CRR_PORT)]], [CRR_PORT], "t"):
         cmd = [*tool, "client", str(server.ip), str(CRR_PORT), f"{seconds:g}"]
         cpu0 = CpuTimes.now()
