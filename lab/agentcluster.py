@@ -43,7 +43,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -277,7 +276,8 @@ class AgentCluster:
     from another process (AgentCluster.load(name)).
     """
 
-    def __init__(self, spec: AgentClusterSpec):
+    def __init__(self, spec: AgentClusterSpec, release: agents.AgentRelease = agents.THIS_RELEASE):
+        """release: the installation the agents run from, until set_release() moves one."""
         spec.validate()
         self.daemonset: kubelab.DaemonSetPod | None = None
         if spec.kube:  # the agent's ports are the DaemonSet's
@@ -304,6 +304,8 @@ class AgentCluster:
             for i in range(spec.nodes)
         ]
         self._procs: dict[int, subprocess.Popen] = {}
+        self._release = release
+        self._releases: dict[int, agents.AgentRelease] = {}  # nodes moved by set_release()
 
     # -- naming ----------------------------------------------------------------------------
 
@@ -624,8 +626,9 @@ class AgentCluster:
             box = self.sandbox(node)
             box.prepare(self.kube)
             if node.is_agent:
-                command = box.agent_command(os.path.dirname(sys.executable))
-                fast = agents.fast_path_args(self.spec.fast_path, self.spec.tcp_fast_path)
+                release = self.release(node)
+                command = box.agent_command(os.path.dirname(release.python))
+                fast = agents.fast_path_args(self.spec.fast_path, self.spec.tcp_fast_path, release)
                 return box.argv([*command, *fast])
             # kube-flannel.yml's flanneld, and the health port the lab watches
             argv = [peers.flanneld(), "--kube-subnet-mgr"]
@@ -644,6 +647,7 @@ class AgentCluster:
                 xdp_mode=self.spec.xdp_mode,
                 fast_path=self.spec.fast_path,
                 tcp_fast_path=self.spec.tcp_fast_path,
+                release=self.release(node),
             )
         return agents.stock_argv(
             endpoint=self.etcd.endpoint,
@@ -809,6 +813,31 @@ class AgentCluster:
             raise LabError(f"{node.netns}: its process still runs")
         self._start_process(node)
         self.save_state()
+
+    def release(self, node: LabNode) -> agents.AgentRelease:
+        """The installation the node's agent runs from."""
+        return self._releases.get(node.index, self._release)
+
+    def set_release(self, node: LabNode, release: agents.AgentRelease) -> None:
+        """Run the node's agent from another installation from its next start on: an
+        upgrade (or downgrade) is stop_process(), set_release(), restart_process()."""
+        if self.process_alive(node):
+            raise LabError(f"{node.netns}: stop its agent before changing its release")
+        self._releases[node.index] = release
+
+    def stop_process(self, node: LabNode, timeout: float = 30.0) -> int | None:
+        """SIGTERM the node's process, as a rolling update does, and wait until it exits
+        (its data path stays); its exit code, None when another process started it."""
+        proc = self._procs.get(node.index)
+        if proc is None:
+            self._stop_process(node, signal.SIGTERM)
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise LabError(f"{node.netns}: still running {timeout:.0f} s after SIGTERM") from None
 
     def restart_process(self, node: LabNode, timeout: float = CONVERGE_TIMEOUT) -> float:
         """Start the node's process again and wait until it is ready; seconds taken."""

@@ -32,6 +32,20 @@ AGENT_LOG = "agent.log"
 STOCK_LOG = "flanneld.log"
 
 
+@dataclass(frozen=True)
+class AgentRelease:
+    """Which installation of flannel-xdp runs an agent: this one, or another release's
+    venv beside it (the upgrade test installs the previous release from its git tag)."""
+
+    python: str = sys.executable
+    # The fast-path flags its agent gets instead of the lab's (None: the lab's): a release
+    # from before --fast-path spells them its own way, and refuses unknown flags.
+    fast_path_args: tuple[str, ...] | None = None
+
+
+THIS_RELEASE = AgentRelease()
+
+
 def agent_argv(
     *,
     endpoint: str,
@@ -46,10 +60,11 @@ def agent_argv(
     xdp_mode: str = "auto",
     fast_path: str | None = None,
     tcp_fast_path: bool = False,
+    release: AgentRelease = THIS_RELEASE,
 ) -> list[str]:
     """fast_path: --fast-path's value; None gives none, so the agent's default."""
     argv = [
-        sys.executable, "-m", "flannel_xdp.cli", "agent",
+        release.python, "-m", "flannel_xdp.cli", "agent",
         "--etcd-endpoints", endpoint,
         "--etcd-prefix", etcd_prefix,
         "--iface", iface,
@@ -60,12 +75,16 @@ def agent_argv(
         "--healthz-port", str(healthz_port),
         "--metrics-port", str(metrics_port),
     ]  # fmt: skip
-    argv += fast_path_args(fast_path, tcp_fast_path)
+    argv += fast_path_args(fast_path, tcp_fast_path, release)
     return [*argv, "--ip-masq"] if ip_masq else argv
 
 
-def fast_path_args(fast_path: str | None, tcp_fast_path: bool) -> list[str]:
+def fast_path_args(
+    fast_path: str | None, tcp_fast_path: bool, release: AgentRelease = THIS_RELEASE
+) -> list[str]:
     """The agent's fast-path flags; none for its default."""
+    if release.fast_path_args is not None:
+        return list(release.fast_path_args)
     argv = [] if fast_path is None else ["--fast-path", fast_path]
     return [*argv, "--tcp-fast-path"] if tcp_fast_path else argv
 
@@ -110,13 +129,16 @@ def start(
     detach: bool,
     extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
-    """Start argv in ns, appending its output to log_path."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    """Start argv in ns, in the directory of log_path, appending its output to log_path."""
+    node_dir = os.path.dirname(log_path)
+    os.makedirs(node_dir, exist_ok=True)
     # FLANNELD_* in our environment would silently change the node's flags.
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
     env.update(extra_env or {})
+    # Not in our working directory: `python -m` puts it first on sys.path, and in a
+    # checkout its flannel_xdp.egg-info would give another release's agent our version.
     with open(log_path, "ab") as out:
-        return process.start_daemon(argv, out, detach=detach, netns=ns, env=env)
+        return process.start_daemon(argv, out, detach=detach, netns=ns, cwd=node_dir, env=env)
 
 
 @dataclass(frozen=True)
@@ -195,6 +217,8 @@ __all__ = [
     "HEALTHZ_PORT",
     "METRICS_PORT",
     "STOCK_LOG",
+    "THIS_RELEASE",
+    "AgentRelease",
     "SubnetFile",
     "agent_argv",
     "healthy",

@@ -20,6 +20,7 @@ import pytest
 
 from flannel_xdp.lab import preflight, process, traffic
 from flannel_xdp.lab.agentcluster import AgentCluster, AgentClusterSpec, LabNode, random_name
+from flannel_xdp.lab.agents import THIS_RELEASE, AgentRelease
 from flannel_xdp.lab.topology import LabError, Pod
 from tests.conftest import LAB_TOOLS
 from tests.etcd_support import require_etcd
@@ -54,9 +55,10 @@ def leftovers(lab: AgentCluster) -> list[str]:
 
 
 @contextlib.contextmanager
-def agent_cluster(**kwargs) -> Iterator[AgentCluster]:
+def agent_cluster(release: AgentRelease = THIS_RELEASE, **kwargs) -> Iterator[AgentCluster]:
+    """kwargs: AgentClusterSpec's fields; release: the installation the agents run from."""
     require_lab()
-    lab = AgentCluster(AgentClusterSpec(name=random_name(), **kwargs))
+    lab = AgentCluster(AgentClusterSpec(name=random_name(), **kwargs), release)
     try:
         lab.up()
     except LabError as exc:  # up() has removed what it made
