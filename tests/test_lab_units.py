@@ -15,6 +15,7 @@ from flannel_xdp.lab.topology import Dataplane, LabError, Pod
 from flannel_xdp.loader import datapath
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.loader.fast_path import DEFAULT_MODE, Mode
+from tests import release_support
 
 pytestmark = pytest.mark.unit
 
@@ -173,6 +174,36 @@ def test_agent_argv_uses_flanneld_flags():
         fast_path="off",
     )
     assert "--fast-path off" in " ".join(argv)
+
+
+def test_agent_argv_runs_the_release_given_with_its_own_fast_path_flags():
+    common = {
+        "endpoint": "unix:///run/x/etcd.sock:1",
+        "etcd_prefix": "/coreos.com/network",
+        "bpffs": "/sys/fs/bpf/p-n0",
+        "subnet_file": "/run/x/n0/subnet.env",
+        "ingress_hook": "kernel",
+        "ip_masq": False,
+        "fast_path": "on",
+        "tcp_fast_path": True,
+    }
+    this = agents.agent_argv(**common)
+    assert this[0] == agents.THIS_RELEASE.python
+    assert "--fast-path on --tcp-fast-path" in " ".join(this)
+    older = agents.AgentRelease(
+        python="/tmp/r/venv/bin/python", fast_path_args=("--udp-fast-path",)
+    )
+    argv = agents.agent_argv(**common, release=older)
+    assert argv[:4] == ["/tmp/r/venv/bin/python", "-m", "flannel_xdp.cli", "agent"]
+    assert "--udp-fast-path" in argv
+    assert "--fast-path" not in argv and "--tcp-fast-path" not in argv
+    off = agents.AgentRelease(python="/tmp/r/venv/bin/python", fast_path_args=())
+    assert "fast-path" not in " ".join(agents.agent_argv(**common, release=off))
+
+
+def test_a_release_tag_missing_from_the_clone_fails_saying_how_to_get_it():
+    with pytest.raises(pytest.fail.Exception, match=r"git fetch --tags"):
+        release_support.require_tag("v0.0.0-never-tagged")
 
 
 def test_ping_summary_parsing():
