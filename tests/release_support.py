@@ -4,8 +4,9 @@ install_release() unpacks the tag's tree (git archive) into a temporary director
 installs it into a venv of its own, made from the interpreter of this venv with the
 system's site-packages (bcc is Debian's python3-bpfcc, never pip's). Its dependencies are
 this venv's (a .pth names our site-packages after its own): pip runs with --no-deps,
---no-index and --no-build-isolation, so nothing is fetched and it takes seconds. Nothing is
-written inside the clone.
+--no-index and --no-build-isolation (building with the venv's setuptools and Debian's
+python3-wheel, which make setup installs), so nothing is fetched and it takes seconds.
+Nothing is written inside the clone.
 """
 
 from __future__ import annotations
