@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from flannel_xdp.loader import libbpf
 
-from . import btf
+from . import btf, kconfig
 
 BPF_JMP_CALL = 0x85  # BPF_JMP | BPF_CALL
 BPF_PSEUDO_KFUNC_CALL = 2
@@ -34,7 +34,21 @@ class Kfunc:
 KFUNCS = (
     Kfunc("bpf_skb_ct_lookup", 0x7FFF0001),
     Kfunc("bpf_ct_release", 0x7FFF0002),
+    Kfunc("bpf_ct_change_timeout", 0x7FFF0003),
 )
+
+# -D name -> (struct, member path): the kernel fields bpf/conntrack.h reads, at the
+# running kernel's offsets.
+KERNEL_OFFSETS = {
+    "FXDP_NF_CONN_STATUS_OFF": ("nf_conn", "status"),
+    "FXDP_NF_CONN_TIMEOUT_OFF": ("nf_conn", "timeout"),
+    "FXDP_NF_CONN_NET_OFF": ("nf_conn", "ct_net.net"),
+    "FXDP_NF_CONN_TCP_STATE_OFF": ("nf_conn", "proto.tcp.state"),
+    "FXDP_NF_CONN_TCP_FLAGS_ORIGINAL_OFF": ("nf_conn", "proto.tcp.seen[0].flags"),
+    "FXDP_NF_CONN_TCP_FLAGS_REPLY_OFF": ("nf_conn", "proto.tcp.seen[1].flags"),
+    "FXDP_NET_TCP_TIMEOUTS_OFF": ("net", "ct.nf_ct_proto.tcp.timeouts"),
+    "FXDP_NET_UDP_TIMEOUTS_OFF": ("net", "ct.nf_ct_proto.udp.timeouts"),
+}
 
 
 class KfuncError(RuntimeError):
@@ -42,16 +56,19 @@ class KfuncError(RuntimeError):
 
 
 def kfunc_cflags() -> list[str]:
-    """-D flags for bpf/kfuncs.h: placeholders and the running kernel's struct offsets."""
+    """-D flags for bpf/kfuncs.h and bpf/conntrack.h: placeholders, the running
+    kernel's struct offsets and its jiffies per second."""
     try:
         kernel = btf.vmlinux()
         for k in KFUNCS:
             kernel.func_id(k.name)
-        status = kernel.member_offset("nf_conn", "status")
-    except btf.BtfError as exc:
+        offsets = {d: kernel.member_offset(*where) for d, where in KERNEL_OFFSETS.items()}
+        hz = kconfig.hz()
+    except (btf.BtfError, kconfig.KconfigError) as exc:
         raise KfuncError(f"conntrack kfuncs unavailable: {exc}") from exc
     flags = [f"-DFXDP_KFUNC_{k.name.upper()}={k.placeholder:#x}" for k in KFUNCS]
-    return [*flags, f"-DFXDP_NF_CONN_STATUS_OFF={status}"]
+    flags += [f"-D{d}={off}" for d, off in offsets.items()]
+    return [*flags, f"-DFXDP_HZ={hz}"]
 
 
 def patch_calls(insns: bytes) -> tuple[bytes, dict[str, int]]:

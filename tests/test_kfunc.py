@@ -108,7 +108,7 @@ def test_the_placeholder_calls_become_kfunc_calls(requirements):
         if insns[pos] == 0x85
     ]  # fmt: skip
     kfunc_calls = {(regs >> 4, imm) for _, regs, _, imm in calls if regs >> 4 == 2}
-    assert kfunc_calls == {(2, kernel.func_id(k.name)) for k in KFUNCS}
+    assert kfunc_calls == {(2, kernel.func_id(name)) for name in patched}
     assert not any(imm in {k.placeholder for k in KFUNCS} for _, _, _, imm in calls)
 
 
@@ -160,3 +160,17 @@ def test_btf_reader_agrees_with_bpftool(requirements):
     struct_at = out.index("] STRUCT 'nf_conn' ")
     member = out[struct_at:].split("'status' ", 1)[1].split("\n", 1)[0]
     assert f"bits_offset={kernel.member_offset('nf_conn', 'status') * 8}" in member
+
+
+def test_btf_reader_follows_member_paths_as_pahole_lays_them_out(requirements):
+    """A nested path adds up its members' offsets and its array elements' sizes:
+    ip_ct_tcp_state is 20 bytes (four u32 and two u8, padded), seen[] leads ip_ct_tcp."""
+    kernel = btf.vmlinux()
+    proto = kernel.member_offset("nf_conn", "proto")
+    assert kernel.member_offset("nf_conn", "proto.tcp.seen[0].flags") == proto + 17
+    assert kernel.member_offset("nf_conn", "proto.tcp.seen[1].flags") == proto + 20 + 17
+    assert kernel.member_offset("nf_conn", "proto.tcp.state") == proto + 40
+    with pytest.raises(btf.BtfError, match="has 2 elements"):
+        kernel.member_offset("nf_conn", "proto.tcp.seen[2].flags")
+    with pytest.raises(btf.BtfError, match="no member 'nope'"):
+        kernel.member_offset("nf_conn", "proto.nope")
