@@ -1,0 +1,169 @@
+"""Marking the TCP flows the fast path may carry, so that conntrack keeps accepting them.
+
+conntrack does not see the segments the fast path carries (bpf/fastpath.h). With its
+window checks on, it would judge the next segment of such a stream that it does see (a
+FIN, or any segment once the stream is back on the stack) against windows long passed,
+call it INVALID, and kube-proxy's `--ctstate INVALID -j DROP` drops it. So conntrack
+must not check that stream's windows: this module sets IP_CT_TCP_FLAG_BE_LIBERAL on both
+directions of the entry of each TCP flow between this node's pods and the rest of the
+cluster network (ctnetlink, as `conntrack -U` would), as soon as conntrack confirms it,
+and bpf/conntrack.h fast-paths only TCP entries marked so. The mark is conntrack's own
+per-entry form of net.netfilter.nf_conntrack_tcp_be_liberal (it sets it itself on a
+stream it picks up mid-way): every other flow of the node keeps its window checks, and
+the marked ones keep everything else (state from SYN to FIN and RST, timeouts, NAT).
+
+Missed events cost speed, never correctness: an unmarked flow just takes the stack.
+The marker catches up with a dump when it starts and after its socket overran.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+import threading
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+
+from . import ctnetlink
+
+log = logging.getLogger(__name__)
+
+EVENTS_RCVBUF = 8 << 20  # a burst of new connections queues here while the marker works
+RECV_SIZE = 1 << 16
+DUMP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class FlowMarker:
+    """Marks, in the netns it was opened in, the TCP flows with one end in subnet (this
+    node's pods) and the other elsewhere in network (a pod of another node)."""
+
+    subnet: IPv4Network
+    network: IPv4Network
+    events: socket.socket
+    requests: socket.socket
+    marked: int = 0  # mark requests sent
+    gone: int = 0  # entries that went before their mark arrived
+    failed: int = 0  # refused for any other reason
+    overruns: int = 0  # times events were lost (and a dump caught up)
+    _seq: int = field(default=0, repr=False)
+
+    @classmethod
+    def open(cls, subnet: IPv4Network, network: IPv4Network) -> FlowMarker:
+        """Listening in this thread's netns, with the flows already there marked.
+        OSError when ctnetlink is not there (no conntrack, no CAP_NET_ADMIN)."""
+        events = ctnetlink.open_socket(ctnetlink.NEW_EVENTS, EVENTS_RCVBUF)
+        try:
+            requests = ctnetlink.open_socket()
+        except OSError:
+            events.close()
+            raise
+        marker = cls(subnet, network, events, requests)
+        try:
+            marker.resync()
+        except OSError:
+            marker.close()
+            raise
+        return marker
+
+    def close(self) -> None:
+        self.events.close()
+        self.requests.close()
+
+    def fileno(self) -> int:
+        """Readable when conntrack confirmed new entries."""
+        return self.events.fileno()
+
+    def wants(self, flow: ctnetlink.TcpFlow) -> bool:
+        """A flow the fast path may carry: default zone, between a pod of this node and
+        one of another (either may have opened it)."""
+        if flow.zone != 0 or flow.src not in self.network or flow.dst not in self.network:
+            return False
+        return (flow.src in self.subnet) != (flow.dst in self.subnet)
+
+    def on_events(self) -> int:
+        """Mark the wanted flows of every pending NEW event; returns how many."""
+        marks = []
+        while True:
+            try:
+                buf = self.events.recv(RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.overruns += 1
+                log.warning("conntrack events overran the marker's socket: catching up")
+                return self._mark(marks) + self.resync()
+            for msg in ctnetlink.messages(buf):
+                flow = ctnetlink.tcp_flow(msg)
+                if flow is not None and self.wants(flow):
+                    marks.append(flow)
+        return self._mark(marks)
+
+    def resync(self) -> int:
+        """Mark every wanted flow of the table not marked yet; returns how many."""
+        dump = ctnetlink.open_socket()
+        try:
+            dump.setblocking(True)
+            dump.settimeout(DUMP_TIMEOUT_S)
+            self._seq += 1
+            dump.send(ctnetlink.dump_request(self._seq))
+            marks = []
+            done = False
+            while not done:
+                for msg in ctnetlink.messages(dump.recv(RECV_SIZE)):
+                    if msg.type == ctnetlink.NLMSG_DONE:
+                        done = True
+                    elif msg.type == ctnetlink.NLMSG_ERROR and msg.error():
+                        raise OSError(
+                            msg.error(), f"conntrack dump: {errno.errorcode.get(msg.error())}"
+                        )
+                    elif (
+                        (flow := ctnetlink.tcp_flow(msg)) and not flow.liberal and self.wants(flow)
+                    ):
+                        marks.append(flow)
+        finally:
+            dump.close()
+        return self._mark(marks)
+
+    def _mark(self, flows: list[ctnetlink.TcpFlow]) -> int:
+        for flow in flows:
+            self._seq += 1
+            self.requests.send(ctnetlink.mark_liberal_request(flow, self._seq))
+            self.marked += 1
+            if self.marked % 64 == 0:
+                self._answers()
+        self._answers()
+        return len(flows)
+
+    def _answers(self) -> None:
+        """Count the kernel's refusals (it answers a mark only when it fails)."""
+        while True:
+            try:
+                buf = self.requests.recv(RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:  # refusals lost: only counts are
+                    continue
+                raise
+            for msg in ctnetlink.messages(buf):
+                if msg.type != ctnetlink.NLMSG_ERROR or not (err := msg.error()):
+                    continue
+                if err == errno.ENOENT:
+                    self.gone += 1
+                else:
+                    if not self.failed:
+                        log.warning("conntrack refused a flow's mark: %s", errno.errorcode.get(err))
+                    self.failed += 1
+
+
+def serve(marker: FlowMarker, stop: threading.Event, poll_s: float = 0.2) -> None:
+    """Mark flows until stop is set: for a thread of its own (the lab's nodes)."""
+    while not stop.is_set():
+        ready, _, _ = select.select([marker], [], [], poll_s)
+        if ready:
+            marker.on_events()
