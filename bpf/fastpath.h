@@ -9,10 +9,10 @@
  *    the entry is assured) and the entry is not NATed (no Service DNAT to undo,
  *    no masquerade); an unknown, unconfirmed or NATed flow takes the normal path,
  *    so does every fragment, every UDP GSO aggregate and every header the stack
- *    would refuse;
- *  - TCP only while conntrack leaves TCP windows unchecked (the agent sets
- *    FAST_TCP from net.netfilter.nf_conntrack_tcp_be_liberal): it does not see
- *    the segments the fast path carries, so it must not judge the next one it
+ *    would refuse (conntrack.h, which also keeps the entry alive);
+ *  - TCP with FAST_TCP, and only of a flow whose entry is marked to have its
+ *    windows unchecked (conntrack.h; the agent marks them): conntrack does not
+ *    see the segments the fast path carries, so it must not judge the next one it
  *    sees against the windows of the last. SYN, FIN and RST segments always take
  *    the stack, so conntrack follows each stream's state from open to close;
  *  - the packet goes where the kernel's forwarding would send it, with the MACs
@@ -27,12 +27,11 @@
  * in local_pods routes through its gateway, from its own address and MAC, to a
  * remote subnet goes to the peer as tunnel_egress would send it (send.h),
  * without crossing cni0 and its bridge netfilter hooks.
- * What the fast path does not do: refresh the conntrack entry (a one-way UDP
- * flow's entry expires and its next packet takes the stack, which confirms it
- * again; a TCP stream's established entry lasts days), and re-run filter rules
- * on every packet of a confirmed flow, so a rule added later that drops an
- * established flow takes effect when its entry goes (`conntrack -D` makes that
- * immediate, give or take FLOW_CACHE_NS).
+ * What the fast path does not do: re-run filter rules on every packet of a
+ * confirmed flow, so a rule added later that drops an established flow takes
+ * effect when its entry goes (`conntrack -D` makes that immediate, give or take
+ * FLOW_CACHE_NS). It does refresh the entry's timeout (conntrack.h), as the
+ * stack would, but at most a few times per timeout.
  *
  * Each CPU keeps its last decision per flow for FLOW_CACHE_NS of the coarse clock:
  * conntrack's verdict, the route's answer (next hop, and the largest packet seen
@@ -55,7 +54,7 @@
 #include "counters.h"
 #include "csum.h"
 #include "hash.h"
-#include "kfuncs.h"
+#include "conntrack.h"
 #include "maps.h"
 #include "parse.h"
 #include "send.h"
@@ -175,18 +174,11 @@ static __always_inline __u32 fast_path_len(const struct __sk_buff *skb,
 	return skb->gso_size ? IPV4_HLEN + th->doff * 4 + skb->gso_size : bpf_ntohs(ip->tot_len);
 }
 
-/*
- * ... and of its flow: conntrack confirmed it (a TCP stream: saw its handshake
- * through) and does not NAT it.
- */
+/* ... and of its flow: conntrack.h's conditions (which also keep its entry alive). */
 static __always_inline int conntrack_passes(struct __sk_buff *skb, const struct iphdr *ip,
 					    const struct udphdr *ports)
 {
-	__u64 status = ct_status_ipv4(skb, ip->saddr, ip->daddr, ports->source, ports->dest,
-				      ip->protocol);
-	__u64 needed = FXDP_IPS_CONFIRMED | (ip->protocol == IPPROTO_TCP ? FXDP_IPS_ASSURED : 0);
-
-	return (status & needed) == needed && !(status & (FXDP_IPS_SRC_NAT | FXDP_IPS_DST_NAT));
+	return ct_flow_passes(skb, ip->saddr, ip->daddr, ports->source, ports->dest, ip->protocol);
 }
 
 /* What forwarding does to the header: TTL shares its 16-bit word with the protocol. */

@@ -34,6 +34,9 @@ static void *(*fxdp_skb_ct_lookup)(struct __sk_buff *skb, struct bpf_sock_tuple 
 				   __u32 tuple_size, struct fxdp_ct_opts *opts, __u32 opts_size) =
 	(void *)FXDP_KFUNC_BPF_SKB_CT_LOOKUP;
 static void (*fxdp_ct_release)(void *ct) = (void *)FXDP_KFUNC_BPF_CT_RELEASE;
+/* timeout in ms from now; refused (-EPERM) for a fixed-timeout entry */
+static int (*fxdp_ct_change_timeout)(void *ct, __u32 timeout) =
+	(void *)FXDP_KFUNC_BPF_CT_CHANGE_TIMEOUT;
 
 /*
  * The conntrack status bits of the IPv4 flow (either direction) in the skb's netns,

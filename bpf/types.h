@@ -83,9 +83,9 @@ struct remote_subnet {
 
 /* node_config.fast_flags: what the fast path (fastpath.h) takes besides UDP datagrams. */
 enum fast_flag {
-	FAST_TCP = 1,		/* segments of established TCP streams; set by the agent
-				 * only while conntrack leaves TCP windows unchecked
-				 * (net.netfilter.nf_conntrack_tcp_be_liberal = 1) */
+	FAST_TCP = 1,		/* segments of established TCP streams whose conntrack
+				 * entry is marked to have its windows unchecked
+				 * (conntrack.h; the agent marks them) */
 };
 
 /* This node's own parameters: one entry at index 0. */
