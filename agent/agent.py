@@ -18,6 +18,7 @@ from flannel_xdp.agent import health
 from flannel_xdp.agent.bootstrap import AgentExit, AgentOptions, NodeSetup, bootstrap
 from flannel_xdp.agent.pod_scan import PodScan
 from flannel_xdp.agent.reconcile import Reconciler
+from flannel_xdp.agent.tcp_marks import TcpMarks
 from flannel_xdp.loader import fast_path
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.maps.views import SubnetsMap
@@ -60,6 +61,7 @@ class Agent:
         self.setup: NodeSetup | None = None
         self.reconciler: Reconciler | None = None
         self.pod_scan: PodScan | None = None
+        self.tcp_marks: TcpMarks | None = None
         self.metrics = AgentMetrics(self.control_plane, PinDir(opts.bpffs).maps)
         self._subnets_map: SubnetsMap | None = None
         self._updates: AsyncIterator[Update] | None = None
@@ -130,6 +132,8 @@ class Agent:
             tcp = fast_path.State.off(fast_path.OffReason.TURNED_OFF, "--fast-path off")
         elif scan is None or scan.tcp_on is None:
             tcp = fast_path.STARTING
+        elif scan.tcp_on and self.tcp_marks is not None and not self.tcp_marks.running:
+            tcp = fast_path.State.off(fast_path.OffReason.CONNTRACK_TCP, self.tcp_marks.why)
         elif scan.tcp_on:
             tcp = fast_path.ON
         else:
@@ -190,6 +194,9 @@ class Agent:
             if self.setup.udp_fast_path.on:
                 self.pod_scan = PodScan(self.opts.bpffs, self.opts.fast_path.tcp)
                 tasks.append(asyncio.create_task(self.pod_scan.run()))
+                if self.opts.fast_path.tcp is not fast_path.Mode.OFF:
+                    self.tcp_marks = TcpMarks(self.setup.lease.subnet, self.setup.config.network)
+                    tasks.append(asyncio.create_task(self.tcp_marks.run()))
             stopping = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
             for t in done:

@@ -105,16 +105,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and netfilter pass (docs/fast-path.md): auto where the network's backend and "
         "ingress hook have a build of it and the kernel has the conntrack kfuncs and tcx "
         "(elsewhere the stack path, and the log and flannel_xdp_fast_path_off say why); on "
-        "makes a missing part an error (exit 2); off never. TCP takes it while "
-        f"{conntrack.TCP_BE_LIBERAL}=1 in the node's network namespace",
+        "makes a missing part an error (exit 2); off never. TCP takes it where the agent "
+        "can mark its flows in conntrack (ctnetlink and conntrack's events in the node's "
+        "network namespace; window checks stay on for every other flow)",
         choices=[m.value for m in fast_path.Mode],
     )
     flag("--udp-fast-path", False, "the same as --fast-path on")
     flag(
         "--tcp-fast-path",
         False,
-        "--fast-path on, and TCP required too: exit 2 unless "
-        f"{conntrack.TCP_BE_LIBERAL}=1 in the node's network namespace at start",
+        "--fast-path on, and TCP required too: exit 2 unless the agent can mark TCP flows "
+        "in conntrack (ctnetlink, conntrack's events) in the node's network namespace",
     )
     flag("--max-subnets", defaults.MAX_SUBNETS, "capacity of the remote subnets map", type=int)
     # flanneld's kube subnet manager (docs/kubernetes.md)

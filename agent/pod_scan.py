@@ -2,7 +2,8 @@
 
 local_pods equals the pods on cni0 (a pod not in it yet is reached through cni0, and
 sends through it), pod_ingress is attached to each of their veth ends (the sending
-side), and FAST_TCP in node_config follows conntrack's window checks.
+side), and FAST_TCP in node_config follows whether conntrack lets the agent mark TCP
+flows (agent/tcp_marks.py).
 """
 
 from __future__ import annotations
@@ -87,12 +88,9 @@ def keep_tcp_fast_path(maps_dir: str, was: bool | None, asked: bool) -> tuple[bo
         log.warning("TCP fast path: cannot update node_config: %s", exc)
         return was, why
     if want:
-        log.info("TCP fast path: on (%s=1)", conntrack.TCP_BE_LIBERAL)
+        log.info("TCP fast path: on (of the flows the agent marks in conntrack)")
     elif was is None:
         log.log(logging.WARNING if asked else logging.INFO, "TCP fast path: off: %s", problem)
     else:
-        log.warning(
-            "TCP fast path: off: %s; streams it carried may now be judged out of window",
-            problem,
-        )
+        log.warning("TCP fast path: off: %s", problem)
     return want, why

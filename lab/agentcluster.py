@@ -118,11 +118,10 @@ class AgentClusterSpec:
     stock: int = 0
     ingress_hook: datapath.IngressHook = datapath.DEFAULT_INGRESS_HOOK
     fast_path: Mode | None = None  # the agents' --fast-path; None: theirs by default
-    # the agents' --tcp-fast-path (--fast-path on, TCP required); sets conntrack's TCP
-    # be_liberal on the nodes
+    # the agents' --tcp-fast-path (--fast-path on, TCP required)
     tcp_fast_path: bool = False
-    # net.netfilter.nf_conntrack_tcp_be_liberal=1 on the nodes without any agent flag: what
-    # node.conntrack.tcp_fast_path_problem() asks for TCP to take the fast path by default
+    # net.netfilter.nf_conntrack_tcp_be_liberal=1 on the nodes (the fast path does not
+    # need it: the agents mark the flows it carries)
     conntrack_tcp_be_liberal: bool = False
     ip_masq: bool = True
     outside: bool = True
@@ -554,7 +553,7 @@ class AgentCluster:
             node.switch_port,
             addresses,
             self.spec.underlay_mtu,
-            tcp_be_liberal=self.spec.tcp_fast_path or self.spec.conntrack_tcp_be_liberal,
+            tcp_be_liberal=self.spec.conntrack_tcp_be_liberal,
         )
         os.makedirs(node.dir, exist_ok=True)
         if self.kube is not None:

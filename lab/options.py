@@ -57,8 +57,7 @@ def _cluster_shape(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tcp-fast-path",
         action="store_true",
-        help="agents run with --tcp-fast-path (--fast-path on, TCP required); sets "
-        "net.netfilter.nf_conntrack_tcp_be_liberal=1 on their nodes",
+        help="agents run with --tcp-fast-path (--fast-path on, TCP required)",
     )
 
 

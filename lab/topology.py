@@ -32,6 +32,7 @@ import re
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ from flannel_xdp.maps.views import (
     SubnetsMap,
     TrafficMap,
 )
-from flannel_xdp.node import conntrack, masq, routes
+from flannel_xdp.node import conntrack, flow_marks, masq, routes
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,10 @@ class ClusterSpec:
     xdp_mode: XdpMode = XdpMode.AUTO
     ingress_hook: datapath.IngressHook = datapath.DEFAULT_INGRESS_HOOK
     udp_fast_path: bool = False  # kernel hook only (bpf/fastpath.h)
-    tcp_fast_path: bool = False  # with udp_fast_path; sets conntrack's TCP be_liberal
-    # net.netfilter.nf_conntrack_tcp_be_liberal=1 on every node (tcp_fast_path needs it;
-    # the benchmark sets it on every variant, so that only the data paths differ)
+    # with udp_fast_path; each node marks its pods' TCP flows (node/flow_marks.py)
+    tcp_fast_path: bool = False
+    # net.netfilter.nf_conntrack_tcp_be_liberal=1 on every node (the benchmark's kernel
+    # variants may set it, to compare data paths under one conntrack setting)
     conntrack_tcp_be_liberal: bool = False
     # flanneld's --ip-masq and forward rules on every node, as kube-flannel runs it; they
     # also turn conntrack on in the node netns, as on any Kubernetes node
@@ -162,10 +164,6 @@ class ClusterSpec:
             raise LabError(f"underlay MTU {self.underlay_mtu} leaves pods too little")
         if self.tcp_fast_path and not self.udp_fast_path:
             raise LabError("the TCP fast path is part of the UDP fast path")
-
-    @property
-    def tcp_be_liberal(self) -> bool:
-        return self.conntrack_tcp_be_liberal or self.tcp_fast_path
 
 
 @dataclass(frozen=True)
@@ -438,6 +436,9 @@ class Cluster:
         self.spec = spec
         self.nodes: list[Node] = plan(spec)
         self.switch = f"{spec.prefix}-sw"
+        # tcp_fast_path: each node's flow marker, in a thread of this process
+        self._markers: list[tuple[flow_marks.FlowMarker, threading.Thread]] = []
+        self._stop_marking = threading.Event()
 
     # -- views -------------------------------------------------------------
 
@@ -476,6 +477,8 @@ class Cluster:
             for node in self.nodes:
                 self._install_dataplane(node)
             self.program_peers()
+            if self.spec.tcp_fast_path:
+                self._start_markers()
         except BaseException:
             log.exception("lab %s: bring-up failed, tearing down", self.spec.prefix)
             self.down()
@@ -485,6 +488,7 @@ class Cluster:
 
     def down(self) -> None:
         """Remove every netns and pin of this cluster; what is already gone is skipped."""
+        self._stop_markers()
         for node in self.nodes:
             if node.dataplane is Dataplane.FLANNEL_XDP and process.netns_exists(node.netns):
                 try:
@@ -501,6 +505,31 @@ class Cluster:
         left += [n.bpffs for n in self.nodes if os.path.exists(n.bpffs)]
         if left:
             raise LabError(f"lab {self.spec.prefix}: could not remove {left}")
+
+    def _start_markers(self) -> None:
+        """What an agent with --tcp-fast-path does for its node: mark the flows between
+        its pods and the other nodes' (node/flow_marks.py)."""
+        self._stop_marking.clear()
+        for node in self.nodes:
+            if node.dataplane is not Dataplane.FLANNEL_XDP:
+                continue
+            with netns.entered(node.netns):
+                marker = flow_marks.FlowMarker.open(node.subnet, self.spec.network)
+            thread = threading.Thread(
+                target=flow_marks.serve,
+                args=(marker, self._stop_marking),
+                name=f"flow-marks-{node.netns}",
+                daemon=True,
+            )
+            thread.start()
+            self._markers.append((marker, thread))
+
+    def _stop_markers(self) -> None:
+        self._stop_marking.set()
+        for marker, thread in self._markers:
+            thread.join(5)
+            marker.close()
+        self._markers.clear()
 
     def program_peers(self) -> None:
         """Give every node the leases of all others, the way its data path wants them."""
@@ -568,7 +597,7 @@ class Cluster:
             node.switch_port,
             [(node.public_ip, node.underlay_prefixlen)],
             self.spec.underlay_mtu,
-            tcp_be_liberal=self.spec.tcp_be_liberal,
+            tcp_be_liberal=self.spec.conntrack_tcp_be_liberal,
         )
         with _iproute(node.netns) as ipr:
             make_cni_bridge(ipr, node.gateway, node.subnet.prefixlen, self.spec.pod_mtu)

@@ -95,7 +95,7 @@ class NodeSettings:
     underlay_ifindex: int
     tunnel_ifindex: int
     tunnel_peer_ifindex: int
-    tcp_fast_path: bool = False  # FAST_TCP: the agent keeps it to conntrack's TCP setting
+    tcp_fast_path: bool = False  # FAST_TCP: --tcp-fast-path (of flows the agent marked)
 
     def value(self) -> NodeConfig:
         if not 0 < self.vni < 1 << 24:

@@ -1,16 +1,19 @@
-"""The node's conntrack setting that decides whether TCP may take the fast path.
+"""The node's conntrack, as the TCP fast path needs it.
 
-The fast path (bpf/fastpath.h) carries a TCP stream's segments past conntrack, which
-then has not seen them. With its window checks on, conntrack would judge the next
-segment of that stream it does see (a FIN, a segment the fast path leaves to the stack)
-against windows long gone, and call it INVALID, which kube-proxy's rules drop. So TCP
-takes the fast path only while conntrack leaves windows unchecked in the node's netns.
+The TCP fast path carries only streams whose conntrack entry the agent marked (via
+ctnetlink, node/flow_marks.py) to have their windows left unchecked; so it needs
+ctnetlink in the node's netns, for the events of new entries and to mark them. It no
+longer needs, nor sets, the node-wide net.netfilter.nf_conntrack_tcp_be_liberal.
 """
 
 from __future__ import annotations
 
 import os
 
+from . import ctnetlink
+
+# Node-wide: conntrack leaves every TCP flow's windows unchecked. The lab and the
+# benchmark may set it for the kernel's own data paths; the fast path does not need it.
 TCP_BE_LIBERAL = "net.netfilter.nf_conntrack_tcp_be_liberal"
 
 
@@ -29,13 +32,13 @@ def tcp_be_liberal() -> bool | None:
 
 
 def tcp_fast_path_problem() -> str | None:
-    """Why TCP cannot take the fast path on this node now; None if it can."""
-    liberal = tcp_be_liberal()
-    if liberal:
-        return None
-    now = "there is no conntrack" if liberal is None else "it is 0"
-    return (
-        f"TCP on the fast path needs {TCP_BE_LIBERAL}=1 in the node's network namespace ({now}): "
-        "conntrack does not see the segments the fast path carries, and would judge "
-        "the next one it sees against stale windows"
-    )
+    """Why TCP cannot take the fast path in this thread's netns; None if it can: the
+    agent must follow conntrack's new entries and mark them (ctnetlink)."""
+    try:
+        ctnetlink.open_socket(ctnetlink.NEW_EVENTS).close()
+    except OSError as exc:
+        return (
+            "TCP on the fast path needs conntrack's netlink interface (ctnetlink) in the node's "
+            f"network namespace, to mark the TCP flows it may carry: {exc.strerror or exc}"
+        )
+    return None

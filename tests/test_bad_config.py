@@ -198,14 +198,6 @@ CASES: dict[str, Case] = {
         ("--tcp-fast-path contradicts --fast-path off",),
         args=("--tcp-fast-path", "--fast-path", "off"),
     ),
-    "tcp-fast-path-while-conntrack-checks-windows": Case(
-        json.dumps(GOOD),  # the node's netns has the kernel's default, 0
-        (
-            "--tcp-fast-path: TCP on the fast path needs "
-            "net.netfilter.nf_conntrack_tcp_be_liberal=1 in the node's network namespace (it is 0)",
-        ),
-        args=("--tcp-fast-path",),
-    ),
     # -- the node: interface, bpffs, capabilities -----------------------------------------
     "iface-missing": Case(
         json.dumps(GOOD),
