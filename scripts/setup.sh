@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(
   python3-bpfcc bpfcc-tools libbpfcc bpftool python3-venv python3-wheel
   linux-headers-amd64 iproute2 ethtool iperf3 sockperf
-  etcd-server etcd-client iptables iputils-ping prometheus tcpdump procps openssl curl util-linux
+  etcd-server etcd-client iptables conntrack iputils-ping prometheus tcpdump procps openssl curl util-linux
 )
 
 log() { printf 'setup: %s\n' "$*"; }
