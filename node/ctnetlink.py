@@ -144,9 +144,9 @@ def dump_request(seq: int) -> bytes:
     return _message(CT_MESSAGE | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, b"")
 
 
-def mark_liberal_request(flow: TcpFlow, seq: int) -> bytes:
-    """Set IP_CT_TCP_FLAG_BE_LIBERAL on both directions of flow's entry, if it exists;
-    the kernel answers only an error."""
+def mark_liberal_request(flow: TcpFlow, seq: int, liberal: bool = True) -> bytes:
+    """Set (or clear) IP_CT_TCP_FLAG_BE_LIBERAL on both directions of flow's entry, if
+    it exists; the kernel answers only an error."""
     tuple_ = _nested(
         CTA_TUPLE_ORIG,
         _nested(
@@ -161,7 +161,8 @@ def mark_liberal_request(flow: TcpFlow, seq: int) -> bytes:
             _attr(CTA_PROTO_DST_PORT, struct.pack("!H", flow.dport)),
         ),
     )
-    flags = bytes([IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL])  # flags, mask
+    mark = IP_CT_TCP_FLAG_BE_LIBERAL if liberal else 0
+    flags = bytes([mark, IP_CT_TCP_FLAG_BE_LIBERAL])  # flags, mask
     protoinfo = _nested(
         CTA_PROTOINFO,
         _nested(

@@ -21,6 +21,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 
 import pytest
 
@@ -31,9 +32,16 @@ from flannel_xdp.loader import pod_ports
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps.views import NodeConfigMap
-from flannel_xdp.node import conntrack
+from flannel_xdp.node import conntrack, ctnetlink
 from tests.requirements import require_root_and_bcc
-from tests.test_fast_path import SERVER_PORT, echo_server, tcp_connection, udp_socket
+from tests.test_ctnetlink import entries
+from tests.test_fast_path import (
+    SERVER_PORT,
+    echo_server,
+    tcp_connection,
+    udp_socket,
+    wait_out_flow_cache,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -188,6 +196,59 @@ def test_tcp_streams_both_ways_opened_and_closed_again_and_again(cluster):
     assert fast[1] > 0
 
 
+def receive_exactly(sock: socket.socket, n: int) -> bytes:
+    """n bytes (MSG_WAITALL does not wait on a socket with a timeout)."""
+    got = bytearray()
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, f"the peer closed after {len(got)} of {n} bytes"
+        got += chunk
+    return bytes(got)
+
+
+def flow_of(cli: socket.socket) -> ctnetlink.TcpFlow:
+    src, sport = cli.getsockname()
+    dst, dport = cli.getpeername()
+    return ctnetlink.TcpFlow(IPv4Address(src), IPv4Address(dst), sport, dport)
+
+
+def marked(cluster: Cluster, flow: ctnetlink.TcpFlow) -> list[bool | None]:
+    """Whether each node's entry of flow is marked (None: no entry)."""
+    key = (flow.src, flow.dst, flow.sport, flow.dport)
+    return [
+        next((f.liberal for f in entries(n.netns) if (f.src, f.dst, f.sport, f.dport) == key), None)
+        for n in cluster.nodes
+    ]
+
+
+def test_tcp_of_a_flow_whose_mark_is_cleared_takes_the_stack(cluster):
+    """Only marked flows take the fast path: one whose mark is cleared on both nodes
+    goes through the stack, where conntrack checks its windows, and arrives whole."""
+    a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
+    with tcp_connection(a, b) as (cli, conn):
+        flow = flow_of(cli)
+        deadline = time.monotonic() + 5
+        while marked(cluster, flow) != [True, True] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marked(cluster, flow) == [True, True], "the nodes did not mark the flow"
+        for node in cluster.nodes:
+            with netns.entered(node.netns):
+                sock = ctnetlink.open_socket()
+            with contextlib.closing(sock):
+                sock.send(ctnetlink.mark_liberal_request(flow, 1, liberal=False))
+        assert marked(cluster, flow) == [False, False]
+        wait_out_flow_cache()
+        before = [cluster.counters(n) for n in cluster.nodes]
+        with no_invalid_and_no_rst(cluster):
+            data = os.urandom(4 << 20)
+            sender = threading.Thread(target=cli.sendall, args=(data,))
+            sender.start()
+            got = receive_exactly(conn, len(data))
+            sender.join(10)
+        assert got == data
+    assert fast_bytes(cluster, before) == [0, 0]
+
+
 def move_between_paths(cluster: Cluster, stop: threading.Event) -> None:
     """Until stop: take the sending side off node 0's pod and TCP off node 1's fast
     path (as a pod scan that loses the pod, or a restart, would), then put them back."""
@@ -299,7 +360,7 @@ def test_a_tcp_stream_outliving_its_conntrack_timeout_keeps_its_entry(cluster):
         while time.monotonic() < deadline:
             for _ in range(16):
                 cli.sendall(b"x" * 1000)
-                assert len(conn.recv(1000, socket.MSG_WAITALL)) == 1000
+                assert receive_exactly(conn, 1000) == b"x" * 1000
             time.sleep(0.05)
         last = entry_ids(cluster, "tcp", sport)
         fast = fast_bytes(cluster, before)
