@@ -1,6 +1,7 @@
 """The fast path (bpf/fastpath.h) on two-node labs, vxlan (kernel hook) and host-gw
 (tc hook), with flanneld's iptables rules (so conntrack runs in the node netns, as on
-any Kubernetes node), for UDP and (FAST_TCP, conntrack's TCP windows unchecked) TCP.
+any Kubernetes node), for UDP and (FAST_TCP, of flows each node marked in conntrack:
+node/flow_marks.py) TCP.
 
 What must hold: UDP of a flow conntrack has confirmed un-NATed skips the stack on both
 nodes (counted as fast_send on the sender, fast_deliver on the receiver, every datagram
@@ -9,7 +10,8 @@ pod's netns when local_pods knows the pod, through cni0 when it does not. A flow
 on either node never does, in either direction (the stack must undo the NAT, or the
 client's connected socket drops the replies). A TCP stream's segments do, aggregates
 whole, once conntrack has seen its handshake, but its SYN, FIN and RST never (conntrack
-follows its state), and none while FAST_TCP is off.
+follows its state), and none while FAST_TCP is off. (Under kube-proxy's rules and
+conntrack's window checks: test_fast_path_conntrack.py.)
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ STREAM = bytes(range(256)) * 16384  # 4 MiB: TCP sends it in GSO aggregates
 # conntrack's TCP states once a FIN has gone through it (nf_conntrack_proto_tcp.c)
 CLOSING = {"FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE"}
 DATAGRAMS = 300
+# Segments a stream may send before its node has marked its flow: the lab's markers are
+# threads of the test's process, so a busy test delays them (node/flow_marks.py).
+BEFORE_MARKED = 20
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h: root may exceed net.core.rmem_max
 RCVBUF = 8 << 20  # every datagram of a burst fits, whatever the path's speed
 # linux/in.h (not in Python 3.11): DF on every datagram, whatever the route's path MTU
@@ -535,8 +540,7 @@ def conntrack_state(node: Node, sport: int) -> str:
 
 @contextlib.contextmanager
 def tcp_fast_path_off(cluster: Cluster) -> Iterator[None]:
-    """FAST_TCP off on every node, as the agent turns it off when conntrack checks TCP
-    windows again."""
+    """FAST_TCP off on every node (the data path as built without --tcp-fast-path)."""
     for node in cluster.nodes:
         with NodeConfigMap(PinDir(node.bpffs).maps) as m:
             assert m.set_tcp_fast_path(False)
@@ -550,9 +554,10 @@ def tcp_fast_path_off(cluster: Cluster) -> Iterator[None]:
 
 def test_an_established_tcp_stream_skips_the_stack_but_opens_and_closes_through_it(cluster):
     """The client's segments: the SYN, the handshake's last ACK (conntrack has not assured
-    the stream before it) and the FIN take the stack on both nodes, everything between
-    takes the fast path, in GSO aggregates larger than the pods' MTU. conntrack, having
-    seen the FINs, has the stream closing on both nodes."""
+    the stream before it), what it sends before its node has marked the flow, and the
+    FIN take the stack on both nodes, everything between takes the fast path, in GSO
+    aggregates larger than the pods' MTU. conntrack, having seen the FINs, has the stream
+    closing on both nodes."""
     a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
     backend = cluster.spec.backend.value
     before = [cluster.counters(n) for n in cluster.nodes]
@@ -564,8 +569,9 @@ def test_an_established_tcp_stream_skips_the_stack_but_opens_and_closes_through_
     stack_received = packets(cluster, 1, before[1], "received") - packets(
         cluster, 1, before[1], "fast_deliver"
     )
-    assert 3 <= stack_sent <= 6, f"{stack_sent} of the client's packets took the stack"
-    assert 3 <= stack_received <= 6, f"{stack_received} of them took the stack at the server"
+    most = 6 + BEFORE_MARKED
+    assert 3 <= stack_sent <= most, f"{stack_sent} of the client's packets took the stack"
+    assert 3 <= stack_received <= most, f"{stack_received} of them took the stack at the server"
     assert fast_bytes > fast_sent * cluster.spec.pod_mtu, "no aggregate took the fast path"
     assert received.traffic.get((backend, "fast_deliver"), (0, 0))[1] >= len(STREAM) * 0.9
     for node in cluster.nodes:
@@ -585,7 +591,7 @@ def test_tcp_streams_both_ways_take_the_fast_path_intact(cluster):
             assert fast_bytes >= len(STREAM) * 0.9, f"{node.netns} {direction}: {fast_bytes} B"
 
 
-def test_tcp_takes_the_stack_while_conntrack_checks_windows(cluster):
+def test_tcp_takes_the_stack_while_fast_tcp_is_off(cluster):
     a, b = cluster.nodes[0].pods[0], cluster.nodes[1].pods[0]
     with tcp_fast_path_off(cluster):
         before = [cluster.counters(n) for n in cluster.nodes]
