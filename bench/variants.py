@@ -80,8 +80,10 @@ class Variant:
             backend=self.backend,
             prefix=prefix,
             ip_masq=True,
-            # What the TCP fast path needs, on every variant: only the data paths differ.
-            conntrack_tcp_be_liberal=True,
+            # Window checks off node-wide for the stack's variants, as before; the fast
+            # path's variants run as kube-proxy leaves a node (checks on): the fast path
+            # marks the flows it carries itself (node/flow_marks.py).
+            conntrack_tcp_be_liberal=not self.fast_path,
             **data_path,
         )
 
@@ -294,7 +296,7 @@ class FlanneldCluster:
         leases = self.lab.leases()
         for n in self.lab.nodes:
             assert n.subnet is not None and n.mtu is not None
-            # What the TCP fast path needs, on every variant: only the data paths differ.
+            # As the stack's flannel-xdp variants run (Variant.spec).
             process.run(n.netns, ["sysctl", "-qw", f"{TCP_BE_LIBERAL}=1"])
             data = leases[f"{n.subnet.network_address}-{n.subnet.prefixlen}"].get("BackendData")
             mac = data["VtepMAC"] if data else ""
