@@ -1,10 +1,11 @@
 """The agent as shipped, no fast-path flag given: it finds the pods on cni0
 (agent/local_pods.py), its node then delivers confirmed UDP straight into them, and it
-keeps the sending side (pod_ingress) on their veth ends; it keeps FAST_TCP to conntrack's
-TCP window setting. On a kernel without the conntrack kfuncs or tcx (simulated through
-the probe's test-only FXDP_TEST_KERNEL_LACKS) it runs the stack path and says why, in
-its log and its metrics. Real agents, a real etcd, flanneld's iptables rules (conntrack
-on)."""
+keeps the sending side (pod_ingress) on their veth ends; it marks its pods' TCP flows in
+conntrack (node/flow_marks.py), which then take the fast path with conntrack's window
+checks on, while conntrack sends it events. On a kernel without the conntrack kfuncs or
+tcx (simulated through the probe's test-only FXDP_TEST_KERNEL_LACKS) it runs the stack
+path and says why, in its log and its metrics. Real agents, a real etcd, flanneld's
+iptables rules (conntrack on)."""
 
 from __future__ import annotations
 
@@ -120,49 +121,45 @@ def wait_for_tcp_flag(lab, node, want: bool) -> None:
     assert gauge() == int(want)
 
 
-def set_tcp_be_liberal(node, value: str) -> None:
-    with netns.entered(node.netns), open(conntrack.sysctl_path(conntrack.TCP_BE_LIBERAL), "w") as f:
+def set_conntrack_events(node, value: str) -> None:
+    with netns.entered(node.netns), open(conntrack.sysctl_path(conntrack.EVENTS), "w") as f:
         f.write(value)
 
 
-def test_the_agent_keeps_tcp_on_the_fast_path_only_while_conntrack_leaves_windows_unchecked():
-    """By default TCP follows conntrack.tcp_fast_path_problem(): off while the node's
-    conntrack checks TCP windows (a new netns's default), on while it does not."""
+def test_tcp_takes_the_fast_path_with_window_checks_on_while_conntrack_sends_events():
+    """By default TCP follows conntrack.tcp_fast_path_problem(): on where the agent can
+    mark its pods' TCP flows (conntrack's window checks stay on, a new netns's default),
+    off while conntrack sends no events."""
     with agent_cluster(nodes=2, pods=1, outside=False) as lab:
         node = lab.nodes[0]
+        with netns.entered(node.netns):
+            assert conntrack.tcp_be_liberal() is False
         a, b = node.pods[0], lab.nodes[1].pods[0]
         send_and_receive(a, b)  # the node resolves a, cni0 learns a's MAC
         wait_for_pod_program(node.netns, a.host_veth)
-        wait_for_tcp_flag(lab, node, False)
-        off = {"proto": "tcp", "reason": OffReason.CONNTRACK_TCP.value}
-        assert agents.sample(lab.scrape(node), "flannel_xdp_fast_path_off", **off) == 1
-        before = lab.counters(node)
-        tcp_stream(a, b)
-        assert lab.counters(node).since(before).traffic.get(FAST_SEND, (0, 0)) == (0, 0)
-
-        set_tcp_be_liberal(node, "1")
         wait_for_tcp_flag(lab, node, True)
+        off = {"proto": "tcp", "reason": OffReason.CONNTRACK_TCP.value}
         assert agents.sample(lab.scrape(node), "flannel_xdp_fast_path_off", **off) == 0
         before = lab.counters(node)
         tcp_stream(a, b)
         fast_bytes = lab.counters(node).since(before).traffic.get(FAST_SEND, (0, 0))[1]
         assert fast_bytes >= len(STREAM) * 0.9, f"{fast_bytes} B of the stream took the fast path"
 
-        set_tcp_be_liberal(node, "0")
-        wait_for_tcp_flag(lab, node, False)
-        before = lab.counters(node)
-        tcp_stream(a, b)
-        assert lab.counters(node).since(before).traffic.get(FAST_SEND, (0, 0)) == (0, 0)
-
-        set_tcp_be_liberal(node, "1")
+        set_conntrack_events(node, "0")
+        try:
+            wait_for_tcp_flag(lab, node, False)
+            assert agents.sample(lab.scrape(node), "flannel_xdp_fast_path_off", **off) == 1
+            before = lab.counters(node)
+            tcp_stream(a, b)
+            assert lab.counters(node).since(before).traffic.get(FAST_SEND, (0, 0)) == (0, 0)
+        finally:
+            set_conntrack_events(node, "2")
         wait_for_tcp_flag(lab, node, True)
         with open(node.log_file) as f:
             log = f.read()
-        needs = f"TCP on the fast path needs {conntrack.TCP_BE_LIBERAL}=1"
-        first_off = log.index(f"INFO flannel_xdp.agent.pod_scan: TCP fast path: off: {needs}")
-        on = log.index("TCP fast path: on", first_off)
-        off = log.index(f"WARNING flannel_xdp.agent.pod_scan: TCP fast path: off: {needs}", on)
-        assert log.index("TCP fast path: on", off) > off
+        assert "TCP fast path: on: marking TCP flows between" in log
+        off_at = log.index("TCP fast path: off: TCP on the fast path needs conntrack's events")
+        assert log.index("TCP fast path: on", off_at) > off_at
 
 
 @pytest.mark.parametrize("lack", list(Lack), ids=[lack.value for lack in Lack])
