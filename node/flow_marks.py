@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import socket
 import threading
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 EVENTS_RCVBUF = 8 << 20  # a burst of new connections queues here while the marker works
 RECV_SIZE = 1 << 16
+# recv() calls per on_events(): under a flood of new connections the caller's loop
+# still gets its turn; what is left is read at the next call.
+RECVS_PER_CALL = 256
 DUMP_TIMEOUT_S = 10.0
 
 
@@ -44,6 +48,7 @@ class FlowMarker:
     network: IPv4Network
     events: socket.socket
     requests: socket.socket
+    dumps: socket.socket  # blocking, with DUMP_TIMEOUT_S
     marked: int = 0  # mark requests sent
     gone: int = 0  # entries that went before their mark arrived
     failed: int = 0  # refused for any other reason
@@ -51,16 +56,24 @@ class FlowMarker:
     _seq: int = field(default=0, repr=False)
 
     @classmethod
-    def open(cls, subnet: IPv4Network, network: IPv4Network) -> FlowMarker:
+    def open(
+        cls, subnet: IPv4Network, network: IPv4Network, events_rcvbuf: int = EVENTS_RCVBUF
+    ) -> FlowMarker:
         """Listening in this thread's netns, with the flows already there marked.
         OSError when ctnetlink is not there (no conntrack, no CAP_NET_ADMIN)."""
-        events = ctnetlink.open_socket(ctnetlink.NEW_EVENTS, EVENTS_RCVBUF)
+        opened: list[socket.socket] = []
         try:
-            requests = ctnetlink.open_socket()
+            opened.append(ctnetlink.open_socket(ctnetlink.NEW_EVENTS, events_rcvbuf))
+            opened.append(ctnetlink.open_socket())
+            opened.append(ctnetlink.open_socket())
         except OSError:
-            events.close()
+            for sock in opened:
+                sock.close()
             raise
-        marker = cls(subnet, network, events, requests)
+        events, requests, dumps = opened
+        dumps.setblocking(True)
+        dumps.settimeout(DUMP_TIMEOUT_S)
+        marker = cls(subnet, network, events, requests, dumps)
         try:
             marker.resync()
         except OSError:
@@ -71,6 +84,7 @@ class FlowMarker:
     def close(self) -> None:
         self.events.close()
         self.requests.close()
+        self.dumps.close()
 
     def fileno(self) -> int:
         """Readable when conntrack confirmed new entries."""
@@ -84,9 +98,9 @@ class FlowMarker:
         return (flow.src in self.subnet) != (flow.dst in self.subnet)
 
     def on_events(self) -> int:
-        """Mark the wanted flows of every pending NEW event; returns how many."""
+        """Mark the wanted flows of the pending NEW events; returns how many."""
         marks = []
-        while True:
+        for _ in range(RECVS_PER_CALL):
             try:
                 buf = self.events.recv(RECV_SIZE)
             except BlockingIOError:
@@ -105,28 +119,18 @@ class FlowMarker:
 
     def resync(self) -> int:
         """Mark every wanted flow of the table not marked yet; returns how many."""
-        dump = ctnetlink.open_socket()
-        try:
-            dump.setblocking(True)
-            dump.settimeout(DUMP_TIMEOUT_S)
-            self._seq += 1
-            dump.send(ctnetlink.dump_request(self._seq))
-            marks = []
-            done = False
-            while not done:
-                for msg in ctnetlink.messages(dump.recv(RECV_SIZE)):
-                    if msg.type == ctnetlink.NLMSG_DONE:
-                        done = True
-                    elif msg.type == ctnetlink.NLMSG_ERROR and msg.error():
-                        raise OSError(
-                            msg.error(), f"conntrack dump: {errno.errorcode.get(msg.error())}"
-                        )
-                    elif (
-                        (flow := ctnetlink.tcp_flow(msg)) and not flow.liberal and self.wants(flow)
-                    ):
-                        marks.append(flow)
-        finally:
-            dump.close()
+        self._seq += 1
+        self.dumps.send(ctnetlink.dump_request(self._seq))
+        marks = []
+        done = False
+        while not done:
+            for msg in ctnetlink.messages(self.dumps.recv(RECV_SIZE)):
+                if msg.type == ctnetlink.NLMSG_DONE:
+                    done = True
+                elif msg.type == ctnetlink.NLMSG_ERROR and msg.error():
+                    raise OSError(msg.error(), f"conntrack dump: {os.strerror(msg.error())}")
+                elif (flow := ctnetlink.tcp_flow(msg)) and not flow.liberal and self.wants(flow):
+                    marks.append(flow)
         return self._mark(marks)
 
     def _mark(self, flows: list[ctnetlink.TcpFlow]) -> int:
