@@ -45,8 +45,10 @@ from tests.test_fast_path import (
 
 pytestmark = pytest.mark.lab
 
-# kube-proxy's iptables proxier: FORWARD jumps first to KUBE-FORWARD, whose first rule
-# drops what conntrack calls INVALID.
+# kube-proxy's iptables proxier (pkg/proxy/iptables/proxier.go, v1.36): FORWARD jumps
+# first (prepended) to KUBE-FORWARD, whose first rule drops what conntrack calls INVALID,
+# installed whenever nf_conntrack_tcp_be_liberal is 0 (with an nfacct match where nfacct
+# works, which only counts).
 KUBE_FORWARD = "KUBE-FORWARD"
 KUBE_JUMP = ["-m", "comment", "--comment", "kubernetes forwarding rules", "-j", KUBE_FORWARD]
 INVALID = ["-m", "conntrack", "--ctstate", "INVALID"]
