@@ -29,6 +29,7 @@ import os
 import socket
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ from flannel_xdp.loader import libbpf
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.loader.programs import POD_INGRESS, UNDERLAY_TC, UNDERLAY_XDP
+from flannel_xdp.node import ctnetlink
 
 from .bpfprogs import EmptyPrograms
 from .livepps import RX_PORT, RX_SPORT, pod_frame, rx_frame, udp64
@@ -292,7 +294,19 @@ def hold_tcp_stream(bed: Bed, stack: contextlib.ExitStack) -> tuple[int, int]:
     conn.recv(4)
     conn.sendall(b"pong")
     client.recv(4)
-    return client.getsockname()[1], server.getsockname()[1]
+    sport, dport = client.getsockname()[1], server.getsockname()[1]
+    # ... and marked by both nodes (node/flow_marks.py), a moment after conntrack confirmed it
+    deadline = time.monotonic() + 5
+    for node in (bed.sender_node, bed.receiver_node):
+        while not _marked(node.netns, sport, dport) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return sport, dport
+
+
+def _marked(ns: str, sport: int, dport: int) -> bool:
+    with netns.entered(ns):
+        flows = ctnetlink.tcp_entries()
+    return any(f.liberal for f in flows if (f.sport, f.dport) == (sport, dport))
 
 
 def _fast_path_cases(bed: Bed, programs: Programs) -> list[CostCase]:

@@ -9,6 +9,7 @@ linux/netfilter/nfnetlink_conntrack.h, nfnetlink.h and nf_conntrack_tcp.h.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -173,6 +174,26 @@ def mark_liberal_request(flow: TcpFlow, seq: int, liberal: bool = True) -> bytes
     )
     zone = _attr(CTA_ZONE, struct.pack("!H", flow.zone)) if flow.zone else b""
     return _message(CT_MESSAGE | IPCTNL_MSG_CT_NEW, NLM_F_REQUEST, seq, tuple_ + protoinfo + zone)
+
+
+def tcp_entries(timeout: float = 5.0) -> list[TcpFlow]:
+    """Every IPv4 TCP entry of this thread's netns, from a dump."""
+    sock = open_socket()
+    try:
+        sock.setblocking(True)
+        sock.settimeout(timeout)
+        sock.send(dump_request(1))
+        found = []
+        while True:
+            for msg in messages(sock.recv(1 << 16)):
+                if msg.type == NLMSG_DONE:
+                    return found
+                if msg.type == NLMSG_ERROR and msg.error():
+                    raise OSError(msg.error(), f"conntrack dump: {os.strerror(msg.error())}")
+                if (flow := tcp_flow(msg)) is not None:
+                    found.append(flow)
+    finally:
+        sock.close()
 
 
 def open_socket(groups: int = 0, rcvbuf: int = 0) -> socket.socket:

@@ -107,20 +107,8 @@ def conntrack_netns() -> Iterator[str]:
 
 def entries(ns: str) -> list[TcpFlow]:
     """Every TCP entry in ns."""
-    out = []
     with netns.entered(ns):
-        sock = ctnetlink.open_socket()
-    with contextlib.closing(sock):
-        sock.setblocking(True)
-        sock.settimeout(5)
-        sock.send(ctnetlink.dump_request(1))
-        done = False
-        while not done:
-            for msg in ctnetlink.messages(sock.recv(1 << 16)):
-                done = done or msg.type == ctnetlink.NLMSG_DONE
-                if (flow := ctnetlink.tcp_flow(msg)) is not None:
-                    out.append(flow)
-    return out
+        return ctnetlink.tcp_entries()
 
 
 def connect(ns: str, src: str, dst: str, server: socket.socket) -> socket.socket:
