@@ -40,7 +40,7 @@
 #define FXDP_TCP_CONNTRACK_ESTABLISHED	3
 #define FXDP_UDP_CT_UNREPLIED		0
 #define FXDP_UDP_CT_REPLIED		1
-#define MSEC_PER_SEC			1000ULL
+#define FXDP_MSEC_PER_SEC			1000ULL
 
 #define CT_FIELD(ct, type, off)	(*(type *)((char *)(ct) + (off)))
 
@@ -77,7 +77,7 @@ static __always_inline void ct_keep_alive(void *ct, __u64 status, __u8 l4proto)
 
 	if (!full || (__s64)left * 100 >= (__s64)full * CT_REFRESH_BELOW_PERCENT)
 		return;
-	ms = (__u64)full * MSEC_PER_SEC / FXDP_HZ;
+	ms = (__u64)full * FXDP_MSEC_PER_SEC / FXDP_HZ;
 	fxdp_ct_change_timeout(ct, ms > 0xffffffffULL ? 0xffffffffU : (__u32)ms);
 }
 
