@@ -13,6 +13,7 @@ Asserted, per backend:
   created through the API: kube-proxy on every node DNATs them; each node's pod reaches
   the ClusterIP, and the host outside the cluster reaches the NodePort on every node and
   the ClusterIP through a node, every transfer intact;
+* a restart of a DaemonSet pod keeps its node's subnet and VtepMAC;
 * a Node added through the API (with the annotations flanneld publishes) is routed on
   every node within 1 s of the request, and unrouted within 1 s of its deletion.
 """
@@ -20,6 +21,7 @@ Asserted, per backend:
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -97,6 +99,15 @@ def watch_routes(lab: AgentCluster, cidr: IPv4Network, want: bool, t0: float) ->
                 seen[ns] = now - t0
         time.sleep(0.01)
     return seen
+
+
+def published(lab: AgentCluster, node: LabNode) -> tuple[str, str, str]:
+    """The node's podCIDR, and the backend data and public IP its agent annotated."""
+    assert lab.kube is not None
+    obj = json.loads(lab.kube.kubectl("get", "node", node.name, "-o", "json"))
+    ann = obj["metadata"]["annotations"]
+    p = "flannel.alpha.coreos.com"
+    return obj["spec"]["podCIDR"], ann[f"{p}/backend-data"], ann[f"{p}/public-ip"]
 
 
 def added_node(backend: Backend) -> dict:
@@ -181,6 +192,14 @@ def test_mixed_kube_cluster_with_kube_proxy_services(lab: AgentCluster) -> None:
         traffic.stop(servers)
 
     # A node joins and leaves through the API: every node follows within a second.
+    # A restart of a DaemonSet pod keeps its node's subnet and VtepMAC (its annotations).
+    node = lab.nodes[0]
+    before = published(lab, node)
+    lab.kill_process(node, signal.SIGTERM)
+    lab.restart_process(node)
+    assert published(lab, node) == before
+    assert lab.run(node.netns, ["cat", node.subnet_file]).stdout.count(str(node.gateway)) == 1
+
     # Timed from the moment the request is sent: the API's event comes within it.
     name, cidr, _ = ADDED_NODE
     sent = time.monotonic()
