@@ -1,16 +1,17 @@
-"""The previous release of flannel-xdp, installed from its git tag beside this tree.
+"""The previous release of flannel-xdp, installed from its wheel beside this tree.
 
-install_release() unpacks the tag's tree (git archive) into a temporary directory and
-installs it into a venv of its own, made from the interpreter of this venv with the
-system's site-packages (bcc is Debian's python3-bpfcc, never pip's). Its dependencies are
-this venv's (a .pth names our site-packages after its own): pip runs with --no-deps,
---no-index and --no-build-isolation (building with the venv's setuptools and Debian's
-python3-wheel, which make setup installs), so nothing is fetched and it takes seconds.
-Nothing is written inside the clone.
+The wheel is kept in tests/releases/, built from the release's git tag with
+scripts/release-wheel.sh (reproducible: the same tag gives the same bytes), because a
+clone need not carry tags. install_release() checks its sha256 and installs it into a venv
+of its own, made from the interpreter of this venv with the system's site-packages (bcc is
+Debian's python3-bpfcc, never pip's). Its dependencies are this venv's (a .pth names our
+site-packages after its own): pip runs with --no-deps and --no-index, so nothing is fetched
+and it takes seconds. Nothing is written inside the clone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -23,13 +24,33 @@ import pytest
 
 from flannel_xdp.lab.agents import AgentRelease
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PREVIOUS_RELEASE = "v0.1.0"  # the git tag of the release before this tree
+RELEASES = Path(__file__).resolve().parent / "releases"
+
+
+@dataclass(frozen=True)
+class Release:
+    """A release as shipped: its version and the sha256 of its wheel in RELEASES."""
+
+    version: str
+    sha256: str
+
+    @property
+    def wheel(self) -> Path:
+        return RELEASES / f"flannel_xdp-{self.version}-py3-none-any.whl"
+
+    def __str__(self) -> str:
+        return self.version
+
+
+# The release before this tree (its tag is v0.1.0).
+PREVIOUS_RELEASE = Release(
+    "0.1.0", "6bd93fdee5adc8361e86d8f4600ecf1287fa0d4e270cb17346afb31c5b87338c"
+)
 
 
 @dataclass(frozen=True)
 class InstalledRelease:
-    tag: str
+    release: Release
     version: str  # as the package reports it (importlib.metadata), in build_info too
     node_config_size: int  # the value size of its pinned node_config map
     reasons: tuple[str, ...]  # its reason enum's names by value: its reasons map's labels
@@ -40,7 +61,7 @@ class InstalledRelease:
         """Its agent, given these fast-path flags whatever the lab's are (after checking
         that it knows them)."""
         unknown = set(args) - self.agent_flags
-        assert not unknown, f"{self.tag}'s agent has no {sorted(unknown)}"
+        assert not unknown, f"{self.release}'s agent has no {sorted(unknown)}"
         return replace(self.agent, fast_path_args=args)
 
 
@@ -51,17 +72,18 @@ def _run(argv: list[str], **kwargs) -> str:
     return res.stdout
 
 
-def require_tag(tag: str) -> None:
-    res = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", "--quiet", f"{tag}^{{commit}}"],
-        capture_output=True,
-        text=True,
-    )
-    if res.returncode != 0:
+def require_wheel(release: Release) -> Path:
+    """The release's wheel, after checking that it is there and is the one released."""
+    wheel = release.wheel
+    if not wheel.is_file():
         pytest.fail(
-            f"the previous release's tag {tag} is not in this clone ({REPO_ROOT}): "
-            f"`git fetch --tags` gets it (a clone made with --no-tags or --depth lacks it)"
+            f"{release}'s wheel {wheel} is missing: scripts/release-wheel.sh "
+            f"v{release} {RELEASES} builds it from the tag"
         )
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != release.sha256:
+        pytest.fail(f"{wheel} has sha256 {digest}, not the released {release.sha256}")
+    return wheel
 
 
 # Asked of the installed release itself, with its own python: what it is.
@@ -78,17 +100,10 @@ print(json.dumps({"version": metadata.version("flannel-xdp"),
 """
 
 
-def install_release(tag: str, dest: Path) -> InstalledRelease:
-    """The release tagged tag, installed under dest (a temporary directory)."""
-    require_tag(tag)
-    src, venv = dest / "src", dest / "venv"
-    src.mkdir(parents=True)
-    archive = subprocess.Popen(
-        ["git", "-C", str(REPO_ROOT), "archive", "--format=tar", tag], stdout=subprocess.PIPE
-    )
-    _run(["tar", "-x", "-C", str(src)], stdin=archive.stdout)
-    if archive.wait() != 0:
-        pytest.fail(f"git archive {tag} failed")
+def install_release(release: Release, dest: Path) -> InstalledRelease:
+    """The release installed under dest (a temporary directory)."""
+    wheel = require_wheel(release)
+    venv = dest / "venv"
     # The interpreter this venv was made from (its python is a link to it).
     _run([os.path.realpath(sys.executable), "-m", "venv", "--system-site-packages", str(venv)])
     python = venv / "bin" / "python"
@@ -97,10 +112,10 @@ def install_release(tag: str, dest: Path) -> InstalledRelease:
         sysconfig.get_paths()["purelib"] + "\n"
     )
     pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    _run([*pip, "--no-deps", "--no-index", "--no-build-isolation", str(src)])
+    _run([*pip, "--no-deps", "--no-index", str(wheel)])
     facts = json.loads(_run([str(python), "-c", _DESCRIBE], cwd=dest))
     return InstalledRelease(
-        tag=tag,
+        release=release,
         version=facts["version"],
         node_config_size=facts["node_config_size"],
         reasons=tuple(facts["reasons"]),

@@ -1,6 +1,6 @@
 """An upgrade from the previous release to this tree under traffic, and a downgrade back.
 
-The previous release is installed from its git tag (tests/release_support.py) into a venv
+The previous release is installed from its wheel (tests/release_support.py) into a venv
 of its own. A three-node VXLAN lab comes up with every agent of that release. Traffic
 crosses one node (the victim) as in tests/test_outage.py: a ping at 100 per second both
 ways through it, and a sha256-checked TCP stream each way. Then, as a DaemonSet's rolling
@@ -73,6 +73,9 @@ FAST = (("vxlan", "fast_send"), ("vxlan", "fast_deliver"))
 def previous() -> Iterator[InstalledRelease]:
     with tempfile.TemporaryDirectory(prefix="fxdp-release-") as tmp:
         release = install_release(PREVIOUS_RELEASE, Path(tmp))
+        assert release.version == PREVIOUS_RELEASE.version, (
+            f"the wheel of {PREVIOUS_RELEASE} installed {release.version}"
+        )
         this = metadata.version("flannel-xdp")
         assert release.version != this, (
             f"{PREVIOUS_RELEASE} and this tree both call themselves {this}: the upgrade "
@@ -282,7 +285,7 @@ def test_upgrade_and_downgrade_under_traffic(
             inbound.kill()
     fast = {k: upgraded[k] for k in FAST}
     print(
-        f"{previous.tag} ({previous.version}) -> {this}: nodes ready again in "
+        f"{previous.release} ({previous.version}) -> {this}: nodes ready again in "
         f"{', '.join(f'{t:.1f}' for t in upgrade)} s; back in "
         f"{', '.join(f'{t:.1f}' for t in downgrade)} s; ping {pinged.label}: "
         f"{pinged.answered}/{pinged.sent}; "
