@@ -143,15 +143,17 @@ def test_subnet_file_is_read_only_when_complete(tmp_path):
     )
 
 
+# One lab node's agent arguments, as AgentCluster passes them.
+NODE_ARGS = {
+    "endpoint": "unix:///run/x/etcd.sock:1",
+    "etcd_prefix": "/coreos.com/network",
+    "bpffs": "/sys/fs/bpf/p-n0",
+    "subnet_file": "/run/x/n0/subnet.env",
+}
+
+
 def test_agent_argv_uses_flanneld_flags():
-    argv = agents.agent_argv(
-        endpoint="unix:///run/x/etcd.sock:1",
-        etcd_prefix="/coreos.com/network",
-        bpffs="/sys/fs/bpf/p-n0",
-        subnet_file="/run/x/n0/subnet.env",
-        ingress_hook="xdp",
-        ip_masq=True,
-    )
+    argv = agents.agent_argv(**NODE_ARGS, ingress_hook="xdp", ip_masq=True)
     joined = " ".join(argv)
     for flag in (
         "agent --etcd-endpoints unix:///run/x/etcd.sock:1",
@@ -164,24 +166,13 @@ def test_agent_argv_uses_flanneld_flags():
     ):
         assert flag in joined
     assert "fast-path" not in joined  # the agent's default
-    argv = agents.agent_argv(
-        endpoint="unix:///run/x/etcd.sock:1",
-        etcd_prefix="/coreos.com/network",
-        bpffs="/sys/fs/bpf/p-n0",
-        subnet_file="/run/x/n0/subnet.env",
-        ingress_hook="xdp",
-        ip_masq=False,
-        fast_path="off",
-    )
+    argv = agents.agent_argv(**NODE_ARGS, ingress_hook="xdp", ip_masq=False, fast_path="off")
     assert "--fast-path off" in " ".join(argv)
 
 
 def test_agent_argv_runs_the_release_given_with_its_own_fast_path_flags():
     common = {
-        "endpoint": "unix:///run/x/etcd.sock:1",
-        "etcd_prefix": "/coreos.com/network",
-        "bpffs": "/sys/fs/bpf/p-n0",
-        "subnet_file": "/run/x/n0/subnet.env",
+        **NODE_ARGS,
         "ingress_hook": "kernel",
         "ip_masq": False,
         "fast_path": "on",
@@ -201,9 +192,18 @@ def test_agent_argv_runs_the_release_given_with_its_own_fast_path_flags():
     assert "fast-path" not in " ".join(agents.agent_argv(**common, release=off))
 
 
-def test_a_release_tag_missing_from_the_clone_fails_saying_how_to_get_it():
-    with pytest.raises(pytest.fail.Exception, match=r"git fetch --tags"):
-        release_support.require_tag("v0.0.0-never-tagged")
+def test_the_previous_release_wheel_is_kept_as_released():
+    wheel = release_support.require_wheel(release_support.PREVIOUS_RELEASE)
+    assert wheel.name.startswith(f"flannel_xdp-{release_support.PREVIOUS_RELEASE.version}-")
+
+
+def test_a_release_wheel_missing_or_altered_fails_saying_so():
+    missing = release_support.Release("0.0.0", "0" * 64)
+    with pytest.raises(pytest.fail.Exception, match=r"missing: scripts/release-wheel.sh v0.0.0"):
+        release_support.require_wheel(missing)
+    altered = release_support.Release(release_support.PREVIOUS_RELEASE.version, "0" * 64)
+    with pytest.raises(pytest.fail.Exception, match=r"not the released 0{64}"):
+        release_support.require_wheel(altered)
 
 
 def test_ping_summary_parsing():
