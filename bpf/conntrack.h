@@ -88,18 +88,11 @@ static __always_inline void ct_keep_alive(void *ct, __u64 status, __u8 l4proto)
 static __always_inline int ct_flow_passes(struct __sk_buff *skb, __be32 saddr, __be32 daddr,
 					  __be16 sport, __be16 dport, __u8 l4proto)
 {
-	struct bpf_sock_tuple tuple = {};
-	struct fxdp_ct_opts opts = { .netns_id = FXDP_CT_CURRENT_NETNS, .l4proto = l4proto };
 	__u64 needed = FXDP_IPS_CONFIRMED | (l4proto == IPPROTO_TCP ? FXDP_IPS_ASSURED : 0);
+	void *ct = ct_lookup_ipv4(skb, saddr, daddr, sport, dport, l4proto);
 	__u64 status;
 	int passes;
-	void *ct;
 
-	tuple.ipv4.saddr = saddr;
-	tuple.ipv4.daddr = daddr;
-	tuple.ipv4.sport = sport;
-	tuple.ipv4.dport = dport;
-	ct = fxdp_skb_ct_lookup(skb, &tuple, sizeof(tuple.ipv4), &opts, sizeof(opts));
 	if (!ct)
 		return 0;
 	status = CT_FIELD(ct, __u64, FXDP_NF_CONN_STATUS_OFF);

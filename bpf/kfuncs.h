@@ -39,22 +39,29 @@ static int (*fxdp_ct_change_timeout)(void *ct, __u32 timeout) =
 	(void *)FXDP_KFUNC_BPF_CT_CHANGE_TIMEOUT;
 
 /*
- * The conntrack status bits of the IPv4 flow (either direction) in the skb's netns,
- * or 0 when conntrack has no entry for it (or the lookup failed).
+ * The conntrack entry of the IPv4 flow (either direction) in the skb's netns, or NULL.
+ * The caller owns a reference: it must call fxdp_ct_release() on every path.
  */
-static __always_inline __u64 ct_status_ipv4(struct __sk_buff *skb, __be32 saddr, __be32 daddr,
+static __always_inline void *ct_lookup_ipv4(struct __sk_buff *skb, __be32 saddr, __be32 daddr,
 					    __be16 sport, __be16 dport, __u8 l4proto)
 {
 	struct bpf_sock_tuple tuple = {};
 	struct fxdp_ct_opts opts = { .netns_id = FXDP_CT_CURRENT_NETNS, .l4proto = l4proto };
-	__u64 status;
-	void *ct;
 
 	tuple.ipv4.saddr = saddr;
 	tuple.ipv4.daddr = daddr;
 	tuple.ipv4.sport = sport;
 	tuple.ipv4.dport = dport;
-	ct = fxdp_skb_ct_lookup(skb, &tuple, sizeof(tuple.ipv4), &opts, sizeof(opts));
+	return fxdp_skb_ct_lookup(skb, &tuple, sizeof(tuple.ipv4), &opts, sizeof(opts));
+}
+
+/* The conntrack status bits of the IPv4 flow, or 0 when conntrack has no entry for it. */
+static __always_inline __u64 ct_status_ipv4(struct __sk_buff *skb, __be32 saddr, __be32 daddr,
+					    __be16 sport, __be16 dport, __u8 l4proto)
+{
+	void *ct = ct_lookup_ipv4(skb, saddr, daddr, sport, dport, l4proto);
+	__u64 status;
+
 	if (!ct)
 		return 0;
 	status = *(__u64 *)((char *)ct + FXDP_NF_CONN_STATUS_OFF);
