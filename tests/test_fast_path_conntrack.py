@@ -59,7 +59,10 @@ CYCLES = 20  # connections opened, streamed both ways at once, closed
 CYCLE_S = 1.5  # each: 30 s of streaming in all
 MOVING_S = 8.0  # the stream moved between the fast path and the stack
 MOVE_EVERY_S = 0.4
-SHORT_TIMEOUT_S = 2  # the conntrack timeouts a flow must outlive
+# The conntrack timeouts a flow must outlive. The program refreshes an entry once less
+# than half of it is left, so a flow outlives a pause of half of it (2 s here): longer
+# than the test process is ever descheduled on a loaded machine.
+SHORT_TIMEOUT_S = 4
 OUTLIVE_S = 3 * SHORT_TIMEOUT_S
 BLOCK = 1 << 16
 FAST_SEND = ("vxlan", "fast_send")
@@ -305,8 +308,9 @@ def sysctls(cluster: Cluster, values: dict[str, str]) -> Iterator[None]:
                 f.write(value)
 
 
-def entry_ids(cluster: Cluster, protocol: str, sport: int) -> list[str]:
-    """The id of the conntrack entry of the flow from sport, on each node."""
+def entry_ids(cluster: Cluster, protocol: str, sport: int, context: str = "") -> list[str]:
+    """The id of the conntrack entry of the flow from sport, on each node (context: what a
+    failure should also say)."""
     ids = []
     for node in cluster.nodes:
         out = process.run(
@@ -314,7 +318,7 @@ def entry_ids(cluster: Cluster, protocol: str, sport: int) -> list[str]:
             ["conntrack", "-L", "-p", protocol, "--orig-port-src", str(sport), "-o", "id"],
         ).stdout
         found = re.findall(r"\bid=(\d+)", out)
-        assert len(found) == 1, f"{node.netns}: {out!r}"
+        assert len(found) == 1, f"{node.netns}: {out!r} {context}"
         ids.append(found[0])
     return ids
 
@@ -333,14 +337,15 @@ def test_a_udp_flow_outliving_its_conntrack_timeout_keeps_its_entry(cluster):
         sport = s.getsockname()[1]
         first = entry_ids(cluster, "udp", sport)
         before = [cluster.counters(n) for n in cluster.nodes]
-        deadline, sent = time.monotonic() + OUTLIVE_S, 0
-        while time.monotonic() < deadline:
+        deadline, sent, pause = time.monotonic() + OUTLIVE_S, 0, 0.0
+        while (start := time.monotonic()) < deadline:
             payload = b"datagram %06d" % sent
             s.send(payload)
             assert s.recv(2048) == payload
             sent += 1
             time.sleep(0.02)
-        last = entry_ids(cluster, "udp", sport)
+            pause = max(pause, time.monotonic() - start)
+        last = entry_ids(cluster, "udp", sport, f"the longest exchange took {pause:.2f} s")
         fast = [
             cluster.counters(n).since(b_).traffic.get(FAST_SEND, (0, 0))[0]
             for n, b_ in zip(cluster.nodes, before, strict=True)
