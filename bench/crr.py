@@ -17,9 +17,14 @@ import socket
 import sys
 import time
 
+from .procname import set_comm
+
 BACKLOG = 4096
 REQUEST = b"q"
 REPLY = b"r"
+# comm names, so that a CPU profile tells the tool's samples apart (bench/profile.py)
+SERVER_COMM = "crr-server"
+CLIENT_COMM = "crr-client"
 
 
 def serve(ip: str, port: int) -> None:
@@ -56,9 +61,11 @@ def transactions(ip: str, port: int, seconds: float) -> dict:
 
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "server":
+        set_comm(SERVER_COMM)
         serve(argv[1], int(argv[2]))
         return 0
     if len(argv) == 4 and argv[0] == "client":
+        set_comm(CLIENT_COMM)
         print(json.dumps(transactions(argv[1], int(argv[2]), float(argv[3]))), flush=True)
         return 0
     print("usage: crr server IP PORT | crr client IP PORT SECONDS", file=sys.stderr)
