@@ -9,5 +9,6 @@ and 4 streams, UDP 64-byte packets delivered per second (live frames from the se
 pod's veth; iperf3 for reference), the receive path alone with live frames,
 request/response latency, new TCP connections per second, and CPU per Gbit; per-program
 cost through BPF_PROG_TEST_RUN (progcost.py). report.py turns the raw figures into
-medians, ratios, the targets, a table and bench/results.json.
+medians, ratios, the targets, a table and bench/results.json. profile.py runs workloads
+under `perf record` and groups the samples by category (symbols.py).
 """

@@ -56,7 +56,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.variant} #{self.rep}"
+        return f"{self.variant} r{self.rep}"
 
 
 def perf_report(data: Path) -> str:

@@ -115,7 +115,7 @@ def test_render_lists_categories_results_and_cpu_per_unit():
     prof = Profile.of(parse_report(REPORT), profile.WORKLOAD_COMMS)
     run = profile.Run("xdp-vxlan-fast", 1, {"gbps": 10.0, "gbit_transferred": 40.0}, prof)
     text = profile.render("tcp1", [run], freq=1000, top=3)
-    assert "xdp-vxlan-fast #1" in text
+    assert "xdp-vxlan-fast r1" in text
     # 600 samples at 1000 Hz = 600 ms of CPU for 40 Gbit
     assert "workload CPU ms per Gbit" in text and "15.0" in text
     assert "_copy_to_iter" in text
