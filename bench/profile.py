@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def perf_report(data: Path) -> str:
 
 
 @contextlib.contextmanager
-def recording(data: Path, freq: int):
+def recording(data: Path, freq: int) -> Iterator[None]:
     """perf record -a -g for the duration of the block."""
     argv = [PERF, "record", "-a", "-g", "-F", str(freq), "-o", str(data)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
