@@ -346,9 +346,22 @@ def delete_netns(ns: str, owner: str = "lab") -> None:
     log.error("%s: cannot delete netns %s: %s", owner, ns, res.stderr)
 
 
+# A bridge hands what it forwards to iptables while these are 1, their value in every new
+# netns once br_netfilter is in the kernel. A node needs that for its pods' bridge; the
+# switch is the underlay network, not a host: conntrack and iptables there would charge
+# every node's tunnel packets to the machine's CPUs, as no hardware switch does.
+SWITCH_BRIDGE_NETFILTER = tuple(
+    f"net.bridge.bridge-nf-call-{table}" for table in ("iptables", "ip6tables", "arptables")
+)
+
+
 def make_switch(ns: str) -> None:
-    """The underlay switch: a bridge in a netns of its own."""
+    """The underlay switch: a bridge in a netns of its own, without netfilter."""
     new_netns(ns)
+    with netns.entered(ns):
+        for name in SWITCH_BRIDGE_NETFILTER:
+            if os.path.exists(conntrack.sysctl_path(name)):  # br_netfilter is in the kernel
+                _sysctl(name, "0")
     with _iproute(ns) as ipr:
         ipr.link("add", ifname=SWITCH_BRIDGE, kind="bridge")
         ipr.link("set", index=_index(ipr, SWITCH_BRIDGE), state="up")
