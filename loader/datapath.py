@@ -257,10 +257,21 @@ def _install(
             pins.remove()
         raise
 
-    # flanneld's flannel.<VNI> is swapped for ours under traffic (loader.handover): its
-    # peers go into the map before anything reads it, its routes onto ours at the switch.
+    # flanneld's flannel.<VNI>, or ours of the other kind, is swapped for this one under
+    # traffic (loader.handover): flanneld's peers go into the map before anything reads
+    # it, the routes onto the new device at the switch.
     handover.recover(node.vni)
-    swap = handover.Swap.step_aside(node.vni) if devices.is_flanneld_tunnel(node.vni) else None
+    kind = cfg.ingress_hook.tunnel_kind
+    swap = (
+        handover.Swap.step_aside(node.vni)
+        if devices.must_swap(node.vni, kind, node.vxlan_port)
+        else None
+    )
+    # The tc build on the underlay decapsulates into node_config's tunnel: from a veth
+    # to a vxlan device, it points at the veth until the kernel build has replaced it.
+    config_after_underlay = (
+        swap is not None and not swap.old_is_vxlan and kind is devices.TunnelKind.VXLAN
+    )
     try:
         if swap is not None:
             with SubnetsMap(pins.maps) as subnets:
@@ -287,10 +298,8 @@ def _install(
             tunnel_peer_ifindex=tunnel.peer_ifindex,
             tcp_fast_path=cfg.tcp_fast_path,
         )
-        with NodeConfigMap(pins.maps) as node_config:
-            if node_config.read() != settings:  # the programs attached read it
-                node_config.write(settings)
-
+        if not config_after_underlay:
+            _write_node_config(pins, settings)
         attach.attach_tc(
             tunnel.name, TUNNEL_EGRESS.direction, fds[TUNNEL_EGRESS.name], TUNNEL_EGRESS.name
         )
@@ -309,6 +318,8 @@ def _install(
             swap.abort()
         raise
     mode = _attach_underlay(cfg, fds, names)
+    if config_after_underlay:
+        _write_node_config(pins, settings)
     if swap is not None:
         swap.finish()
     if POD_INGRESS in progs:
@@ -340,6 +351,12 @@ def _install(
     return InstalledDataPath(
         pins=pins, tunnel=tunnel, underlay_ifindex=underlay_ifindex, xdp_mode=mode
     )
+
+
+def _write_node_config(pins: PinDir, settings: NodeSettings) -> None:
+    with NodeConfigMap(pins.maps) as node_config:
+        if node_config.read() != settings:  # the programs attached read it
+            node_config.write(settings)
 
 
 def _attach_underlay(

@@ -109,6 +109,30 @@ def is_flanneld_tunnel(vni: int) -> bool:
         return idx is not None and _is_flanneld_vxlan(ipr, idx)
 
 
+def is_our_vxlan_tunnel(vni: int) -> bool:
+    """flannel.<VNI> is our external vxlan device (the kernel hook's), which holds a UDP port."""
+    with IPRoute() as ipr:
+        idx = ifindex(ipr, tunnel_names(vni)[0])
+        found = _tunnel_kind(ipr, idx) if idx is not None else None
+        return found is not None and found[0] is TunnelKind.VXLAN
+
+
+def must_swap(vni: int, kind: TunnelKind, port: int) -> bool:
+    """Whether flannel.<VNI> is there but not to be adopted as a tunnel of this kind (and,
+    vxlan, port): flanneld's device, or ours of the other kind or port. It carries
+    traffic, so it is swapped under it (loader.handover), not deleted and made again."""
+    with IPRoute() as ipr:
+        idx = ifindex(ipr, tunnel_names(vni)[0])
+        if idx is None:
+            return False
+        if _is_flanneld_vxlan(ipr, idx):
+            return True
+        found = _tunnel_kind(ipr, idx)
+        if found is None:
+            return False  # not ours: ensure_tunnel refuses it
+        return found[0] is not kind or (kind is TunnelKind.VXLAN and found[1] != port)
+
+
 def _sysctl(path: str, value: str) -> None:
     try:
         with open(path, "w") as f:
@@ -148,7 +172,7 @@ def ensure_tunnel(
 ) -> TunnelDevice:
     """Create (or adopt) the tunnel device of this kind and bring it up with our settings
     (a new one stays down when not up: loader.handover brings it up at its switch).
-    A tunnel of our other kind is replaced (the ingress hook changed)."""
+    One that must_swap() names is swapped first, by the caller."""
     name, peer = tunnel_names(vni)
     with IPRoute() as ipr:
         idx = ifindex(ipr, name)
@@ -163,14 +187,11 @@ def ensure_tunnel(
                     f"{name} exists but is not a flannel-xdp tunnel (kind {_link_kind(ipr, idx)}): "
                     "is flanneld running here?"
                 )
-            elif found[0] is not kind or (kind is TunnelKind.VXLAN and found[1] != port):
-                found_kind, found_port = found
-                log.warning(
-                    "replacing tunnel device %s (%s, port %s) by a %s on port %s",
-                    name, found_kind, found_port, kind, port,
-                )  # fmt: skip
-                ipr.link("del", index=idx)
-                idx = None
+            if found[0] is not kind or (kind is TunnelKind.VXLAN and found[1] != port):
+                raise DeviceError(
+                    f"{name} is our {found[0]} tunnel (port {found[1]}), not a {kind} on "
+                    f"port {port}: swap it with loader.handover first"
+                )
         if idx is None:
             _create(ipr, kind, name, peer, port)
             idx = ifindex(ipr, name)
@@ -258,7 +279,9 @@ __all__ = [
     "TunnelKind",
     "ensure_tunnel",
     "is_flanneld_tunnel",
+    "is_our_vxlan_tunnel",
     "link_mtu",
+    "must_swap",
     "remove_tunnel",
     "require_ifindex",
     "tunnel_names",

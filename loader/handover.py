@@ -1,22 +1,24 @@
-"""Swapping flannel.<VNI> between flanneld's kernel vxlan device and ours, under traffic.
+"""Swapping flannel.<VNI> for a device of another kind, under traffic.
 
 A node that moves from flanneld to flannel-xdp (or back) keeps its lease, so the other
 nodes have nothing to relearn; what changes is the device every packet to another node
-is routed into. Deleting the old device first would drop those packets until the routes
-are back. So the swap keeps the gap to what the kernel forces:
+is routed into (flanneld's vxlan device, our veth tunnel or our external vxlan device).
+Deleting the old device first would drop those packets until the routes are back. So:
 
 1. the old device steps aside under another name (a live rename: its routes,
    neighbours, FDB and UDP socket stay and keep carrying traffic);
 2. the new device is made under the name, down, with the old one's address and
    permanent neighbours (and, for flanneld, an FDB entry per peer), its programs
    attached and the maps filled by the caller;
-3. the switch: the new device comes up and the routes move onto it. Two kernel
-   vxlan devices of different kinds cannot hold the same UDP port, so when both are
-   vxlan the old one goes down first: until the new one is up nothing receives VXLAN,
-   and until a route is back nothing is sent on it. One `ip -batch` sends the messages
-   back to back, but closing the old device waits for RCU grace periods: 10-30 ms
-   here. A veth tunnel holds no port, and each route moves atomically;
+3. the switch: the new device comes up and the routes move onto it, each atomically;
+   the caller then puts the underlay program for the new device in place;
 4. the old device is deleted.
+
+Two kernel vxlan devices of different kinds cannot hold the same UDP port, and one
+releases it only as it closes, which waits for RCU grace periods. So when both are vxlan
+the old one goes down first, and nothing receives VXLAN until the new one is up: the
+caller (loader/datapath.py) avoids that by going through the veth tunnel, which holds no
+port, whenever flanneld's device and ours are both vxlan devices.
 
 A crash between 1 and 4 leaves the old device under its aside name; the next attempt
 puts it back (or, after the switch, deletes it) before it starts.
@@ -161,6 +163,7 @@ class Swap:
     vni: int
     old_ifindex: int
     state: TunnelState
+    old_is_vxlan: bool  # holds a UDP port (else a veth tunnel, which holds none)
     switched: bool = False
 
     @classmethod
@@ -171,6 +174,7 @@ class Swap:
             if idx is None:
                 raise HandoverError(f"{name} does not exist: nothing to swap")
             state = read_state(ipr, idx)
+            old_is_vxlan = _is_vxlan(ipr, idx)
             try:
                 ipr.link("set", index=idx, ifname=aside_name(vni))
             except NetlinkError as exc:
@@ -179,7 +183,7 @@ class Swap:
             "%s steps aside as %s (%d routes, %d neighbours on it)",
             name, aside_name(vni), len(state.routes), len(state.neighbours),
         )  # fmt: skip
-        return cls(vni, idx, state)
+        return cls(vni, idx, state, old_is_vxlan)
 
     def prepare(self, new_ifindex: int, fdb: dict[str, IPv4Address] | None = None) -> None:
         """The old device's address and neighbours (and fdb) on the new, still down."""
@@ -208,8 +212,8 @@ class Swap:
         """Bring the new device up and move every route onto it.
 
         One `ip -batch` does it: iproute2 sends the messages back to back, a quarter of
-        the time per message pyroute2 takes, and between the first and the last of them
-        (old down, new up, routes) packets through this node have no path.
+        the time per message pyroute2 takes. Between old down and new up (both vxlan, see
+        the module's docstring) packets through this node would have no path.
         """
         with IPRoute() as ipr:
             both_vxlan = _is_vxlan(ipr, self.old_ifindex) and _is_vxlan(ipr, new_ifindex)

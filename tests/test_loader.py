@@ -156,18 +156,23 @@ def test_install_replace_and_uninstall(node, hook):
 
 
 def test_switching_hooks_replaces_the_tunnel_kind(node):
-    """kernel -> xdp -> kernel: the vxlan device gives way to the veth pair and back, and
-    only the current hook's underlay program stays attached and pinned."""
+    """kernel -> xdp -> kernel: the vxlan device gives way to the veth pair and back,
+    swapped with the routes on it (loader.handover), and only the current hook's underlay
+    program stays attached and pinned."""
     ns, bpffs = node
-    for hook in (
-        datapath.IngressHook.KERNEL,
-        datapath.IngressHook.XDP,
-        datapath.IngressHook.KERNEL,
+    for i, hook in enumerate(
+        (datapath.IngressHook.KERNEL, datapath.IngressHook.XDP, datapath.IngressHook.KERNEL)
     ):
         cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, ingress_hook=hook)
         with netns.entered(ns):
             installed = datapath.install(cfg, NODE)
             xdp_attached = attach.xdp_state("eth0") != (0, 0)
+            if i == 0:
+                with IPRoute() as ipr:
+                    routes.set_tunnel_address(ipr, NODE.subnet, NODE.vni)
+                    routes.sync_peers(ipr, [FLANNELD_PEER], NODE.vni)
+        assert _routed_via(ns, FLANNELD_PEER.subnet) == ("flannel.1", "198.18.2.0")
+        assert _link(ns, handover.aside_name(1)) is None
         assert _tunnel_kind(ns) == hook.tunnel_kind.value
         assert installed.tunnel.kind is hook.tunnel_kind
         assert xdp_attached == (hook is datapath.IngressHook.XDP)
