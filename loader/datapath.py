@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -208,7 +208,20 @@ def install(cfg: DataPathConfig, node: NodeParams) -> InstalledDataPath:
         # Under the lock: an install that ran meanwhile may have made the first pins.
         fresh = not os.listdir(pins.maps) and not os.listdir(pins.progs)
         map_upgrades.recover_interrupted(pins)
+        handover.recover(node.vni)
+        if cfg.ingress_hook is IngressHook.KERNEL and devices.is_flanneld_tunnel(node.vni):
+            # flanneld's device and ours both want the UDP port: through the tc hook's
+            # veth tunnel, which holds none, each swap has a path at every moment.
+            log.info("taking over flanneld's tunnel through the tc hook's veth tunnel")
+            _install(veth_shape(cfg), node, pins, underlay_ifindex, tunnel_mtu, fresh)
+            fresh = False
         return _install(cfg, node, pins, underlay_ifindex, tunnel_mtu, fresh)
+
+
+def veth_shape(cfg: DataPathConfig) -> DataPathConfig:
+    """The tc hook's data path for cfg's node: the step between a kernel vxlan device of
+    ours and flanneld's (loader/handover.py). The fast path is not built for it."""
+    return replace(cfg, ingress_hook=IngressHook.TC, udp_fast_path=False, tcp_fast_path=False)
 
 
 def _install(
@@ -407,6 +420,24 @@ def hand_over(bpffs: str, underlay: str, backend: Backend, vni: int = defaults.V
             raise handover.HandoverError(
                 f"cannot route host-gw peers via {underlay}: {exc}"
             ) from exc
+        if backend is Backend.VXLAN and devices.is_our_vxlan_tunnel(vni):
+            # Our vxlan device holds the UDP port flanneld's wants: first the tc hook's
+            # veth tunnel, then (the port free) flanneld's device, each swap without a gap.
+            log.info("handing over through the tc hook's veth tunnel")
+            _install(
+                veth_shape(_installed_config(pins, underlay)),
+                NodeParams(
+                    public_ip=settings.public_ip,
+                    subnet=settings.subnet,
+                    vtep_mac=settings.vtep_mac,
+                    vni=vni,
+                    vxlan_port=settings.vxlan_port,
+                ),
+                pins,
+                settings.underlay_ifindex,
+                devices.link_mtu(devices.tunnel_names(vni)[0]),
+                fresh=False,
+            )
         if backend is Backend.VXLAN:
             swap = handover.Swap.step_aside(vni)
             try:
@@ -440,6 +471,13 @@ def hand_over(bpffs: str, underlay: str, backend: Backend, vni: int = defaults.V
         map_upgrades.drop_leftovers(pins)
     pins.remove()
     log.info("data path handed over to flanneld (%s, %d peers)", backend, len(peers))
+
+
+def _installed_config(pins: PinDir, underlay: str) -> DataPathConfig:
+    """The config an install for the pinned data path takes (the subnets map's size kept)."""
+    with SubnetsMap(pins.maps) as subnets:
+        max_subnets = subnets.max_entries
+    return DataPathConfig(underlay=underlay, bpffs=pins.root, max_subnets=max_subnets)
 
 
 def uninstall(bpffs: str, underlay: str | None, vni: int = defaults.VXLAN_VNI) -> None:
