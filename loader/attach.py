@@ -152,8 +152,11 @@ def attach_tcx(index: int, direction: str, prog_fd: int, prog_name: str, pin: st
     log.info("attached %s to tcx %s of ifindex %d", prog_name, direction, index)
 
 
-def detach_tc(dev: str, direction: str) -> bool:
-    """Remove our filter; drop the clsact qdisc when no filter is left on it."""
+def detach_tc(dev: str, direction: str, keep_qdisc: bool = False) -> bool:
+    """Remove our filter; drop the clsact qdisc when no filter is left on it, unless
+    keep_qdisc: adding or deleting a qdisc deactivates the device's queues for a moment,
+    and what the device sends meanwhile is dropped (the underlay of a node that keeps
+    forwarding keeps an empty clsact)."""
     with IPRoute() as ipr:
         found = ipr.link_lookup(ifname=dev)
         if not found:
@@ -179,7 +182,7 @@ def detach_tc(dev: str, direction: str) -> bool:
             for f in ipr.get_filters(idx, parent=parent)
             if f.get_attr("TCA_KIND")
         ]
-        if not left:
+        if not left and not keep_qdisc:
             try:
                 ipr.tc("del", "clsact", idx)
             except NetlinkError as exc:

@@ -460,10 +460,12 @@ def hand_over(bpffs: str, underlay: str, backend: Backend, vni: int = defaults.V
                 swap.abort()
                 raise
         # What stays of ours goes now: the underlay program last handed VXLAN to our
-        # tunnel; from here the kernel's socket of flanneld's device takes it.
+        # tunnel; from here the kernel's socket of flanneld's device takes it. The
+        # underlay keeps its clsact qdisc, empty: deleting it would drop what the node
+        # sends for a moment, and a later install finds it there.
         pod_ports.detach_pod_ports(bpffs)
         attach.detach_xdp(underlay)
-        attach.detach_tc(underlay, UNDERLAY_TC.direction)
+        attach.detach_tc(underlay, UNDERLAY_TC.direction, keep_qdisc=True)
         if backend is Backend.VXLAN:
             swap.finish()
         else:

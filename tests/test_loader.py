@@ -313,6 +313,11 @@ def test_hand_over_leaves_flanneld_its_kind_of_device(node, hook):
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert "underlay" not in tc, tc
+    qdiscs = subprocess.run(
+        ["tc", "-n", ns, "qdisc", "show", "dev", "eth0"], capture_output=True, text=True
+    ).stdout
+    # Deleting it would drop what eth0 sends for a moment; a later install finds it.
+    assert ("clsact" in qdiscs) == (hook is not datapath.IngressHook.XDP), qdiscs
 
 
 def test_hand_over_without_a_data_path_is_a_clear_error(node):
