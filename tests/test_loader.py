@@ -277,6 +277,26 @@ def test_an_interrupted_takeover_is_undone_and_done_again(node):
     assert _routed_via(ns, FLANNELD_PEER.subnet) == ("flannel.1", "198.18.2.0")
 
 
+def test_a_takeover_killed_between_its_two_swaps_is_finished(node):
+    """The kernel hook takes flanneld's device over through the tc hook's veth tunnel:
+    killed in the second swap (the veth aside, our vxlan device not switched yet), the
+    next install puts the veth back and swaps it for the vxlan device, with the routes."""
+    ns, bpffs = node
+    _flanneld_node(ns)
+    tc_hook = datapath.DataPathConfig(
+        underlay="eth0", bpffs=bpffs, ingress_hook=datapath.IngressHook.TC
+    )
+    with netns.entered(ns):
+        datapath.install(tc_hook, NODE)
+    _ip("-n", ns, "link", "set", "flannel.1", "name", handover.aside_name(1))
+    _ip("-n", ns, "link", "add", "flannel.1", "type", "vxlan", "external", "dstport", "8472")
+    with netns.entered(ns):
+        datapath.install(datapath.DataPathConfig(underlay="eth0", bpffs=bpffs), NODE)
+    assert _tunnel_kind(ns) == "vxlan"
+    assert _link(ns, handover.aside_name(1)) is None and _link(ns, "fxdp.1") is None
+    assert _routed_via(ns, FLANNELD_PEER.subnet) == ("flannel.1", "198.18.2.0")
+
+
 @pytest.mark.parametrize("hook", [datapath.IngressHook.KERNEL, datapath.IngressHook.XDP])
 def test_hand_over_leaves_flanneld_its_kind_of_device(node, hook):
     """Moving back: flannel.1 becomes a VNI device as flanneld makes it (same VtepMAC,

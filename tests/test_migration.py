@@ -6,17 +6,17 @@ whose every reply is accounted for, and every pair of nodes a sha256-checked TCP
 (tests/test_outage.py's Pinger and Stream). Then each node in turn moves over
 (AgentCluster.replace_dataplane: SIGTERM to flanneld, the agent started with the same
 flags; it takes the lease whose PublicIP is its own and the VtepMAC of flanneld's
-flannel.1), and afterwards each moves back to flanneld. Each step keeps the node's
-lease exactly (subnet, PublicIP, VtepMAC): the other nodes have nothing to relearn.
+flannel.1), afterwards each moves back to flanneld, and then each moves over once more.
+Each step keeps the node's lease exactly (subnet, PublicIP, VtepMAC): the other nodes have
+nothing to relearn.
 
-Per step the pings lost are printed (run with -s) and carried in the assertion
-messages, as a share of the step's pings (the step plus SETTLE seconds either side) and as
-the outage they mean on each pair through the node. flannel.<VNI> is swapped under traffic
-both ways (loader/handover.py); with the default kernel hook the swap has a gap of a few
-milliseconds (two kernel vxlan devices cannot hold the UDP port at once), which costs a
-pair through the node a ping or two per step, so "nothing lost" is reported, not asserted.
-Asserted: no step loses more than LOSS_GOAL of its pings, no stream breaks or loses a byte,
-every lease stays exactly as it was, and no step costs a pair more than OUTAGE_MAX.
+Per step the pings lost are printed (run with -s) and carried in the assertion messages.
+flannel.<VNI> is swapped under traffic both ways (loader/handover.py), with the default
+kernel hook through the tc hook's veth tunnel, so that no moment is without a path.
+Asserted: no step loses a ping, but a node's first move, where its underlay gets its
+first clsact qdisc (adding one drops what the device sends for a moment; the handover
+back leaves it there), loses at most FIRST_QDISC_MAX seconds of pings per pair; no
+stream breaks or loses a byte; every lease stays exactly as it was.
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ from tests.test_outage import PING_INTERVAL, Pinger, PingOutcome, Stream
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 
-LOSS_GOAL = 0.01  # of a step's pings, over every pair
-# Seconds of lost pings on any one pair in one step: 10-40 ms seen, with both cores loaded.
-OUTAGE_MAX = 0.5
 # Seconds of traffic before and after each step: a step's pings are those of this window
 # plus the step itself (an agent's start takes 10-20 s here, mostly compiling; flanneld's
-# under a second), so 1 % of them is about 0.2-0.4 s of outage on the pairs through the node.
+# under a second).
 SETTLE = 10.0
 PING_MS = 1000 * float(PING_INTERVAL)  # one lost ping: this much outage on its pair
+# Seconds of pings a pair may lose at a node's first move (its underlay's first clsact
+# qdisc): 0-30 ms seen, with both cores loaded.
+FIRST_QDISC_MAX = 0.1
 
 
 def _pingers(lab: AgentCluster, tmp: Path, step: int) -> list[Pinger]:
@@ -78,6 +78,8 @@ def test_rolling_migration_under_traffic(tmp_path: Path) -> None:
         try:
             plan = [(n, Dataplane.FLANNEL_XDP) for n in lab.nodes]
             plan += [(n, Dataplane.FLANNELD) for n in lab.nodes]
+            plan += [(n, Dataplane.FLANNEL_XDP) for n in lab.nodes]
+            first_moves = set(range(1, len(lab.nodes) + 1))
             for step, (node, to) in enumerate(plan, 1):
                 label, outcomes, took = _step(lab, node, to, tmp_path, step)
                 sent = sum(o.sent for o in outcomes)
@@ -86,9 +88,9 @@ def test_rolling_migration_under_traffic(tmp_path: Path) -> None:
                 pairs = sum(1 for o in outcomes if o.lost)
                 rows.append((step, label, sent, lost, took, per_pair, pairs))
                 worst = max(len(o.lost) for o in outcomes) * PING_MS / 1000
-                if worst > OUTAGE_MAX:
+                if step in first_moves and worst > FIRST_QDISC_MAX:
                     problems.append(f"step {step} ({label}): a pair lost {worst:.2f} s of pings")
-                if lost > LOSS_GOAL * sent:
+                if lost and step not in first_moves:
                     problems.append(f"step {step} ({label}): {lost} of {sent} pings lost")
                 assert lab.process_alive(node), node_label(node)
         finally:
@@ -117,7 +119,7 @@ def test_rolling_migration_under_traffic(tmp_path: Path) -> None:
             else:
                 table.append(f"stream {r['label']}: " + Stream.figures(r))
         report = "\n".join(table)
-        print("\nrolling migration flanneld -> flannel-xdp -> flanneld\n" + report)
+        print("\nrolling migration flanneld -> flannel-xdp -> flanneld -> flannel-xdp\n" + report)
         for r in results:
             if "error" in r:
                 problems.append(f"stream {r['label']} broke: {r['error']}")
