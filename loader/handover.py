@@ -34,17 +34,15 @@ from socket import AF_BRIDGE, AF_INET
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
 
 from flannel_xdp import defaults
 from flannel_xdp.backend import Backend
 from flannel_xdp.maps.views import Peer
+from flannel_xdp.rtnl import MAIN_TABLE, NUD_PERMANENT
 
 log = logging.getLogger(__name__)
 
-MAIN_TABLE = 254
-NUD_PERMANENT = ndmsg.states["permanent"]
 NTF_SELF = 0x2
 IFNAMSIZ = 16
 

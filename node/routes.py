@@ -30,17 +30,15 @@ from socket import AF_INET
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import RTNH_F_ONLINK
 
 from flannel_xdp import defaults
 from flannel_xdp.backend import Backend
 from flannel_xdp.maps.views import Peer
+from flannel_xdp.rtnl import MAIN_TABLE, NUD_NONE, NUD_PERMANENT, NUD_VALID
 
 log = logging.getLogger(__name__)
 
-MAIN_TABLE = 254
-NUD_PERMANENT = ndmsg.states["permanent"]
 # Deleting what is already gone is success: removal must be repeatable.
 _GONE = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
 
@@ -230,8 +228,6 @@ def sync_peers(ipr: IPRoute, peers: Iterable[Peer], vni: int = defaults.VXLAN_VN
 # the kernel resolves it at once and keeps it resolved, and the program always finds the
 # MAC. Entries are marked with NEIGH_PROTOCOL so that only ours are ever removed.
 
-NUD_NONE = 0
-NUD_VALID = 0xDE  # NUD_REACHABLE|NOARP|PERMANENT|STALE|DELAY|PROBE (include/net/neighbour.h)
 NTF_EXT_MANAGED = 0x1
 NEIGH_PROTOCOL = 0x66  # "f": flannel-xdp's underlay neighbours
 

@@ -1,0 +1,15 @@
+"""Routing-netlink values the node and the loader both program the kernel with.
+
+They are the kernel's own (linux/rtnetlink.h, linux/neighbour.h): the main routing
+table, and the neighbour states a caller sets or must tell apart.
+"""
+
+MAIN_TABLE = 254  # RT_TABLE_MAIN
+
+NUD_NONE = 0
+NUD_INCOMPLETE = 0x01
+NUD_FAILED = 0x20
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+# REACHABLE | NOARP | PERMANENT | STALE | DELAY | PROBE (include/net/neighbour.h)
+NUD_VALID = 0xDE
