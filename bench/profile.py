@@ -29,7 +29,7 @@ from . import crr
 from .__main__ import _names, check_prerequisites
 from .bpfprogs import GeneratorCache
 from .procname import set_comm
-from .runner import WORKLOADS, BenchSettings, Workload
+from .runner import WORKLOADS, BenchSettings, Workload, interleaved
 from .symbols import CATEGORY_NAMES, Profile, parse_report
 from .variants import VARIANT_NAMES, Bed, Testbed, select
 from .workloads import warm_up
@@ -194,13 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"profile: dropped {testbed.broken}", file=sys.stderr)
             for wl in chosen:
                 runs = []
-                for rep in range(1, args.reps + 1):
-                    for bed in beds:
-                        if bed.variant.is_direct and not wl.direct:
-                            continue
-                        run = profile_run(bed, wl, rep, settings, args.freq, keep, generators)
-                        print(f"[{wl.key} {rep}/{args.reps}] {run.label}", file=sys.stderr)
-                        runs.append(run)
+                for rep, bed in interleaved(beds, wl, args.reps):
+                    run = profile_run(bed, wl, rep, settings, args.freq, keep, generators)
+                    print(f"[{wl.key} {rep}/{args.reps}] {run.label}", file=sys.stderr)
+                    runs.append(run)
                 print(render(wl.key, runs, args.freq, args.top) + "\n", flush=True)
     except KeyboardInterrupt:
         print("profile: interrupted; clusters torn down", file=sys.stderr)

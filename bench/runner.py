@@ -12,7 +12,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from flannel_xdp.lab.process import CommandError
@@ -129,34 +129,38 @@ def _headline(key: str, result: dict) -> str:
     return ""
 
 
+def interleaved(beds: list[Bed], wl: Workload, reps: int) -> Iterator[tuple[int, Bed]]:
+    """(repetition from 1, bed) in the order runs are taken: each repetition visits every
+    variant in turn, so a slow phase of the machine lands on all alike; the direct pair
+    only for the workloads it runs."""
+    for rep in range(1, reps + 1):
+        for bed in beds:
+            if not bed.variant.is_direct or wl.direct:
+                yield rep, bed
+
+
 def run_workloads(beds: list[Bed], settings: BenchSettings, raw: RawResults) -> None:
     selected = [w for w in WORKLOADS if not settings.workloads or w.key in settings.workloads]
     generators = GeneratorCache()
     try:
         for wl in selected:
             per_variant = raw.workloads.setdefault(wl.key, {})
-            for rep in range(settings.reps):
-                for bed in beds:
-                    if bed.variant.is_direct and not wl.direct:
-                        continue
-                    name = bed.variant.name
-                    t0 = time.monotonic()
-                    try:
-                        lost = workloads.warm_up(bed) if wl.warm_up else 0
-                        result = wl.run(bed, settings, generators)
-                        if wl.warm_up:
-                            result["warmup_pings_lost"] = lost
-                    except MEASUREMENT_ERRORS as exc:
-                        result = {"error": f"{type(exc).__name__}: {exc}"}
-                        raw.errors.append(f"{wl.key} rep {rep + 1} {name}: {result['error']}")
-                        log.debug("%s %s failed", wl.key, name, exc_info=True)
-                    result["rep"] = rep + 1
-                    result["took_s"] = round(time.monotonic() - t0, 2)
-                    per_variant.setdefault(name, []).append(result)
-                    _say(
-                        f"[{wl.key} {rep + 1}/{settings.reps}] {name:<14} "
-                        f"{_headline(wl.key, result)}"
-                    )
+            for rep, bed in interleaved(beds, wl, settings.reps):
+                name = bed.variant.name
+                t0 = time.monotonic()
+                try:
+                    lost = workloads.warm_up(bed) if wl.warm_up else 0
+                    result = wl.run(bed, settings, generators)
+                    if wl.warm_up:
+                        result["warmup_pings_lost"] = lost
+                except MEASUREMENT_ERRORS as exc:
+                    result = {"error": f"{type(exc).__name__}: {exc}"}
+                    raw.errors.append(f"{wl.key} rep {rep} {name}: {result['error']}")
+                    log.debug("%s %s failed", wl.key, name, exc_info=True)
+                result["rep"] = rep
+                result["took_s"] = round(time.monotonic() - t0, 2)
+                per_variant.setdefault(name, []).append(result)
+                _say(f"[{wl.key} {rep}/{settings.reps}] {name:<14} {_headline(wl.key, result)}")
     finally:
         generators.close()
 
