@@ -40,6 +40,15 @@ def _cmd_teardown(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_prepare_downgrade(args: argparse.Namespace) -> int:
+    from flannel_xdp.loader import underlay_tc
+    from flannel_xdp.loader.bpffs import PinDir
+
+    if not underlay_tc.move_to_clsact(PinDir(args.bpffs), args.iface):
+        log.info("%s: no tcx link of ours on it: nothing to move", args.iface)
+    return EXIT_OK
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from flannel_xdp.cli import inspect
 
@@ -101,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
         "neighbour entry) so that flanneld, started next, adopts them without a gap",
     )
     teardown.set_defaults(func=_cmd_teardown)
+
+    downgrade = sub.add_parser(
+        "prepare-downgrade",
+        help="before starting 0.1.0 on this node: move the underlay's program from its tcx "
+        "link to a filter on a clsact qdisc, where 0.1.0 replaces it",
+        description="0.1.0 attaches underlay_tc as a clsact filter and does not know the tcx "
+        "link this version uses; a link left there would run ahead of 0.1.0's filter. "
+        "Run this after stopping the agent and before starting 0.1.0. Adding the qdisc drops "
+        "what the underlay sends for a moment.",
+    )
+    downgrade.add_argument(
+        "--bpffs", default=defaults.BPFFS_DIR, help="pin directory (%(default)s)"
+    )
+    downgrade.add_argument("--iface", required=True, help="the underlay interface")
+    downgrade.set_defaults(func=_cmd_prepare_downgrade)
     return parser
 
 

@@ -5,7 +5,7 @@ of an existing filter, a tcx link's update swaps its program, and setting XDP
 over an attached program swaps it in one netlink call, so traffic never sees a gap.
 
 tcx (bpf_link on the device's tc hook, Linux 6.6) is for devices that carry
-traffic when we first attach, such as pods' veth ends: adding a clsact qdisc
+traffic when we first attach, such as pods' veth ends and the underlay: adding a clsact qdisc
 deactivates the device's queues for a moment, and what it sends then is dropped.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from enum import StrEnum
 
 from pyroute2 import IPRoute
@@ -150,6 +151,39 @@ def attach_tcx(index: int, direction: str, prog_fd: int, prog_name: str, pin: st
     finally:
         os.close(link_fd)
     log.info("attached %s to tcx %s of ifindex %d", prog_name, direction, index)
+
+
+# How long unpin_tcx_links() waits for the kernel to let go of an unpinned link.
+TCX_DETACH_WAIT_S = 1.0
+
+
+def unpin_tcx_links(pins: list[str], direction: str) -> None:
+    """Unpin each tcx link (its last reference) and return once its program is off its
+    interface: the kernel releases an unpinned link after an RCU grace period and a work
+    item, a few milliseconds later, and until then the interface still runs it."""
+    attached = []
+    for pin in pins:
+        fd = libbpf.obj_get(pin)
+        try:
+            info = libbpf.link_info(fd)
+        finally:
+            os.close(fd)
+        attached.append((info.tcx_ifindex, info.prog_id))
+        os.unlink(pin)
+    deadline = time.monotonic() + TCX_DETACH_WAIT_S
+    while time.monotonic() < deadline and any(
+        _tcx_runs(index, direction, prog_id) for index, prog_id in attached
+    ):
+        time.sleep(0.001)
+
+
+def _tcx_runs(index: int, direction: str, prog_id: int) -> bool:
+    if index == 0:  # the interface is gone
+        return False
+    try:
+        return prog_id in libbpf.prog_query(index, TCX_ATTACH_TYPE[direction])
+    except libbpf.BpfError:  # gone meanwhile
+        return False
 
 
 def detach_tc(dev: str, direction: str, keep_qdisc: bool = False) -> bool:

@@ -23,7 +23,16 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel_xdp import defaults
 from flannel_xdp.backend import Backend
-from flannel_xdp.loader import attach, devices, handover, kfunc, libbpf, map_upgrades, pod_ports
+from flannel_xdp.loader import (
+    attach,
+    devices,
+    handover,
+    kfunc,
+    libbpf,
+    map_upgrades,
+    pod_ports,
+    underlay_tc,
+)
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.compile import BuildParams, compile_program
 from flannel_xdp.loader.programs import (
@@ -330,7 +339,7 @@ def _install(
         if swap is not None:
             swap.abort()
         raise
-    mode = _attach_underlay(cfg, fds, names)
+    hook = _attach_underlay(cfg, pins, underlay_ifindex, fds, names)
     if config_after_underlay:
         _write_node_config(pins, settings)
     if swap is not None:
@@ -353,7 +362,9 @@ def _install(
     log.info(
         "data path installed: underlay %s (%s), tunnel %s, pins under %s",
         cfg.underlay,
-        f"XDP {mode.value}" if mode else f"tc ingress, {cfg.ingress_hook.value} decap",
+        f"XDP {hook.value}"
+        if isinstance(hook, attach.XdpMode)
+        else f"{hook.value} ingress, {cfg.ingress_hook.value} decap",
         tunnel.name,
         pins.root,
     )
@@ -362,7 +373,10 @@ def _install(
     for fd in own_fds:
         os.close(fd)
     return InstalledDataPath(
-        pins=pins, tunnel=tunnel, underlay_ifindex=underlay_ifindex, xdp_mode=mode
+        pins=pins,
+        tunnel=tunnel,
+        underlay_ifindex=underlay_ifindex,
+        xdp_mode=hook if isinstance(hook, attach.XdpMode) else None,
     )
 
 
@@ -373,19 +387,19 @@ def _write_node_config(pins: PinDir, settings: NodeSettings) -> None:
 
 
 def _attach_underlay(
-    cfg: DataPathConfig, fds: dict[str, int], names: dict[str, str]
-) -> attach.XdpMode | None:
+    cfg: DataPathConfig, pins: PinDir, index: int, fds: dict[str, int], names: dict[str, str]
+) -> attach.XdpMode | underlay_tc.Hook:
     """Attach the chosen ingress program, then remove the other one: both run for a
     moment rather than neither, so a switch of hook loses no packet."""
     if cfg.ingress_hook == IngressHook.XDP:
         mode = attach.attach_xdp(cfg.underlay, fds[UNDERLAY_XDP.name], cfg.xdp_mode)
-        attach.detach_tc(cfg.underlay, UNDERLAY_TC.direction)
+        underlay_tc.detach_program(pins, cfg.underlay)
         return mode
-    attach.attach_tc(
-        cfg.underlay, UNDERLAY_TC.direction, fds[UNDERLAY_TC.name], names[UNDERLAY_TC.name]
+    hook = underlay_tc.attach_program(
+        pins, cfg.underlay, index, fds[UNDERLAY_TC.name], names[UNDERLAY_TC.name]
     )
     attach.detach_xdp(cfg.underlay)
-    return None
+    return hook
 
 
 def hand_over(bpffs: str, underlay: str, backend: Backend, vni: int = defaults.VXLAN_VNI) -> None:
@@ -460,12 +474,12 @@ def hand_over(bpffs: str, underlay: str, backend: Backend, vni: int = defaults.V
                 swap.abort()
                 raise
         # What stays of ours goes now: the underlay program last handed VXLAN to our
-        # tunnel; from here the kernel's socket of flanneld's device takes it. The
-        # underlay keeps its clsact qdisc, empty: deleting it would drop what the node
-        # sends for a moment, and a later install finds it there.
+        # tunnel; from here the kernel's socket of flanneld's device takes it. A clsact
+        # qdisc the underlay had stays, empty: deleting it would drop what the node sends
+        # for a moment, and a later install finds it there.
         pod_ports.detach_pod_ports(bpffs)
         attach.detach_xdp(underlay)
-        attach.detach_tc(underlay, UNDERLAY_TC.direction, keep_qdisc=True)
+        underlay_tc.detach_program(pins, underlay, keep_qdisc=True)
         if backend is Backend.VXLAN:
             swap.finish()
         else:
@@ -488,7 +502,7 @@ def uninstall(bpffs: str, underlay: str | None, vni: int = defaults.VXLAN_VNI) -
     pod_ports.detach_pod_ports(bpffs)
     if underlay:
         attach.detach_xdp(underlay)
-        attach.detach_tc(underlay, UNDERLAY_TC.direction)
+        underlay_tc.detach_program(PinDir(bpffs), underlay)
     attach.detach_tc(tunnel, TUNNEL_EGRESS.direction)
     attach.detach_tc(tunnel, TUNNEL_INGRESS.direction)
     devices.remove_tunnel(vni)

@@ -183,10 +183,14 @@ def prog_info(fd: int) -> ProgInfo:
     return obj_info(fd, ProgInfo(), "program")
 
 
+def prog_fd_by_id(prog_id: int) -> int:
+    return check(lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
 def prog_name_by_id(prog_id: int) -> str | None:
     """The name of a loaded program; None when it is gone."""
     try:
-        fd = check(lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+        fd = prog_fd_by_id(prog_id)
     except BpfError as exc:
         if exc.errno == errno.ENOENT:
             return None

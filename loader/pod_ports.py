@@ -5,7 +5,6 @@ links/pod_ingress@<ifindex>, attached as pods appear, moved to a new build, deta
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable
 
 from pyroute2 import IPRoute
@@ -13,9 +12,6 @@ from pyroute2 import IPRoute
 from flannel_xdp.loader import attach, libbpf
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.programs import POD_INGRESS
-
-# How long detach_pod_ports() waits for the kernel to let go of an unpinned link.
-DETACH_WAIT_S = 1.0
 
 
 def _runs_pod_ingress(index: int) -> bool:
@@ -102,21 +98,6 @@ def _tc_pod_ports() -> list[tuple[int, str]]:
 
 def detach_pod_ports(bpffs: str) -> None:
     """Take our program off every pod's veth end that runs it; returns once it is off."""
-    indexes = []
-    for pin in _pod_link_pins(PinDir(bpffs)):
-        indexes.append(int(pin.rsplit("@", 1)[1]))
-        os.unlink(pin)  # the link's last reference: the program is detached
+    attach.unpin_tcx_links(_pod_link_pins(PinDir(bpffs)), POD_INGRESS.direction)
     for _, port in _tc_pod_ports():
         attach.detach_tc(port, POD_INGRESS.direction)
-    # The kernel releases an unpinned link after an RCU grace period and a work item,
-    # a few milliseconds later: until then the port still runs the program.
-    deadline = time.monotonic() + DETACH_WAIT_S
-    while any(_still_runs(i) for i in indexes) and time.monotonic() < deadline:
-        time.sleep(0.001)
-
-
-def _still_runs(index: int) -> bool:
-    try:
-        return _runs_pod_ingress(index)
-    except libbpf.BpfError:  # the port is gone
-        return False

@@ -18,6 +18,8 @@ import sys
 import uuid
 from collections.abc import Iterator, Sequence
 
+from flannel_xdp import netns
+from flannel_xdp.loader import attach
 from tests.etcd_support import EtcdCluster
 
 UNDERLAY = "ul0"
@@ -87,8 +89,8 @@ def made_on_node(
     ns: str, bpffs: str, subnet_file: str, etcd: EtcdCluster, prefix: str
 ) -> list[str]:
     """Everything an agent makes, found on the node: tunnel links, XDP programs, clsact
-    qdiscs (where tc programs hang), tc filters, iptables chains, the pin directory, the
-    subnet file, a lease. Empty when the agent made nothing."""
+    qdiscs (where tc programs hang), tc filters, tcx programs, iptables chains, the pin
+    directory, the subnet file, a lease. Empty when the agent made nothing."""
     found = []
     links = json.loads(_ip("-n", ns, "-j", "-d", "link", "show"))
     for link in links:
@@ -113,6 +115,10 @@ def made_on_node(
             )
             if res.stdout.strip():
                 found.append(f"tc {direction} filter on {link['ifname']}: {res.stdout.strip()}")
+            with netns.entered(ns):
+                tcx = attach.tcx_programs(link["ifindex"], direction)
+            if tcx:
+                found.append(f"tcx {direction} programs on {link['ifname']}: {tcx}")
     rules = subprocess.run(
         ["nsenter", f"--net=/run/netns/{ns}", "iptables-save"],
         capture_output=True,

@@ -349,7 +349,7 @@ def test_bad_configuration_exits_2_and_makes_nothing(name, etcd, node, tmp_path)
 CONTROL_FINDS = {
     "xdp": ("link fxdp.1", "XDP program on ul0", "clsact qdisc on flannel.1",
             "tc egress filter on flannel.1"),
-    "kernel": ("clsact qdisc on ul0", "tc ingress filter on ul0"),
+    "kernel": ("tcx ingress programs on ul0", "tc ingress filter on flannel.1"),
 }  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -336,9 +337,11 @@ def test_bpftool_shows_programs_and_typed_maps(cluster: Cluster):
                 kernel_decap=cluster.spec.ingress_hook is IngressHook.KERNEL,
                 udp_fast_path=cluster.spec.udp_fast_path,
             ).program_name("underlay_tc")
-            assert not xdp and underlay_tc == [("clsact/ingress", build)], net
-            (on_eth0,) = [p for p in net["tc"] if p["devname"] == "eth0"]
-            prog = _bpftool(node, "prog", "show", "id", str(on_eth0["id"]))
+            # On a tcx link (the underlay had no clsact qdisc), which bpftool shows pinned.
+            assert not xdp and underlay_tc == [], net
+            (pin,) = [p for p in os.listdir(f"{node.bpffs}/links") if p.startswith("underlay_tc@")]
+            link = _bpftool(node, "link", "show", "pinned", f"{node.bpffs}/links/{pin}")
+            prog = _bpftool(node, "prog", "show", "id", str(link["prog_id"]))
             assert prog["name"] == build
 
         entries = _bpftool(node, "map", "dump", "pinned", f"{node.bpffs}/maps/subnets")

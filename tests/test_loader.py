@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import uuid
 from ipaddress import IPv4Address, IPv4Network
 
@@ -93,18 +94,33 @@ def test_missing_underlay_is_a_clear_error_and_changes_nothing(node):
     )
 
 
-def _underlay_prog_id(ns: str, hook: datapath.IngressHook) -> int:
-    """Id of the program on eth0's ingress hook (XDP or tc)."""
-    if hook is datapath.IngressHook.XDP:
-        with netns.entered(ns):
-            return attach.xdp_state("eth0")[1]
+def _underlay_programs(ns: str) -> dict[str, list[int]]:
+    """Ids of the programs on eth0's ingress, by hook: xdp, tc (clsact filters), tcx."""
     res = subprocess.run(
         ["ip", "netns", "exec", ns, "bpftool", "-j", "net"], capture_output=True, text=True
     )
     (net,) = json.loads(res.stdout)
-    ids = [p["id"] for p in net["tc"] if p["devname"] == "eth0" and p["kind"] == "clsact/ingress"]
-    assert len(ids) == 1, net
-    return ids[0]
+    with netns.entered(ns):
+        xdp = attach.xdp_state("eth0")[1]
+        with IPRoute() as ipr:
+            index = devices.ifindex(ipr, "eth0")
+        assert index is not None
+        tcx = libbpf.prog_query(index, libbpf.BPF_TCX_INGRESS)
+    return {
+        "xdp": [xdp] if xdp else [],
+        "tc": [p["id"] for p in net["tc"]
+               if p["devname"] == "eth0" and p["kind"] == "clsact/ingress"],
+        "tcx": tcx,
+    }  # fmt: skip
+
+
+def _underlay_prog_id(ns: str, hook: datapath.IngressHook) -> int:
+    """Id of the program on eth0's ingress hook: XDP, or tcx on an underlay that had no
+    clsact qdisc (as every node of these tests)."""
+    on = _underlay_programs(ns)
+    where = "xdp" if hook is datapath.IngressHook.XDP else "tcx"
+    assert len(on[where]) == 1 and sum(map(len, on.values())) == 1, on
+    return on[where][0]
 
 
 def _tunnel_kind(ns: str) -> str:
@@ -140,8 +156,7 @@ def test_install_replace_and_uninstall(node, hook):
     second_id = _underlay_prog_id(ns, hook)
     assert second.tunnel == first.tunnel
     assert second_id != first_id
-    net = _bpftool_net(ns)
-    assert "tunnel_egress" in net and f"id {second_id}" in net
+    assert "tunnel_egress" in _bpftool_net(ns)
     wanted = sorted(p.name for p in datapath.programs(hook))
     assert sorted(os.listdir(os.path.join(bpffs, "progs"))) == wanted
     assert ("tunnel_ingress" in wanted) == (hook is datapath.IngressHook.KERNEL)
@@ -149,10 +164,89 @@ def test_install_replace_and_uninstall(node, hook):
     with netns.entered(ns):
         datapath.uninstall(bpffs, "eth0", NODE.vni)
         assert attach.xdp_state("eth0") == (0, 0)
-    assert "tunnel_egress" not in _bpftool_net(ns) and "underlay" not in _bpftool_net(ns)
+    assert "tunnel_egress" not in _bpftool_net(ns)
+    assert _underlay_programs(ns) == {"xdp": [], "tc": [], "tcx": []}
     links = subprocess.run(["ip", "-n", ns, "link"], capture_output=True, text=True).stdout
     assert "flannel.1" not in links and "fxdp.1" not in links
     assert not os.path.exists(bpffs)
+
+
+def _qdiscs(ns: str) -> str:
+    return subprocess.run(
+        ["tc", "-n", ns, "qdisc", "show", "dev", "eth0"], capture_output=True, text=True
+    ).stdout
+
+
+def _underlay_link_id(bpffs: str) -> int:
+    (pin,) = os.listdir(PinDir(bpffs).links)
+    assert pin.startswith("underlay_tc@"), pin
+    fd = map_libbpf.obj_get(os.path.join(PinDir(bpffs).links, pin))
+    try:
+        return libbpf.link_info(fd).id
+    finally:
+        os.close(fd)
+
+
+def test_the_underlay_gets_no_qdisc_it_did_not_have(node):
+    """The underlay carries traffic when we attach: adding a clsact qdisc would drop what
+    it sends for a moment. So underlay_tc goes on a tcx link, and a new build replaces
+    the link's program; an underlay that has a clsact qdisc (an older release's) gets
+    the program as its filter there, and keeps the qdisc when we leave."""
+    ns, bpffs = node
+    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs)
+    with netns.entered(ns):
+        datapath.install(cfg, NODE)
+    first = _underlay_programs(ns)
+    link = _underlay_link_id(bpffs)
+    with netns.entered(ns):
+        datapath.install(cfg, NODE)
+    second = _underlay_programs(ns)
+    assert len(first["tcx"]) == 1 and second["tcx"] != first["tcx"], (first, second)
+    assert second["tc"] == [] and "clsact" not in _qdiscs(ns), _qdiscs(ns)
+    assert _underlay_link_id(bpffs) == link, "the link was made again, not updated"
+    with netns.entered(ns):
+        datapath.uninstall(bpffs, "eth0", NODE.vni)
+    assert _underlay_programs(ns) == {"xdp": [], "tc": [], "tcx": []}
+
+    _ip("netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "clsact")
+    with netns.entered(ns):
+        datapath.install(cfg, NODE)
+    on = _underlay_programs(ns)
+    assert on["tcx"] == [] and len(on["tc"]) == 1, on
+    assert os.listdir(PinDir(bpffs).links) == []
+    with netns.entered(ns):
+        datapath.hand_over(bpffs, "eth0", Backend.VXLAN, NODE.vni)
+    assert _underlay_programs(ns) == {"xdp": [], "tc": [], "tcx": []}
+    assert "clsact" in _qdiscs(ns), "the qdisc eth0 had was deleted"
+
+
+def test_prepare_downgrade_moves_the_underlay_program_to_a_clsact_filter(node):
+    """0.1.0 knows underlay_tc only as a clsact filter: `flannel-xdp prepare-downgrade`
+    makes the program the tcx link runs that filter, and unpins the link."""
+    ns, bpffs = node
+    with netns.entered(ns):
+        datapath.install(datapath.DataPathConfig(underlay="eth0", bpffs=bpffs), NODE)
+    on_tcx = _underlay_programs(ns)["tcx"]
+
+    def prepare(iface: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "flannel_xdp.cli",
+             "prepare-downgrade", "--iface", iface, "--bpffs", bpffs],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    moved = prepare("eth0")
+    assert moved.returncode == 0, moved.stderr
+    assert _underlay_programs(ns) == {"xdp": [], "tc": on_tcx, "tcx": []}
+    assert [p for p in os.listdir(PinDir(bpffs).links) if p.startswith("underlay")] == []
+    again = prepare("eth0")
+    assert again.returncode == 0 and "nothing to move" in again.stderr, again.stderr
+    missing = prepare("eth9")
+    assert missing.returncode == 1 and "'eth9' does not exist" in missing.stderr, missing.stderr
+    with netns.entered(ns):
+        datapath.install(datapath.DataPathConfig(underlay="eth0", bpffs=bpffs), NODE)
+    on = _underlay_programs(ns)  # this version again: the filter stays where it is now
+    assert on["tcx"] == [] and len(on["tc"]) == 1 and on["tc"] != on_tcx, on
 
 
 def test_switching_hooks_replaces_the_tunnel_kind(node):
@@ -333,11 +427,9 @@ def test_hand_over_leaves_flanneld_its_kind_of_device(node, hook):
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert "underlay" not in tc, tc
-    qdiscs = subprocess.run(
-        ["tc", "-n", ns, "qdisc", "show", "dev", "eth0"], capture_output=True, text=True
-    ).stdout
-    # Deleting it would drop what eth0 sends for a moment; a later install finds it.
-    assert ("clsact" in qdiscs) == (hook is not datapath.IngressHook.XDP), qdiscs
+    assert _underlay_programs(ns) == {"xdp": [], "tc": [], "tcx": []}
+    # Neither added nor deleted: either would drop what eth0 sends for a moment.
+    assert "clsact" not in _qdiscs(ns), _qdiscs(ns)
 
 
 def test_hand_over_without_a_data_path_is_a_clear_error(node):
@@ -494,7 +586,7 @@ def test_the_fast_paths_sending_side_comes_and_goes_with_the_flag(node):
             assert len(_tcx_prog_ids("vpod0")) == 1 and _tcx_prog_ids("vpod0") != first
             datapath.install(dataclasses.replace(fast, udp_fast_path=False), NODE)
             assert pod_ports_attached() == [] and not os.path.exists(pin)
-            assert os.listdir(PinDir(bpffs).links) == []
+            assert [p for p in os.listdir(PinDir(bpffs).links) if p.startswith("pod_")] == []
 
             datapath.install(fast, NODE)
             fd = libbpf.obj_get(pin)
@@ -526,15 +618,19 @@ def test_the_link_of_a_gone_veth_end_is_unpinned_at_the_next_scan(node):
     _ip("-n", ns, "link", "add", "vpod1", "type", "veth", "peer", "name", "vpod1p")
     fast = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, udp_fast_path=True)
     links = PinDir(bpffs).links
+
+    def pod_links() -> list[str]:
+        return [p for p in os.listdir(links) if p.startswith("pod_")]
+
     with netns.entered(ns):
         datapath.install(fast, NODE)
         try:
             assert pod_ports.ensure_pod_ports(bpffs, ["vpod1"]) == ["vpod1"]
-            assert len(os.listdir(links)) == 1
+            assert len(pod_links()) == 1
             _ip("-n", ns, "link", "del", "vpod1")
-            assert len(os.listdir(links)) == 1
+            assert len(pod_links()) == 1
             assert pod_ports.ensure_pod_ports(bpffs, []) == []
-            assert os.listdir(links) == []
+            assert pod_links() == []
         finally:
             datapath.uninstall(bpffs, "eth0", NODE.vni)
 
@@ -583,16 +679,12 @@ def test_each_build_runs_under_its_own_name(node, hook, fast, build):
         ).stdout
     )
     assert build in {p.get("name") for p in listed}
-    if hook is not datapath.IngressHook.XDP:  # and its tc filter on the underlay, the same
-        net = json.loads(
-            subprocess.run(
-                ["ip", "netns", "exec", ns, "bpftool", "-j", "net", "show"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-        )[0]
-        assert [p["name"] for p in net["tc"] if p["devname"] == "eth0"] == [build], net
+    if hook is not datapath.IngressHook.XDP:  # and what runs on the underlay's tcx hook
+        with netns.entered(ns), IPRoute() as ipr:
+            index = devices.ifindex(ipr, "eth0")
+        assert index is not None
+        with netns.entered(ns):
+            assert attach.tcx_programs(index, "ingress") == [build]
 
 
 def test_a_resize_killed_part_way_is_put_back_and_done_again(node):
