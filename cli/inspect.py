@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from flannel_xdp.loader import libbpf
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.maps.layout import Reason, reason_label, reason_verdict
 from flannel_xdp.maps.views import (
@@ -32,6 +33,8 @@ class Report:
     traffic: list[dict[str, Any]] = field(default_factory=list)
     reasons: list[dict[str, Any]] = field(default_factory=list)
     local_pods: list[dict[str, Any]] = field(default_factory=list)
+    # tcx links, which `bpftool net` lists only from bpftool 7.3 on
+    links: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _bpftool(*args: str) -> Any:
@@ -92,6 +95,11 @@ def collect(bpffs: str) -> Report:
                 "error": info.get("error"),
             }
         )
+    links = (
+        [_link(pins, name) for name in sorted(os.listdir(pins.links))]
+        if os.path.isdir(pins.links)
+        else []
+    )
     node = None
     if settings is not None:
         node = {k: str(v) for k, v in asdict(settings).items()}
@@ -111,7 +119,24 @@ def collect(bpffs: str) -> Report:
         traffic=traffic,
         reasons=reasons,
         local_pods=local_pods,
+        links=links,
     )
+
+
+def _link(pins: PinDir, name: str) -> dict[str, Any]:
+    fd = libbpf.obj_get(pins.link(name))
+    try:
+        info = libbpf.link_info(fd)
+    finally:
+        os.close(fd)
+    return {
+        "pin": name,
+        "id": info.id,
+        "ifindex": info.tcx_ifindex,  # 0: its interface is gone
+        "direction": "egress" if info.tcx_attach_type == libbpf.BPF_TCX_EGRESS else "ingress",
+        "program_id": info.prog_id,
+        "program": libbpf.prog_name_by_id(info.prog_id),
+    }
 
 
 def render(r: Report) -> str:
@@ -134,6 +159,13 @@ def render(r: Report) -> str:
     ] or ["  none"]
     lines += ["", "programs:"]
     lines += [f"  {p['pin']:<16} id {p['id']}  {p['name'] or p['error']}" for p in r.programs]
+    if r.links:
+        lines += ["", "tcx links (bpftool link show pinned <bpffs>/links/<pin>):"]
+        lines += [
+            f"  {x['pin']:<24} tcx {x['direction']:<7} ifindex {x['ifindex']:<6} "
+            f"program id {x['program_id']}  {x['program']}"
+            for x in r.links
+        ]
     lines += ["", "traffic:"]
     lines += [
         f"  {t['backend']:<8} {t['direction']:<9} {t['packets']:>12} pkts {t['bytes']:>15} B"

@@ -242,6 +242,11 @@ def test_inspect_shows_the_known_peers(lab):
             p.name: build.program_name(p.name)
             for p in datapath_programs(cluster.spec.ingress_hook, cluster.spec.udp_fast_path)
         }
+        if cluster.spec.ingress_hook is not IngressHook.XDP:  # underlay_tc on a tcx link
+            (link,) = [x for x in report["links"] if x["pin"].startswith("underlay_tc@")]
+            assert link["program"] == build.program_name("underlay_tc"), link
+            underlay = int(report["node"]["underlay_ifindex"])
+            assert (link["ifindex"], link["direction"]) == (underlay, "ingress"), link
         text = subprocess.run(
             [".venv/bin/flannel-xdp", "inspect", "--bpffs", node.bpffs],
             capture_output=True,
