@@ -41,10 +41,16 @@ _NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
 _NLATTR = struct.Struct("=HH")
 CT_MESSAGE = NFNL_SUBSYS_CTNETLINK << 8
+_AF_INET = int(socket.AF_INET)
 
 
 class CtnetlinkError(ValueError):
     """A message that is not the ctnetlink its header says it is."""
+
+
+# A TCP entry as the marker handles it, cheaper than a TcpFlow: (src, dst, sport, dport,
+# zone, liberal), the addresses as integers.
+RawFlow = tuple[int, int, int, int, int, bool]
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,14 @@ class TcpFlow:
     dport: int
     zone: int = 0
     liberal: bool = False  # both directions IP_CT_TCP_FLAG_BE_LIBERAL, where the message says
+
+    @classmethod
+    def of(cls, raw: RawFlow) -> TcpFlow:
+        src, dst, sport, dport, zone, liberal = raw
+        return cls(IPv4Address(src), IPv4Address(dst), sport, dport, zone, liberal)
+
+    def raw(self) -> RawFlow:
+        return int(self.src), int(self.dst), self.sport, self.dport, self.zone, self.liberal
 
 
 @dataclass(frozen=True)
@@ -84,55 +98,122 @@ def messages(buf: bytes) -> Iterator[Message]:
         pos += (length + 3) & ~3
 
 
-def _attrs(buf: bytes) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    pos = 0
-    while pos + _NLATTR.size <= len(buf):
-        length, atype = _NLATTR.unpack_from(buf, pos)
-        if length < _NLATTR.size or pos + length > len(buf):
-            raise CtnetlinkError(f"attribute of {length} bytes at {pos} of {len(buf)}")
-        out[atype & NLA_TYPE_MASK] = buf[pos + _NLATTR.size : pos + length]
-        pos += (length + 3) & ~3
+_U8, _U16, _U32 = struct.Struct("B"), struct.Struct("!H"), struct.Struct("!I")
+
+
+# The original tuple of an IPv4 TCP (or UDP) entry as the kernel lays it out: its
+# attribute headers as bytes (compared whole), then the protocol number, addresses and
+# ports. Any other layout takes the walk through the attributes.
+_V4_TCP_TUPLE = struct.Struct("!4s4sI4sI4s4sB3x4sH2x4sH2x")
+_V4_TCP_HEADERS = tuple(
+    _NLATTR.pack(length, atype)
+    for length, atype in (
+        (4 + 8 + 8, CTA_TUPLE_IP | NLA_F_NESTED),
+        (8, CTA_IP_V4_SRC),
+        (8, CTA_IP_V4_DST),
+        (4 + 8 + 8 + 8, CTA_TUPLE_PROTO | NLA_F_NESTED),
+        (5, CTA_PROTO_NUM),
+        (6, CTA_PROTO_SRC_PORT),
+        (6, CTA_PROTO_DST_PORT),
+    )
+)
+
+
+def _attrs(buf: bytes, pos: int, end: int) -> dict[int, tuple[int, int]]:
+    """Where the data of each attribute in buf[pos:end] starts and ends, by type."""
+    out: dict[int, tuple[int, int]] = {}
+    unpack = _NLATTR.unpack_from
+    while pos + 4 <= end:
+        length, atype = unpack(buf, pos)
+        if length < 4 or pos + length > end:
+            raise CtnetlinkError(f"attribute of {length} bytes at {pos} of {end}")
+        out[atype & NLA_TYPE_MASK] = (pos + 4, pos + length)
+        pos = (pos + length + 3) & ~3
     return out
+
+
+def _nested(
+    buf: bytes, attrs: dict[int, tuple[int, int]], atype: int
+) -> dict[int, tuple[int, int]]:
+    span = attrs.get(atype)
+    return _attrs(buf, *span) if span is not None else {}
+
+
+def _value(buf: bytes, span: tuple[int, int], field: struct.Struct) -> int:
+    start, end = span
+    if end - start != field.size:
+        raise CtnetlinkError(f"attribute of {end - start} bytes where {field.size} belong")
+    return field.unpack_from(buf, start)[0]
+
+
+def _raw_flow(buf: bytes, pos: int, end: int) -> RawFlow | None:
+    """The IPv4 TCP entry the conntrack message whose payload is buf[pos:end]
+    describes; None for any other protocol or family."""
+    if end - pos < _NFGENMSG.size or buf[pos] != _AF_INET:
+        return None
+    top = _attrs(buf, pos + _NFGENMSG.size, end)
+    orig = top.get(CTA_TUPLE_ORIG)
+    if orig is None:
+        return None
+    if orig[1] - orig[0] == _V4_TCP_TUPLE.size:
+        ip_h, src_h, src, dst_h, dst, proto_h, num_h, number, sport_h, sport, dport_h, dport = (
+            _V4_TCP_TUPLE.unpack_from(buf, orig[0])
+        )
+        if (ip_h, src_h, dst_h, proto_h, num_h, sport_h, dport_h) == _V4_TCP_HEADERS:
+            if number != socket.IPPROTO_TCP:
+                return None
+            return _raw_flow_rest(buf, top, src, dst, sport, dport)
+    tuple_ = _attrs(buf, *orig)
+    proto = _nested(buf, tuple_, CTA_TUPLE_PROTO)
+    num = proto.get(CTA_PROTO_NUM)
+    if num is None or _value(buf, num, _U8) != socket.IPPROTO_TCP:
+        return None
+    ip = _nested(buf, tuple_, CTA_TUPLE_IP)
+    try:
+        src, dst = _value(buf, ip[CTA_IP_V4_SRC], _U32), _value(buf, ip[CTA_IP_V4_DST], _U32)
+        sport = _value(buf, proto[CTA_PROTO_SRC_PORT], _U16)
+        dport = _value(buf, proto[CTA_PROTO_DST_PORT], _U16)
+    except KeyError as exc:
+        raise CtnetlinkError(f"a TCP tuple without its attribute {exc}") from None
+    return _raw_flow_rest(buf, top, src, dst, sport, dport)
+
+
+def _raw_flow_rest(
+    buf: bytes, top: dict[int, tuple[int, int]], src: int, dst: int, sport: int, dport: int
+) -> RawFlow:
+    zone = _value(buf, top[CTA_ZONE], _U16) if CTA_ZONE in top else 0
+    tcp = _nested(buf, _nested(buf, top, CTA_PROTOINFO), CTA_PROTOINFO_TCP)
+    liberal = True
+    for direction in (CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY):
+        span = tcp.get(direction)
+        if span is None or span[1] <= span[0] or not buf[span[0]] & IP_CT_TCP_FLAG_BE_LIBERAL:
+            liberal = False
+    return src, dst, sport, dport, zone, liberal
+
+
+def raw_flows(buf: bytes) -> Iterator[RawFlow]:
+    """The IPv4 TCP entries the conntrack messages of one recv() (events) describe;
+    other messages are skipped."""
+    pos, size = 0, len(buf)
+    unpack = _NLMSGHDR.unpack_from
+    while pos + _NLMSGHDR.size <= size:
+        length, mtype, _flags, _seq, _pid = unpack(buf, pos)
+        if length < _NLMSGHDR.size or pos + length > size:
+            raise CtnetlinkError(f"netlink message of {length} bytes at {pos} of {size}")
+        if mtype & ~0xFF == CT_MESSAGE:
+            flow = _raw_flow(buf, pos + _NLMSGHDR.size, pos + length)
+            if flow is not None:
+                yield flow
+        pos = (pos + length + 3) & ~3
 
 
 def tcp_flow(msg: Message) -> TcpFlow | None:
     """The IPv4 TCP entry a conntrack message (event or dump) describes; None for
     any other protocol or family."""
-    if msg.type & ~0xFF != CT_MESSAGE or len(msg.payload) < _NFGENMSG.size:
+    if msg.type & ~0xFF != CT_MESSAGE:
         return None
-    family, _version, _res = _NFGENMSG.unpack_from(msg.payload)
-    if family != socket.AF_INET:
-        return None
-    top = _attrs(msg.payload[_NFGENMSG.size :])
-    if CTA_TUPLE_ORIG not in top:
-        return None
-    tuple_ = _attrs(top[CTA_TUPLE_ORIG])
-    ip, proto = _attrs(tuple_.get(CTA_TUPLE_IP, b"")), _attrs(tuple_.get(CTA_TUPLE_PROTO, b""))
-    if proto.get(CTA_PROTO_NUM) != bytes([socket.IPPROTO_TCP]):
-        return None
-    try:
-        src, dst = ip[CTA_IP_V4_SRC], ip[CTA_IP_V4_DST]
-        (sport,) = struct.unpack("!H", proto[CTA_PROTO_SRC_PORT])
-        (dport,) = struct.unpack("!H", proto[CTA_PROTO_DST_PORT])
-    except (KeyError, struct.error) as exc:
-        raise CtnetlinkError(f"a TCP tuple without its addresses or ports: {exc}") from None
-    zone = struct.unpack("!H", top[CTA_ZONE])[0] if CTA_ZONE in top else 0
-    tcp = _attrs(_attrs(top.get(CTA_PROTOINFO, b"")).get(CTA_PROTOINFO_TCP, b""))
-    liberal = all(
-        len(tcp.get(a, b"")) >= 1 and tcp[a][0] & IP_CT_TCP_FLAG_BE_LIBERAL
-        for a in (CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY)
-    )
-    return TcpFlow(IPv4Address(src), IPv4Address(dst), sport, dport, zone, liberal)
-
-
-def _attr(atype: int, data: bytes) -> bytes:
-    raw = _NLATTR.pack(_NLATTR.size + len(data), atype) + data
-    return raw + bytes(-len(raw) % 4)
-
-
-def _nested(atype: int, *attrs: bytes) -> bytes:
-    return _attr(atype | NLA_F_NESTED, b"".join(attrs))
+    raw = _raw_flow(msg.payload, 0, len(msg.payload))
+    return TcpFlow.of(raw) if raw is not None else None
 
 
 def _message(mtype: int, flags: int, seq: int, body: bytes) -> bytes:
@@ -145,35 +226,82 @@ def dump_request(seq: int) -> bytes:
     return _message(CT_MESSAGE | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, b"")
 
 
+# A mark request, attribute by attribute (each header: length, type); with a zone other
+# than the default, _ZONE follows.
+_MARK = struct.Struct(
+    "=IHHI4x"  # nlmsghdr: length, type, flags, seq; port id 0, the kernel
+    "BB2x"  # nfgenmsg: family, version; resource id 0
+    "HH"  # CTA_TUPLE_ORIG
+    "HH"
+    "HHI"
+    "HHI"  # CTA_TUPLE_IP: CTA_IP_V4_SRC, CTA_IP_V4_DST (network order)
+    "HH"
+    "HHB3x"
+    "HHH2x"
+    "HHH2x"  # CTA_TUPLE_PROTO: NUM, SRC_PORT, DST_PORT (network order)
+    "HH"
+    "HH"  # CTA_PROTOINFO, CTA_PROTOINFO_TCP
+    "HHBB2x"
+    "HHBB2x"  # CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, _REPLY: flags, mask
+)
+_ZONE = struct.Struct("=HHH2x")  # CTA_ZONE (network order)
+_TUPLE_IP_SIZE = 4 + 8 + 8
+_TUPLE_PROTO_SIZE = 4 + 8 + 8 + 8
+_TCP_FLAGS_SIZE = 4 + 8 + 8
+
+
 def mark_liberal_request(flow: TcpFlow, seq: int, liberal: bool = True) -> bytes:
     """Set (or clear) IP_CT_TCP_FLAG_BE_LIBERAL on both directions of flow's entry, if
     it exists; the kernel answers only an error."""
-    tuple_ = _nested(
-        CTA_TUPLE_ORIG,
-        _nested(
-            CTA_TUPLE_IP,
-            _attr(CTA_IP_V4_SRC, flow.src.packed),
-            _attr(CTA_IP_V4_DST, flow.dst.packed),
-        ),
-        _nested(
-            CTA_TUPLE_PROTO,
-            _attr(CTA_PROTO_NUM, bytes([socket.IPPROTO_TCP])),
-            _attr(CTA_PROTO_SRC_PORT, struct.pack("!H", flow.sport)),
-            _attr(CTA_PROTO_DST_PORT, struct.pack("!H", flow.dport)),
-        ),
-    )
+    return mark_liberal_raw(flow.raw(), seq, liberal)
+
+
+def mark_liberal_raw(flow: RawFlow, seq: int, liberal: bool = True) -> bytes:
+    """mark_liberal_request for a RawFlow."""
+    src, dst, sport, dport, zone, _liberal = flow
     mark = IP_CT_TCP_FLAG_BE_LIBERAL if liberal else 0
-    flags = bytes([mark, IP_CT_TCP_FLAG_BE_LIBERAL])  # flags, mask
-    protoinfo = _nested(
-        CTA_PROTOINFO,
-        _nested(
-            CTA_PROTOINFO_TCP,
-            _attr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, flags),
-            _attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, flags),
-        ),
+    head = _MARK.pack(
+        _MARK.size + (_ZONE.size if zone else 0),
+        CT_MESSAGE | IPCTNL_MSG_CT_NEW,
+        NLM_F_REQUEST,
+        seq,
+        _AF_INET,
+        NFNETLINK_V0,
+        4 + _TUPLE_IP_SIZE + _TUPLE_PROTO_SIZE,
+        CTA_TUPLE_ORIG | NLA_F_NESTED,
+        _TUPLE_IP_SIZE,
+        CTA_TUPLE_IP | NLA_F_NESTED,
+        8,
+        CTA_IP_V4_SRC,
+        socket.htonl(src),
+        8,
+        CTA_IP_V4_DST,
+        socket.htonl(dst),
+        _TUPLE_PROTO_SIZE,
+        CTA_TUPLE_PROTO | NLA_F_NESTED,
+        5,
+        CTA_PROTO_NUM,
+        socket.IPPROTO_TCP,
+        6,
+        CTA_PROTO_SRC_PORT,
+        socket.htons(sport),
+        6,
+        CTA_PROTO_DST_PORT,
+        socket.htons(dport),
+        4 + _TCP_FLAGS_SIZE,
+        CTA_PROTOINFO | NLA_F_NESTED,
+        _TCP_FLAGS_SIZE,
+        CTA_PROTOINFO_TCP | NLA_F_NESTED,
+        6,
+        CTA_PROTOINFO_TCP_FLAGS_ORIGINAL,
+        mark,
+        IP_CT_TCP_FLAG_BE_LIBERAL,
+        6,
+        CTA_PROTOINFO_TCP_FLAGS_REPLY,
+        mark,
+        IP_CT_TCP_FLAG_BE_LIBERAL,
     )
-    zone = _attr(CTA_ZONE, struct.pack("!H", flow.zone)) if flow.zone else b""
-    return _message(CT_MESSAGE | IPCTNL_MSG_CT_NEW, NLM_F_REQUEST, seq, tuple_ + protoinfo + zone)
+    return head + _ZONE.pack(6, CTA_ZONE, socket.htons(zone)) if zone else head
 
 
 def tcp_entries(timeout: float = 5.0) -> list[TcpFlow]:

@@ -37,6 +37,9 @@ RECV_SIZE = 1 << 16
 # still gets its turn; what is left is read at the next call.
 RECVS_PER_CALL = 256
 DUMP_TIMEOUT_S = 10.0
+# Marks per send(): 96 bytes each; the refusals of one send (each echoing its request)
+# must fit the requests socket's receive buffer, read after every send.
+MARKS_PER_SEND = 64
 
 
 @dataclass
@@ -54,6 +57,12 @@ class FlowMarker:
     failed: int = 0  # refused for any other reason
     overruns: int = 0  # times events were lost (and a dump caught up)
     _seq: int = field(default=0, repr=False)
+    _network: tuple[int, int] = field(init=False, repr=False)  # address, mask: integers
+    _subnet: tuple[int, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._network = int(self.network.network_address), int(self.network.netmask)
+        self._subnet = int(self.subnet.network_address), int(self.subnet.netmask)
 
     @classmethod
     def open(
@@ -93,9 +102,15 @@ class FlowMarker:
     def wants(self, flow: ctnetlink.TcpFlow) -> bool:
         """A flow the fast path may carry: default zone, between a pod of this node and
         one of another (either may have opened it)."""
-        if flow.zone != 0 or flow.src not in self.network or flow.dst not in self.network:
+        return self._wants(flow.raw())
+
+    def _wants(self, flow: ctnetlink.RawFlow) -> bool:
+        src, dst, _sport, _dport, zone, _liberal = flow
+        network, netmask = self._network
+        if zone != 0 or src & netmask != network or dst & netmask != network:
             return False
-        return (flow.src in self.subnet) != (flow.dst in self.subnet)
+        subnet, submask = self._subnet
+        return (src & submask == subnet) != (dst & submask == subnet)
 
     def on_events(self) -> int:
         """Mark the wanted flows of the pending NEW events; returns how many."""
@@ -110,12 +125,9 @@ class FlowMarker:
                     raise
                 self.overruns += 1
                 log.warning("conntrack events overran the marker's socket: catching up")
-                return self._mark(marks) + self.resync()
-            for msg in ctnetlink.messages(buf):
-                flow = ctnetlink.tcp_flow(msg)
-                if flow is not None and self.wants(flow):
-                    marks.append(flow)
-        return self._mark(marks)
+                return self.mark(marks) + self.resync()
+            marks += filter(self._wants, ctnetlink.raw_flows(buf))
+        return self.mark(marks)
 
     def resync(self) -> int:
         """Mark every wanted flow of the table not marked yet; returns how many."""
@@ -130,17 +142,21 @@ class FlowMarker:
                 elif msg.type == ctnetlink.NLMSG_ERROR and msg.error():
                     raise OSError(msg.error(), f"conntrack dump: {os.strerror(msg.error())}")
                 elif (flow := ctnetlink.tcp_flow(msg)) and not flow.liberal and self.wants(flow):
-                    marks.append(flow)
-        return self._mark(marks)
+                    marks.append(flow.raw())
+        return self.mark(marks)
 
-    def _mark(self, flows: list[ctnetlink.TcpFlow]) -> int:
-        for flow in flows:
-            self._seq += 1
-            self.requests.send(ctnetlink.mark_liberal_request(flow, self._seq))
-            self.marked += 1
-            if self.marked % 64 == 0:
-                self._answers()
-        self._answers()
+    def mark(self, flows: list[ctnetlink.RawFlow]) -> int:
+        """Mark flows; returns how many were asked. One send() carries up to
+        MARKS_PER_SEND requests (the kernel handles each message of a send in turn and
+        answers each refused one); the refusals are counted after each."""
+        for first in range(0, len(flows), MARKS_PER_SEND):
+            requests = []
+            for flow in flows[first : first + MARKS_PER_SEND]:
+                self._seq += 1
+                requests.append(ctnetlink.mark_liberal_raw(flow, self._seq))
+            self.requests.send(b"".join(requests))
+            self.marked += len(requests)
+            self._answers()
         return len(flows)
 
     def _answers(self) -> None:

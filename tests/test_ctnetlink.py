@@ -9,6 +9,7 @@ conntrack confirms it, and leaves others (loopback, within its subnet) as they a
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import struct
 import time
@@ -88,6 +89,113 @@ def test_a_flow_is_marked_when_it_joins_this_subnet_to_the_rest_of_the_network()
         assert not m.wants(flow(POD, OTHER_NODES_POD, zone=1)), "the fast path looks up zone 0"
     finally:
         m.close()
+
+
+# A NEW event as kernel 6.18 sent it for 198.18.0.2:57757 -> 198.18.1.2:57415 (the
+# original and reply tuples, id, status, timeout, TCP protoinfo).
+EVENT = bytes.fromhex(
+    "02000000340001801400018008000100c612000208000200c61201021c0002800500010006000000"
+    "06000200e19d000006000300e0470000340002801400018008000100c612010208000200c6120002"
+    "1c000280050001000600000006000200e047000006000300e19d000008000c004185d3ae08000300"
+    "000000080800070000000078300004802c0001800500010001000000050002000a00000005000300"
+    "0000000006000400030000000600050000000000"
+)
+EVENT_FLOW = TcpFlow(IPv4Address(POD), IPv4Address(OTHER_NODES_POD), 57757, 57415)
+
+
+def ct_message(payload: bytes, seq: int = 0) -> bytes:
+    """payload (nfgenmsg and attributes) as a conntrack NEW message."""
+    mtype = ctnetlink.CT_MESSAGE | ctnetlink.IPCTNL_MSG_CT_NEW
+    return struct.pack("=IHHII", 16 + len(payload), mtype, 0, seq, 0) + payload
+
+
+def without_nested_flags(payload: bytes) -> bytes:
+    """The same attributes with NLA_F_NESTED cleared in every header (as older kernels
+    send them), walking the nests the event's layout has."""
+    out = bytearray(payload)
+
+    def walk(pos: int, end: int, depth: int) -> None:
+        while pos + 4 <= end:
+            length, atype = struct.unpack_from("=HH", out, pos)
+            if atype & ctnetlink.NLA_F_NESTED:
+                struct.pack_into("=HH", out, pos, length, atype & ~ctnetlink.NLA_F_NESTED)
+                walk(pos + 4, pos + length, depth + 1)
+            pos += (length + 3) & ~3
+
+    walk(4, len(out), 0)
+    return bytes(out)
+
+
+@pytest.mark.unit
+def test_an_event_parses_to_its_flow_by_either_layout():
+    (msg,) = ctnetlink.messages(ct_message(EVENT))
+    assert ctnetlink.tcp_flow(msg) == EVENT_FLOW
+    assert list(ctnetlink.raw_flows(ct_message(EVENT))) == [EVENT_FLOW.raw()]
+    other = ct_message(without_nested_flags(EVENT))
+    assert other != ct_message(EVENT)
+    assert list(ctnetlink.raw_flows(other)) == [EVENT_FLOW.raw()], "the walk's answer"
+
+
+@pytest.mark.unit
+def test_events_of_other_protocols_are_skipped_and_a_broken_one_refused():
+    udp = bytearray(EVENT)
+    udp[36] = socket.IPPROTO_UDP  # the original tuple's CTA_PROTO_NUM
+    other_family = bytes([socket.AF_INET6]) + EVENT[1:]
+    buf = ct_message(bytes(udp), 1) + ct_message(other_family, 2) + ct_message(EVENT, 3)
+    assert list(ctnetlink.raw_flows(buf)) == [EVENT_FLOW.raw()]
+    with pytest.raises(ctnetlink.CtnetlinkError):
+        list(ctnetlink.raw_flows(ct_message(EVENT[:-6])))
+    no_ports = bytearray(without_nested_flags(EVENT))
+    no_ports[50] = 9  # the original tuple's CTA_PROTO_DST_PORT: another type
+    with pytest.raises(ctnetlink.CtnetlinkError, match="attribute 3"):
+        list(ctnetlink.raw_flows(ct_message(bytes(no_ports))))
+
+
+@pytest.mark.unit
+def test_a_dumped_entry_says_whether_both_directions_are_liberal():
+    (request,) = ctnetlink.messages(ctnetlink.mark_liberal_request(EVENT_FLOW, 1))
+    assert ctnetlink.tcp_flow(request).liberal
+    one_way = bytearray(request.payload)
+    one_way[-4] = 0  # the flags of CTA_PROTOINFO_TCP_FLAGS_REPLY, the last attribute
+    assert not ctnetlink.tcp_flow(ctnetlink.Message(request.type, 0, 1, bytes(one_way))).liberal
+
+
+@pytest.mark.unit
+def test_a_mark_names_a_zone_only_where_it_is_not_the_default():
+    plain = ctnetlink.mark_liberal_request(EVENT_FLOW, 1)
+    zoned = ctnetlink.mark_liberal_request(
+        TcpFlow(EVENT_FLOW.src, EVENT_FLOW.dst, EVENT_FLOW.sport, EVENT_FLOW.dport, zone=3), 1
+    )
+    assert len(plain) == 96
+    assert zoned[: len(plain)][4:] == plain[4:] and len(zoned) == len(plain) + 8
+
+
+def error_message(errno_: int, seq: int) -> bytes:
+    """The kernel's answer to a request (errno_ 0: an acknowledgement)."""
+    payload = struct.pack("=i", -errno_) + bytes(16)
+    return struct.pack("=IHHII", 16 + len(payload), ctnetlink.NLMSG_ERROR, 0, seq, 0) + payload
+
+
+@pytest.mark.unit
+def test_marks_go_in_batches_and_the_refusals_are_counted():
+    pod, other = int(IPv4Address(POD)), int(IPv4Address(OTHER_NODES_POD))
+    flows = [(pod, other, port, 80, 0, False) for port in range(1000, 1130)]
+    requests, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    requests.setblocking(False)
+    marker = FlowMarker(SUBNET, NETWORK, socket.socket(), requests, socket.socket())
+    try:
+        for err, seq in ((errno.ENOENT, 1), (errno.EPERM, 2), (0, 3)):
+            kernel.send(error_message(err, seq))
+        assert marker.mark(flows) == 130
+        sent = [kernel.recv(1 << 16) for _ in range(3)]
+        assert [len(b) // 96 for b in sent] == [64, 64, 2]
+        parsed = [m for b in sent for m in ctnetlink.messages(b)]
+        assert [m.seq for m in parsed] == list(range(1, 131))
+        assert [ctnetlink.tcp_flow(m).sport for m in parsed] == list(range(1000, 1130))
+        assert (marker.marked, marker.gone, marker.failed) == (130, 1, 1)
+    finally:
+        marker.close()
+        kernel.close()
 
 
 @contextlib.contextmanager
@@ -170,5 +278,31 @@ def test_a_marker_whose_events_overran_catches_up_with_a_dump():
             marker.on_events()
             assert marker.overruns >= 1
             found = [f for f in entries(ns) if (str(f.src), str(f.dst)) == (POD, OTHER_NODES_POD)]
+            assert len(found) == connections
+            assert all(f.liberal for f in found), f"{sum(not f.liberal for f in found)} unmarked"
+
+
+@pytest.mark.lab
+def test_the_kernel_takes_every_mark_of_a_send_past_a_refused_one():
+    """A send carries many marks: one for an entry that has gone is refused (ENOENT)
+    and the kernel goes on with the rest."""
+    require_root_and_bcc("ip", "iptables")
+    connections = 100
+    with conntrack_netns() as ns:
+        with netns.entered(ns):
+            server = socket.socket()
+            marker = FlowMarker.open(SUBNET, NETWORK)
+        with contextlib.closing(server), contextlib.closing(marker):
+            server.bind((OTHER_NODES_POD, 0))
+            server.listen(connections)
+            opened = [connect(ns, POD, OTHER_NODES_POD, server) for _ in range(connections)]
+            for s in opened:
+                s.close()
+            flows = [f.raw() for f in entries(ns) if str(f.src) == POD and not f.liberal]
+            assert len(flows) == connections
+            gone = (int(IPv4Address(POD)), int(IPv4Address(OTHER_NODES_POD)), 1, 1, 0, False)
+            assert marker.mark([gone, *flows[:50], gone, *flows[50:]]) == connections + 2
+            assert (marker.gone, marker.failed) == (2, 0)
+            found = [f for f in entries(ns) if str(f.src) == POD]
             assert len(found) == connections
             assert all(f.liberal for f in found), f"{sum(not f.liberal for f in found)} unmarked"
