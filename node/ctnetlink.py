@@ -49,8 +49,10 @@ class CtnetlinkError(ValueError):
 
 
 # A TCP entry as the marker handles it, cheaper than a TcpFlow: (src, dst, sport, dport,
-# zone, liberal), the addresses as integers.
-RawFlow = tuple[int, int, int, int, int, bool]
+# zone), the addresses as integers.
+RawFlow = tuple[int, int, int, int, int]
+# Where the data of each attribute of a message starts and ends, by type.
+Attrs = dict[int, tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,12 @@ class TcpFlow:
     liberal: bool = False  # both directions IP_CT_TCP_FLAG_BE_LIBERAL, where the message says
 
     @classmethod
-    def of(cls, raw: RawFlow) -> TcpFlow:
-        src, dst, sport, dport, zone, liberal = raw
+    def of(cls, raw: RawFlow, liberal: bool = False) -> TcpFlow:
+        src, dst, sport, dport, zone = raw
         return cls(IPv4Address(src), IPv4Address(dst), sport, dport, zone, liberal)
 
     def raw(self) -> RawFlow:
-        return int(self.src), int(self.dst), self.sport, self.dport, self.zone, self.liberal
+        return int(self.src), int(self.dst), self.sport, self.dport, self.zone
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,9 @@ _V4_TCP_HEADERS = tuple(
 )
 
 
-def _attrs(buf: bytes, pos: int, end: int) -> dict[int, tuple[int, int]]:
-    """Where the data of each attribute in buf[pos:end] starts and ends, by type."""
-    out: dict[int, tuple[int, int]] = {}
+def _attrs(buf: bytes, pos: int, end: int) -> Attrs:
+    """The attributes in buf[pos:end]."""
+    out: Attrs = {}
     unpack = _NLATTR.unpack_from
     while pos + 4 <= end:
         length, atype = unpack(buf, pos)
@@ -132,9 +134,7 @@ def _attrs(buf: bytes, pos: int, end: int) -> dict[int, tuple[int, int]]:
     return out
 
 
-def _nested(
-    buf: bytes, attrs: dict[int, tuple[int, int]], atype: int
-) -> dict[int, tuple[int, int]]:
+def _nested(buf: bytes, attrs: Attrs, atype: int) -> Attrs:
     span = attrs.get(atype)
     return _attrs(buf, *span) if span is not None else {}
 
@@ -146,24 +146,30 @@ def _value(buf: bytes, span: tuple[int, int], field: struct.Struct) -> int:
     return field.unpack_from(buf, start)[0]
 
 
-def _raw_flow(buf: bytes, pos: int, end: int) -> RawFlow | None:
+def _entry(buf: bytes, pos: int, end: int) -> tuple[RawFlow, Attrs] | None:
     """The IPv4 TCP entry the conntrack message whose payload is buf[pos:end]
-    describes; None for any other protocol or family."""
+    describes, and the message's attributes; None for any other protocol or family."""
     if end - pos < _NFGENMSG.size or buf[pos] != _AF_INET:
         return None
     top = _attrs(buf, pos + _NFGENMSG.size, end)
     orig = top.get(CTA_TUPLE_ORIG)
-    if orig is None:
+    tuple_ = _tcp_tuple(buf, *orig) if orig is not None else None
+    if tuple_ is None:
         return None
-    if orig[1] - orig[0] == _V4_TCP_TUPLE.size:
+    src, dst, sport, dport = tuple_
+    zone = _value(buf, top[CTA_ZONE], _U16) if CTA_ZONE in top else 0
+    return (src, dst, sport, dport, zone), top
+
+
+def _tcp_tuple(buf: bytes, pos: int, end: int) -> tuple[int, int, int, int] | None:
+    """src, dst, sport, dport of the tuple in buf[pos:end]; None if not TCP."""
+    if end - pos == _V4_TCP_TUPLE.size:
         ip_h, src_h, src, dst_h, dst, proto_h, num_h, number, sport_h, sport, dport_h, dport = (
-            _V4_TCP_TUPLE.unpack_from(buf, orig[0])
+            _V4_TCP_TUPLE.unpack_from(buf, pos)
         )
         if (ip_h, src_h, dst_h, proto_h, num_h, sport_h, dport_h) == _V4_TCP_HEADERS:
-            if number != socket.IPPROTO_TCP:
-                return None
-            return _raw_flow_rest(buf, top, src, dst, sport, dport)
-    tuple_ = _attrs(buf, *orig)
+            return (src, dst, sport, dport) if number == socket.IPPROTO_TCP else None
+    tuple_ = _attrs(buf, pos, end)
     proto = _nested(buf, tuple_, CTA_TUPLE_PROTO)
     num = proto.get(CTA_PROTO_NUM)
     if num is None or _value(buf, num, _U8) != socket.IPPROTO_TCP:
@@ -175,20 +181,17 @@ def _raw_flow(buf: bytes, pos: int, end: int) -> RawFlow | None:
         dport = _value(buf, proto[CTA_PROTO_DST_PORT], _U16)
     except KeyError as exc:
         raise CtnetlinkError(f"a TCP tuple without its attribute {exc}") from None
-    return _raw_flow_rest(buf, top, src, dst, sport, dport)
+    return src, dst, sport, dport
 
 
-def _raw_flow_rest(
-    buf: bytes, top: dict[int, tuple[int, int]], src: int, dst: int, sport: int, dport: int
-) -> RawFlow:
-    zone = _value(buf, top[CTA_ZONE], _U16) if CTA_ZONE in top else 0
+def _liberal(buf: bytes, top: Attrs) -> bool:
+    """Whether both directions of the entry are IP_CT_TCP_FLAG_BE_LIBERAL."""
     tcp = _nested(buf, _nested(buf, top, CTA_PROTOINFO), CTA_PROTOINFO_TCP)
-    liberal = True
     for direction in (CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY):
         span = tcp.get(direction)
         if span is None or span[1] <= span[0] or not buf[span[0]] & IP_CT_TCP_FLAG_BE_LIBERAL:
-            liberal = False
-    return src, dst, sport, dport, zone, liberal
+            return False
+    return True
 
 
 def raw_flows(buf: bytes) -> Iterator[RawFlow]:
@@ -201,9 +204,9 @@ def raw_flows(buf: bytes) -> Iterator[RawFlow]:
         if length < _NLMSGHDR.size or pos + length > size:
             raise CtnetlinkError(f"netlink message of {length} bytes at {pos} of {size}")
         if mtype & ~0xFF == CT_MESSAGE:
-            flow = _raw_flow(buf, pos + _NLMSGHDR.size, pos + length)
-            if flow is not None:
-                yield flow
+            entry = _entry(buf, pos + _NLMSGHDR.size, pos + length)
+            if entry is not None:
+                yield entry[0]
         pos = (pos + length + 3) & ~3
 
 
@@ -212,8 +215,11 @@ def tcp_flow(msg: Message) -> TcpFlow | None:
     any other protocol or family."""
     if msg.type & ~0xFF != CT_MESSAGE:
         return None
-    raw = _raw_flow(msg.payload, 0, len(msg.payload))
-    return TcpFlow.of(raw) if raw is not None else None
+    entry = _entry(msg.payload, 0, len(msg.payload))
+    if entry is None:
+        return None
+    raw, top = entry
+    return TcpFlow.of(raw, _liberal(msg.payload, top))
 
 
 def _message(mtype: int, flags: int, seq: int, body: bytes) -> bytes:
@@ -258,7 +264,7 @@ def mark_liberal_request(flow: TcpFlow, seq: int, liberal: bool = True) -> bytes
 
 def mark_liberal_raw(flow: RawFlow, seq: int, liberal: bool = True) -> bytes:
     """mark_liberal_request for a RawFlow."""
-    src, dst, sport, dport, zone, _liberal = flow
+    src, dst, sport, dport, zone = flow
     mark = IP_CT_TCP_FLAG_BE_LIBERAL if liberal else 0
     head = _MARK.pack(
         _MARK.size + (_ZONE.size if zone else 0),

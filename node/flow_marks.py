@@ -33,9 +33,14 @@ log = logging.getLogger(__name__)
 
 EVENTS_RCVBUF = 8 << 20  # a burst of new connections queues here while the marker works
 RECV_SIZE = 1 << 16
-# recv() calls per on_events(): under a flood of new connections the caller's loop
-# still gets its turn; what is left is read at the next call.
+# recv() calls (each reads one event) per on_events(): under a flood of new connections
+# the caller's loop still gets its turn; what is left is read at the next call.
 RECVS_PER_CALL = 256
+# After reading every pending event, how long the caller may leave the socket unwatched:
+# under a flood each read then finds many events, and a wake-up per connection (on the
+# connection's CPU) and the marker's fixed cost per read are spared. A mark arrives at
+# most this much later: the flow's first segments take the stack meanwhile.
+COALESCE_S = 0.002
 DUMP_TIMEOUT_S = 10.0
 # Marks per send(): 96 bytes each; the refusals of one send (each echoing its request)
 # must fit the requests socket's receive buffer, read after every send.
@@ -105,19 +110,22 @@ class FlowMarker:
         return self._wants(flow.raw())
 
     def _wants(self, flow: ctnetlink.RawFlow) -> bool:
-        src, dst, _sport, _dport, zone, _liberal = flow
+        src, dst, _sport, _dport, zone = flow
         network, netmask = self._network
         if zone != 0 or src & netmask != network or dst & netmask != network:
             return False
         subnet, submask = self._subnet
         return (src & submask == subnet) != (dst & submask == subnet)
 
-    def on_events(self) -> int:
-        """Mark the wanted flows of the pending NEW events; returns how many."""
-        marks = []
+    def on_events(self) -> bool:
+        """Mark the wanted flows of the pending NEW events; False when RECVS_PER_CALL
+        left some unread (call again soon), True when it read them all (the caller may
+        then wait up to COALESCE_S for more to gather)."""
+        marks: list[ctnetlink.RawFlow] = []
+        recv, wants = self.events.recv, self._wants
         for _ in range(RECVS_PER_CALL):
             try:
-                buf = self.events.recv(RECV_SIZE)
+                buf = recv(RECV_SIZE)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -125,9 +133,15 @@ class FlowMarker:
                     raise
                 self.overruns += 1
                 log.warning("conntrack events overran the marker's socket: catching up")
-                return self.mark(marks) + self.resync()
-            marks += filter(self._wants, ctnetlink.raw_flows(buf))
-        return self.mark(marks)
+                self.mark(marks)
+                self.resync()
+                return True
+            marks += filter(wants, ctnetlink.raw_flows(buf))
+        else:
+            self.mark(marks)
+            return False
+        self.mark(marks)
+        return True
 
     def resync(self) -> int:
         """Mark every wanted flow of the table not marked yet; returns how many."""
@@ -185,5 +199,5 @@ def serve(marker: FlowMarker, stop: threading.Event, poll_s: float = 0.2) -> Non
     """Mark flows until stop is set: for a thread of its own (the lab's nodes)."""
     while not stop.is_set():
         ready, _, _ = select.select([marker], [], [], poll_s)
-        if ready:
-            marker.on_events()
+        if ready and marker.on_events():
+            stop.wait(COALESCE_S)

@@ -21,7 +21,7 @@ import pytest
 from flannel_xdp import netns
 from flannel_xdp.lab import process
 from flannel_xdp.lab.topology import delete_netns, new_netns, new_prefix
-from flannel_xdp.node import ctnetlink
+from flannel_xdp.node import ctnetlink, flow_marks
 from flannel_xdp.node.ctnetlink import TcpFlow
 from flannel_xdp.node.flow_marks import FlowMarker
 from tests.requirements import require_root_and_bcc
@@ -179,7 +179,7 @@ def error_message(errno_: int, seq: int) -> bytes:
 @pytest.mark.unit
 def test_marks_go_in_batches_and_the_refusals_are_counted():
     pod, other = int(IPv4Address(POD)), int(IPv4Address(OTHER_NODES_POD))
-    flows = [(pod, other, port, 80, 0, False) for port in range(1000, 1130)]
+    flows = [(pod, other, port, 80, 0) for port in range(1000, 1130)]
     requests, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     requests.setblocking(False)
     marker = FlowMarker(SUBNET, NETWORK, socket.socket(), requests, socket.socket())
@@ -300,9 +300,33 @@ def test_the_kernel_takes_every_mark_of_a_send_past_a_refused_one():
                 s.close()
             flows = [f.raw() for f in entries(ns) if str(f.src) == POD and not f.liberal]
             assert len(flows) == connections
-            gone = (int(IPv4Address(POD)), int(IPv4Address(OTHER_NODES_POD)), 1, 1, 0, False)
+            gone = (int(IPv4Address(POD)), int(IPv4Address(OTHER_NODES_POD)), 1, 1, 0)
             assert marker.mark([gone, *flows[:50], gone, *flows[50:]]) == connections + 2
             assert (marker.gone, marker.failed) == (2, 0)
             found = [f for f in entries(ns) if str(f.src) == POD]
             assert len(found) == connections
             assert all(f.liberal for f in found), f"{sum(not f.liberal for f in found)} unmarked"
+
+
+@pytest.mark.lab
+def test_a_flood_of_events_is_read_in_bounded_turns():
+    """One on_events() reads at most RECVS_PER_CALL events, says that more are left, and
+    the next call marks the rest."""
+    require_root_and_bcc("ip", "iptables")
+    connections = flow_marks.RECVS_PER_CALL + 44
+    with conntrack_netns() as ns:
+        with netns.entered(ns):
+            server = socket.socket()
+            marker = FlowMarker.open(SUBNET, NETWORK)
+        with contextlib.closing(server), contextlib.closing(marker):
+            server.bind((OTHER_NODES_POD, 0))
+            server.listen(connections)
+            opened = [connect(ns, POD, OTHER_NODES_POD, server) for _ in range(connections)]
+            for s in opened:
+                s.close()
+            assert marker.on_events() is False, "it read every event in one turn"
+            assert marker.marked == flow_marks.RECVS_PER_CALL
+            assert marker.on_events() is True
+            assert (marker.marked, marker.gone, marker.failed) == (connections, 0, 0)
+            found = [f for f in entries(ns) if str(f.src) == POD]
+            assert len(found) == connections and all(f.liberal for f in found)
