@@ -53,6 +53,7 @@ class CtnetlinkError(ValueError):
 RawFlow = tuple[int, int, int, int, int]
 # Where the data of each attribute of a message starts and ends, by type.
 Attrs = dict[int, tuple[int, int]]
+Buffer = bytes | bytearray
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ _V4_TCP_HEADERS = tuple(
 )
 
 
-def _attrs(buf: bytes, pos: int, end: int) -> Attrs:
+def _attrs(buf: Buffer, pos: int, end: int) -> Attrs:
     """The attributes in buf[pos:end]."""
     out: Attrs = {}
     unpack = _NLATTR.unpack_from
@@ -134,34 +135,45 @@ def _attrs(buf: bytes, pos: int, end: int) -> Attrs:
     return out
 
 
-def _nested(buf: bytes, attrs: Attrs, atype: int) -> Attrs:
+def _nested(buf: Buffer, attrs: Attrs, atype: int) -> Attrs:
     span = attrs.get(atype)
     return _attrs(buf, *span) if span is not None else {}
 
 
-def _value(buf: bytes, span: tuple[int, int], field: struct.Struct) -> int:
+def _value(buf: Buffer, span: tuple[int, int], field: struct.Struct) -> int:
     start, end = span
     if end - start != field.size:
         raise CtnetlinkError(f"attribute of {end - start} bytes where {field.size} belong")
     return field.unpack_from(buf, start)[0]
 
 
-def _entry(buf: bytes, pos: int, end: int) -> tuple[RawFlow, Attrs] | None:
+def _entry(buf: Buffer, pos: int, end: int) -> RawFlow | None:
     """The IPv4 TCP entry the conntrack message whose payload is buf[pos:end]
-    describes, and the message's attributes; None for any other protocol or family."""
+    describes; None for any other protocol or family."""
     if end - pos < _NFGENMSG.size or buf[pos] != _AF_INET:
         return None
-    top = _attrs(buf, pos + _NFGENMSG.size, end)
-    orig = top.get(CTA_TUPLE_ORIG)
+    # _attrs' walk, keeping only the two attributes needed (this runs per event)
+    orig = zone = None
+    unpack = _NLATTR.unpack_from
+    pos += _NFGENMSG.size
+    while pos + _NLATTR.size <= end:
+        length, atype = unpack(buf, pos)
+        if length < _NLATTR.size or pos + length > end:
+            raise CtnetlinkError(f"attribute of {length} bytes at {pos} of {end}")
+        atype &= NLA_TYPE_MASK
+        if atype == CTA_TUPLE_ORIG:
+            orig = (pos + _NLATTR.size, pos + length)
+        elif atype == CTA_ZONE:
+            zone = (pos + _NLATTR.size, pos + length)
+        pos = (pos + length + 3) & ~3
     tuple_ = _tcp_tuple(buf, *orig) if orig is not None else None
     if tuple_ is None:
         return None
     src, dst, sport, dport = tuple_
-    zone = _value(buf, top[CTA_ZONE], _U16) if CTA_ZONE in top else 0
-    return (src, dst, sport, dport, zone), top
+    return src, dst, sport, dport, _value(buf, zone, _U16) if zone is not None else 0
 
 
-def _tcp_tuple(buf: bytes, pos: int, end: int) -> tuple[int, int, int, int] | None:
+def _tcp_tuple(buf: Buffer, pos: int, end: int) -> tuple[int, int, int, int] | None:
     """src, dst, sport, dport of the tuple in buf[pos:end]; None if not TCP."""
     if end - pos == _V4_TCP_TUPLE.size:
         ip_h, src_h, src, dst_h, dst, proto_h, num_h, number, sport_h, sport, dport_h, dport = (
@@ -184,7 +196,7 @@ def _tcp_tuple(buf: bytes, pos: int, end: int) -> tuple[int, int, int, int] | No
     return src, dst, sport, dport
 
 
-def _liberal(buf: bytes, top: Attrs) -> bool:
+def _liberal(buf: Buffer, top: Attrs) -> bool:
     """Whether both directions of the entry are IP_CT_TCP_FLAG_BE_LIBERAL."""
     tcp = _nested(buf, _nested(buf, top, CTA_PROTOINFO), CTA_PROTOINFO_TCP)
     for direction in (CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY):
@@ -194,19 +206,19 @@ def _liberal(buf: bytes, top: Attrs) -> bool:
     return True
 
 
-def raw_flows(buf: bytes) -> Iterator[RawFlow]:
-    """The IPv4 TCP entries the conntrack messages of one recv() (events) describe;
-    other messages are skipped."""
-    pos, size = 0, len(buf)
+def raw_flows(buf: Buffer, size: int) -> Iterator[RawFlow]:
+    """The IPv4 TCP entries the conntrack messages in buf[:size] (what one recv_into()
+    read: events) describe; other messages are skipped."""
+    pos = 0
     unpack = _NLMSGHDR.unpack_from
     while pos + _NLMSGHDR.size <= size:
         length, mtype, _flags, _seq, _pid = unpack(buf, pos)
         if length < _NLMSGHDR.size or pos + length > size:
             raise CtnetlinkError(f"netlink message of {length} bytes at {pos} of {size}")
         if mtype & ~0xFF == CT_MESSAGE:
-            entry = _entry(buf, pos + _NLMSGHDR.size, pos + length)
-            if entry is not None:
-                yield entry[0]
+            flow = _entry(buf, pos + _NLMSGHDR.size, pos + length)
+            if flow is not None:
+                yield flow
         pos = (pos + length + 3) & ~3
 
 
@@ -215,11 +227,12 @@ def tcp_flow(msg: Message) -> TcpFlow | None:
     any other protocol or family."""
     if msg.type & ~0xFF != CT_MESSAGE:
         return None
-    entry = _entry(msg.payload, 0, len(msg.payload))
-    if entry is None:
+    raw = _entry(msg.payload, 0, len(msg.payload))
+    if raw is None:
         return None
-    raw, top = entry
-    return TcpFlow.of(raw, _liberal(msg.payload, top))
+    return TcpFlow.of(
+        raw, _liberal(msg.payload, _attrs(msg.payload, _NFGENMSG.size, len(msg.payload)))
+    )
 
 
 def _message(mtype: int, flags: int, seq: int, body: bytes) -> bytes:

@@ -64,10 +64,12 @@ class FlowMarker:
     _seq: int = field(default=0, repr=False)
     _network: tuple[int, int] = field(init=False, repr=False)  # address, mask: integers
     _subnet: tuple[int, int] = field(init=False, repr=False)
+    _buf: bytearray = field(init=False, repr=False)  # each event read into it in turn
 
     def __post_init__(self) -> None:
         self._network = int(self.network.network_address), int(self.network.netmask)
         self._subnet = int(self.subnet.network_address), int(self.subnet.netmask)
+        self._buf = bytearray(RECV_SIZE)
 
     @classmethod
     def open(
@@ -122,10 +124,10 @@ class FlowMarker:
         left some unread (call again soon), True when it read them all (the caller may
         then wait up to COALESCE_S for more to gather)."""
         marks: list[ctnetlink.RawFlow] = []
-        recv, wants = self.events.recv, self._wants
+        buf, recv_into, wants = self._buf, self.events.recv_into, self._wants
         for _ in range(RECVS_PER_CALL):
             try:
-                buf = recv(RECV_SIZE)
+                size = recv_into(buf)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -136,7 +138,7 @@ class FlowMarker:
                 self.mark(marks)
                 self.resync()
                 return True
-            marks += filter(wants, ctnetlink.raw_flows(buf))
+            marks += filter(wants, ctnetlink.raw_flows(buf, size))
         else:
             self.mark(marks)
             return False

@@ -109,6 +109,10 @@ def ct_message(payload: bytes, seq: int = 0) -> bytes:
     return struct.pack("=IHHII", 16 + len(payload), mtype, 0, seq, 0) + payload
 
 
+def raw_flows(buf: bytes) -> list[ctnetlink.RawFlow]:
+    return list(ctnetlink.raw_flows(buf, len(buf)))
+
+
 def without_nested_flags(payload: bytes) -> bytes:
     """The same attributes with NLA_F_NESTED cleared in every header (as older kernels
     send them), walking the nests the event's layout has."""
@@ -130,10 +134,12 @@ def without_nested_flags(payload: bytes) -> bytes:
 def test_an_event_parses_to_its_flow_by_either_layout():
     (msg,) = ctnetlink.messages(ct_message(EVENT))
     assert ctnetlink.tcp_flow(msg) == EVENT_FLOW
-    assert list(ctnetlink.raw_flows(ct_message(EVENT))) == [EVENT_FLOW.raw()]
+    assert raw_flows(ct_message(EVENT)) == [EVENT_FLOW.raw()]
     other = ct_message(without_nested_flags(EVENT))
     assert other != ct_message(EVENT)
-    assert list(ctnetlink.raw_flows(other)) == [EVENT_FLOW.raw()], "the walk's answer"
+    assert raw_flows(other) == [EVENT_FLOW.raw()], "the walk's answer"
+    reused = bytearray(ct_message(EVENT)) + bytes(range(64))  # a longer event's leftovers
+    assert list(ctnetlink.raw_flows(reused, len(ct_message(EVENT)))) == [EVENT_FLOW.raw()]
 
 
 @pytest.mark.unit
@@ -142,13 +148,13 @@ def test_events_of_other_protocols_are_skipped_and_a_broken_one_refused():
     udp[36] = socket.IPPROTO_UDP  # the original tuple's CTA_PROTO_NUM
     other_family = bytes([socket.AF_INET6]) + EVENT[1:]
     buf = ct_message(bytes(udp), 1) + ct_message(other_family, 2) + ct_message(EVENT, 3)
-    assert list(ctnetlink.raw_flows(buf)) == [EVENT_FLOW.raw()]
+    assert raw_flows(buf) == [EVENT_FLOW.raw()]
     with pytest.raises(ctnetlink.CtnetlinkError):
-        list(ctnetlink.raw_flows(ct_message(EVENT[:-6])))
+        raw_flows(ct_message(EVENT[:-6]))
     no_ports = bytearray(without_nested_flags(EVENT))
     no_ports[50] = 9  # the original tuple's CTA_PROTO_DST_PORT: another type
     with pytest.raises(ctnetlink.CtnetlinkError, match="attribute 3"):
-        list(ctnetlink.raw_flows(ct_message(bytes(no_ports))))
+        raw_flows(ct_message(bytes(no_ports)))
 
 
 @pytest.mark.unit
