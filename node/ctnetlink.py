@@ -28,7 +28,7 @@ NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
 NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF
 
-CTA_TUPLE_ORIG, CTA_PROTOINFO, CTA_ZONE = 1, 4, 18
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_ZONE = 1, 2, 4, 18
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
@@ -104,13 +104,20 @@ def messages(buf: bytes) -> Iterator[Message]:
 _U8, _U16, _U32 = struct.Struct("B"), struct.Struct("!H"), struct.Struct("!I")
 
 
-# The original tuple of an IPv4 TCP (or UDP) entry as the kernel lays it out: its
-# attribute headers as bytes (compared whole), then the protocol number, addresses and
-# ports. Any other layout takes the walk through the attributes.
-_V4_TCP_TUPLE = struct.Struct("!4s4sI4sI4s4sB3x4sH2x4sH2x")
-_V4_TCP_HEADERS = tuple(
+# How the kernel lays out the message of an IPv4 TCP (or UDP) entry, event or dump
+# (ctnetlink_fill_info, ctnetlink_conntrack_event): the original tuple first, the reply
+# tuple (as long) next, then CTA_ZONE where the zone is not the default one. The tuple is
+# read in one unpack: the attribute headers as bytes (compared whole with
+# _KERNEL_HEADERS), the protocol number, addresses and ports. Any other layout takes the
+# walk through the attributes. (Were CTA_ZONE further on, an entry of another zone would
+# read as the default zone's: its mark, which names no zone, would be refused, ENOENT, or
+# mark the default zone's entry of the same flow, which is wanted anyway.)
+_KERNEL_HEAD = struct.Struct("!4s4s4sI4sI4s4sB3x4sH2x4sH2x4s")
+_TUPLE_SIZE = 4 + 8 + 8 + 4 + 8 + 8 + 8  # CTA_TUPLE_IP and CTA_TUPLE_PROTO, with headers
+_KERNEL_HEADERS = tuple(
     _NLATTR.pack(length, atype)
     for length, atype in (
+        (4 + _TUPLE_SIZE, CTA_TUPLE_ORIG | NLA_F_NESTED),
         (4 + 8 + 8, CTA_TUPLE_IP | NLA_F_NESTED),
         (8, CTA_IP_V4_SRC),
         (8, CTA_IP_V4_DST),
@@ -118,8 +125,10 @@ _V4_TCP_HEADERS = tuple(
         (5, CTA_PROTO_NUM),
         (6, CTA_PROTO_SRC_PORT),
         (6, CTA_PROTO_DST_PORT),
+        (4 + _TUPLE_SIZE, CTA_TUPLE_REPLY | NLA_F_NESTED),
     )
 )
+_ZONE_HEADER = _NLATTR.pack(6, CTA_ZONE)
 
 
 def _attrs(buf: Buffer, pos: int, end: int) -> Attrs:
@@ -152,35 +161,44 @@ def _entry(buf: Buffer, pos: int, end: int) -> RawFlow | None:
     describes; None for any other protocol or family."""
     if end - pos < _NFGENMSG.size or buf[pos] != _AF_INET:
         return None
-    # _attrs' walk, keeping only the two attributes needed (this runs per event)
-    orig = zone = None
-    unpack = _NLATTR.unpack_from
     pos += _NFGENMSG.size
-    while pos + _NLATTR.size <= end:
-        length, atype = unpack(buf, pos)
-        if length < _NLATTR.size or pos + length > end:
-            raise CtnetlinkError(f"attribute of {length} bytes at {pos} of {end}")
-        atype &= NLA_TYPE_MASK
-        if atype == CTA_TUPLE_ORIG:
-            orig = (pos + _NLATTR.size, pos + length)
-        elif atype == CTA_ZONE:
-            zone = (pos + _NLATTR.size, pos + length)
-        pos = (pos + length + 3) & ~3
+    if pos + _KERNEL_HEAD.size + _TUPLE_SIZE <= end:
+        (
+            orig_h,
+            ip_h,
+            src_h,
+            src,
+            dst_h,
+            dst,
+            proto_h,
+            num_h,
+            number,
+            sport_h,
+            sport,
+            dport_h,
+            dport,
+            reply_h,
+        ) = _KERNEL_HEAD.unpack_from(buf, pos)
+        headers = (orig_h, ip_h, src_h, dst_h, proto_h, num_h, sport_h, dport_h, reply_h)
+        if headers == _KERNEL_HEADERS:
+            if number != socket.IPPROTO_TCP:
+                return None
+            after = pos + _KERNEL_HEAD.size + _TUPLE_SIZE
+            zone = 0
+            if after + 8 <= end and buf[after : after + 4] == _ZONE_HEADER:
+                zone = _U16.unpack_from(buf, after + 4)[0]
+            return src, dst, sport, dport, zone
+    top = _attrs(buf, pos, end)
+    orig = top.get(CTA_TUPLE_ORIG)
     tuple_ = _tcp_tuple(buf, *orig) if orig is not None else None
     if tuple_ is None:
         return None
     src, dst, sport, dport = tuple_
-    return src, dst, sport, dport, _value(buf, zone, _U16) if zone is not None else 0
+    return src, dst, sport, dport, _value(buf, top[CTA_ZONE], _U16) if CTA_ZONE in top else 0
 
 
 def _tcp_tuple(buf: Buffer, pos: int, end: int) -> tuple[int, int, int, int] | None:
     """src, dst, sport, dport of the tuple in buf[pos:end]; None if not TCP."""
-    if end - pos == _V4_TCP_TUPLE.size:
-        ip_h, src_h, src, dst_h, dst, proto_h, num_h, number, sport_h, sport, dport_h, dport = (
-            _V4_TCP_TUPLE.unpack_from(buf, pos)
-        )
-        if (ip_h, src_h, dst_h, proto_h, num_h, sport_h, dport_h) == _V4_TCP_HEADERS:
-            return (src, dst, sport, dport) if number == socket.IPPROTO_TCP else None
     tuple_ = _attrs(buf, pos, end)
     proto = _nested(buf, tuple_, CTA_TUPLE_PROTO)
     num = proto.get(CTA_PROTO_NUM)

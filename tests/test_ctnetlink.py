@@ -100,6 +100,7 @@ EVENT = bytes.fromhex(
     "000000080800070000000078300004802c0001800500010001000000050002000a00000005000300"
     "0000000006000400030000000600050000000000"
 )
+ZONE_AT = 4 + 52 + 52  # after the nfgenmsg and both tuples
 EVENT_FLOW = TcpFlow(IPv4Address(POD), IPv4Address(OTHER_NODES_POD), 57757, 57415)
 
 
@@ -131,13 +132,20 @@ def without_nested_flags(payload: bytes) -> bytes:
 
 
 @pytest.mark.unit
-def test_an_event_parses_to_its_flow_by_either_layout():
+def test_an_event_parses_to_its_flow_by_either_layout(monkeypatch):
     (msg,) = ctnetlink.messages(ct_message(EVENT))
     assert ctnetlink.tcp_flow(msg) == EVENT_FLOW
     assert raw_flows(ct_message(EVENT)) == [EVENT_FLOW.raw()]
     other = ct_message(without_nested_flags(EVENT))
     assert other != ct_message(EVENT)
     assert raw_flows(other) == [EVENT_FLOW.raw()], "the walk's answer"
+    zone = struct.pack("=HH", 6, ctnetlink.CTA_ZONE) + struct.pack("!H", 3) + bytes(2)
+    zoned = EVENT[:ZONE_AT] + zone + EVENT[ZONE_AT:]  # where the kernel puts it
+    for layout in (zoned, without_nested_flags(zoned)):
+        assert raw_flows(ct_message(layout)) == [(*EVENT_FLOW.raw()[:4], 3)]
+    with monkeypatch.context() as m:
+        m.setattr(ctnetlink, "_attrs", None)
+        assert raw_flows(ct_message(EVENT)) == [EVENT_FLOW.raw()], "the kernel's, in one read"
     reused = bytearray(ct_message(EVENT)) + bytes(range(64))  # a longer event's leftovers
     assert list(ctnetlink.raw_flows(reused, len(ct_message(EVENT)))) == [EVENT_FLOW.raw()]
 
@@ -150,7 +158,7 @@ def test_events_of_other_protocols_are_skipped_and_a_broken_one_refused():
     buf = ct_message(bytes(udp), 1) + ct_message(other_family, 2) + ct_message(EVENT, 3)
     assert raw_flows(buf) == [EVENT_FLOW.raw()]
     with pytest.raises(ctnetlink.CtnetlinkError):
-        raw_flows(ct_message(EVENT[:-6]))
+        raw_flows(ct_message(EVENT[:40]))  # within the original tuple
     no_ports = bytearray(without_nested_flags(EVENT))
     no_ports[50] = 9  # the original tuple's CTA_PROTO_DST_PORT: another type
     with pytest.raises(ctnetlink.CtnetlinkError, match="attribute 3"):
