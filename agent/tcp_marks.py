@@ -15,7 +15,7 @@ from ipaddress import IPv4Network
 
 from flannel_xdp import defaults
 from flannel_xdp.node import ctnetlink
-from flannel_xdp.node.flow_marks import COALESCE_S, FlowMarker
+from flannel_xdp.node.flow_marks import COALESCE_S, RECVS_PER_CALL, FlowMarker
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ class TcpMarks:
 
     async def _follow(self, marker: FlowMarker) -> None:
         """Mark flows as their events arrive, until the socket fails (raised). Once a
-        read found no more, the socket rests COALESCE_S so that events gather."""
+        read found no more, the socket rests COALESCE_S so that events gather (a flood's
+        then wake the loop once a rest, the timer's)."""
         loop = asyncio.get_running_loop()
         failed: asyncio.Future[None] = loop.create_future()
         resting: asyncio.TimerHandle | None = None
@@ -71,12 +72,12 @@ class TcpMarks:
         def ready() -> None:
             nonlocal resting
             try:
-                drained = marker.on_events()
+                read = marker.on_events()
             except (OSError, ctnetlink.CtnetlinkError) as exc:
                 if not failed.done():
                     failed.set_exception(exc)
                 return
-            if drained:
+            if read < RECVS_PER_CALL:
                 loop.remove_reader(marker.fileno())
                 resting = loop.call_later(COALESCE_S, watch)
 

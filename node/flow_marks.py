@@ -24,6 +24,7 @@ import os
 import select
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
@@ -36,11 +37,13 @@ RECV_SIZE = 1 << 16
 # recv() calls (each reads one event) per on_events(): under a flood of new connections
 # the caller's loop still gets its turn; what is left is read at the next call.
 RECVS_PER_CALL = 256
-# After reading every pending event, how long the caller may leave the socket unwatched:
-# under a flood each read then finds many events, and a wake-up per connection (on the
-# connection's CPU) and the marker's fixed cost per read are spared. A mark arrives at
-# most this much later: the flow's first segments take the stack meanwhile.
-COALESCE_S = 0.002
+# After reading every pending event, how long the caller leaves the socket unwatched
+# before reading again: under a flood of new connections each read then finds many
+# events, and most wake-ups are spared (each costs tens of microseconds in a VM, more
+# than reading and marking an event). A mark arrives at most this much later: the
+# flow's first segments take the stack meanwhile. An event that finds the marker idle
+# (the last read found none) wakes it at once.
+COALESCE_S = 0.005
 DUMP_TIMEOUT_S = 10.0
 # Marks per send(): 96 bytes each; the refusals of one send (each echoing its request)
 # must fit the requests socket's receive buffer, read after every send.
@@ -119,13 +122,15 @@ class FlowMarker:
         subnet, submask = self._subnet
         return (src & submask == subnet) != (dst & submask == subnet)
 
-    def on_events(self) -> bool:
-        """Mark the wanted flows of the pending NEW events; False when RECVS_PER_CALL
-        left some unread (call again soon), True when it read them all (the caller may
-        then wait up to COALESCE_S for more to gather)."""
+    def on_events(self) -> int:
+        """Mark the wanted flows of the pending NEW events; returns how many events it
+        read: RECVS_PER_CALL when it may have left some (call again soon), fewer when it
+        read them all (the caller may then rest COALESCE_S for more to gather), 0 when
+        there were none."""
         marks: list[ctnetlink.RawFlow] = []
         buf, recv_into, wants = self._buf, self.events.recv_into, self._wants
-        for _ in range(RECVS_PER_CALL):
+        read = 0
+        while read < RECVS_PER_CALL:
             try:
                 size = recv_into(buf)
             except BlockingIOError:
@@ -137,13 +142,13 @@ class FlowMarker:
                 log.warning("conntrack events overran the marker's socket: catching up")
                 self.mark(marks)
                 self.resync()
-                return True
-            marks += filter(wants, ctnetlink.raw_flows(buf, size))
-        else:
-            self.mark(marks)
-            return False
+                return read + 1
+            read += 1
+            for flow in ctnetlink.raw_flows(buf, size):
+                if wants(flow):
+                    marks.append(flow)
         self.mark(marks)
-        return True
+        return read
 
     def resync(self) -> int:
         """Mark every wanted flow of the table not marked yet; returns how many."""
@@ -201,5 +206,9 @@ def serve(marker: FlowMarker, stop: threading.Event, poll_s: float = 0.2) -> Non
     """Mark flows until stop is set: for a thread of its own (the lab's nodes)."""
     while not stop.is_set():
         ready, _, _ = select.select([marker], [], [], poll_s)
-        if ready and marker.on_events():
-            stop.wait(COALESCE_S)
+        while ready and not stop.is_set():
+            read = marker.on_events()
+            if not read:
+                break
+            if read < RECVS_PER_CALL:
+                time.sleep(COALESCE_S)
