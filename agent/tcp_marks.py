@@ -15,7 +15,7 @@ from ipaddress import IPv4Network
 
 from flannel_xdp import defaults
 from flannel_xdp.node import ctnetlink
-from flannel_xdp.node.flow_marks import COALESCE_S, RECVS_PER_CALL, FlowMarker
+from flannel_xdp.node.flow_marks import FlowMarker
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +59,19 @@ class TcpMarks:
             await asyncio.sleep(defaults.LOCAL_PODS_INTERVAL_S)
 
     async def _follow(self, marker: FlowMarker) -> None:
-        """Mark flows as their events arrive, until the socket fails (raised). Once a
-        read found no more, the socket rests COALESCE_S so that events gather (a flood's
-        then wake the loop once a rest, the timer's)."""
+        """Mark flows as their events arrive, until the socket fails (raised)."""
         loop = asyncio.get_running_loop()
         failed: asyncio.Future[None] = loop.create_future()
-        resting: asyncio.TimerHandle | None = None
-
-        def watch() -> None:
-            loop.add_reader(marker.fileno(), ready)
 
         def ready() -> None:
-            nonlocal resting
             try:
-                read = marker.on_events()
+                marker.on_events()
             except (OSError, ctnetlink.CtnetlinkError) as exc:
                 if not failed.done():
                     failed.set_exception(exc)
-                return
-            if read < RECVS_PER_CALL:
-                loop.remove_reader(marker.fileno())
-                resting = loop.call_later(COALESCE_S, watch)
 
-        watch()
+        loop.add_reader(marker.fileno(), ready)
         try:
             await failed
         finally:
-            if resting is not None:
-                resting.cancel()
             loop.remove_reader(marker.fileno())

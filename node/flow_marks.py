@@ -24,7 +24,6 @@ import os
 import select
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
@@ -37,13 +36,6 @@ RECV_SIZE = 1 << 16
 # recv() calls (each reads one event) per on_events(): under a flood of new connections
 # the caller's loop still gets its turn; what is left is read at the next call.
 RECVS_PER_CALL = 256
-# After reading every pending event, how long the caller leaves the socket unwatched
-# before reading again: under a flood of new connections each read then finds many
-# events, and most wake-ups are spared (each costs tens of microseconds in a VM, more
-# than reading and marking an event). A mark arrives at most this much later: the
-# flow's first segments take the stack meanwhile. An event that finds the marker idle
-# (the last read found none) wakes it at once.
-COALESCE_S = 0.005
 DUMP_TIMEOUT_S = 10.0
 # Marks per send(): 96 bytes each; the refusals of one send (each echoing its request)
 # must fit the requests socket's receive buffer, read after every send.
@@ -124,9 +116,7 @@ class FlowMarker:
 
     def on_events(self) -> int:
         """Mark the wanted flows of the pending NEW events; returns how many events it
-        read: RECVS_PER_CALL when it may have left some (call again soon), fewer when it
-        read them all (the caller may then rest COALESCE_S for more to gather), 0 when
-        there were none."""
+        read (RECVS_PER_CALL: it may have left some for the next call)."""
         marks: list[ctnetlink.RawFlow] = []
         buf, recv_into, wants = self._buf, self.events.recv_into, self._wants
         read = 0
@@ -142,7 +132,7 @@ class FlowMarker:
                 log.warning("conntrack events overran the marker's socket: catching up")
                 self.mark(marks)
                 self.resync()
-                return read + 1
+                return read
             read += 1
             for flow in ctnetlink.raw_flows(buf, size):
                 if wants(flow):
@@ -206,9 +196,5 @@ def serve(marker: FlowMarker, stop: threading.Event, poll_s: float = 0.2) -> Non
     """Mark flows until stop is set: for a thread of its own (the lab's nodes)."""
     while not stop.is_set():
         ready, _, _ = select.select([marker], [], [], poll_s)
-        while ready and not stop.is_set():
-            read = marker.on_events()
-            if not read:
-                break
-            if read < RECVS_PER_CALL:
-                time.sleep(COALESCE_S)
+        if ready:
+            marker.on_events()
