@@ -40,6 +40,7 @@ IP_CT_TCP_FLAG_BE_LIBERAL = 0x08
 _NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
 _NLATTR = struct.Struct("=HH")
+_ERRNO = struct.Struct("=i")  # nlmsgerr's error: minus an errno
 CT_MESSAGE = NFNL_SUBSYS_CTNETLINK << 8
 _AF_INET = int(socket.AF_INET)
 
@@ -87,7 +88,7 @@ class Message:
         """An NLMSG_ERROR's errno (0: an acknowledgement)."""
         if self.type != NLMSG_ERROR or len(self.payload) < 4:
             raise CtnetlinkError("not a netlink error message")
-        return -struct.unpack_from("=i", self.payload)[0]
+        return -_ERRNO.unpack_from(self.payload)[0]
 
 
 def messages(buf: bytes) -> Iterator[Message]:
@@ -224,9 +225,11 @@ def _liberal(buf: Buffer, top: Attrs) -> bool:
     return True
 
 
-def raw_flows(buf: Buffer, size: int) -> Iterator[RawFlow]:
+def raw_flows(buf: Buffer, size: int, refused: list[int]) -> Iterator[RawFlow]:
     """The IPv4 TCP entries the conntrack messages in buf[:size] (what one recv_into()
-    read: events) describe; other messages are skipped."""
+    read: events) describe. The errno of each error message among them (the kernel
+    refusing a request sent from the same socket) goes to refused; other messages are
+    skipped."""
     pos = 0
     unpack = _NLMSGHDR.unpack_from
     while pos + _NLMSGHDR.size <= size:
@@ -237,6 +240,12 @@ def raw_flows(buf: Buffer, size: int) -> Iterator[RawFlow]:
             flow = _entry(buf, pos + _NLMSGHDR.size, pos + length)
             if flow is not None:
                 yield flow
+        elif mtype == NLMSG_ERROR:
+            if length < _NLMSGHDR.size + 4:
+                raise CtnetlinkError(f"netlink error message of {length} bytes")
+            err = -_ERRNO.unpack_from(buf, pos + _NLMSGHDR.size)[0]
+            if err:
+                refused.append(err)
         pos = (pos + length + 3) & ~3
 
 

@@ -37,8 +37,7 @@ RECV_SIZE = 1 << 16
 # the caller's loop still gets its turn; what is left is read at the next call.
 RECVS_PER_CALL = 256
 DUMP_TIMEOUT_S = 10.0
-# Marks per send(): 96 bytes each; the refusals of one send (each echoing its request)
-# must fit the requests socket's receive buffer, read after every send.
+# Marks per send(): 96 bytes each, one buffer the kernel allocates per send.
 MARKS_PER_SEND = 64
 
 
@@ -49,8 +48,9 @@ class FlowMarker:
 
     subnet: IPv4Network
     network: IPv4Network
+    # conntrack's NEW events, and the kernel's answers to the marks, sent from it: one
+    # socket to read (and to wake on) for both
     events: socket.socket
-    requests: socket.socket
     dumps: socket.socket  # blocking, with DUMP_TIMEOUT_S
     marked: int = 0  # mark requests sent
     gone: int = 0  # entries that went before their mark arrived
@@ -76,15 +76,14 @@ class FlowMarker:
         try:
             opened.append(ctnetlink.open_socket(ctnetlink.NEW_EVENTS, events_rcvbuf))
             opened.append(ctnetlink.open_socket())
-            opened.append(ctnetlink.open_socket())
         except OSError:
             for sock in opened:
                 sock.close()
             raise
-        events, requests, dumps = opened
+        events, dumps = opened
         dumps.setblocking(True)
         dumps.settimeout(DUMP_TIMEOUT_S)
-        marker = cls(subnet, network, events, requests, dumps)
+        marker = cls(subnet, network, events, dumps)
         try:
             marker.resync()
         except OSError:
@@ -94,11 +93,10 @@ class FlowMarker:
 
     def close(self) -> None:
         self.events.close()
-        self.requests.close()
         self.dumps.close()
 
     def fileno(self) -> int:
-        """Readable when conntrack confirmed new entries."""
+        """Readable when conntrack confirmed new entries (or refused a mark)."""
         return self.events.fileno()
 
     def wants(self, flow: ctnetlink.TcpFlow) -> bool:
@@ -115,9 +113,11 @@ class FlowMarker:
         return (src & submask == subnet) != (dst & submask == subnet)
 
     def on_events(self) -> int:
-        """Mark the wanted flows of the pending NEW events; returns how many events it
-        read (RECVS_PER_CALL: it may have left some for the next call)."""
+        """Mark the wanted flows of the pending NEW events, and count the refused marks;
+        returns how many messages it read (RECVS_PER_CALL: it may have left some for
+        the next call)."""
         marks: list[ctnetlink.RawFlow] = []
+        refused: list[int] = []
         buf, recv_into, wants = self._buf, self.events.recv_into, self._wants
         read = 0
         while read < RECVS_PER_CALL:
@@ -130,13 +130,16 @@ class FlowMarker:
                     raise
                 self.overruns += 1
                 log.warning("conntrack events overran the marker's socket: catching up")
+                self._count(refused)
                 self.mark(marks)
                 self.resync()
                 return read
             read += 1
-            for flow in ctnetlink.raw_flows(buf, size):
+            for flow in ctnetlink.raw_flows(buf, size, refused):
                 if wants(flow):
                     marks.append(flow)
+        if refused:
+            self._count(refused)
         self.mark(marks)
         return read
 
@@ -158,38 +161,25 @@ class FlowMarker:
 
     def mark(self, flows: list[ctnetlink.RawFlow]) -> int:
         """Mark flows; returns how many were asked. One send() carries up to
-        MARKS_PER_SEND requests (the kernel handles each message of a send in turn and
-        answers each refused one); the refusals are counted after each."""
+        MARKS_PER_SEND requests: the kernel handles each message of a send in turn and
+        answers, on the events socket, each one it refused (on_events counts them)."""
         for first in range(0, len(flows), MARKS_PER_SEND):
             requests = []
             for flow in flows[first : first + MARKS_PER_SEND]:
                 self._seq += 1
                 requests.append(ctnetlink.mark_liberal_raw(flow, self._seq))
-            self.requests.send(b"".join(requests))
+            self.events.send(b"".join(requests))
             self.marked += len(requests)
-            self._answers()
         return len(flows)
 
-    def _answers(self) -> None:
-        """Count the kernel's refusals (it answers a mark only when it fails)."""
-        while True:
-            try:
-                buf = self.requests.recv(RECV_SIZE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:  # refusals lost: only counts are
-                    continue
-                raise
-            for msg in ctnetlink.messages(buf):
-                if msg.type != ctnetlink.NLMSG_ERROR or not (err := msg.error()):
-                    continue
-                if err == errno.ENOENT:
-                    self.gone += 1
-                else:
-                    if not self.failed:
-                        log.warning("conntrack refused a flow's mark: %s", errno.errorcode.get(err))
-                    self.failed += 1
+    def _count(self, refused: list[int]) -> None:
+        for err in refused:
+            if err == errno.ENOENT:
+                self.gone += 1
+            else:
+                if not self.failed:
+                    log.warning("conntrack refused a flow's mark: %s", errno.errorcode.get(err))
+                self.failed += 1
 
 
 def serve(marker: FlowMarker, stop: threading.Event, poll_s: float = 0.2) -> None:

@@ -32,8 +32,7 @@ POD, OTHER_NODES_POD, NEIGHBOUR = "198.18.0.2", "198.18.1.2", "198.18.0.3"
 
 def marker_for_tests() -> FlowMarker:
     """A marker whose sockets are never used: for wants()."""
-    a, b = socket.socketpair()
-    return FlowMarker(SUBNET, NETWORK, a, b, socket.socket())
+    return FlowMarker(SUBNET, NETWORK, socket.socket(), socket.socket())
 
 
 @pytest.mark.unit
@@ -111,7 +110,10 @@ def ct_message(payload: bytes, seq: int = 0) -> bytes:
 
 
 def raw_flows(buf: bytes) -> list[ctnetlink.RawFlow]:
-    return list(ctnetlink.raw_flows(buf, len(buf)))
+    refused: list[int] = []
+    flows = list(ctnetlink.raw_flows(buf, len(buf), refused))
+    assert not refused
+    return flows
 
 
 def without_nested_flags(payload: bytes) -> bytes:
@@ -147,7 +149,7 @@ def test_an_event_parses_to_its_flow_by_either_layout(monkeypatch):
         m.setattr(ctnetlink, "_attrs", None)
         assert raw_flows(ct_message(EVENT)) == [EVENT_FLOW.raw()], "the kernel's, in one read"
     reused = bytearray(ct_message(EVENT)) + bytes(range(64))  # a longer event's leftovers
-    assert list(ctnetlink.raw_flows(reused, len(ct_message(EVENT)))) == [EVENT_FLOW.raw()]
+    assert list(ctnetlink.raw_flows(reused, len(ct_message(EVENT)), [])) == [EVENT_FLOW.raw()]
 
 
 @pytest.mark.unit
@@ -191,22 +193,32 @@ def error_message(errno_: int, seq: int) -> bytes:
 
 
 @pytest.mark.unit
+def test_refusals_come_among_the_events():
+    buf = error_message(errno.ENOENT, 1) + ct_message(EVENT) + error_message(0, 2)
+    refused: list[int] = []
+    assert list(ctnetlink.raw_flows(buf, len(buf), refused)) == [EVENT_FLOW.raw()]
+    assert refused == [errno.ENOENT], "an acknowledgement is no refusal"
+
+
+@pytest.mark.unit
 def test_marks_go_in_batches_and_the_refusals_are_counted():
     pod, other = int(IPv4Address(POD)), int(IPv4Address(OTHER_NODES_POD))
     flows = [(pod, other, port, 80, 0) for port in range(1000, 1130)]
-    requests, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    requests.setblocking(False)
-    marker = FlowMarker(SUBNET, NETWORK, socket.socket(), requests, socket.socket())
+    events, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    events.setblocking(False)
+    marker = FlowMarker(SUBNET, NETWORK, events, socket.socket())
     try:
-        for err, seq in ((errno.ENOENT, 1), (errno.EPERM, 2), (0, 3)):
-            kernel.send(error_message(err, seq))
         assert marker.mark(flows) == 130
         sent = [kernel.recv(1 << 16) for _ in range(3)]
         assert [len(b) // 96 for b in sent] == [64, 64, 2]
         parsed = [m for b in sent for m in ctnetlink.messages(b)]
         assert [m.seq for m in parsed] == list(range(1, 131))
         assert [ctnetlink.tcp_flow(m).sport for m in parsed] == list(range(1000, 1130))
-        assert (marker.marked, marker.gone, marker.failed) == (130, 1, 1)
+        for err, seq in ((errno.ENOENT, 1), (errno.EPERM, 2), (0, 3)):
+            kernel.send(error_message(err, seq))
+        kernel.send(ct_message(EVENT))
+        assert marker.on_events() == 4
+        assert (marker.marked, marker.gone, marker.failed) == (131, 1, 1), "and the event's"
     finally:
         marker.close()
         kernel.close()
@@ -316,6 +328,7 @@ def test_the_kernel_takes_every_mark_of_a_send_past_a_refused_one():
             assert len(flows) == connections
             gone = (int(IPv4Address(POD)), int(IPv4Address(OTHER_NODES_POD)), 1, 1, 0)
             assert marker.mark([gone, *flows[:50], gone, *flows[50:]]) == connections + 2
+            marker.on_events()  # the refusals, and the events of the connections
             assert (marker.gone, marker.failed) == (2, 0)
             found = [f for f in entries(ns) if str(f.src) == POD]
             assert len(found) == connections
