@@ -60,11 +60,15 @@ class FlowMarker:
     _network: tuple[int, int] = field(init=False, repr=False)  # address, mask: integers
     _subnet: tuple[int, int] = field(init=False, repr=False)
     _buf: bytearray = field(init=False, repr=False)  # each event read into it in turn
+    # whether more is queued: cheaper than a recv() that fails
+    _queued: select.poll = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._network = int(self.network.network_address), int(self.network.netmask)
         self._subnet = int(self.subnet.network_address), int(self.subnet.netmask)
         self._buf = bytearray(RECV_SIZE)
+        self._queued = select.poll()
+        self._queued.register(self.events, select.POLLIN)
 
     @classmethod
     def open(
@@ -118,7 +122,7 @@ class FlowMarker:
         the next call)."""
         marks: list[ctnetlink.RawFlow] = []
         refused: list[int] = []
-        buf, recv_into, wants = self._buf, self.events.recv_into, self._wants
+        buf, recv_into, wants, queued = self._buf, self.events.recv_into, self._wants, self._queued
         read = 0
         while read < RECVS_PER_CALL:
             try:
@@ -138,6 +142,8 @@ class FlowMarker:
             for flow in ctnetlink.raw_flows(buf, size, refused):
                 if wants(flow):
                     marks.append(flow)
+            if not queued.poll(0):
+                break
         if refused:
             self._count(refused)
         self.mark(marks)
@@ -184,7 +190,8 @@ class FlowMarker:
 
 def serve(marker: FlowMarker, stop: threading.Event, poll_s: float = 0.2) -> None:
     """Mark flows until stop is set: for a thread of its own (the lab's nodes)."""
-    while not stop.is_set():
-        ready, _, _ = select.select([marker], [], [], poll_s)
-        if ready:
-            marker.on_events()
+    with select.epoll() as ready:
+        ready.register(marker.fileno(), select.EPOLLIN)
+        while not stop.is_set():
+            if ready.poll(poll_s):
+                marker.on_events()
