@@ -41,6 +41,7 @@ _NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
 _NLATTR = struct.Struct("=HH")
 _ERRNO = struct.Struct("=i")  # nlmsgerr's error: minus an errno
+_U8, _U16, _U32 = struct.Struct("B"), struct.Struct("!H"), struct.Struct("!I")
 CT_MESSAGE = NFNL_SUBSYS_CTNETLINK << 8
 _AF_INET = int(socket.AF_INET)
 
@@ -102,9 +103,6 @@ def messages(buf: bytes) -> Iterator[Message]:
         pos += (length + 3) & ~3
 
 
-_U8, _U16, _U32 = struct.Struct("B"), struct.Struct("!H"), struct.Struct("!I")
-
-
 # How the kernel lays out the message of an IPv4 TCP (or UDP) entry, event or dump
 # (ctnetlink_fill_info, ctnetlink_conntrack_event): the original tuple first, the reply
 # tuple (as long) next, then CTA_ZONE where the zone is not the default one. The tuple is
@@ -114,22 +112,26 @@ _U8, _U16, _U32 = struct.Struct("B"), struct.Struct("!H"), struct.Struct("!I")
 # read as the default zone's: its mark, which names no zone, would be refused, ENOENT, or
 # mark the default zone's entry of the same flow, which is wanted anyway.)
 _KERNEL_HEAD = struct.Struct("!4s4s4sI4sI4s4sB3x4sH2x4sH2x4s")
-_TUPLE_SIZE = 4 + 8 + 8 + 4 + 8 + 8 + 8  # CTA_TUPLE_IP and CTA_TUPLE_PROTO, with headers
+# A tuple's attributes, with their headers: CTA_TUPLE_IP (two addresses), CTA_TUPLE_PROTO
+# (number and ports)
+_TUPLE_IP_SIZE = 4 + 8 + 8
+_TUPLE_PROTO_SIZE = 4 + 8 + 8 + 8
+_TUPLE_SIZE = _TUPLE_IP_SIZE + _TUPLE_PROTO_SIZE
 _KERNEL_HEADERS = tuple(
     _NLATTR.pack(length, atype)
     for length, atype in (
         (4 + _TUPLE_SIZE, CTA_TUPLE_ORIG | NLA_F_NESTED),
-        (4 + 8 + 8, CTA_TUPLE_IP | NLA_F_NESTED),
+        (_TUPLE_IP_SIZE, CTA_TUPLE_IP | NLA_F_NESTED),
         (8, CTA_IP_V4_SRC),
         (8, CTA_IP_V4_DST),
-        (4 + 8 + 8 + 8, CTA_TUPLE_PROTO | NLA_F_NESTED),
+        (_TUPLE_PROTO_SIZE, CTA_TUPLE_PROTO | NLA_F_NESTED),
         (5, CTA_PROTO_NUM),
         (6, CTA_PROTO_SRC_PORT),
         (6, CTA_PROTO_DST_PORT),
         (4 + _TUPLE_SIZE, CTA_TUPLE_REPLY | NLA_F_NESTED),
     )
 )
-_ZONE_HEADER = _NLATTR.pack(6, CTA_ZONE)
+_ZONE_HEADER = _NLATTR.pack(_NLATTR.size + _U16.size, CTA_ZONE)
 
 
 def _attrs(buf: Buffer, pos: int, end: int) -> Attrs:
@@ -278,21 +280,19 @@ _MARK = struct.Struct(
     "=IHHI4x"  # nlmsghdr: length, type, flags, seq; port id 0, the kernel
     "BB2x"  # nfgenmsg: family, version; resource id 0
     "HH"  # CTA_TUPLE_ORIG
-    "HH"
-    "HHI"
-    "HHI"  # CTA_TUPLE_IP: CTA_IP_V4_SRC, CTA_IP_V4_DST (network order)
-    "HH"
-    "HHB3x"
-    "HHH2x"
-    "HHH2x"  # CTA_TUPLE_PROTO: NUM, SRC_PORT, DST_PORT (network order)
-    "HH"
-    "HH"  # CTA_PROTOINFO, CTA_PROTOINFO_TCP
-    "HHBB2x"
-    "HHBB2x"  # CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, _REPLY: flags, mask
+    "HH"  # CTA_TUPLE_IP
+    "HHI"  # CTA_IP_V4_SRC: addresses and ports are passed in network order
+    "HHI"  # CTA_IP_V4_DST
+    "HH"  # CTA_TUPLE_PROTO
+    "HHB3x"  # CTA_PROTO_NUM
+    "HHH2x"  # CTA_PROTO_SRC_PORT
+    "HHH2x"  # CTA_PROTO_DST_PORT
+    "HH"  # CTA_PROTOINFO
+    "HH"  # CTA_PROTOINFO_TCP
+    "HHBB2x"  # CTA_PROTOINFO_TCP_FLAGS_ORIGINAL: flags, mask
+    "HHBB2x"  # CTA_PROTOINFO_TCP_FLAGS_REPLY: flags, mask
 )
 _ZONE = struct.Struct("=HHH2x")  # CTA_ZONE (network order)
-_TUPLE_IP_SIZE = 4 + 8 + 8
-_TUPLE_PROTO_SIZE = 4 + 8 + 8 + 8
 _TCP_FLAGS_SIZE = 4 + 8 + 8
 
 
@@ -313,7 +313,7 @@ def mark_liberal_raw(flow: RawFlow, seq: int, liberal: bool = True) -> bytes:
         seq,
         _AF_INET,
         NFNETLINK_V0,
-        4 + _TUPLE_IP_SIZE + _TUPLE_PROTO_SIZE,
+        4 + _TUPLE_SIZE,
         CTA_TUPLE_ORIG | NLA_F_NESTED,
         _TUPLE_IP_SIZE,
         CTA_TUPLE_IP | NLA_F_NESTED,
@@ -347,7 +347,9 @@ def mark_liberal_raw(flow: RawFlow, seq: int, liberal: bool = True) -> bytes:
         mark,
         IP_CT_TCP_FLAG_BE_LIBERAL,
     )
-    return head + _ZONE.pack(6, CTA_ZONE, socket.htons(zone)) if zone else head
+    return (
+        head + _ZONE.pack(_NLATTR.size + _U16.size, CTA_ZONE, socket.htons(zone)) if zone else head
+    )
 
 
 def tcp_entries(timeout: float = 5.0) -> list[TcpFlow]:
