@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "routes and neighbours), the iptables chains",
     )
     teardown.add_argument("--bpffs", default=defaults.BPFFS_DIR, help="pin directory (%(default)s)")
-    teardown.add_argument("--iface", help="underlay interface whose XDP program to detach")
+    teardown.add_argument("--iface", help="underlay whose programs (XDP, tcx, tc) to detach")
     teardown.add_argument("--vni", type=int, default=defaults.VXLAN_VNI, help="VNI (%(default)s)")
     teardown.add_argument(
         "--handover",
