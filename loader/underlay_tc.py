@@ -22,7 +22,7 @@ from enum import StrEnum
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from flannel_xdp.loader import attach, libbpf
+from flannel_xdp.loader import attach, devices, libbpf
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.programs import UNDERLAY_TC
 
@@ -93,10 +93,10 @@ def detach_program(pins: PinDir, underlay: str, keep_qdisc: bool = False) -> Non
     keep_qdisc leaves a clsact qdisc we found there (deleting it drops what the node
     sends for a moment)."""
     with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=underlay)
-    if found and (fd := _live_link(pins, found[0])) is not None:
+        index = devices.ifindex(ipr, underlay)
+    if index is not None and (fd := _live_link(pins, index)) is not None:
         os.close(fd)
-        attach.unpin_tcx_links([link_pin(pins, found[0])], UNDERLAY_TC.direction)
+        attach.unpin_tcx_links([link_pin(pins, index)], UNDERLAY_TC.direction)
     attach.detach_tc(underlay, UNDERLAY_TC.direction, keep_qdisc=keep_qdisc)
 
 
@@ -104,11 +104,8 @@ def move_to_clsact(pins: PinDir, underlay: str) -> bool:
     """For a release that knows underlay_tc only as a clsact filter (0.1.0): the program
     the tcx link runs becomes the underlay's filter, then the link goes. Adding the qdisc
     drops what the underlay sends for a moment. False when there is no link to move."""
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=underlay)
-    if not found:
-        raise attach.NoSuchInterface(f"interface {underlay!r} does not exist in this netns")
-    fd = _live_link(pins, found[0])
+    index = devices.require_ifindex(underlay)
+    fd = _live_link(pins, index)
     if fd is None:
         return False
     try:
@@ -121,19 +118,6 @@ def move_to_clsact(pins: PinDir, underlay: str) -> bool:
         attach.attach_tc(underlay, UNDERLAY_TC.direction, prog_fd, name)
     finally:
         os.close(prog_fd)
-    attach.unpin_tcx_links([link_pin(pins, found[0])], UNDERLAY_TC.direction)
+    attach.unpin_tcx_links([link_pin(pins, index)], UNDERLAY_TC.direction)
     log.info("%s: %s moved from its tcx link to a filter on a clsact qdisc", underlay, name)
     return True
-
-
-def hook_of(pins: PinDir, underlay: str) -> Hook | None:
-    """Where the program runs on the underlay now; None when it runs on neither hook."""
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=underlay)
-    if not found:
-        return None
-    fd = _live_link(pins, found[0])
-    if fd is not None:
-        os.close(fd)
-        return Hook.TCX
-    return Hook.TC if attach.tc_filter_name(underlay, UNDERLAY_TC.direction) else None
