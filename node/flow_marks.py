@@ -144,8 +144,7 @@ class FlowMarker:
                     marks.append(flow)
             if not queued.poll(0):
                 break
-        if refused:
-            self._count(refused)
+        self._count(refused)
         self.mark(marks)
         return read
 

@@ -285,27 +285,38 @@ def test_the_marker_marks_the_flows_the_fast_path_may_carry_and_no_other():
                 assert (marker.marked, marker.gone, marker.failed) == (2, 0, 0)
 
 
-@pytest.mark.lab
-def test_a_marker_whose_events_overran_catches_up_with_a_dump():
-    """Events lost (the socket's buffer full) are not flows lost: the marker sees the
-    overrun and marks what the table holds."""
-    require_root_and_bcc("ip", "iptables")
-    connections = 200
+@contextlib.contextmanager
+def marker_after_connections(
+    connections: int, events_rcvbuf: int = flow_marks.EVENTS_RCVBUF
+) -> Iterator[tuple[str, FlowMarker]]:
+    """A marker in a conntrack netns, then that many connections from POD to
+    OTHER_NODES_POD opened and closed, their events queued and not read yet."""
     with conntrack_netns() as ns:
         with netns.entered(ns):
             server = socket.socket()
-            marker = FlowMarker.open(SUBNET, NETWORK, events_rcvbuf=1)  # the kernel's least
+            marker = FlowMarker.open(SUBNET, NETWORK, events_rcvbuf=events_rcvbuf)
         with contextlib.closing(server), contextlib.closing(marker):
             server.bind((OTHER_NODES_POD, 0))
             server.listen(connections)
             opened = [connect(ns, POD, OTHER_NODES_POD, server) for _ in range(connections)]
             for s in opened:
                 s.close()
-            marker.on_events()
-            assert marker.overruns >= 1
-            found = [f for f in entries(ns) if (str(f.src), str(f.dst)) == (POD, OTHER_NODES_POD)]
-            assert len(found) == connections
-            assert all(f.liberal for f in found), f"{sum(not f.liberal for f in found)} unmarked"
+            yield ns, marker
+
+
+@pytest.mark.lab
+def test_a_marker_whose_events_overran_catches_up_with_a_dump():
+    """Events lost (the socket's buffer full) are not flows lost: the marker sees the
+    overrun and marks what the table holds."""
+    require_root_and_bcc("ip", "iptables")
+    connections = 200
+    # events_rcvbuf=1: the kernel's least
+    with marker_after_connections(connections, events_rcvbuf=1) as (ns, marker):
+        marker.on_events()
+        assert marker.overruns >= 1
+        found = [f for f in entries(ns) if (str(f.src), str(f.dst)) == (POD, OTHER_NODES_POD)]
+        assert len(found) == connections
+        assert all(f.liberal for f in found), f"{sum(not f.liberal for f in found)} unmarked"
 
 
 @pytest.mark.lab
@@ -314,25 +325,16 @@ def test_the_kernel_takes_every_mark_of_a_send_past_a_refused_one():
     and the kernel goes on with the rest."""
     require_root_and_bcc("ip", "iptables")
     connections = 100
-    with conntrack_netns() as ns:
-        with netns.entered(ns):
-            server = socket.socket()
-            marker = FlowMarker.open(SUBNET, NETWORK)
-        with contextlib.closing(server), contextlib.closing(marker):
-            server.bind((OTHER_NODES_POD, 0))
-            server.listen(connections)
-            opened = [connect(ns, POD, OTHER_NODES_POD, server) for _ in range(connections)]
-            for s in opened:
-                s.close()
-            flows = [f.raw() for f in entries(ns) if str(f.src) == POD and not f.liberal]
-            assert len(flows) == connections
-            gone = (int(IPv4Address(POD)), int(IPv4Address(OTHER_NODES_POD)), 1, 1, 0)
-            assert marker.mark([gone, *flows[:50], gone, *flows[50:]]) == connections + 2
-            marker.on_events()  # the refusals, and the events of the connections
-            assert (marker.gone, marker.failed) == (2, 0)
-            found = [f for f in entries(ns) if str(f.src) == POD]
-            assert len(found) == connections
-            assert all(f.liberal for f in found), f"{sum(not f.liberal for f in found)} unmarked"
+    with marker_after_connections(connections) as (ns, marker):
+        flows = [f.raw() for f in entries(ns) if str(f.src) == POD and not f.liberal]
+        assert len(flows) == connections
+        gone = (int(IPv4Address(POD)), int(IPv4Address(OTHER_NODES_POD)), 1, 1, 0)
+        assert marker.mark([gone, *flows[:50], gone, *flows[50:]]) == connections + 2
+        marker.on_events()  # the refusals, and the events of the connections
+        assert (marker.gone, marker.failed) == (2, 0)
+        found = [f for f in entries(ns) if str(f.src) == POD]
+        assert len(found) == connections
+        assert all(f.liberal for f in found), f"{sum(not f.liberal for f in found)} unmarked"
 
 
 @pytest.mark.lab
@@ -341,20 +343,11 @@ def test_a_flood_of_events_is_read_in_bounded_turns():
     the next call marks the rest."""
     require_root_and_bcc("ip", "iptables")
     connections = flow_marks.RECVS_PER_CALL + 44
-    with conntrack_netns() as ns:
-        with netns.entered(ns):
-            server = socket.socket()
-            marker = FlowMarker.open(SUBNET, NETWORK)
-        with contextlib.closing(server), contextlib.closing(marker):
-            server.bind((OTHER_NODES_POD, 0))
-            server.listen(connections)
-            opened = [connect(ns, POD, OTHER_NODES_POD, server) for _ in range(connections)]
-            for s in opened:
-                s.close()
-            assert marker.on_events() == flow_marks.RECVS_PER_CALL
-            assert marker.marked == flow_marks.RECVS_PER_CALL
-            assert marker.on_events() == connections - flow_marks.RECVS_PER_CALL
-            assert marker.on_events() == 0
-            assert (marker.marked, marker.gone, marker.failed) == (connections, 0, 0)
-            found = [f for f in entries(ns) if str(f.src) == POD]
-            assert len(found) == connections and all(f.liberal for f in found)
+    with marker_after_connections(connections) as (ns, marker):
+        assert marker.on_events() == flow_marks.RECVS_PER_CALL
+        assert marker.marked == flow_marks.RECVS_PER_CALL
+        assert marker.on_events() == connections - flow_marks.RECVS_PER_CALL
+        assert marker.on_events() == 0
+        assert (marker.marked, marker.gone, marker.failed) == (connections, 0, 0)
+        found = [f for f in entries(ns) if str(f.src) == POD]
+        assert len(found) == connections and all(f.liberal for f in found)
