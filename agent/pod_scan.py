@@ -1,4 +1,5 @@
-"""The pod scan: once a second, keep the fast path's view of this node's pods current.
+"""The pod scan: keep the fast path's view of this node's pods current, once a second and
+whenever the kernel announces a link or a neighbour that concerns them (agent/pod_watch.py).
 
 local_pods equals the pods on cni0 (a pod not in it yet is reached through cni0, and
 sends through it), pod_ingress is attached to each of their veth ends (the sending
@@ -16,6 +17,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel_xdp import defaults
 from flannel_xdp.agent import local_pods
+from flannel_xdp.agent.pod_watch import PodWatch
 from flannel_xdp.loader import attach, pod_ports
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.fast_path import Mode
@@ -35,6 +37,24 @@ class PodScan:
     tcp_off_why: str = ""  # while tcp_on is False: conntrack.tcp_fast_path_problem()
 
     async def run(self) -> None:
+        try:
+            watch = PodWatch(self.bridge)
+        except OSError as exc:
+            log.warning(
+                "fast path: cannot follow link and neighbour notifications (%s): "
+                "new pods are found by the scan every %g s",
+                exc,
+                defaults.LOCAL_PODS_INTERVAL_S,
+            )
+            await self._scan_every(None)
+            return
+        watch.start()
+        try:
+            await self._scan_every(watch)
+        finally:
+            watch.close()
+
+    async def _scan_every(self, watch: PodWatch | None) -> None:
         maps_dir = PinDir(self.bpffs).maps
         failing = False
         while True:
@@ -67,7 +87,10 @@ class PodScan:
                     )
                 if attached:
                     log.info("fast path: sending side attached to %s", ", ".join(attached))
-            await asyncio.sleep(defaults.LOCAL_PODS_INTERVAL_S)
+            if watch is None:
+                await asyncio.sleep(defaults.LOCAL_PODS_INTERVAL_S)
+            else:
+                await watch.wait(defaults.LOCAL_PODS_INTERVAL_S, defaults.POD_EVENTS_SETTLE_S)
 
 
 def keep_tcp_fast_path(maps_dir: str, was: bool | None, asked: bool) -> tuple[bool | None, str]:

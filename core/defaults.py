@@ -29,8 +29,11 @@ VXLAN_OVERHEAD = 50
 # The bridge flannel's CNI plugin puts pods on (its "bridge" option; cbr0's default).
 CNI_BRIDGE = "cni0"
 
-# How often the agent re-reads cni0's pods for the fast path's direct delivery.
+# How often the agent re-reads cni0's pods for the fast path's direct delivery, at the
+# latest; a link or neighbour notification that concerns them (agent/pod_watch.py)
+# brings the scan forward, after this pause, which gathers a new pod's burst of them.
 LOCAL_PODS_INTERVAL_S = 1.0
+POD_EVENTS_SETTLE_S = 0.05
 
 # Name of the tunnel device (flanneld: flannel.<VNI>) and of its BPF-side peer.
 TUNNEL_DEVICE_FORMAT = "flannel.{vni}"

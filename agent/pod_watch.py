@@ -1,0 +1,120 @@
+"""What wakes the pod scan before its second is up: the kernel's link and neighbour news.
+
+A pod becomes one the scan finds in steps the kernel announces on routing netlink: its
+veth end appears (RTM_NEWLINK), the node resolves its address on cni0 (an IPv4
+neighbour of cni0) and cni0 learns its MAC on the port (a forwarding-database entry, an
+AF_BRIDGE neighbour). Any of those wakes the scan, after a short pause that gathers a
+pod's burst of them into one scan (defaults.POD_EVENTS_SETTLE_S), so a new pod's first
+flows reach the fast path in a fraction of a second rather than up to a second. Nothing
+is read from the messages beyond their kind, family and interface: the scan reads the
+kernel's tables itself. The scan's periodic run stays, for what no message says (a qdisc
+added to a port) and for messages the socket could not hold (ENOBUFS wakes it too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+
+AF_BRIDGE = 7
+RTMGRP_LINK = 0x1
+RTMGRP_NEIGH = 0x4
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+RTM_NEWNEIGH, RTM_DELNEIGH = 28, 29
+NLMSG_ALIGNTO = 4
+RECV_BYTES = 65536
+
+NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, pid
+NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
+
+
+def concerns_pods(data: bytes, bridge_index: int) -> bool:
+    """A read of routing-netlink notifications holds one that can change what the pod
+    scan finds: a link added, changed or removed, a bridge port's forwarding entry, or a
+    neighbour of the bridge (bridge_index: 0 while there is no bridge)."""
+    offset = 0
+    while offset + NLMSGHDR.size <= len(data):
+        length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(data, offset)
+        if length < NLMSGHDR.size or offset + length > len(data):
+            return False
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            return True
+        body = offset + NLMSGHDR.size
+        if kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and body + NDMSG.size <= offset + length:
+            family, ifindex, *_ = NDMSG.unpack_from(data, body)
+            if family == AF_BRIDGE or (bridge_index and ifindex == bridge_index):
+                return True
+        offset += (length + NLMSG_ALIGNTO - 1) & ~(NLMSG_ALIGNTO - 1)
+    return False
+
+
+def _index(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
+
+
+class PodWatch:
+    """A routing-netlink socket in the current netns, subscribed to link and neighbour
+    notifications; woken is set when one concerns the pods on bridge."""
+
+    def __init__(self, bridge: str):
+        self.bridge = bridge
+        self.woken = asyncio.Event()
+        self._sock = socket.socket(
+            socket.AF_NETLINK,
+            socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            socket.NETLINK_ROUTE,
+        )
+        try:
+            self._sock.bind((0, RTMGRP_LINK | RTMGRP_NEIGH))
+        except OSError:
+            self._sock.close()
+            raise
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        """Read notifications as they come, on the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self.read)
+
+    def read(self) -> None:
+        """Drain the socket; wake the scan if any of it concerns the pods."""
+        bridge_index = _index(self.bridge)
+        while True:
+            try:
+                data = self._sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.woken.set()  # some were lost: they may have concerned the pods
+                continue
+            if not data:
+                return
+            if concerns_pods(data, bridge_index):
+                self.woken.set()
+
+    async def wait(self, timeout: float, settle: float) -> bool:
+        """Until a notification concerns the pods and settle more seconds have passed
+        (True), or timeout passed without one (False). What comes during the pause
+        belongs to this wake; what comes after it returned wakes the next wait."""
+        woken = True
+        try:
+            await asyncio.wait_for(self.woken.wait(), timeout)
+        except TimeoutError:
+            woken = False
+        else:
+            await asyncio.sleep(settle)
+        self.woken.clear()
+        return woken
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop = None
+        self._sock.close()
