@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 import struct
+
+log = logging.getLogger(__name__)
 
 AF_BRIDGE = 7
 RTMGRP_LINK = 0x1
@@ -82,7 +85,8 @@ class PodWatch:
         self._loop.add_reader(self._sock.fileno(), self.read)
 
     def read(self) -> None:
-        """Drain the socket; wake the scan if any of it concerns the pods."""
+        """Drain the socket; wake the scan if any of it concerns the pods. A socket that
+        fails is no longer watched: the periodic scan finds the pods from then on."""
         bridge_index = _index(self.bridge)
         while True:
             try:
@@ -90,10 +94,16 @@ class PodWatch:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise
-                self.woken.set()  # some were lost: they may have concerned the pods
-                continue
+                if exc.errno == errno.ENOBUFS:
+                    self.woken.set()  # some were lost: they may have concerned the pods
+                    continue
+                log.warning(
+                    "fast path: link and neighbour notifications failed (%s): new pods "
+                    "are found by the periodic scan only",
+                    exc,
+                )
+                self._stop_reading()
+                return
             if not data:
                 return
             if concerns_pods(data, bridge_index):
@@ -113,8 +123,11 @@ class PodWatch:
         self.woken.clear()
         return woken
 
-    def close(self) -> None:
+    def _stop_reading(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._loop = None
+
+    def close(self) -> None:
+        self._stop_reading()
         self._sock.close()

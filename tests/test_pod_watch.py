@@ -5,6 +5,7 @@ its forwarding entries wake it; a neighbour of another device does not."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import struct
 import subprocess
 
@@ -79,6 +80,37 @@ def test_a_message_claiming_more_than_was_read_ends_the_parse() -> None:
     whole = neighbour(2, BRIDGE_INDEX)
     lying = struct.pack("=I", len(whole) + 64) + whole[4:]
     assert not concerns_pods(lying, BRIDGE_INDEX)
+
+
+@pytest.mark.unit
+def test_a_socket_that_fails_is_no_longer_watched(caplog: pytest.LogCaptureFixture) -> None:
+    """Its error is logged once and the scan goes on, on its period."""
+
+    async def scenario() -> None:
+        watch = PodWatch("cni0")
+        watch.start()
+        real = watch._sock
+
+        class Failing:
+            def recv(self, _size: int) -> bytes:
+                raise OSError(errno.EIO, "Input/output error")
+
+            def fileno(self) -> int:
+                return real.fileno()
+
+            def close(self) -> None:
+                real.close()
+
+        watch._sock = Failing()  # type: ignore[assignment]
+        try:
+            watch.read()
+            assert watch._loop is None, "the failed socket is still watched"
+            assert not await watch.wait(0.05, 0.0)
+        finally:
+            watch.close()
+
+    asyncio.run(scenario())
+    assert caplog.text.count("link and neighbour notifications failed") == 1
 
 
 def _neigh(address: str, mac: str, dev: str) -> list[str]:
