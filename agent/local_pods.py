@@ -23,9 +23,14 @@ from pyroute2 import IPRoute
 from flannel_xdp.loader import attach
 from flannel_xdp.loader.programs import POD_INGRESS
 from flannel_xdp.maps.views import ApplyResult, LocalPod, LocalPodsMap
-from flannel_xdp.rtnl import NUD_FAILED, NUD_INCOMPLETE, NUD_NOARP, NUD_PERMANENT
+from flannel_xdp.rtnl import (
+    AF_BRIDGE,
+    NUD_FAILED,
+    NUD_INCOMPLETE,
+    NUD_NOARP,
+    NUD_PERMANENT,
+)
 
-AF_BRIDGE = 7
 UNUSABLE = NUD_INCOMPLETE | NUD_FAILED
 TC_H_ROOT = 0xFFFFFFFF
 PLAIN_ROOT_QDISCS = ("noqueue",)  # what a veth has until someone adds one

@@ -19,13 +19,18 @@ import logging
 import socket
 import struct
 
+from flannel_xdp.rtnl import (
+    AF_BRIDGE,
+    RTM_DELLINK,
+    RTM_DELNEIGH,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTMGRP_LINK,
+    RTMGRP_NEIGH,
+)
+
 log = logging.getLogger(__name__)
 
-AF_BRIDGE = 7
-RTMGRP_LINK = 0x1
-RTMGRP_NEIGH = 0x4
-RTM_NEWLINK, RTM_DELLINK = 16, 17
-RTM_NEWNEIGH, RTM_DELNEIGH = 28, 29
 NLMSG_ALIGNTO = 4
 RECV_BYTES = 65536
 

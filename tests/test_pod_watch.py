@@ -12,16 +12,8 @@ import subprocess
 import pytest
 
 from flannel_xdp import netns
-from flannel_xdp.agent.pod_watch import (
-    AF_BRIDGE,
-    NDMSG,
-    NLMSGHDR,
-    RTM_DELLINK,
-    RTM_NEWLINK,
-    RTM_NEWNEIGH,
-    PodWatch,
-    concerns_pods,
-)
+from flannel_xdp.agent.pod_watch import NDMSG, NLMSGHDR, PodWatch, concerns_pods
+from flannel_xdp.rtnl import AF_BRIDGE, RTM_DELLINK, RTM_NEWLINK, RTM_NEWNEIGH
 from tests.node_support import UNDERLAY, node_netns
 from tests.requirements import require_root_and_bcc
 
