@@ -281,8 +281,8 @@ def _install(
 
     # flanneld's flannel.<VNI>, or ours of the other kind, is swapped for this one under
     # traffic (loader.handover): flanneld's peers go into the map before anything reads
-    # it, the routes onto the new device at the switch.
-    handover.recover(node.vni)
+    # it, the routes onto the new device at the switch. (install() and hand_over() have
+    # finished or undone any swap a crash interrupted.)
     kind = cfg.ingress_hook.tunnel_kind
     swap = (
         handover.Swap.step_aside(node.vni)
@@ -414,6 +414,7 @@ def hand_over(bpffs: str, underlay: str, backend: Backend, vni: int = defaults.V
     if not os.path.isdir(pins.maps):
         raise handover.HandoverError(f"no data path pinned under {bpffs}: nothing to hand over")
     with _exclusive(pins):
+        handover.recover(vni)
         with NodeConfigMap(pins.maps) as node_config:
             settings = node_config.read()
         if settings is None:
