@@ -30,8 +30,9 @@ VXLAN_OVERHEAD = 50
 CNI_BRIDGE = "cni0"
 
 # How often the agent re-reads cni0's pods for the fast path's direct delivery, at the
-# latest; a link or neighbour notification that concerns them (agent/pod_watch.py)
-# brings the scan forward, after this pause, which gathers a new pod's burst of them.
+# latest: a link or neighbour notification that concerns them (agent/pod_watch.py) brings
+# the scan forward to POD_EVENTS_SETTLE_S after it, a pause that gathers a new pod's
+# burst of notifications into one scan.
 LOCAL_PODS_INTERVAL_S = 1.0
 POD_EVENTS_SETTLE_S = 0.05
 
