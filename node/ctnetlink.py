@@ -14,7 +14,22 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
+
+from .sockfilter import (
+    AND_K,
+    DROP,
+    JEQ_K,
+    JGE_K,
+    KEEP_ALL,
+    LD_B_ABS,
+    LD_H_ABS,
+    LD_W_ABS,
+    LD_W_LEN,
+    RET_K,
+    Step,
+    assemble,
+)
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
@@ -111,7 +126,28 @@ def messages(buf: bytes) -> Iterator[Message]:
 # walk through the attributes. (Were CTA_ZONE further on, an entry of another zone would
 # read as the default zone's: its mark, which names no zone, would be refused, ENOENT, or
 # mark the default zone's entry of the same flow, which is wanted anyway.)
-_KERNEL_HEAD = struct.Struct("!4s4s4sI4sI4s4sB3x4sH2x4sH2x4s")
+_KERNEL_FIELDS = (
+    ("orig_h", "4s"),
+    ("ip_h", "4s"),
+    ("src_h", "4s"),
+    ("src", "I"),
+    ("dst_h", "4s"),
+    ("dst", "I"),
+    ("proto_h", "4s"),
+    ("num_h", "4s"),
+    ("number", "B3x"),
+    ("sport_h", "4s"),
+    ("sport", "H2x"),
+    ("dport_h", "4s"),
+    ("dport", "H2x"),
+    ("reply_h", "4s"),
+)
+_KERNEL_HEAD = struct.Struct("!" + "".join(fmt for _name, fmt in _KERNEL_FIELDS))
+# Where each field starts, from the first attribute.
+_KERNEL_AT = {
+    name: struct.calcsize("!" + "".join(fmt for _n, fmt in _KERNEL_FIELDS[:i]))
+    for i, (name, _fmt) in enumerate(_KERNEL_FIELDS)
+}
 # A tuple's attributes, with their headers: CTA_TUPLE_IP (two addresses), CTA_TUPLE_PROTO
 # (number and ports)
 _TUPLE_IP_SIZE = 4 + 8 + 8
@@ -132,6 +168,72 @@ _KERNEL_HEADERS = tuple(
     )
 )
 _ZONE_HEADER = _NLATTR.pack(_NLATTR.size + _U16.size, CTA_ZONE)
+# The fields of _KERNEL_HEAD that are attribute headers, in _KERNEL_HEADERS' order.
+_HEADER_FIELDS = (
+    "orig_h",
+    "ip_h",
+    "src_h",
+    "dst_h",
+    "proto_h",
+    "num_h",
+    "sport_h",
+    "dport_h",
+    "reply_h",
+)
+
+
+def _as_loaded(raw: bytes) -> int:
+    """What a classic BPF load of raw's bytes reads: they are taken in network order."""
+    return int.from_bytes(raw, "big")
+
+
+def events_filter(subnet: IPv4Network, network: IPv4Network) -> bytes:
+    """A socket filter (node/sockfilter.py) that drops, before they are queued, the NEW
+    events of IPv4 entries that flow_marks.FlowMarker skips: another protocol than TCP,
+    or not between subnet and the rest of network. It reads only the kernel's layout
+    (_KERNEL_HEAD): anything else (other messages, the kernel's refusals of marks, another
+    layout) it keeps for the marker, which checks every message it reads (the zone too)."""
+    first = _NLMSGHDR.size + _NFGENMSG.size  # the first attribute
+
+    def at(name: str) -> int:
+        return first + _KERNEL_AT[name]
+
+    new_event = _as_loaded(struct.pack("=H", CT_MESSAGE | IPCTNL_MSG_CT_NEW))
+    mask, net = int(network.netmask), int(network.network_address)
+    submask, sub = int(subnet.netmask), int(subnet.network_address)
+    steps = [
+        Step(LD_W_LEN),
+        Step(JGE_K, at("reply_h") + _NLATTR.size, jf="keep"),
+        Step(LD_H_ABS, 4),  # nlmsg_type
+        Step(JEQ_K, new_event, jf="keep"),
+        Step(LD_B_ABS, _NLMSGHDR.size),  # nfgen_family
+        Step(JEQ_K, _AF_INET, jf="drop"),
+    ]
+    for name, header in zip(_HEADER_FIELDS, _KERNEL_HEADERS, strict=True):
+        steps += [Step(LD_W_ABS, at(name)), Step(JEQ_K, _as_loaded(header), jf="keep")]
+    steps += [
+        Step(LD_B_ABS, at("number")),
+        Step(JEQ_K, socket.IPPROTO_TCP, jf="drop"),
+        Step(LD_W_ABS, at("src")),
+        Step(AND_K, mask),
+        Step(JEQ_K, net, jf="drop"),
+        Step(LD_W_ABS, at("dst")),
+        Step(AND_K, mask),
+        Step(JEQ_K, net, jf="drop"),
+        # one end in the subnet, the other not
+        Step(LD_W_ABS, at("src")),
+        Step(AND_K, submask),
+        Step(JEQ_K, sub, jf="src_elsewhere"),
+        Step(LD_W_ABS, at("dst")),
+        Step(AND_K, submask),
+        Step(JEQ_K, sub, jt="drop", jf="keep"),
+        Step(LD_W_ABS, at("dst"), label="src_elsewhere"),
+        Step(AND_K, submask),
+        Step(JEQ_K, sub, jt="keep", jf="drop"),
+        Step(RET_K, KEEP_ALL, label="keep"),
+        Step(RET_K, DROP, label="drop"),
+    ]
+    return assemble(steps)
 
 
 def _attrs(buf: Buffer, pos: int, end: int) -> Attrs:

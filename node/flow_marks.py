@@ -13,7 +13,10 @@ stream it picks up mid-way): every other flow of the node keeps its window check
 the marked ones keep everything else (state from SYN to FIN and RST, timeouts, NAT).
 
 Missed events cost speed, never correctness: an unmarked flow just takes the stack.
-The marker catches up with a dump when it starts and after its socket overran.
+The marker catches up with a dump when it starts and after its socket overran. The
+events of flows it would not mark (UDP, DNS among them; flows within the node or leaving
+the network) are dropped by the kernel before they reach its socket
+(ctnetlink.events_filter): they neither wake it nor take its CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import threading
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 
-from . import ctnetlink
+from . import ctnetlink, sockfilter
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,14 @@ class FlowMarker:
                 sock.close()
             raise
         events, dumps = opened
+        try:
+            sockfilter.attach(events, ctnetlink.events_filter(subnet, network))
+        except OSError as exc:
+            log.warning(
+                "conntrack events: the kernel refused their filter (%s): the marker reads "
+                "every new entry's event and skips what it does not mark",
+                exc,
+            )
         dumps.setblocking(True)
         dumps.settimeout(DUMP_TIMEOUT_S)
         marker = cls(subnet, network, events, dumps)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import socket
 import struct
 import time
@@ -21,7 +22,7 @@ import pytest
 from flannel_xdp import netns
 from flannel_xdp.lab import process
 from flannel_xdp.lab.topology import delete_netns, new_netns, new_prefix
-from flannel_xdp.node import ctnetlink, flow_marks
+from flannel_xdp.node import ctnetlink, flow_marks, sockfilter
 from flannel_xdp.node.ctnetlink import TcpFlow
 from flannel_xdp.node.flow_marks import FlowMarker
 from tests.requirements import require_root_and_bcc
@@ -351,3 +352,92 @@ def test_a_flood_of_events_is_read_in_bounded_turns():
         assert (marker.marked, marker.gone, marker.failed) == (connections, 0, 0)
         found = [f for f in entries(ns) if str(f.src) == POD]
         assert len(found) == connections and all(f.liberal for f in found)
+
+
+@pytest.mark.lab
+def test_the_kernel_drops_the_events_of_flows_the_marker_would_not_mark(caplog):
+    """Its filter (ctnetlink.events_filter) keeps UDP flows and TCP flows within the
+    node, or leaving the network, off the marker's socket: reading finds nothing until a
+    flow it marks comes, which it reads and marks."""
+    require_root_and_bcc("ip", "iptables")
+    with conntrack_netns() as ns:
+        with netns.entered(ns):
+            server = socket.socket()
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            marker = FlowMarker.open(SUBNET, NETWORK)
+        with contextlib.closing(server), contextlib.closing(udp), contextlib.closing(marker):
+            assert "refused their filter" not in caplog.text
+            server.bind(("0.0.0.0", 0))
+            server.listen(64)
+            udp.bind((OTHER_NODES_POD, 0))
+            unwanted = [connect(ns, POD, NEIGHBOUR, server) for _ in range(20)]
+            unwanted += [connect(ns, "127.0.0.1", "127.0.0.1", server) for _ in range(20)]
+            for _ in range(20):  # UDP between the same pods as the wanted flow below
+                with netns.entered(ns):
+                    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                with contextlib.closing(sender):
+                    sender.bind((POD, 0))
+                    sender.sendto(b"x", udp.getsockname())
+            udp_entries = [f for f in entries_of(ns, "udp") if f.startswith(f"src={POD} ")]
+            assert len(udp_entries) == 20, udp_entries
+            assert marker.on_events() == 0, "an event of a flow it does not mark was read"
+            wanted = connect(ns, POD, OTHER_NODES_POD, server)
+            deadline = time.monotonic() + 5
+            read = 0
+            while not read and time.monotonic() < deadline:
+                read = marker.on_events()
+                time.sleep(0.01)
+            for s in (*unwanted, wanted):
+                s.close()
+            assert read == 1
+            assert (marker.marked, marker.gone, marker.failed) == (1, 0, 0)
+
+
+def entries_of(ns: str, proto: str) -> list[str]:
+    """conntrack -L's lines for proto in ns, from the first address on."""
+    out = process.run(ns, ["conntrack", "-L", "-p", proto], check=False).stdout
+    return [line[line.index("src=") :] for line in out.splitlines() if "src=" in line]
+
+
+@pytest.mark.unit
+def test_a_filter_program_jumps_forward_to_named_steps_only():
+    ret, keep = sockfilter.RET_K, sockfilter.KEEP_ALL
+    program = sockfilter.assemble(
+        [
+            sockfilter.Step(sockfilter.LD_W_LEN),
+            sockfilter.Step(sockfilter.JGE_K, 20, jt="keep", jf="drop"),
+            sockfilter.Step(ret, keep, label="keep"),
+            sockfilter.Step(ret, sockfilter.DROP, label="drop"),
+        ]
+    )
+    assert struct.unpack("=HBBI", program[8:16]) == (sockfilter.JGE_K, 0, 1, 20)
+    with pytest.raises(sockfilter.FilterError, match="no step"):
+        sockfilter.assemble([sockfilter.Step(sockfilter.JEQ_K, 1, jf="nowhere")])
+    backward = [
+        sockfilter.Step(ret, keep, label="start"),
+        sockfilter.Step(sockfilter.JEQ_K, jt="start"),
+    ]
+    with pytest.raises(sockfilter.FilterError, match="steps on"):
+        sockfilter.assemble(backward)
+
+
+@pytest.mark.unit
+def test_the_events_filter_reads_a_real_event_where_the_parser_does():
+    """Each attribute header events_filter() compares is the real event's at that place,
+    and it loads the protocol and both addresses from where they are."""
+    program = ctnetlink.events_filter(SUBNET, NETWORK)
+    steps = [struct.unpack_from("=HBBI", program, i) for i in range(0, len(program), 8)]
+    message = ct_message(EVENT)
+    word = {
+        k: struct.unpack_from("!I", message, k)[0] for c, *_, k in steps if c == sockfilter.LD_W_ABS
+    }
+    compared = [
+        (load[3], test[3])
+        for load, test in itertools.pairwise(steps)
+        if load[0] == sockfilter.LD_W_ABS and test[0] == sockfilter.JEQ_K
+    ]  # the headers: an address is masked between its load and its test
+    assert len(compared) == 9
+    assert all(word[at] == want for at, want in compared), compared
+    assert {int(IPv4Address(POD)), int(IPv4Address(OTHER_NODES_POD))} <= set(word.values())
+    protocol_at = [k for c, *_, k in steps if c == sockfilter.LD_B_ABS][-1]
+    assert message[protocol_at] == socket.IPPROTO_TCP
