@@ -169,17 +169,7 @@ _KERNEL_HEADERS = tuple(
 )
 _ZONE_HEADER = _NLATTR.pack(_NLATTR.size + _U16.size, CTA_ZONE)
 # The fields of _KERNEL_HEAD that are attribute headers, in _KERNEL_HEADERS' order.
-_HEADER_FIELDS = (
-    "orig_h",
-    "ip_h",
-    "src_h",
-    "dst_h",
-    "proto_h",
-    "num_h",
-    "sport_h",
-    "dport_h",
-    "reply_h",
-)
+_HEADER_FIELDS = tuple(name for name, _fmt in _KERNEL_FIELDS if name.endswith("_h"))
 
 
 def _as_loaded(raw: bytes) -> int:
@@ -203,7 +193,7 @@ def events_filter(subnet: IPv4Network, network: IPv4Network) -> bytes:
     submask, sub = int(subnet.netmask), int(subnet.network_address)
     steps = [
         Step(LD_W_LEN),
-        Step(JGE_K, at("reply_h") + _NLATTR.size, jf="keep"),
+        Step(JGE_K, first + _KERNEL_HEAD.size, jf="keep"),
         Step(LD_H_ABS, 4),  # nlmsg_type
         Step(JEQ_K, new_event, jf="keep"),
         Step(LD_B_ABS, _NLMSGHDR.size),  # nfgen_family
