@@ -19,6 +19,7 @@ import logging
 import socket
 import struct
 
+from flannel_xdp.netlink import NLMSGHDR, MalformedMessage, headers
 from flannel_xdp.rtnl import (
     AF_BRIDGE,
     RTM_DELLINK,
@@ -31,10 +32,8 @@ from flannel_xdp.rtnl import (
 
 log = logging.getLogger(__name__)
 
-NLMSG_ALIGNTO = 4
 RECV_BYTES = 65536
 
-NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, seq, pid
 NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 
 
@@ -42,19 +41,17 @@ def concerns_pods(data: bytes, bridge_index: int) -> bool:
     """A read of routing-netlink notifications holds one that can change what the pod
     scan finds: a link added, changed or removed, a bridge port's forwarding entry, or a
     neighbour of the bridge (bridge_index: 0 while there is no bridge)."""
-    offset = 0
-    while offset + NLMSGHDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(data, offset)
-        if length < NLMSGHDR.size or offset + length > len(data):
-            return False
-        if kind in (RTM_NEWLINK, RTM_DELLINK):
-            return True
-        body = offset + NLMSGHDR.size
-        if kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and body + NDMSG.size <= offset + length:
-            family, ifindex, *_ = NDMSG.unpack_from(data, body)
-            if family == AF_BRIDGE or (bridge_index and ifindex == bridge_index):
+    try:
+        for offset, length, kind in headers(data):
+            if kind in (RTM_NEWLINK, RTM_DELLINK):
                 return True
-        offset += (length + NLMSG_ALIGNTO - 1) & ~(NLMSG_ALIGNTO - 1)
+            body = offset + NLMSGHDR.size
+            if kind in (RTM_NEWNEIGH, RTM_DELNEIGH) and body + NDMSG.size <= offset + length:
+                family, ifindex, *_ = NDMSG.unpack_from(data, body)
+                if family == AF_BRIDGE or (bridge_index and ifindex == bridge_index):
+                    return True
+    except MalformedMessage:
+        pass  # what came before it did not concern the pods; the periodic scan stays
     return False
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 
 from flannel_xdp import defaults
-from flannel_xdp.node import ctnetlink
+from flannel_xdp.netlink import MalformedMessage
 from flannel_xdp.node.flow_marks import FlowMarker
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class TcpMarks:
             )
             try:
                 await self._follow(marker)
-            except (OSError, ctnetlink.CtnetlinkError) as exc:
+            except (OSError, MalformedMessage) as exc:
                 self.why = f"following conntrack failed: {exc}"
                 log.warning("TCP fast path: off: %s", self.why)
                 failing = True
@@ -66,7 +66,7 @@ class TcpMarks:
         def ready() -> None:
             try:
                 marker.on_events()
-            except (OSError, ctnetlink.CtnetlinkError) as exc:
+            except (OSError, MalformedMessage) as exc:
                 if not failed.done():
                     failed.set_exception(exc)
 

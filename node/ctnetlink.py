@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
+from flannel_xdp.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSGHDR, MalformedMessage, headers
+
 from .sockfilter import (
     AND_K,
     DROP,
@@ -38,7 +40,6 @@ IPCTNL_MSG_CT_GET = 1
 NFNLGRP_CONNTRACK_NEW = 1
 NFNETLINK_V0 = 0
 
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
 NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF
@@ -52,7 +53,6 @@ CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY = 4, 5
 # Per direction: conntrack does not judge that side's segments against its windows.
 IP_CT_TCP_FLAG_BE_LIBERAL = 0x08
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
 _NLATTR = struct.Struct("=HH")
 _ERRNO = struct.Struct("=i")  # nlmsgerr's error: minus an errno
@@ -61,7 +61,7 @@ CT_MESSAGE = NFNL_SUBSYS_CTNETLINK << 8
 _AF_INET = int(socket.AF_INET)
 
 
-class CtnetlinkError(ValueError):
+class CtnetlinkError(MalformedMessage):
     """A message that is not the ctnetlink its header says it is."""
 
 
@@ -109,13 +109,9 @@ class Message:
 
 def messages(buf: bytes) -> Iterator[Message]:
     """The netlink messages one recv() returned."""
-    pos = 0
-    while pos + _NLMSGHDR.size <= len(buf):
-        length, mtype, flags, seq, _pid = _NLMSGHDR.unpack_from(buf, pos)
-        if length < _NLMSGHDR.size or pos + length > len(buf):
-            raise CtnetlinkError(f"netlink message of {length} bytes at {pos} of {len(buf)}")
-        yield Message(mtype, flags, seq, buf[pos + _NLMSGHDR.size : pos + length])
-        pos += (length + 3) & ~3
+    for pos, length, mtype in headers(buf):
+        _length, _mtype, flags, seq, _port = NLMSGHDR.unpack_from(buf, pos)
+        yield Message(mtype, flags, seq, buf[pos + NLMSGHDR.size : pos + length])
 
 
 # How the kernel lays out the message of an IPv4 TCP (or UDP) entry, event or dump
@@ -183,7 +179,7 @@ def events_filter(subnet: IPv4Network, network: IPv4Network) -> bytes:
     or not between subnet and the rest of network. It reads only the kernel's layout
     (_KERNEL_HEAD): anything else (other messages, the kernel's refusals of marks, another
     layout) it keeps for the marker, which checks every message it reads (the zone too)."""
-    first = _NLMSGHDR.size + _NFGENMSG.size  # the first attribute
+    first = NLMSGHDR.size + _NFGENMSG.size  # the first attribute
 
     def at(name: str) -> int:
         return first + _KERNEL_AT[name]
@@ -196,7 +192,7 @@ def events_filter(subnet: IPv4Network, network: IPv4Network) -> bytes:
         Step(JGE_K, first + _KERNEL_HEAD.size, jf="keep"),
         Step(LD_H_ABS, 4),  # nlmsg_type
         Step(JEQ_K, new_event, jf="keep"),
-        Step(LD_B_ABS, _NLMSGHDR.size),  # nfgen_family
+        Step(LD_B_ABS, NLMSGHDR.size),  # nfgen_family
         Step(JEQ_K, _AF_INET, jf="drop"),
     ]
     for name, header in zip(_HEADER_FIELDS, _KERNEL_HEADERS, strict=True):
@@ -274,8 +270,8 @@ def _entry(buf: Buffer, pos: int, end: int) -> RawFlow | None:
             dport,
             reply_h,
         ) = _KERNEL_HEAD.unpack_from(buf, pos)
-        headers = (orig_h, ip_h, src_h, dst_h, proto_h, num_h, sport_h, dport_h, reply_h)
-        if headers == _KERNEL_HEADERS:
+        got = (orig_h, ip_h, src_h, dst_h, proto_h, num_h, sport_h, dport_h, reply_h)
+        if got == _KERNEL_HEADERS:
             if number != socket.IPPROTO_TCP:
                 return None
             after = pos + _KERNEL_HEAD.size + _TUPLE_SIZE
@@ -324,23 +320,17 @@ def raw_flows(buf: Buffer, size: int, refused: list[int]) -> Iterator[RawFlow]:
     read: events) describe. The errno of each error message among them (the kernel
     refusing a request sent from the same socket) goes to refused; other messages are
     skipped."""
-    pos = 0
-    unpack = _NLMSGHDR.unpack_from
-    while pos + _NLMSGHDR.size <= size:
-        length, mtype, _flags, _seq, _pid = unpack(buf, pos)
-        if length < _NLMSGHDR.size or pos + length > size:
-            raise CtnetlinkError(f"netlink message of {length} bytes at {pos} of {size}")
+    for pos, length, mtype in headers(buf, size):
         if mtype & ~0xFF == CT_MESSAGE:
-            flow = _entry(buf, pos + _NLMSGHDR.size, pos + length)
+            flow = _entry(buf, pos + NLMSGHDR.size, pos + length)
             if flow is not None:
                 yield flow
         elif mtype == NLMSG_ERROR:
-            if length < _NLMSGHDR.size + 4:
+            if length < NLMSGHDR.size + 4:
                 raise CtnetlinkError(f"netlink error message of {length} bytes")
-            err = -_ERRNO.unpack_from(buf, pos + _NLMSGHDR.size)[0]
+            err = -_ERRNO.unpack_from(buf, pos + NLMSGHDR.size)[0]
             if err:
                 refused.append(err)
-        pos = (pos + length + 3) & ~3
 
 
 def tcp_flow(msg: Message) -> TcpFlow | None:
@@ -358,7 +348,7 @@ def tcp_flow(msg: Message) -> TcpFlow | None:
 
 def _message(mtype: int, flags: int, seq: int, body: bytes) -> bytes:
     payload = _NFGENMSG.pack(socket.AF_INET, NFNETLINK_V0, 0) + body
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), mtype, flags, seq, 0) + payload
+    return NLMSGHDR.pack(NLMSGHDR.size + len(payload), mtype, flags, seq, 0) + payload
 
 
 def dump_request(seq: int) -> bytes:

@@ -22,6 +22,7 @@ import pytest
 from flannel_xdp import netns
 from flannel_xdp.lab import process
 from flannel_xdp.lab.topology import delete_netns, new_netns, new_prefix
+from flannel_xdp.netlink import MalformedMessage
 from flannel_xdp.node import ctnetlink, flow_marks, sockfilter
 from flannel_xdp.node.ctnetlink import TcpFlow
 from flannel_xdp.node.flow_marks import FlowMarker
@@ -61,7 +62,7 @@ def test_messages_split_a_buffer_and_refuse_a_truncated_one():
     flow = TcpFlow(IPv4Address(POD), IPv4Address(OTHER_NODES_POD), 1, 2)
     raw = ctnetlink.mark_liberal_request(flow, 1) + ctnetlink.dump_request(2)
     assert [m.seq for m in ctnetlink.messages(raw)] == [1, 2]
-    with pytest.raises(ctnetlink.CtnetlinkError):
+    with pytest.raises(MalformedMessage):
         list(ctnetlink.messages(raw[:-4]))
 
 
