@@ -30,14 +30,16 @@ import pytest
 from flannel_xdp.lab.agentcluster import AgentCluster, LabNode
 from flannel_xdp.lab.topology import Dataplane
 from tests.lab_support import agent_cluster, node_label
-from tests.test_outage import PING_INTERVAL, Pinger, PingOutcome, Stream
+from tests.test_outage import PING_INTERVAL, POD_SCAN_SETTLE, Pinger, PingOutcome, Stream
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 
 # Seconds of traffic before and after each step: a step's pings are those of this window
-# plus the step itself (an agent's start takes 10-20 s here, mostly compiling; flanneld's
-# under a second).
-SETTLE = 10.0
+# plus the step itself (an agent's start takes 3-6 s here, mostly compiling; flanneld's
+# under a second). After a step, what the new data plane does on its own (the agent's pod
+# scan attaching the fast path) happens within POD_SCAN_SETTLE: the window covers it, and
+# the streams run through every step and are checked at the end.
+SETTLE = POD_SCAN_SETTLE + 0.5
 PING_MS = 1000 * float(PING_INTERVAL)  # one lost ping: this much outage on its pair
 
 
