@@ -5,6 +5,11 @@ from __future__ import annotations
 # bpffs directory under which maps/, progs/ and links/ are pinned.
 BPFFS_DIR = "/sys/fs/bpf/flannel-xdp"
 
+# The tag each build of a program had (loader/builds.py): a restarted agent keeps a pinned
+# program that is the build it asks for rather than compiling it again. In /run, as pins
+# do not outlive a reboot either; the DaemonSet mounts it from the host.
+BUILD_CACHE_DIR = "/run/flannel-xdp/builds"
+
 # Flannel's vxlan defaults (flannel-compat.md): VNI 1, port 0 meaning 8472.
 VXLAN_VNI = 1
 VXLAN_PORT = 8472

@@ -54,13 +54,15 @@ class BuildParams:
     kernel_decap: bool = False  # underlay_tc only judges; the vxlan device decapsulates
     udp_fast_path: bool = False  # bpf/fastpath.h (where: datapath.udp_fast_path_fits)
 
-    def cflags(self) -> list[str]:
+    def cflags(self, with_maps_dir: bool = True) -> list[str]:
+        """The compiler's flags; with_maps_dir=False leaves out where the maps are pinned,
+        which bcc reads and the bytecode does not hold (loader/builds.py)."""
         if '"' in self.maps_dir or "\\" in self.maps_dir:
             raise CompileError(f"bpffs path may not contain quotes: {self.maps_dir!r}")
         if not 1 <= self.max_subnets <= 1 << 24:
             raise CompileError(f"max subnets must be 1..16777216, not {self.max_subnets}")
         flags = [
-            f'-DFXDP_MAPS_DIR="{self.maps_dir}"',
+            *([f'-DFXDP_MAPS_DIR="{self.maps_dir}"'] if with_maps_dir else []),
             f"-DFXDP_MAX_SUBNETS={self.max_subnets}",
             "-Wno-unused-function",
         ]
@@ -86,13 +88,18 @@ class BuildParams:
 UNDERLAY_TC_SOURCE = "underlay_tc"
 
 
-def compile_program(source: str, params: BuildParams):
-    """Compile bpf/<source>.c; returns the bcc.BPF module (maps created or reused pinned),
-    whose entry function is params.program_name(source)."""
+def program_source(source: str) -> Path:
+    """bpf/<source>.c, which must exist."""
     path = source_dir() / f"{source}.c"
     if not path.is_file():
         raise CompileError(f"no BPF program {source!r} at {path}")
-    return compile_file(path, params, params.program_name(source))
+    return path
+
+
+def compile_program(source: str, params: BuildParams):
+    """Compile bpf/<source>.c; returns the bcc.BPF module (maps created or reused pinned),
+    whose entry function is params.program_name(source)."""
+    return compile_file(program_source(source), params, params.program_name(source))
 
 
 def compile_file(path: Path, params: BuildParams, name: str):

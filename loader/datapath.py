@@ -25,6 +25,7 @@ from flannel_xdp import defaults
 from flannel_xdp.backend import Backend
 from flannel_xdp.loader import (
     attach,
+    builds,
     devices,
     handover,
     kfunc,
@@ -133,6 +134,7 @@ class DataPathConfig:
     tunnel_mtu: int | None = None  # default: underlay MTU - VXLAN overhead
     udp_fast_path: bool = False  # kernel hook: bpf/fastpath.h in underlay_tc
     tcp_fast_path: bool = False  # FAST_TCP too (agent/conntrack.py says when it may)
+    build_cache: str = defaults.BUILD_CACHE_DIR  # "": compile every program (builds.py)
 
     def __post_init__(self) -> None:
         if self.tcp_fast_path and not self.udp_fast_path:
@@ -154,6 +156,7 @@ class DataPathConfig:
             tunnel_mtu=raw["tunnel_mtu"],
             udp_fast_path=bool(raw.get("udp_fast_path", False)),
             tcp_fast_path=bool(raw.get("tcp_fast_path", False)),
+            build_cache=str(raw.get("build_cache", defaults.BUILD_CACHE_DIR)),
         )
 
 
@@ -241,8 +244,6 @@ def _install(
     tunnel_mtu: int,
     fresh: bool,
 ) -> InstalledDataPath:
-    from bcc import BPF
-
     params = BuildParams(
         maps_dir=pins.maps,
         max_subnets=cfg.max_subnets,
@@ -252,20 +253,36 @@ def _install(
     resized = map_upgrades.set_aside_resized_subnets(pins, cfg.max_subnets)
     stale = map_upgrades.set_aside_stale_maps(pins)
 
-    kinds = {"xdp": BPF.XDP, "tc": BPF.SCHED_CLS}
+    kinds = {"xdp": libbpf.BPF_PROG_TYPE_XDP, "tc": libbpf.BPF_PROG_TYPE_SCHED_CLS}
     progs = programs(cfg.ingress_hook, cfg.udp_fast_path)
     modules, fds, names = [], {}, {}
-    own_fds: list[int] = []  # loaded outside bcc: closed here, not by module.cleanup()
+    own_fds: list[int] = []  # not bcc's: closed here, not by module.cleanup()
+    kept: list[str] = []
     try:
         for prog in progs:
+            names[prog.name] = params.program_name(prog.name)
+            build = builds.Build.of(prog.name, params, kinds[prog.hook])
+            fd = (
+                builds.reuse(build, pins.prog(prog.name), pins.maps, cfg.build_cache)
+                if cfg.build_cache
+                else None
+            )
+            if fd is not None:
+                fds[prog.name] = fd
+                own_fds.append(fd)
+                kept.append(names[prog.name])
+                continue
             module = compile_program(prog.name, params)
             modules.append(module)
-            names[prog.name] = params.program_name(prog.name)
             if params.udp_fast_path and prog in KFUNC_USERS:
                 fds[prog.name] = kfunc.load(module, names[prog.name], kinds[prog.hook])
                 own_fds.append(fds[prog.name])
             else:
                 fds[prog.name] = module.load_func(names[prog.name].encode(), kinds[prog.hook]).fd
+            if cfg.build_cache:
+                builds.record(build, fds[prog.name], cfg.build_cache)
+        if kept:
+            log.info("kept the pinned %s: the builds asked for, no compile", ", ".join(kept))
         if resized:
             map_upgrades.copy_subnets(resized, pins.maps)
     except Exception:

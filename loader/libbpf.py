@@ -78,6 +78,8 @@ class _ProgLoadOpts(ctypes.Structure):
 
 
 BPF_INSN_SIZE = 8
+# enum bpf_prog_type (uapi), as bcc's BPF.SCHED_CLS and BPF.XDP name them too.
+BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_XDP = 3, 6
 PROG_NAME_MAX = 15  # BPF_OBJ_NAME_LEN - 1
 VERIFIER_LOG_SIZE = 1 << 20
 VERIFIER_LOG_ERRORS = 1
@@ -181,6 +183,15 @@ class ProgInfo(ctypes.Structure):
 
 def prog_info(fd: int) -> ProgInfo:
     return obj_info(fd, ProgInfo(), "program")
+
+
+def prog_map_ids(fd: int) -> list[int]:
+    """The ids of the maps the program uses."""
+    count = prog_info(fd).nr_map_ids
+    ids = (ctypes.c_uint32 * max(count, 1))()
+    info = ProgInfo(nr_map_ids=count, map_ids=ctypes.addressof(ids))
+    obj_info(fd, info, "program")
+    return list(ids[: min(count, info.nr_map_ids)])
 
 
 def prog_fd_by_id(prog_id: int) -> int:

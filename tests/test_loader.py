@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import uuid
 from ipaddress import IPv4Address, IPv4Network
 
@@ -138,7 +139,8 @@ def _tunnel_kind(ns: str) -> str:
 @pytest.mark.parametrize("hook", list(datapath.IngressHook))
 def test_install_replace_and_uninstall(node, hook):
     ns, bpffs = node
-    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, ingress_hook=hook)
+    # without the build cache every install is a new build, which replaces the pinned one
+    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, ingress_hook=hook, build_cache="")
     with netns.entered(ns):
         first = datapath.install(cfg, NODE)
         with NodeConfigMap(first.pins.maps) as m:
@@ -171,6 +173,68 @@ def test_install_replace_and_uninstall(node, hook):
     assert not os.path.exists(bpffs)
 
 
+def _pinned_prog_ids(bpffs: str) -> dict[str, int]:
+    ids = {}
+    for name in os.listdir(PinDir(bpffs).progs):
+        fd = libbpf.obj_get(PinDir(bpffs).prog(name))
+        try:
+            ids[name] = libbpf.prog_info(fd).id
+        finally:
+            os.close(fd)
+    return ids
+
+
+def test_a_reinstall_keeps_the_pinned_programs_that_are_its_builds(node, tmp_path, caplog):
+    """An install that finds its builds pinned keeps them (no compile: the same programs);
+    a cache entry that names another tag, or a map pinned anew under the program, makes
+    it compile again; and a compile puts the right tag back."""
+    ns, bpffs = node
+    cache = tmp_path / "builds"
+    cfg = datapath.DataPathConfig(
+        underlay="eth0", bpffs=bpffs, udp_fast_path=True, tcp_fast_path=True,
+        build_cache=str(cache),
+    )  # fmt: skip
+
+    def install() -> tuple[dict[str, int], float]:
+        started = time.monotonic()
+        with netns.entered(ns):
+            datapath.install(cfg, NODE)
+        return _pinned_prog_ids(bpffs), time.monotonic() - started
+
+    first, compiled = install()
+    assert len(os.listdir(cache)) == len(first) == len(datapath.programs(cfg.ingress_hook, True))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again, kept = install()
+    assert again == first, "a pinned program that is its build was compiled again"
+    assert "kept the pinned" in caplog.text
+    print(f"install: {compiled:.2f} s compiling, {kept:.2f} s keeping {len(first)} programs")
+
+    for entry in cache.iterdir():
+        entry.write_text("00" * 8 + "\n")
+    lied, _ = install()
+    assert not set(lied.values()) & set(first.values()), "kept on a tag that is not its own"
+    kept_again, _ = install()
+    assert kept_again == lied, "the compile did not record its builds' tags"
+
+    os.unlink(os.path.join(PinDir(bpffs).maps, "subnets"))  # the next install pins a new one
+    anew, _ = install()
+    assert not set(anew.values()) & set(lied.values()), "kept a program of the old map"
+    pinned_maps = set()
+    for name in os.listdir(PinDir(bpffs).maps):
+        fd = libbpf.obj_get(os.path.join(PinDir(bpffs).maps, name))
+        try:
+            pinned_maps.add(map_libbpf.map_info(fd).id)
+        finally:
+            os.close(fd)
+    for name in anew:
+        fd = libbpf.obj_get(PinDir(bpffs).prog(name))
+        try:
+            assert set(libbpf.prog_map_ids(fd)) <= pinned_maps, f"{name} uses an unpinned map"
+        finally:
+            os.close(fd)
+
+
 def _qdiscs(ns: str) -> str:
     return subprocess.run(
         ["tc", "-n", ns, "qdisc", "show", "dev", "eth0"], capture_output=True, text=True
@@ -193,7 +257,7 @@ def test_the_underlay_gets_no_qdisc_it_did_not_have(node):
     the link's program; an underlay that has a clsact qdisc (an older release's) gets
     the program as its filter there, and keeps the qdisc when we leave."""
     ns, bpffs = node
-    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs)
+    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, build_cache="")  # new builds
     with netns.entered(ns):
         datapath.install(cfg, NODE)
     first = _underlay_programs(ns)
@@ -573,7 +637,9 @@ def test_the_fast_paths_sending_side_comes_and_goes_with_the_flag(node):
     _ip("-n", ns, "link", "add", "vpod0", "type", "veth", "peer", "name", "vpod0p")
     _ip("-n", ns, "link", "set", "vpod0", "master", "cni0")
     keep_fd = someone_elses_filter(ns, "vpod0", prio=7)
-    fast = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, udp_fast_path=True)
+    fast = datapath.DataPathConfig(
+        underlay="eth0", bpffs=bpffs, udp_fast_path=True, build_cache=""
+    )  # every install a new build
     pin = PinDir(bpffs).prog(POD_INGRESS.name)
     try:
         with netns.entered(ns):

@@ -131,6 +131,7 @@ def test_install_request_round_trips_through_json():
             tunnel_mtu=1400,
             udp_fast_path=True,
             tcp_fast_path=True,
+            build_cache="/run/x",
         ),
         datapath.NodeParams(
             public_ip=IPv4Address("192.0.2.1"),
@@ -151,6 +152,43 @@ def test_each_underlay_tc_build_has_a_kernel_name_of_its_own():
     }
     assert len(names) == 4 and all(len(n) <= PROG_NAME_MAX for n in names)
     assert BuildParams("/x", udp_fast_path=True).program_name("pod_ingress") == "pod_ingress"
+
+
+def test_a_build_is_named_by_what_reaches_its_bytecode():
+    from flannel_xdp.loader.builds import Build
+
+    sched_cls = 3
+
+    def digest(source: str = "tunnel_egress", prog_type: int = sched_cls, **params) -> str:
+        return Build.of(source, BuildParams(**{"maps_dir": "/a", **params}), prog_type).digest
+
+    # where the maps are pinned only tells bcc where to find them
+    assert digest() == digest(maps_dir="/sys/fs/bpf/elsewhere/maps")
+    assert digest() != digest(max_subnets=64)
+    assert digest() != digest(prog_type=6)
+    assert digest() != digest("tunnel_ingress")
+    assert digest("underlay_tc") != digest("underlay_tc", kernel_decap=True)
+
+
+def test_the_daemonset_mounts_the_host_dirs_the_agent_keeps_state_in():
+    """The pins and the build tags must outlive the agent's container: the manifest mounts
+    the host's directories that hold defaults.BPFFS_DIR and defaults.BUILD_CACHE_DIR."""
+    from pathlib import Path
+
+    import yaml
+
+    from flannel_xdp import defaults
+
+    manifest = Path(__file__).resolve().parent.parent / "deploy" / "kube-flannel-xdp.yml"
+    (ds,) = [d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "DaemonSet"]
+    pod = ds["spec"]["template"]["spec"]
+    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    (agent,) = [c for c in pod["containers"] if c["name"] == "flannel-xdp"]
+    mounted = {m["mountPath"]: host[m["name"]] for m in agent["volumeMounts"] if m["name"] in host}
+    for wanted in (defaults.BPFFS_DIR, defaults.BUILD_CACHE_DIR):
+        at = [path for path in mounted if Path(wanted).is_relative_to(path)]
+        assert at, f"nothing of the host is mounted where {wanted} is"
+        assert all(mounted[path] == path for path in at), (wanted, mounted)
 
 
 def test_bench_targets_are_met_on_the_right_side_of_their_bound():
