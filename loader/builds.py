@@ -13,8 +13,9 @@ build:
   map references blanked out (bpf_prog_calc_tag()); a compile records its build's tag
   under the digest, in a small cache (BUILD_CACHE_DIR);
 - the pinned program is kept when its tag, name and type are the ones recorded for the
-  build asked for, and every map it uses is the one pinned under the same directory now
-  (none set aside or made anew). Otherwise it is compiled as before.
+  build asked for, and every shared map it uses (maps/layout.MAP_LAYOUTS) is the one pinned
+  under the same directory now (none set aside or made anew; its caches are its own).
+  Otherwise it is compiled as before.
 
 The cache maps a build to its tag, a function of the build, so an entry is never wrong
 for its build; entries of builds no longer asked for are merely unused. It lives in /run,
@@ -35,6 +36,7 @@ from flannel_xdp import defaults
 from flannel_xdp.loader import libbpf
 from flannel_xdp.loader.compile import BuildParams, expand_includes, program_source
 from flannel_xdp.maps import libbpf as maps_libbpf
+from flannel_xdp.maps.layout import MAP_LAYOUTS
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +97,21 @@ def record(build: Build, fd: int, cache_dir: str = defaults.BUILD_CACHE_DIR) -> 
         )
 
 
-def _pinned_map_ids(maps_dir: str) -> set[int]:
-    ids = set()
+def _uses_the_pinned_maps(fd: int, maps_dir: str) -> bool:
+    """Every map of MAP_LAYOUTS that the program uses is the one pinned in maps_dir now
+    (its others are its own caches, made with it and never pinned)."""
+    pinned = {}
     for name in os.listdir(maps_dir):
-        fd = maps_libbpf.obj_get(os.path.join(maps_dir, name))
+        map_fd = maps_libbpf.obj_get(os.path.join(maps_dir, name))
         try:
-            ids.add(maps_libbpf.map_info(fd).id)
+            pinned[name] = maps_libbpf.map_info(map_fd).id
         finally:
-            os.close(fd)
-    return ids
+            os.close(map_fd)
+    for map_id in libbpf.prog_map_ids(fd):
+        name = libbpf.map_name_by_id(map_id)
+        if name in MAP_LAYOUTS and pinned.get(name) != map_id:
+            return False
+    return True
 
 
 def reuse(
@@ -127,7 +135,7 @@ def reuse(
             bytes(info.tag).hex() == tag
             and info.name.decode() == build.name
             and info.type == build.prog_type
-            and set(libbpf.prog_map_ids(fd)) <= _pinned_map_ids(maps_dir)
+            and _uses_the_pinned_maps(fd, maps_dir)
         )
     except OSError as exc:
         log.info("cannot compare the pinned %s with its build (%s): compiling it", build.name, exc)

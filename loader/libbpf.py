@@ -14,7 +14,7 @@ from functools import cache
 # Pinned programs and links open like maps, and every call here raises the same error:
 # both are part of this module's interface.
 from flannel_xdp.maps.libbpf import BpfError as BpfError
-from flannel_xdp.maps.libbpf import check, obj_info
+from flannel_xdp.maps.libbpf import check, map_info, obj_info
 from flannel_xdp.maps.libbpf import lib as _maps_lib
 from flannel_xdp.maps.libbpf import obj_get as obj_get
 
@@ -36,6 +36,7 @@ def lib() -> ctypes.CDLL:
         ctypes.POINTER(c_uint32),
     ]
     so.bpf_prog_get_fd_by_id.argtypes = [c_uint32]
+    so.bpf_map_get_fd_by_id.argtypes = [c_uint32]
     so.bpf_prog_load.argtypes = [
         c_int,
         ctypes.c_char_p,
@@ -196,6 +197,14 @@ def prog_map_ids(fd: int) -> list[int]:
 
 def prog_fd_by_id(prog_id: int) -> int:
     return check(lib().bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
+def map_name_by_id(map_id: int) -> str:
+    fd = check(lib().bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
+    try:
+        return map_info(fd).name.decode()
+    finally:
+        os.close(fd)
 
 
 def prog_name_by_id(prog_id: int) -> str | None:
