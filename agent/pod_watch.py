@@ -42,7 +42,7 @@ def concerns_pods(data: bytes, bridge_index: int) -> bool:
     scan finds: a link added, changed or removed, a bridge port's forwarding entry, or a
     neighbour of the bridge (bridge_index: 0 while there is no bridge)."""
     try:
-        for offset, length, kind in headers(data):
+        for offset, length, kind, _flags, _seq in headers(data):
             if kind in (RTM_NEWLINK, RTM_DELLINK):
                 return True
             body = offset + NLMSGHDR.size

@@ -21,15 +21,15 @@ class MalformedMessage(ValueError):
     """A message that is not what its header, or the header itself, says it is."""
 
 
-def headers(buf: Buffer, size: int | None = None) -> Iterator[tuple[int, int, int]]:
-    """(offset, length, type) of each message in buf[:size] (all of buf by default); its
-    flags, sequence number and port id are at offset, in NLMSGHDR."""
+def headers(buf: Buffer, size: int | None = None) -> Iterator[tuple[int, int, int, int, int]]:
+    """(offset, length, type, flags, seq) of each message in buf[:size] (all of buf by
+    default)."""
     end = len(buf) if size is None else size
     pos = 0
     unpack = NLMSGHDR.unpack_from
     while pos + NLMSGHDR.size <= end:
-        length, mtype, _flags, _seq, _port = unpack(buf, pos)
+        length, mtype, flags, seq, _port = unpack(buf, pos)
         if length < NLMSGHDR.size or pos + length > end:
             raise MalformedMessage(f"netlink message of {length} bytes at {pos} of {end}")
-        yield pos, length, mtype
+        yield pos, length, mtype, flags, seq
         pos += (length + NLMSG_ALIGNTO - 1) & ~(NLMSG_ALIGNTO - 1)

@@ -97,16 +97,26 @@ def record(build: Build, fd: int, cache_dir: str = defaults.BUILD_CACHE_DIR) -> 
         )
 
 
-def _uses_the_pinned_maps(fd: int, maps_dir: str) -> bool:
-    """Every map of MAP_LAYOUTS that the program uses is the one pinned in maps_dir now
-    (its others are its own caches, made with it and never pinned)."""
+def pinned_map_ids(maps_dir: str) -> dict[str, int]:
+    """{name: id} of the maps pinned in maps_dir; {} where they cannot be read, which
+    keeps no program that uses a shared map."""
     pinned = {}
-    for name in os.listdir(maps_dir):
-        map_fd = maps_libbpf.obj_get(os.path.join(maps_dir, name))
-        try:
-            pinned[name] = maps_libbpf.map_info(map_fd).id
-        finally:
-            os.close(map_fd)
+    try:
+        for name in os.listdir(maps_dir):
+            fd = maps_libbpf.obj_get(os.path.join(maps_dir, name))
+            try:
+                pinned[name] = maps_libbpf.map_info(fd).id
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        log.info("cannot read the maps pinned in %s (%s): compiling every program", maps_dir, exc)
+        return {}
+    return pinned
+
+
+def _uses_the_pinned_maps(fd: int, pinned: dict[str, int]) -> bool:
+    """Every map of MAP_LAYOUTS that the program uses is the one pinned now (its others
+    are its own caches, made with it and never pinned)."""
     for map_id in libbpf.prog_map_ids(fd):
         name = libbpf.map_name_by_id(map_id)
         if name in MAP_LAYOUTS and pinned.get(name) != map_id:
@@ -115,17 +125,12 @@ def _uses_the_pinned_maps(fd: int, maps_dir: str) -> bool:
 
 
 def reuse(
-    build: Build, pin: str, maps_dir: str, cache_dir: str = defaults.BUILD_CACHE_DIR
+    build: Build, pin: str, pinned: dict[str, int], cache_dir: str = defaults.BUILD_CACHE_DIR
 ) -> int | None:
-    """An fd of the program pinned at pin (the caller owns it) if it is build, with the
-    maps pinned in maps_dir; None where it must be compiled."""
+    """An fd of the program pinned at pin (the caller owns it) if it is build and uses the
+    maps pinned now (pinned: pinned_map_ids()); None where it must be compiled."""
     try:
         tag = _entry(build, cache_dir).read_text().strip()
-    except OSError:
-        return None
-    if not os.path.exists(pin):
-        return None
-    try:
         fd = libbpf.obj_get(pin)
     except OSError:
         return None
@@ -135,7 +140,7 @@ def reuse(
             bytes(info.tag).hex() == tag
             and info.name.decode() == build.name
             and info.type == build.prog_type
-            and _uses_the_pinned_maps(fd, maps_dir)
+            and _uses_the_pinned_maps(fd, pinned)
         )
     except OSError as exc:
         log.info("cannot compare the pinned %s with its build (%s): compiling it", build.name, exc)

@@ -259,19 +259,19 @@ def _install(
     own_fds: list[int] = []  # not bcc's: closed here, not by module.cleanup()
     kept: list[str] = []
     try:
+        # Compiles below only add maps that were missing: what is pinned now stays.
+        pinned = builds.pinned_map_ids(pins.maps) if cfg.build_cache else {}
         for prog in progs:
             names[prog.name] = params.program_name(prog.name)
-            build = builds.Build.of(prog.name, params, kinds[prog.hook])
-            fd = (
-                builds.reuse(build, pins.prog(prog.name), pins.maps, cfg.build_cache)
-                if cfg.build_cache
-                else None
-            )
-            if fd is not None:
-                fds[prog.name] = fd
-                own_fds.append(fd)
-                kept.append(names[prog.name])
-                continue
+            build = None
+            if cfg.build_cache:
+                build = builds.Build.of(prog.name, params, kinds[prog.hook])
+                fd = builds.reuse(build, pins.prog(prog.name), pinned, cfg.build_cache)
+                if fd is not None:
+                    fds[prog.name] = fd
+                    own_fds.append(fd)
+                    kept.append(names[prog.name])
+                    continue
             module = compile_program(prog.name, params)
             modules.append(module)
             if params.udp_fast_path and prog in KFUNC_USERS:
@@ -279,7 +279,7 @@ def _install(
                 own_fds.append(fds[prog.name])
             else:
                 fds[prog.name] = module.load_func(names[prog.name].encode(), kinds[prog.hook]).fd
-            if cfg.build_cache:
+            if build is not None:
                 builds.record(build, fds[prog.name], cfg.build_cache)
         if kept:
             log.info("kept the pinned %s: the builds asked for, no compile", ", ".join(kept))

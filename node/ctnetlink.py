@@ -109,8 +109,7 @@ class Message:
 
 def messages(buf: bytes) -> Iterator[Message]:
     """The netlink messages one recv() returned."""
-    for pos, length, mtype in headers(buf):
-        _length, _mtype, flags, seq, _port = NLMSGHDR.unpack_from(buf, pos)
+    for pos, length, mtype, flags, seq in headers(buf):
         yield Message(mtype, flags, seq, buf[pos + NLMSGHDR.size : pos + length])
 
 
@@ -320,7 +319,7 @@ def raw_flows(buf: Buffer, size: int, refused: list[int]) -> Iterator[RawFlow]:
     read: events) describe. The errno of each error message among them (the kernel
     refusing a request sent from the same socket) goes to refused; other messages are
     skipped."""
-    for pos, length, mtype in headers(buf, size):
+    for pos, length, mtype, _flags, _seq in headers(buf, size):
         if mtype & ~0xFF == CT_MESSAGE:
             flow = _entry(buf, pos + NLMSGHDR.size, pos + length)
             if flow is not None:

@@ -19,6 +19,7 @@ from flannel_xdp import netns
 from flannel_xdp.backend import Backend
 from flannel_xdp.loader import (
     attach,
+    builds,
     datapath,
     devices,
     handover,
@@ -220,13 +221,7 @@ def test_a_reinstall_keeps_the_pinned_programs_that_are_its_builds(node, tmp_pat
     os.unlink(os.path.join(PinDir(bpffs).maps, "subnets"))  # the next install pins a new one
     anew, _ = install()
     assert not set(anew.values()) & set(lied.values()), "kept a program of the old map"
-    pinned_maps = {}
-    for name in os.listdir(PinDir(bpffs).maps):
-        fd = libbpf.obj_get(os.path.join(PinDir(bpffs).maps, name))
-        try:
-            pinned_maps[name] = map_libbpf.map_info(fd).id
-        finally:
-            os.close(fd)
+    pinned_maps = builds.pinned_map_ids(PinDir(bpffs).maps)
     for name in anew:
         fd = libbpf.obj_get(PinDir(bpffs).prog(name))
         try:
