@@ -124,7 +124,7 @@ def _uses_the_pinned_maps(fd: int, pinned: dict[str, int]) -> bool:
     return True
 
 
-def reuse(
+def keep(
     build: Build, pin: str, pinned: dict[str, int], cache_dir: str = defaults.BUILD_CACHE_DIR
 ) -> int | None:
     """An fd of the program pinned at pin (the caller owns it) if it is build and uses the

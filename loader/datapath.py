@@ -266,7 +266,7 @@ def _install(
             build = None
             if cfg.build_cache:
                 build = builds.Build.of(prog.name, params, kinds[prog.hook])
-                fd = builds.reuse(build, pins.prog(prog.name), pinned, cfg.build_cache)
+                fd = builds.keep(build, pins.prog(prog.name), pinned, cfg.build_cache)
                 if fd is not None:
                     fds[prog.name] = fd
                     own_fds.append(fd)
