@@ -1,31 +1,36 @@
-"""Keeping a pinned program that is already what a compile would make.
+"""Compiling each build once: keeping a pinned program that is already the build asked
+for, and loading a build's saved bytecode where it is not pinned.
 
-An agent that restarts (after a crash, or when kubelet restarts its container) finds its
-programs pinned and running. Compiling them again with bcc costs seconds of CPU and ends
-in the same bytecode, so the install keeps a pinned program when it is provably that
-build:
+Compiling a program with bcc costs 0.5-1 s of CPU and ends in the same bytecode every
+time. An agent that restarts (after a crash, or when kubelet restarts its container)
+finds its programs pinned and running; a new node, or a lab's, starts from nothing on a
+host where the same builds were compiled before. So:
 
 - a build is named by a digest of everything the compile reads: the C text with its
   headers inlined, the -D parameters (but the pin directory's path, which only tells bcc
   where the maps are and never reaches the bytecode), the program's name and type, and the
   kernel and bcc it runs on;
 - the kernel names every loaded program by its tag, a hash of its instructions with the
-  map references blanked out (bpf_prog_calc_tag()); a compile records its build's tag
-  under the digest, in a small cache (BUILD_CACHE_DIR);
+  map references blanked out (bpf_prog_calc_tag()); a compile records its build's tag and
+  the bytecode it loaded (loader/bytecode.py) under the digest, in a small cache
+  (BUILD_CACHE_DIR);
 - the pinned program is kept when its tag, name and type are the ones recorded for the
   build asked for, and every shared map it uses (maps/layout.MAP_LAYOUTS) is the one pinned
-  under the same directory now (none set aside or made anew; its caches are its own).
-  Otherwise it is compiled as before.
+  under the same directory now (none set aside or made anew; its caches are its own);
+- otherwise the saved bytecode is loaded with the maps pinned now (those missing made as
+  the compile made them), and kept if the kernel gives it the recorded tag;
+- otherwise it is compiled, as it would be without the cache.
 
-The cache maps a build to its tag, a function of the build, so an entry is never wrong
-for its build; entries of builds no longer asked for are merely unused. It lives in /run,
-as the pins live in bpffs: both are gone after a reboot. Failing to read or write it costs
-a compile, nothing else.
+An entry is what a compile of its build gave, so it is right for that build wherever the
+digest matches; entries of builds no longer asked for are merely unused. The cache lives
+in /run, as the pins live in bpffs: both are gone after a reboot. A missing, unreadable
+or malformed entry, or bytecode the kernel refuses, costs a compile, nothing else.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -34,6 +39,7 @@ from pathlib import Path
 
 from flannel_xdp import defaults
 from flannel_xdp.loader import libbpf
+from flannel_xdp.loader.bytecode import Bytecode, BytecodeError
 from flannel_xdp.loader.compile import BuildParams, expand_includes, program_source
 from flannel_xdp.maps import libbpf as maps_libbpf
 from flannel_xdp.maps.layout import MAP_LAYOUTS
@@ -79,22 +85,81 @@ def _entry(build: Build, cache_dir: str) -> Path:
     return Path(cache_dir) / build.digest
 
 
-def record(build: Build, fd: int, cache_dir: str = defaults.BUILD_CACHE_DIR) -> None:
-    """Remember the tag of build, just loaded as fd."""
+TAG_SIZE = 8  # bytes of a program's tag (BPF_TAG_SIZE)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the cache holds for one build."""
+
+    tag: str  # the kernel's tag of the program, in hex
+    code: Bytecode | None  # None: only kept where pinned, never loaded from here
+
+    def to_json(self) -> str:
+        return json.dumps({"tag": self.tag, "bytecode": self.code and self.code.to_json()})
+
+    @classmethod
+    def from_json(cls, text: str) -> Entry:
+        try:
+            raw = json.loads(text)
+            tag, code = raw["tag"], raw["bytecode"]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BytecodeError(f"malformed build cache entry: {exc!r}") from exc
+        if not isinstance(tag, str) or len(tag) != 2 * TAG_SIZE:
+            raise BytecodeError(f"malformed build cache entry: tag {tag!r}")
+        return cls(tag, None if code is None else Bytecode.from_json(code))
+
+
+def _read(build: Build, cache_dir: str) -> Entry | None:
+    try:
+        return Entry.from_json(_entry(build, cache_dir).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, BytecodeError) as exc:
+        log.info("ignoring the cache entry of %s (%s): compiling it", build.name, exc)
+        return None
+
+
+def _tag(fd: int) -> str:
+    return bytes(libbpf.prog_info(fd).tag).hex()
+
+
+def record(
+    build: Build, fd: int, code: Bytecode | None, cache_dir: str = defaults.BUILD_CACHE_DIR
+) -> None:
+    """Remember the tag of build, just loaded as fd, and the bytecode it was loaded from."""
     path = _entry(build, cache_dir)
     try:
-        tag = bytes(libbpf.prog_info(fd).tag).hex()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        text = Entry(_tag(fd), code).to_json()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}")
-        tmp.write_text(tag + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as exc:
         log.warning(
-            "cannot cache the tag of %s in %s (%s): the next start compiles it",
+            "cannot cache %s in %s (%s): the next start compiles it",
             build.name,
             cache_dir,
             exc,
         )
+
+
+def load(build: Build, maps_dir: str, cache_dir: str = defaults.BUILD_CACHE_DIR) -> int | None:
+    """An fd of build loaded from its saved bytecode with the maps of maps_dir (the caller
+    owns it); None where it must be compiled: nothing saved, or not loadable here."""
+    entry = _read(build, cache_dir)
+    if entry is None or entry.code is None:
+        return None
+    try:
+        fd = entry.code.load(maps_dir, build.prog_type, build.name)
+    except (OSError, BytecodeError) as exc:
+        log.info("cannot load %s from the build cache (%s): compiling it", build.name, exc)
+        return None
+    if _tag(fd) != entry.tag:  # the saved bytecode is not what was loaded after the compile
+        log.info("the cached bytecode of %s has another tag: compiling it", build.name)
+        os.close(fd)
+        return None
+    return fd
 
 
 def pinned_map_ids(maps_dir: str) -> dict[str, int]:
@@ -129,15 +194,17 @@ def keep(
 ) -> int | None:
     """An fd of the program pinned at pin (the caller owns it) if it is build and uses the
     maps pinned now (pinned: pinned_map_ids()); None where it must be compiled."""
+    entry = _read(build, cache_dir)
+    if entry is None:
+        return None
     try:
-        tag = _entry(build, cache_dir).read_text().strip()
         fd = libbpf.obj_get(pin)
     except OSError:
         return None
     try:
         info = libbpf.prog_info(fd)
         same = (
-            bytes(info.tag).hex() == tag
+            bytes(info.tag).hex() == entry.tag
             and info.name.decode() == build.name
             and info.type == build.prog_type
             and _uses_the_pinned_maps(fd, pinned)

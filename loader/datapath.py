@@ -26,6 +26,7 @@ from flannel_xdp.backend import Backend
 from flannel_xdp.loader import (
     attach,
     builds,
+    bytecode,
     devices,
     handover,
     kfunc,
@@ -258,31 +259,41 @@ def _install(
     modules, fds, names = [], {}, {}
     own_fds: list[int] = []  # not bcc's: closed here, not by module.cleanup()
     kept: list[str] = []
+    loaded: list[str] = []
     try:
-        # Compiles below only add maps that were missing: what is pinned now stays.
+        # Compiles and loads below only add maps that were missing: what is pinned stays.
         pinned = builds.pinned_map_ids(pins.maps) if cfg.build_cache else {}
         for prog in progs:
-            names[prog.name] = params.program_name(prog.name)
+            name = names[prog.name] = params.program_name(prog.name)
             build = None
             if cfg.build_cache:
                 build = builds.Build.of(prog.name, params, kinds[prog.hook])
                 fd = builds.keep(build, pins.prog(prog.name), pinned, cfg.build_cache)
                 if fd is not None:
+                    kept.append(name)
+                else:
+                    fd = builds.load(build, pins.maps, cfg.build_cache)
+                    if fd is not None:
+                        loaded.append(name)
+                if fd is not None:
                     fds[prog.name] = fd
                     own_fds.append(fd)
-                    kept.append(names[prog.name])
                     continue
             module = compile_program(prog.name, params)
             modules.append(module)
             if params.udp_fast_path and prog in KFUNC_USERS:
-                fds[prog.name] = kfunc.load(module, names[prog.name], kinds[prog.hook])
+                fds[prog.name], insns = kfunc.load(module, name, kinds[prog.hook])
                 own_fds.append(fds[prog.name])
             else:
-                fds[prog.name] = module.load_func(names[prog.name].encode(), kinds[prog.hook]).fd
+                fds[prog.name] = module.load_func(name.encode(), kinds[prog.hook]).fd
+                insns = module.dump_func(name.encode())
             if build is not None:
-                builds.record(build, fds[prog.name], cfg.build_cache)
+                code = bytecode.of_module(module, insns)
+                builds.record(build, fds[prog.name], code, cfg.build_cache)
         if kept:
             log.info("kept the pinned %s: the builds asked for, no compile", ", ".join(kept))
+        if loaded:
+            log.info("loaded %s from the build cache, no compile", ", ".join(loaded))
         if resized:
             map_upgrades.copy_subnets(resized, pins.maps)
     except Exception:

@@ -92,14 +92,14 @@ def patch_calls(insns: bytes) -> tuple[bytes, dict[str, int]]:
     return bytes(out), patched
 
 
-def load(module, name: str, prog_type: int) -> int:
+def load(module, name: str, prog_type: int) -> tuple[int, bytes]:
     """Load function name of the compiled bcc module with its kfunc calls resolved;
-    returns the program fd (the caller owns it)."""
+    returns the program fd (the caller owns it) and the bytecode loaded."""
     insns, patched = patch_calls(module.dump_func(name.encode()))
     if not patched:
         raise KfuncError(f"{name} calls no kfunc: load it with bcc's load_func()")
     try:
-        return libbpf.prog_load(prog_type, name, insns)
+        return libbpf.prog_load(prog_type, name, insns), insns
     except libbpf.BpfError as exc:
         raise KfuncError(
             f"the kernel refused {name} with kfunc calls {sorted(patched)}: {exc}"

@@ -1,5 +1,6 @@
-"""ctypes bindings to the libbpf calls for programs and links: loading raw bytecode,
-test runs, tcx links, queries of what runs on a hook, and pinning.
+"""ctypes bindings to the libbpf calls for programs and links: loading raw bytecode and
+making the maps and BTF it refers to, test runs, tcx links, queries of what runs on a
+hook, and pinning.
 
 They share maps/libbpf.py's library handle and error type.
 """
@@ -37,6 +38,16 @@ def lib() -> ctypes.CDLL:
     ]
     so.bpf_prog_get_fd_by_id.argtypes = [c_uint32]
     so.bpf_map_get_fd_by_id.argtypes = [c_uint32]
+    so.bpf_map_create.argtypes = [
+        c_int,
+        ctypes.c_char_p,
+        c_uint32,
+        c_uint32,
+        c_uint32,
+        ctypes.POINTER(_MapCreateOpts),
+    ]
+    so.bpf_btf_load.argtypes = [c_void_p, ctypes.c_size_t, c_void_p]
+    so.bpf_btf_get_fd_by_id.argtypes = [c_uint32]
     so.bpf_prog_load.argtypes = [
         c_int,
         ctypes.c_char_p,
@@ -50,6 +61,79 @@ def lib() -> ctypes.CDLL:
 
 def obj_pin(fd: int, path: str) -> None:
     check(lib().bpf_obj_pin(fd, path.encode()), f"pin fd {fd} at {path}")
+
+
+class _MapCreateOpts(ctypes.Structure):
+    # struct bpf_map_create_opts (libbpf 1.1)
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+        ("numa_node", ctypes.c_uint32),
+        ("map_ifindex", ctypes.c_uint32),
+    ]
+
+
+def map_create(
+    map_type: int,
+    name: str,
+    key_size: int,
+    value_size: int,
+    max_entries: int,
+    flags: int = 0,
+    btf_fd: int = 0,
+    btf_key_type_id: int = 0,
+    btf_value_type_id: int = 0,
+) -> int:
+    """A new map (typed by btf_fd's types when given); its fd (the caller owns it)."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    if btf_fd:
+        opts.btf_fd = btf_fd
+        opts.btf_key_type_id, opts.btf_value_type_id = btf_key_type_id, btf_value_type_id
+    return check(
+        lib().bpf_map_create(
+            map_type,
+            name[:PROG_NAME_MAX].encode(),
+            key_size,
+            value_size,
+            max_entries,
+            ctypes.byref(opts),
+        ),
+        f"create map {name}",
+    )
+
+
+def btf_load(blob: bytes) -> int:
+    """Load a BTF blob (types for maps); its fd (the caller owns it)."""
+    data = ctypes.create_string_buffer(blob, len(blob))
+    return check(lib().bpf_btf_load(data, len(blob), None), f"load {len(blob)} bytes of BTF")
+
+
+class _BtfInfo(ctypes.Structure):
+    # struct bpf_btf_info (uapi), up to its id
+    _fields_ = [
+        ("btf", ctypes.c_uint64),
+        ("btf_size", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+    ]
+
+
+def btf_blob_by_id(btf_id: int) -> bytes:
+    """The raw BTF the kernel holds as btf_id (what typed a map)."""
+    fd = check(lib().bpf_btf_get_fd_by_id(btf_id), f"open BTF id {btf_id}")
+    try:
+        size = obj_info(fd, _BtfInfo(), "BTF").btf_size
+        buf = ctypes.create_string_buffer(size)
+        info = _BtfInfo(btf=ctypes.addressof(buf), btf_size=size)
+        obj_info(fd, info, "BTF")
+        return buf.raw[: info.btf_size]
+    finally:
+        os.close(fd)
 
 
 class _ProgLoadOpts(ctypes.Structure):

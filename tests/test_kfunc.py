@@ -47,7 +47,7 @@ def probe(requirements) -> Iterator[int]:
     from bcc import BPF
 
     module = BPF(text=expand_includes(PROBE).encode(), cflags=kfunc_cflags())
-    fd = load(module, "ct_probe", BPF_PROG_TYPE_SCHED_CLS)
+    fd, _ = load(module, "ct_probe", BPF_PROG_TYPE_SCHED_CLS)
     try:
         yield fd
     finally:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from flannel_xdp.backend import Backend
 from flannel_xdp.loader import (
     attach,
     builds,
+    bytecode,
     datapath,
     devices,
     handover,
@@ -28,7 +31,9 @@ from flannel_xdp.loader import (
     pod_ports,
 )
 from flannel_xdp.loader.bpffs import PinDir
+from flannel_xdp.loader.compile import BuildParams
 from flannel_xdp.loader.programs import POD_INGRESS
+from flannel_xdp.maps import layout
 from flannel_xdp.maps import libbpf as map_libbpf
 from flannel_xdp.maps.views import (
     CapacityError,
@@ -212,9 +217,13 @@ def test_a_reinstall_keeps_the_pinned_programs_that_are_its_builds(node, tmp_pat
     print(f"install: {compiled:.2f} s compiling, {kept:.2f} s keeping {len(first)} programs")
 
     for entry in cache.iterdir():
-        entry.write_text("00" * 8 + "\n")
-    lied, _ = install()
+        raw = json.loads(entry.read_text())
+        entry.write_text(json.dumps({**raw, "tag": "00" * 8}))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        lied, _ = install()
     assert not set(lied.values()) & set(first.values()), "kept on a tag that is not its own"
+    assert "has another tag: compiling it" in caplog.text  # not loaded from the cache either
     kept_again, _ = install()
     assert kept_again == lied, "the compile did not record its builds' tags"
 
@@ -229,6 +238,114 @@ def test_a_reinstall_keeps_the_pinned_programs_that_are_its_builds(node, tmp_pat
         finally:
             os.close(fd)
         assert used["subnets"] == pinned_maps["subnets"], f"{name} kept the old subnets map"
+
+
+def _pinned_prog_tags(bpffs: str) -> dict[str, str]:
+    tags = {}
+    for name in os.listdir(PinDir(bpffs).progs):
+        fd = libbpf.obj_get(PinDir(bpffs).prog(name))
+        try:
+            tags[name] = bytes(libbpf.prog_info(fd).tag).hex()
+        finally:
+            os.close(fd)
+    return tags
+
+
+def test_a_new_node_loads_its_builds_from_the_bytecode_a_compile_saved(
+    node, tmp_path, caplog, monkeypatch
+):
+    """A node with nothing pinned loads what the cache saved of its builds, with no
+    compile: the same programs (tags) on maps made as the compile made them (typed, so
+    bpftool shows fields). Saved bytecode that the kernel would not give the recorded tag
+    is compiled again, and the compile saves it right."""
+    ns, bpffs = node
+    cache = tmp_path / "builds"
+    cfg = datapath.DataPathConfig(
+        underlay="eth0", bpffs=bpffs, udp_fast_path=True, tcp_fast_path=True,
+        build_cache=str(cache),
+    )  # fmt: skip
+    progs = datapath.programs(cfg.ingress_hook, True)
+
+    def fresh_install() -> dict[str, str]:
+        with netns.entered(ns):
+            datapath.uninstall(bpffs, "eth0", NODE.vni)
+            datapath.install(cfg, NODE)
+        return _pinned_prog_tags(bpffs)
+
+    compiled = fresh_install()
+    assert len(os.listdir(cache)) == len(compiled) == len(progs)
+
+    def no_compile(*args):
+        raise AssertionError(f"compiled {args} with its bytecode saved")
+
+    with monkeypatch.context() as m, caplog.at_level(logging.INFO):
+        m.setattr(datapath, "compile_program", no_compile)
+        started = time.monotonic()
+        loaded = fresh_install()
+        took = time.monotonic() - started
+    assert loaded == compiled, "the saved bytecode loaded as other programs"
+    assert "from the build cache, no compile" in caplog.text
+    print(f"fresh install from the build cache: {took:.2f} s for {len(loaded)} programs")
+    assert sorted(os.listdir(PinDir(bpffs).maps)) == sorted(layout.MAP_LAYOUTS)
+    pinned = builds.pinned_map_ids(PinDir(bpffs).maps)
+    for name in loaded:
+        fd = libbpf.obj_get(PinDir(bpffs).prog(name))
+        try:
+            used = {libbpf.map_name_by_id(i): i for i in libbpf.prog_map_ids(fd)}
+        finally:
+            os.close(fd)
+        assert {n: i for n, i in used.items() if n in pinned} == {
+            n: pinned[n] for n in used if n in pinned
+        }, f"{name} does not use the pinned maps"
+        assert "reasons" in used, name
+    dump = subprocess.run(
+        ["bpftool", "-j", "map", "dump", "pinned", f"{PinDir(bpffs).maps}/node_config"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    (config,) = json.loads(dump.stdout)
+    assert config["formatted"]["value"]["public_ip"] == int.from_bytes(
+        NODE.public_ip.packed, sys.byteorder
+    )
+
+    # Every saved program's exit overwritten: the kernel refuses it, the build is
+    # compiled, and the compile saves what it loaded. (A saved tag that is not the one the
+    # bytecode loads with: test_a_reinstall_keeps_the_pinned_programs_that_are_its_builds.)
+    for entry in cache.iterdir():
+        raw = json.loads(entry.read_text())
+        insns = bytearray(base64.b64decode(raw["bytecode"]["insns"]))
+        insns[-8:] = struct.pack("<BBhi", 0xB7, 0, 0, 7)  # r0 = 7 where it exits
+        raw["bytecode"]["insns"] = base64.b64encode(bytes(insns)).decode()
+        entry.write_text(json.dumps(raw))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert fresh_install() == compiled
+    assert "last insn is not an exit" in caplog.text
+    assert "from the build cache, no compile" not in caplog.text
+    with monkeypatch.context() as m:
+        m.setattr(datapath, "compile_program", no_compile)
+        assert fresh_install() == compiled
+
+
+def test_saved_bytecode_does_not_load_over_a_pinned_map_of_another_shape(node, tmp_path):
+    ns, bpffs = node
+    cache = tmp_path / "builds"
+    cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, build_cache=str(cache))
+    with netns.entered(ns):
+        datapath.install(cfg, NODE)
+    params = BuildParams(maps_dir=PinDir(bpffs).maps, kernel_decap=True)
+    build = builds.Build.of("tunnel_egress", params, libbpf.BPF_PROG_TYPE_SCHED_CLS)
+    code = builds.Entry.from_json((cache / build.digest).read_text()).code
+    assert code is not None
+    other = [
+        dataclasses.replace(m, max_entries=m.max_entries * 2) if m.name == "subnets" else m
+        for m in code.maps
+    ]
+    before = sorted(os.listdir(PinDir(bpffs).maps))
+    with pytest.raises(bytecode.BytecodeError, match="pinned subnets is not the map saved"):
+        dataclasses.replace(code, maps=tuple(other)).load(
+            PinDir(bpffs).maps, build.prog_type, build.name
+        )
+    assert sorted(os.listdir(PinDir(bpffs).maps)) == before
 
 
 def _qdiscs(ns: str) -> str:

@@ -170,6 +170,66 @@ def test_a_build_is_named_by_what_reaches_its_bytecode():
     assert digest("underlay_tc") != digest("underlay_tc", kernel_decap=True)
 
 
+def _saved_bytecode():
+    import struct
+
+    from flannel_xdp.loader.bytecode import BPF_LD_IMM64, BPF_PSEUDO_MAP_FD, Bytecode, MapSpec
+
+    exit_insn = struct.pack("<BBhi", 0x95, 0, 0, 0)
+    load_map = struct.pack("<BBhi", BPF_LD_IMM64, BPF_PSEUDO_MAP_FD << 4 | 1, 0, 0)
+    spec = MapSpec("subnets", 11, 8, 16, 64, 1, 0, 3, 4)
+    return Bytecode(load_map + bytes(8) + exit_insn, (spec,), ((0, "subnets"),), (b"btf",))
+
+
+def test_a_build_cache_entry_round_trips_and_rejects_what_is_malformed():
+    import dataclasses
+    import json
+
+    from flannel_xdp.loader.builds import Entry
+    from flannel_xdp.loader.bytecode import BytecodeError
+
+    code = _saved_bytecode()
+    entry = Entry("00112233aabbccdd", code)
+    assert Entry.from_json(entry.to_json()) == entry
+    assert Entry.from_json(Entry("00112233aabbccdd", None).to_json()).code is None
+    raw = json.loads(entry.to_json())
+    spec = raw["bytecode"]["maps"][0]
+    broken = {
+        "not JSON": "{",
+        "an old entry: the tag alone": "00112233aabbccdd\n",
+        "a short tag": json.dumps({**raw, "tag": "0011"}),
+        "no bytecode key": json.dumps({"tag": raw["tag"]}),
+        "bad base64": json.dumps({**raw, "bytecode": {**raw["bytecode"], "insns": "!!"}}),
+        "half an instruction": json.dumps(
+            {**raw, "bytecode": {**raw["bytecode"], "insns": "AAAA"}}
+        ),
+        "a reference past the end": json.dumps(
+            {**raw, "bytecode": {**raw["bytecode"], "relocations": [[2, "subnets"]]}}
+        ),
+        "a reference to no map load": json.dumps(
+            {**raw, "bytecode": {**raw["bytecode"], "relocations": [[1, "subnets"]]}}
+        ),
+        "a reference to an unsaved map": json.dumps(
+            {**raw, "bytecode": {**raw["bytecode"], "relocations": [[0, "traffic"]]}}
+        ),
+        "a map typed by missing BTF": json.dumps(
+            {**raw, "bytecode": {**raw["bytecode"], "maps": [{**spec, "btf": 1}]}}
+        ),
+        "a map size that is no number": json.dumps(
+            {**raw, "bytecode": {**raw["bytecode"], "maps": [{**spec, "key_size": "8"}]}}
+        ),
+        "a map with an unknown field": json.dumps(
+            {**raw, "bytecode": {**raw["bytecode"], "maps": [{**spec, "pinned": True}]}}
+        ),
+    }
+    for what, text in broken.items():
+        with pytest.raises(BytecodeError):
+            Entry.from_json(text)
+            pytest.fail(f"accepted {what}")
+    assert dataclasses.replace(code.maps[0], name="fib_cache").shared is False
+    assert code.maps[0].shared
+
+
 def test_the_daemonset_mounts_the_host_dirs_the_agent_keeps_state_in():
     """The pins and the build tags must outlive the agent's container: the manifest mounts
     the host's directories that hold defaults.BPFFS_DIR and defaults.BUILD_CACHE_DIR."""
