@@ -24,7 +24,8 @@ host where the same builds were compiled before. So:
 An entry is what a compile of its build gave, so it is right for that build wherever the
 digest matches; entries of builds no longer asked for are merely unused. The cache lives
 in /run, as the pins live in bpffs: both are gone after a reboot. A missing, unreadable
-or malformed entry, or bytecode the kernel refuses, costs a compile, nothing else.
+or malformed entry, one that another user could have written, or bytecode the kernel
+refuses, costs a compile, nothing else.
 """
 
 from __future__ import annotations
@@ -111,13 +112,26 @@ class Entry:
 
 
 def _read(build: Build, cache_dir: str) -> Entry | None:
+    path = _entry(build, cache_dir)
     try:
-        return Entry.from_json(_entry(build, cache_dir).read_text())
+        with path.open() as f:
+            _check_owner(os.fstat(f.fileno()), path)
+            _check_owner(os.stat(path.parent), path.parent)
+            return Entry.from_json(f.read())
     except FileNotFoundError:
         return None
     except (OSError, BytecodeError) as exc:
         log.info("ignoring the cache entry of %s (%s): compiling it", build.name, exc)
         return None
+
+
+def _check_owner(st: os.stat_result, path: Path) -> None:
+    """What goes into the kernel from here is written by this user alone."""
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise BytecodeError(
+            f"{path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o}: "
+            "only the agent's user may write it"
+        )
 
 
 def _tag(fd: int) -> str:

@@ -256,8 +256,8 @@ def test_a_new_node_loads_its_builds_from_the_bytecode_a_compile_saved(
 ):
     """A node with nothing pinned loads what the cache saved of its builds, with no
     compile: the same programs (tags) on maps made as the compile made them (typed, so
-    bpftool shows fields). Saved bytecode that the kernel would not give the recorded tag
-    is compiled again, and the compile saves it right."""
+    bpftool shows fields). Saved bytecode that the kernel refuses is compiled again, and
+    the compile saves it right; an entry that another user could write is not used."""
     ns, bpffs = node
     cache = tmp_path / "builds"
     cfg = datapath.DataPathConfig(
@@ -324,6 +324,15 @@ def test_a_new_node_loads_its_builds_from_the_bytecode_a_compile_saved(
     with monkeypatch.context() as m:
         m.setattr(datapath, "compile_program", no_compile)
         assert fresh_install() == compiled
+
+    # What another user could have written is not loaded into the kernel.
+    for entry in cache.iterdir():
+        entry.chmod(0o646)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert fresh_install() == compiled
+    assert "only the agent's user may write it" in caplog.text
+    assert "from the build cache, no compile" not in caplog.text
 
 
 def test_saved_bytecode_does_not_load_over_a_pinned_map_of_another_shape(node, tmp_path):
