@@ -5,10 +5,13 @@ from __future__ import annotations
 # bpffs directory under which maps/, progs/ and links/ are pinned.
 BPFFS_DIR = "/sys/fs/bpf/flannel-xdp"
 
-# The tag each build of a program had (loader/builds.py): a restarted agent keeps a pinned
-# program that is the build it asks for rather than compiling it again. In /run, as pins
-# do not outlive a reboot either; the DaemonSet mounts it from the host.
+# What each compile of a program saved (loader/builds.py): a restarted agent keeps a pinned
+# program that is the build it asks for, a new data path loads the bytecode, rather than
+# compiling it again. In /run, as pins do not outlive a reboot either; the DaemonSet
+# mounts it from the host. The builds used last are kept, up to BUILD_CACHE_ENTRIES
+# (20-50 KB each; a node asks for 3-4 at a time, an upgrade for as many more).
 BUILD_CACHE_DIR = "/run/flannel-xdp/builds"
+BUILD_CACHE_ENTRIES = 64
 
 # Flannel's vxlan defaults (flannel-compat.md): VNI 1, port 0 meaning 8472.
 VXLAN_VNI = 1

@@ -22,7 +22,7 @@ host where the same builds were compiled before. So:
 - otherwise it is compiled, as it would be without the cache.
 
 An entry is what a compile of its build gave, so it is right for that build wherever the
-digest matches; entries of builds no longer asked for are merely unused. The cache lives
+digest matches; the entries used last are kept (BUILD_CACHE_ENTRIES). The cache lives
 in /run, as the pins live in bpffs: both are gone after a reboot. A missing, unreadable
 or malformed entry, one that another user could have written, or bytecode the kernel
 refuses, costs a compile, nothing else.
@@ -30,6 +30,7 @@ refuses, costs a compile, nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -72,6 +73,9 @@ class Build:
             h.update(part.encode())
             h.update(b"\0")
         return cls(name, prog_type, h.hexdigest())
+
+
+DIGEST_LEN = 64  # hex digits of a sha256: an entry's file name
 
 
 def _bcc_version() -> str:
@@ -156,6 +160,24 @@ def record(
             cache_dir,
             exc,
         )
+        return
+    prune(cache_dir)
+
+
+def prune(cache_dir: str, entries: int = defaults.BUILD_CACHE_ENTRIES) -> None:
+    """Keep the entries used last (an entry's mtime is its last use), at most entries."""
+    try:
+        paths = [p for p in Path(cache_dir).iterdir() if len(p.name) == DIGEST_LEN]
+        by_use = sorted(paths, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    except OSError:  # another agent pruned meanwhile: its prune did the work
+        return
+    for path in by_use[entries:]:
+        path.unlink(missing_ok=True)
+
+
+def _used(build: Build, cache_dir: str) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(_entry(build, cache_dir))
 
 
 def load(build: Build, maps_dir: str, cache_dir: str = defaults.BUILD_CACHE_DIR) -> int | None:
@@ -173,6 +195,7 @@ def load(build: Build, maps_dir: str, cache_dir: str = defaults.BUILD_CACHE_DIR)
         log.info("the cached bytecode of %s has another tag: compiling it", build.name)
         os.close(fd)
         return None
+    _used(build, cache_dir)
     return fd
 
 
@@ -229,4 +252,5 @@ def keep(
     if not same:
         os.close(fd)
         return None
+    _used(build, cache_dir)
     return fd

@@ -278,6 +278,8 @@ def test_a_new_node_loads_its_builds_from_the_bytecode_a_compile_saved(
     def no_compile(*args):
         raise AssertionError(f"compiled {args} with its bytecode saved")
 
+    for entry in cache.iterdir():
+        os.utime(entry, (0, 0))
     with monkeypatch.context() as m, caplog.at_level(logging.INFO):
         m.setattr(datapath, "compile_program", no_compile)
         started = time.monotonic()
@@ -285,6 +287,7 @@ def test_a_new_node_loads_its_builds_from_the_bytecode_a_compile_saved(
         took = time.monotonic() - started
     assert loaded == compiled, "the saved bytecode loaded as other programs"
     assert "from the build cache, no compile" in caplog.text
+    assert all(e.stat().st_mtime > 0 for e in cache.iterdir()), "a use left no mark to prune by"
     print(f"fresh install from the build cache: {took:.2f} s for {len(loaded)} programs")
     assert sorted(os.listdir(PinDir(bpffs).maps)) == sorted(layout.MAP_LAYOUTS)
     pinned = builds.pinned_map_ids(PinDir(bpffs).maps)

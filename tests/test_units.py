@@ -230,6 +230,20 @@ def test_a_build_cache_entry_round_trips_and_rejects_what_is_malformed():
     assert code.maps[0].shared
 
 
+def test_the_build_cache_keeps_the_entries_used_last(tmp_path):
+    import os
+
+    from flannel_xdp.loader.builds import DIGEST_LEN, prune
+
+    names = [f"{i:0{DIGEST_LEN}x}" for i in range(6)]
+    for age, name in enumerate(names):
+        (tmp_path / name).write_text("{}")
+        os.utime(tmp_path / name, ns=(0, (100 - age) * 10**9))  # names[0] used last
+    (tmp_path / f"{names[5]}.123").write_text("")  # a write under way: not an entry
+    prune(str(tmp_path), entries=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*names[:4], f"{names[5]}.123"]
+
+
 def test_the_daemonset_mounts_the_host_dirs_the_agent_keeps_state_in():
     """The pins and the build tags must outlive the agent's container: the manifest mounts
     the host's directories that hold defaults.BPFFS_DIR and defaults.BUILD_CACHE_DIR."""
