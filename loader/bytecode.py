@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import logging
 import os
 import struct
 from dataclasses import asdict, dataclass
@@ -22,6 +23,8 @@ from typing import Any
 
 from flannel_xdp.loader import libbpf
 from flannel_xdp.maps.layout import MAP_LAYOUTS
+
+log = logging.getLogger(__name__)
 
 BPF_LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two instructions, the map's fd in the first
 BPF_PSEUDO_MAP_FD = 1
@@ -157,7 +160,16 @@ class Bytecode:
 
 def of_module(module, insns: bytes) -> Bytecode | None:
     """The bytecode of a bcc module's program that was loaded as insns; None where a
-    reference is not to one of the module's maps (nothing to name it by)."""
+    reference is not to one of the module's maps (nothing to name it by) or the kernel
+    does not describe a map: then the build is only kept where it is pinned."""
+    try:
+        return _of_module(module, insns)
+    except OSError as exc:
+        log.info("cannot save the bytecode of a compile (%s): it is compiled again", exc)
+        return None
+
+
+def _of_module(module, insns: bytes) -> Bytecode | None:
     tables = _module_tables(module)
     by_fd = {fd: name for name, fd in tables.items()}
     out = bytearray(insns)
