@@ -58,6 +58,7 @@ class AgentOptions:
     xdp_mode: str = "auto"
     fast_path: fast_path.Wanted = field(default_factory=fast_path.Wanted)
     max_subnets: int = defaults.MAX_SUBNETS
+    build_cache: str = defaults.BUILD_CACHE_DIR  # "": compile at every start
     kube: KubeSettings | None = None  # --kube-subnet-mgr: the Kubernetes API, not etcd
 
 
@@ -206,6 +207,7 @@ async def install_data_path(
         underlay=setup.underlay.name,
         bpffs=opts.bpffs,
         max_subnets=opts.max_subnets,
+        build_cache=opts.build_cache,
         xdp_mode=datapath.attach.XdpMode(opts.xdp_mode),
         ingress_hook=setup.ingress_hook,
         tunnel_mtu=setup.tunnel_mtu,

@@ -118,6 +118,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "in conntrack (ctnetlink, conntrack's events) in the node's network namespace",
     )
     flag("--max-subnets", defaults.MAX_SUBNETS, "capacity of the remote subnets map", type=int)
+    flag(
+        "--build-cache",
+        defaults.BUILD_CACHE_DIR,
+        "directory where each compile of a program saves its bytecode, so that later "
+        "starts keep or load it rather than compile it again (empty: compile at every start)",
+    )
     # flanneld's kube subnet manager (docs/kubernetes.md)
     flag(
         "--kube-subnet-mgr",
@@ -202,6 +208,8 @@ def options_from(args: argparse.Namespace):
         raise ValueError("--subnet-lease-renew-margin: must be at least 1 minute")
     if not 1 <= args.max_subnets <= 1 << 24:
         raise ValueError(f"--max-subnets: must be 1..16777216, not {args.max_subnets}")
+    if args.build_cache and not os.path.isabs(args.build_cache):
+        raise ValueError(f"--build-cache: {args.build_cache!r} is not an absolute path")
     kube = None
     if args.kube_subnet_mgr:
         if not args.kube_annotation_prefix.strip("/"):
@@ -239,6 +247,7 @@ def options_from(args: argparse.Namespace):
         xdp_mode=args.xdp_mode,
         fast_path=wanted_fast_path(args),
         max_subnets=args.max_subnets,
+        build_cache=args.build_cache,
     )
 
 

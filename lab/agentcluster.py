@@ -305,6 +305,7 @@ class AgentCluster:
         self._procs: dict[int, subprocess.Popen] = {}
         self._release = release
         self._releases: dict[int, agents.AgentRelease] = {}  # nodes moved by set_release()
+        self._flags: dict[int, dict[str, str]] = {}  # set_flags()
 
     # -- naming ----------------------------------------------------------------------------
 
@@ -658,9 +659,9 @@ class AgentCluster:
         )
 
     def _start_process(self, node: LabNode) -> None:
-        env = None
+        env = dict(self._flags.get(node.index, {}))  # flags as the agent reads them from env
         if self.kube is not None:
-            env = {**self.sandbox(node).env(), process.MARKER_ENV: node.dir + os.sep}
+            env |= {**self.sandbox(node).env(), process.MARKER_ENV: node.dir + os.sep}
         proc = agents.start(
             self._argv(node), node.netns, node.log_file, detach=self.spec.detach, extra_env=env
         )
@@ -823,6 +824,13 @@ class AgentCluster:
         if self.process_alive(node):
             raise LabError(f"{node.netns}: stop its agent before changing its release")
         self._releases[node.index] = release
+
+    def set_flags(self, node: LabNode, **flags: str) -> None:
+        """Give the node's agent these flags (build_cache="" for --build-cache '') from its
+        next start on, besides the lab's; set_flags(node) gives none again."""
+        self._flags[node.index] = {
+            f"FLANNELD_{name.upper()}": value for name, value in flags.items()
+        }
 
     def stop_process(self, node: LabNode, timeout: float = 30.0) -> int | None:
         """SIGTERM the node's process, as a rolling update does, and wait until it exits

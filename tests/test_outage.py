@@ -16,7 +16,8 @@ arrivals.
   exactly the changed set and they are ready again.
 * Agent crash: one node's agent is SIGKILLed and restarted CRASH_ROUNDS times while
   the traffic crosses that node (and, KILL_ROUNDS times, killed with its loader child at
-  a random moment of its start, with and without the fast path); nothing is lost, and
+  a random moment of its start, every other start compiling its programs, with and
+  without the fast path); nothing is lost, and
   afterwards the node holds the same pins (same map ids), the same number of BPF
   programs and maps, and the same links, addresses, routes, qdiscs, filters and
   iptables rules as after its first start. Every BPF object the lab ever had is gone
@@ -841,14 +842,19 @@ def test_sigkill_at_any_moment_of_the_agents_life(lab: AgentCluster, seen: Seen,
     """Kubelet restarts a crashing agent whenever it crashes, and kills the whole container:
     KILL_ROUNDS x (start the agent, SIGKILL it and its loader child at a random moment of
     its start: before, during or after the install, in the first sync, or once ready),
-    then a last start. Meanwhile a ping crosses the node both ways and a stream runs each
-    way through it: nothing lost, no stream broken, and the node ends as it began."""
+    then a last start. Every other start has an empty build cache of its own, so that the
+    kills also land while bcc compiles and replaces the pinned programs; the others keep
+    them. Meanwhile a ping crosses the node both ways and a stream runs each way through
+    it: nothing lost, no stream broken, and the node ends as it began."""
     victim, other, third = lab.agent_nodes
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
-    # how long a start takes here and now: the kills spread over it and a bit beyond
+    # how long each kind of start takes here and now: the kills spread over it and beyond
     lab.kill_process(victim, signal.SIGKILL)
     start_took = lab.restart_process(victim)
+    lab.kill_process(victim, signal.SIGKILL)
+    lab.set_flags(victim, build_cache=str(tmp_path / "builds-first"))
+    compile_took = lab.restart_process(victim)
 
     moments: list[float] = []
     with traffic_through(
@@ -867,11 +873,17 @@ def test_sigkill_at_any_moment_of_the_agents_life(lab: AgentCluster, seen: Seen,
                 lab.kill_process(victim, signal.SIGKILL, tree=True)
                 assert not lab.process_alive(victim), f"round {i}: the agent survived SIGKILL"
                 time.sleep(rng.uniform(0.0, 0.3))
+                compiles = i % 2 == 0
+                if compiles:
+                    lab.set_flags(victim, build_cache=str(tmp_path / f"builds-{i}"))
+                else:
+                    lab.set_flags(victim)
                 lab.start_process(victim)
-                moments.append(rng.uniform(0.0, 1.2 * start_took))
+                moments.append(rng.uniform(0.0, 1.2 * (compile_took if compiles else start_took)))
                 time.sleep(moments[-1])
                 seen.add(lab)
             lab.kill_process(victim, signal.SIGKILL, tree=True)
+            lab.set_flags(victim)
             last_took = lab.restart_process(victim)
             time.sleep(POD_SCAN_SETTLE)
             pinged = pinger.stop()
@@ -881,7 +893,8 @@ def test_sigkill_at_any_moment_of_the_agents_life(lab: AgentCluster, seen: Seen,
 
     print(
         f"{KILL_ROUNDS} kills (seed {seed}) at {', '.join(f'{m:.1f}' for m in moments)} s "
-        f"into a start that takes {start_took:.1f} s; last start {last_took:.1f} s; ping "
+        f"into a start that takes {compile_took:.1f} s compiling (even rounds), "
+        f"{start_took:.1f} s keeping; last start {last_took:.1f} s; ping "
         f"{pinged.label}: {pinged.answered}/{pinged.sent}; "
         + "; ".join(Stream.figures(r) for r in streamed)
     )
