@@ -257,6 +257,11 @@ CASES: dict[str, Case] = {
         ("--healthz-port: 70000 is not a port",),
         args=("--healthz-port", "70000"),
     ),
+    "build-cache-relative": Case(
+        json.dumps(GOOD),
+        ("--build-cache: 'builds' is not an absolute path",),
+        args=("--build-cache", "builds"),
+    ),
 }
 
 
