@@ -165,14 +165,30 @@ def record(
 
 
 def prune(cache_dir: str, entries: int = defaults.BUILD_CACHE_ENTRIES) -> None:
-    """Keep the entries used last (an entry's mtime is its last use), at most entries."""
+    """Keep the entries used last (an entry's mtime is its last use), at most entries, and
+    drop what a writer that is gone (killed while it wrote) left."""
     try:
         paths = [p for p in Path(cache_dir).iterdir() if len(p.name) == DIGEST_LEN]
         by_use = sorted(paths, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        partial = [p for p in Path(cache_dir).iterdir() if _writer_gone(p.name)]
     except OSError:  # another agent pruned meanwhile: its prune did the work
         return
-    for path in by_use[entries:]:
+    for path in [*by_use[entries:], *partial]:
         path.unlink(missing_ok=True)
+
+
+def _writer_gone(name: str) -> bool:
+    """name is an entry being written (<digest>.<pid>) by a process that is gone."""
+    digest, _, pid = name.partition(".")
+    if len(digest) != DIGEST_LEN or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _used(build: Build, cache_dir: str) -> None:

@@ -239,9 +239,20 @@ def test_the_build_cache_keeps_the_entries_used_last(tmp_path):
     for age, name in enumerate(names):
         (tmp_path / name).write_text("{}")
         os.utime(tmp_path / name, ns=(0, (100 - age) * 10**9))  # names[0] used last
-    (tmp_path / f"{names[5]}.123").write_text("")  # a write under way: not an entry
+    writing = f"{names[5]}.{os.getpid()}"  # a write under way: not an entry
+    (tmp_path / writing).write_text("")
+    gone = _a_pid_that_is_gone()
+    (tmp_path / f"{names[4]}.{gone}").write_text("")  # its writer was killed
     prune(str(tmp_path), entries=4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [*names[:4], f"{names[5]}.123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*names[:4], writing]
+
+
+def _a_pid_that_is_gone() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def test_the_daemonset_mounts_the_host_dirs_the_agent_keeps_state_in():
