@@ -116,6 +116,7 @@ class Entry:
 
 
 def _read(build: Build, cache_dir: str) -> Entry | None:
+    """What the cache holds for build; None where nothing usable (logged why)."""
     path = _entry(build, cache_dir)
     try:
         with path.open() as f:
@@ -168,11 +169,12 @@ def prune(cache_dir: str, entries: int = defaults.BUILD_CACHE_ENTRIES) -> None:
     """Keep the entries used last (an entry's mtime is its last use), at most entries, and
     drop what a writer that is gone (killed while it wrote) left."""
     try:
-        paths = [p for p in Path(cache_dir).iterdir() if len(p.name) == DIGEST_LEN]
-        by_use = sorted(paths, key=lambda p: p.stat().st_mtime_ns, reverse=True)
-        partial = [p for p in Path(cache_dir).iterdir() if _writer_gone(p.name)]
+        paths = list(Path(cache_dir).iterdir())
+        entries_ = [p for p in paths if len(p.name) == DIGEST_LEN]
+        by_use = sorted(entries_, key=lambda p: p.stat().st_mtime_ns, reverse=True)
     except OSError:  # another agent pruned meanwhile: its prune did the work
         return
+    partial = [p for p in paths if _writer_gone(p.name)]
     for path in [*by_use[entries:], *partial]:
         path.unlink(missing_ok=True)
 
@@ -192,15 +194,16 @@ def _writer_gone(name: str) -> bool:
 
 
 def _used(build: Build, cache_dir: str) -> None:
+    """Mark build's entry used now (what prune() keeps by)."""
     with contextlib.suppress(OSError):
         os.utime(_entry(build, cache_dir))
 
 
-def load(build: Build, maps_dir: str, cache_dir: str = defaults.BUILD_CACHE_DIR) -> int | None:
-    """An fd of build loaded from its saved bytecode with the maps of maps_dir (the caller
-    owns it); None where it must be compiled: nothing saved, or not loadable here."""
-    entry = _read(build, cache_dir)
-    if entry is None or entry.code is None:
+def _load(build: Build, entry: Entry, maps_dir: str) -> int | None:
+    """An fd of build loaded from the bytecode its entry saved, with the maps of maps_dir
+    (the caller owns it); None where it must be compiled: nothing saved, or not loadable
+    here."""
+    if entry.code is None:
         return None
     try:
         fd = entry.code.load(maps_dir, build.prog_type, build.name)
@@ -211,7 +214,6 @@ def load(build: Build, maps_dir: str, cache_dir: str = defaults.BUILD_CACHE_DIR)
         log.info("the cached bytecode of %s has another tag: compiling it", build.name)
         os.close(fd)
         return None
-    _used(build, cache_dir)
     return fd
 
 
@@ -242,14 +244,10 @@ def _uses_the_pinned_maps(fd: int, pinned: dict[str, int]) -> bool:
     return True
 
 
-def keep(
-    build: Build, pin: str, pinned: dict[str, int], cache_dir: str = defaults.BUILD_CACHE_DIR
-) -> int | None:
-    """An fd of the program pinned at pin (the caller owns it) if it is build and uses the
-    maps pinned now (pinned: pinned_map_ids()); None where it must be compiled."""
-    entry = _read(build, cache_dir)
-    if entry is None:
-        return None
+def _keep(build: Build, entry: Entry, pin: str, pinned: dict[str, int]) -> int | None:
+    """An fd of the program pinned at pin (the caller owns it) if it is build (entry: what
+    the cache holds for it) and uses the maps pinned now (pinned: pinned_map_ids()); None
+    where it must be loaded or compiled."""
     try:
         fd = libbpf.obj_get(pin)
     except OSError:
@@ -268,5 +266,25 @@ def keep(
     if not same:
         os.close(fd)
         return None
-    _used(build, cache_dir)
     return fd
+
+
+def without_compile(
+    build: Build,
+    pin: str,
+    maps_dir: str,
+    pinned: dict[str, int],
+    cache_dir: str = defaults.BUILD_CACHE_DIR,
+) -> tuple[int, bool] | None:
+    """build kept where it is pinned (at pin), or else loaded from its saved bytecode: its
+    fd (the caller owns it) and whether it was kept; None where it must be compiled."""
+    entry = _read(build, cache_dir)
+    if entry is None:
+        return None
+    fd, kept = _keep(build, entry, pin, pinned), True
+    if fd is None:
+        fd, kept = _load(build, entry, maps_dir), False
+    if fd is None:
+        return None
+    _used(build, cache_dir)
+    return fd, kept

@@ -268,16 +268,13 @@ def _install(
             build = None
             if cfg.build_cache:
                 build = builds.Build.of(prog.name, params, kinds[prog.hook])
-                fd = builds.keep(build, pins.prog(prog.name), pinned, cfg.build_cache)
-                if fd is not None:
-                    kept.append(name)
-                else:
-                    fd = builds.load(build, pins.maps, cfg.build_cache)
-                    if fd is not None:
-                        loaded.append(name)
-                if fd is not None:
-                    fds[prog.name] = fd
-                    own_fds.append(fd)
+                found = builds.without_compile(
+                    build, pins.prog(prog.name), pins.maps, pinned, cfg.build_cache
+                )
+                if found is not None:
+                    fds[prog.name], was_pinned = found
+                    own_fds.append(fds[prog.name])
+                    (kept if was_pinned else loaded).append(name)
                     continue
             module = compile_program(prog.name, params)
             modules.append(module)
