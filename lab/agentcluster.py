@@ -828,9 +828,7 @@ class AgentCluster:
     def set_flags(self, node: LabNode, **flags: str) -> None:
         """Give the node's agent these flags (build_cache="" for --build-cache '') from its
         next start on, besides the lab's; set_flags(node) gives none again."""
-        self._flags[node.index] = {
-            f"FLANNELD_{name.upper()}": value for name, value in flags.items()
-        }
+        self._flags[node.index] = agents.flag_env(**flags)
 
     def stop_process(self, node: LabNode, timeout: float = 30.0) -> int | None:
         """SIGTERM the node's process, as a rolling update does, and wait until it exits

@@ -121,6 +121,15 @@ def healthy(ns: str, port: int = HEALTHZ_PORT) -> bool:
         return False
 
 
+# The agent reads every flag also from the environment, as FLANNELD_<NAME> (as flanneld).
+FLAG_ENV_PREFIX = "FLANNELD_"
+
+
+def flag_env(**flags: str) -> dict[str, str]:
+    """The environment that gives the agent these flags (build_cache="" as --build-cache '')."""
+    return {f"{FLAG_ENV_PREFIX}{name.upper()}": value for name, value in flags.items()}
+
+
 def start(
     argv: Sequence[str],
     ns: str,
@@ -133,7 +142,7 @@ def start(
     node_dir = os.path.dirname(log_path)
     os.makedirs(node_dir, exist_ok=True)
     # FLANNELD_* in our environment would silently change the node's flags.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLANNELD_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(FLAG_ENV_PREFIX)}
     env.update(extra_env or {})
     # Not in our working directory: `python -m` puts it first on sys.path, and in a
     # checkout its flannel_xdp.egg-info would give another release's agent our version.

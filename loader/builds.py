@@ -170,8 +170,8 @@ def prune(cache_dir: str, entries: int = defaults.BUILD_CACHE_ENTRIES) -> None:
     drop what a writer that is gone (killed while it wrote) left."""
     try:
         paths = list(Path(cache_dir).iterdir())
-        entries_ = [p for p in paths if len(p.name) == DIGEST_LEN]
-        by_use = sorted(entries_, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        saved = [p for p in paths if len(p.name) == DIGEST_LEN]
+        by_use = sorted(saved, key=lambda p: p.stat().st_mtime_ns, reverse=True)
     except OSError:  # another agent pruned meanwhile: its prune did the work
         return
     partial = [p for p in paths if _writer_gone(p.name)]

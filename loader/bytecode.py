@@ -19,6 +19,7 @@ import logging
 import os
 import struct
 from dataclasses import asdict, dataclass
+from functools import cache
 from typing import Any
 
 from flannel_xdp.loader import libbpf
@@ -114,7 +115,7 @@ class Bytecode:
         """Load as program name, with the maps pinned in maps_dir (the shared ones missing
         there made and pinned first); its fd (the caller owns it). BytecodeError where a
         pinned map is not the one saved, BpfError where the kernel refuses."""
-        used = {name for _, name in self.relocations}
+        used = {map_name for _, map_name in self.relocations}
         fds: dict[str, int] = {}
         btf_fds: dict[int, int] = {}
         try:
@@ -206,14 +207,21 @@ def _of_module(module, insns: bytes) -> Bytecode | None:
     return Bytecode(bytes(out), tuple(maps), tuple(relocations), tuple(btfs))
 
 
-def _module_tables(module) -> dict[str, int]:
-    """{table name: fd} of every map a bcc module made or opened."""
+@cache
+def _libbcc():
+    """bcc's library, with the two calls its Python module does not declare."""
     from bcc.libbcc import lib as bcc
 
     bcc.bpf_num_tables.restype = ctypes.c_size_t
     bcc.bpf_num_tables.argtypes = [ctypes.c_void_p]
     bcc.bpf_table_name.restype = ctypes.c_char_p
     bcc.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return bcc
+
+
+def _module_tables(module) -> dict[str, int]:
+    """{table name: fd} of every map a bcc module made or opened."""
+    bcc = _libbcc()
     tables = {}
     for i in range(bcc.bpf_num_tables(module.module)):
         name = bcc.bpf_table_name(module.module, i)

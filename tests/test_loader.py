@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
+from typing import TypeVar
 
 import pytest
 from pyroute2 import IPRoute
@@ -179,15 +181,32 @@ def test_install_replace_and_uninstall(node, hook):
     assert not os.path.exists(bpffs)
 
 
-def _pinned_prog_ids(bpffs: str) -> dict[str, int]:
-    ids = {}
+T = TypeVar("T")
+
+
+def _pinned_progs(bpffs: str, of: Callable[[int], T]) -> dict[str, T]:
+    """of(fd) for each program pinned under bpffs, by pin name."""
+    found = {}
     for name in os.listdir(PinDir(bpffs).progs):
         fd = libbpf.obj_get(PinDir(bpffs).prog(name))
         try:
-            ids[name] = libbpf.prog_info(fd).id
+            found[name] = of(fd)
         finally:
             os.close(fd)
-    return ids
+    return found
+
+
+def _prog_id(fd: int) -> int:
+    return libbpf.prog_info(fd).id
+
+
+def _prog_tag(fd: int) -> str:
+    return bytes(libbpf.prog_info(fd).tag).hex()
+
+
+def _maps_used(fd: int) -> dict[str, int]:
+    """{name: id} of the maps the program uses."""
+    return {libbpf.map_name_by_id(i): i for i in libbpf.prog_map_ids(fd)}
 
 
 def test_a_reinstall_keeps_the_pinned_programs_that_are_its_builds(node, tmp_path, caplog):
@@ -205,7 +224,7 @@ def test_a_reinstall_keeps_the_pinned_programs_that_are_its_builds(node, tmp_pat
         started = time.monotonic()
         with netns.entered(ns):
             datapath.install(cfg, NODE)
-        return _pinned_prog_ids(bpffs), time.monotonic() - started
+        return _pinned_progs(bpffs, _prog_id), time.monotonic() - started
 
     first, compiled = install()
     assert len(os.listdir(cache)) == len(first) == len(datapath.programs(cfg.ingress_hook, True))
@@ -231,24 +250,8 @@ def test_a_reinstall_keeps_the_pinned_programs_that_are_its_builds(node, tmp_pat
     anew, _ = install()
     assert not set(anew.values()) & set(lied.values()), "kept a program of the old map"
     pinned_maps = builds.pinned_map_ids(PinDir(bpffs).maps)
-    for name in anew:
-        fd = libbpf.obj_get(PinDir(bpffs).prog(name))
-        try:
-            used = {libbpf.map_name_by_id(i): i for i in libbpf.prog_map_ids(fd)}
-        finally:
-            os.close(fd)
+    for name, used in _pinned_progs(bpffs, _maps_used).items():
         assert used["subnets"] == pinned_maps["subnets"], f"{name} kept the old subnets map"
-
-
-def _pinned_prog_tags(bpffs: str) -> dict[str, str]:
-    tags = {}
-    for name in os.listdir(PinDir(bpffs).progs):
-        fd = libbpf.obj_get(PinDir(bpffs).prog(name))
-        try:
-            tags[name] = bytes(libbpf.prog_info(fd).tag).hex()
-        finally:
-            os.close(fd)
-    return tags
 
 
 def test_a_new_node_loads_its_builds_from_the_bytecode_a_compile_saved(
@@ -270,7 +273,7 @@ def test_a_new_node_loads_its_builds_from_the_bytecode_a_compile_saved(
         with netns.entered(ns):
             datapath.uninstall(bpffs, "eth0", NODE.vni)
             datapath.install(cfg, NODE)
-        return _pinned_prog_tags(bpffs)
+        return _pinned_progs(bpffs, _prog_tag)
 
     compiled = fresh_install()
     assert len(os.listdir(cache)) == len(compiled) == len(progs)
@@ -291,12 +294,7 @@ def test_a_new_node_loads_its_builds_from_the_bytecode_a_compile_saved(
     print(f"fresh install from the build cache: {took:.2f} s for {len(loaded)} programs")
     assert sorted(os.listdir(PinDir(bpffs).maps)) == sorted(layout.MAP_LAYOUTS)
     pinned = builds.pinned_map_ids(PinDir(bpffs).maps)
-    for name in loaded:
-        fd = libbpf.obj_get(PinDir(bpffs).prog(name))
-        try:
-            used = {libbpf.map_name_by_id(i): i for i in libbpf.prog_map_ids(fd)}
-        finally:
-            os.close(fd)
+    for name, used in _pinned_progs(bpffs, _maps_used).items():
         assert {n: i for n, i in used.items() if n in pinned} == {
             n: pinned[n] for n in used if n in pinned
         }, f"{name} does not use the pinned maps"
