@@ -192,3 +192,27 @@ def someone_elses_filter(ns: str, dev: str, prio: int) -> int:
         ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name="someone_elses", parent=parent,
                prio=prio, classid=1, direct_action=True)  # fmt: skip
     return fd
+
+
+def underlay_programs(ns: str, dev: str = "eth0") -> dict[str, list[int]]:
+    """Ids of the programs on dev's ingress in ns, by hook: xdp, tc (clsact filters), tcx."""
+    from pyroute2 import IPRoute
+
+    from flannel_xdp.loader import devices, libbpf
+
+    res = subprocess.run(
+        ["ip", "netns", "exec", ns, "bpftool", "-j", "net"], capture_output=True, text=True
+    )
+    (net,) = json.loads(res.stdout)
+    with netns.entered(ns):
+        xdp = attach.xdp_state(dev)[1]
+        with IPRoute() as ipr:
+            index = devices.ifindex(ipr, dev)
+        assert index is not None, f"{dev} is not in {ns}"
+        tcx = libbpf.prog_query(index, libbpf.BPF_TCX_INGRESS)
+    return {
+        "xdp": [xdp] if xdp else [],
+        "tc": [p["id"] for p in net["tc"]
+               if p["devname"] == dev and p["kind"] == "clsact/ingress"],
+        "tcx": tcx,
+    }  # fmt: skip

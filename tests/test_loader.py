@@ -47,7 +47,7 @@ from flannel_xdp.maps.views import (
     TrafficMap,
 )
 from flannel_xdp.node import routes
-from tests.node_support import someone_elses_filter
+from tests.node_support import someone_elses_filter, underlay_programs
 from tests.pod_ports_support import pod_ports_attached
 from tests.requirements import require_root_and_bcc
 
@@ -103,30 +103,10 @@ def test_missing_underlay_is_a_clear_error_and_changes_nothing(node):
     )
 
 
-def _underlay_programs(ns: str) -> dict[str, list[int]]:
-    """Ids of the programs on eth0's ingress, by hook: xdp, tc (clsact filters), tcx."""
-    res = subprocess.run(
-        ["ip", "netns", "exec", ns, "bpftool", "-j", "net"], capture_output=True, text=True
-    )
-    (net,) = json.loads(res.stdout)
-    with netns.entered(ns):
-        xdp = attach.xdp_state("eth0")[1]
-        with IPRoute() as ipr:
-            index = devices.ifindex(ipr, "eth0")
-        assert index is not None
-        tcx = libbpf.prog_query(index, libbpf.BPF_TCX_INGRESS)
-    return {
-        "xdp": [xdp] if xdp else [],
-        "tc": [p["id"] for p in net["tc"]
-               if p["devname"] == "eth0" and p["kind"] == "clsact/ingress"],
-        "tcx": tcx,
-    }  # fmt: skip
-
-
 def _underlay_prog_id(ns: str, hook: datapath.IngressHook) -> int:
     """Id of the program on eth0's ingress hook: XDP, or tcx on an underlay that had no
     clsact qdisc (as every node of these tests)."""
-    on = _underlay_programs(ns)
+    on = underlay_programs(ns)
     where = "xdp" if hook is datapath.IngressHook.XDP else "tcx"
     assert len(on[where]) == 1 and sum(map(len, on.values())) == 1, on
     return on[where][0]
@@ -175,7 +155,7 @@ def test_install_replace_and_uninstall(node, hook):
         datapath.uninstall(bpffs, "eth0", NODE.vni)
         assert attach.xdp_state("eth0") == (0, 0)
     assert "tunnel_egress" not in _bpftool_net(ns)
-    assert _underlay_programs(ns) == {"xdp": [], "tc": [], "tcx": []}
+    assert underlay_programs(ns) == {"xdp": [], "tc": [], "tcx": []}
     links = subprocess.run(["ip", "-n", ns, "link"], capture_output=True, text=True).stdout
     assert "flannel.1" not in links and "fxdp.1" not in links
     assert not os.path.exists(bpffs)
@@ -383,27 +363,27 @@ def test_the_underlay_gets_no_qdisc_it_did_not_have(node):
     cfg = datapath.DataPathConfig(underlay="eth0", bpffs=bpffs, build_cache="")  # new builds
     with netns.entered(ns):
         datapath.install(cfg, NODE)
-    first = _underlay_programs(ns)
+    first = underlay_programs(ns)
     link = _underlay_link_id(bpffs)
     with netns.entered(ns):
         datapath.install(cfg, NODE)
-    second = _underlay_programs(ns)
+    second = underlay_programs(ns)
     assert len(first["tcx"]) == 1 and second["tcx"] != first["tcx"], (first, second)
     assert second["tc"] == [] and "clsact" not in _qdiscs(ns), _qdiscs(ns)
     assert _underlay_link_id(bpffs) == link, "the link was made again, not updated"
     with netns.entered(ns):
         datapath.uninstall(bpffs, "eth0", NODE.vni)
-    assert _underlay_programs(ns) == {"xdp": [], "tc": [], "tcx": []}
+    assert underlay_programs(ns) == {"xdp": [], "tc": [], "tcx": []}
 
     _ip("netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "clsact")
     with netns.entered(ns):
         datapath.install(cfg, NODE)
-    on = _underlay_programs(ns)
+    on = underlay_programs(ns)
     assert on["tcx"] == [] and len(on["tc"]) == 1, on
     assert os.listdir(PinDir(bpffs).links) == []
     with netns.entered(ns):
         datapath.hand_over(bpffs, "eth0", Backend.VXLAN, NODE.vni)
-    assert _underlay_programs(ns) == {"xdp": [], "tc": [], "tcx": []}
+    assert underlay_programs(ns) == {"xdp": [], "tc": [], "tcx": []}
     assert "clsact" in _qdiscs(ns), "the qdisc eth0 had was deleted"
 
 
@@ -413,7 +393,7 @@ def test_prepare_downgrade_moves_the_underlay_program_to_a_clsact_filter(node):
     ns, bpffs = node
     with netns.entered(ns):
         datapath.install(datapath.DataPathConfig(underlay="eth0", bpffs=bpffs), NODE)
-    on_tcx = _underlay_programs(ns)["tcx"]
+    on_tcx = underlay_programs(ns)["tcx"]
 
     def prepare(iface: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -424,7 +404,7 @@ def test_prepare_downgrade_moves_the_underlay_program_to_a_clsact_filter(node):
 
     moved = prepare("eth0")
     assert moved.returncode == 0, moved.stderr
-    assert _underlay_programs(ns) == {"xdp": [], "tc": on_tcx, "tcx": []}
+    assert underlay_programs(ns) == {"xdp": [], "tc": on_tcx, "tcx": []}
     assert [p for p in os.listdir(PinDir(bpffs).links) if p.startswith("underlay")] == []
     again = prepare("eth0")
     assert again.returncode == 0 and "nothing to move" in again.stderr, again.stderr
@@ -432,7 +412,7 @@ def test_prepare_downgrade_moves_the_underlay_program_to_a_clsact_filter(node):
     assert missing.returncode == 1 and "'eth9' does not exist" in missing.stderr, missing.stderr
     with netns.entered(ns):
         datapath.install(datapath.DataPathConfig(underlay="eth0", bpffs=bpffs), NODE)
-    on = _underlay_programs(ns)  # this version again: the filter stays where it is now
+    on = underlay_programs(ns)  # this version again: the filter stays where it is now
     assert on["tcx"] == [] and len(on["tc"]) == 1, on
 
 
@@ -614,7 +594,7 @@ def test_hand_over_leaves_flanneld_its_kind_of_device(node, hook):
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert "underlay" not in tc, tc
-    assert _underlay_programs(ns) == {"xdp": [], "tc": [], "tcx": []}
+    assert underlay_programs(ns) == {"xdp": [], "tc": [], "tcx": []}
     # Neither added nor deleted: either would drop what eth0 sends for a moment.
     assert "clsact" not in _qdiscs(ns), _qdiscs(ns)
 

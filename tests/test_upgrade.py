@@ -16,6 +16,9 @@ tree's the fast path; and the fast path asked for, which the previous release ha
 only (--udp-fast-path) and this tree for TCP too (--fast-path on --tcp-fast-path). In the
 last two the streams move from the stack onto the fast path at the upgrade and back at the
 downgrade.
+
+A node that began on this tree, whose underlay program runs on a tcx link the previous
+release does not know, goes back to it after `flannel-xdp prepare-downgrade`, and returns.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +42,7 @@ import pytest
 from flannel_xdp.backend import Backend
 from flannel_xdp.lab import agents
 from flannel_xdp.lab.agentcluster import AgentCluster, LabNode
+from flannel_xdp.lab.topology import UNDERLAY_IFNAME
 from flannel_xdp.loader import map_upgrades
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.fast_path import Mode
@@ -46,6 +51,7 @@ from flannel_xdp.maps.layout import Counter, NodeConfig, Reason
 from flannel_xdp.maps.views import NodeConfigMap, ReasonsMap, TrafficMap
 from tests import test_outage
 from tests.lab_support import agent_cluster
+from tests.node_support import underlay_programs
 from tests.release_support import PREVIOUS_RELEASE, InstalledRelease, install_release
 from tests.test_outage import (
     POD_SCAN_SETTLE,
@@ -322,3 +328,78 @@ def test_upgrade_and_downgrade_under_traffic(
         diff = state_diff(first_state, netns_state(node.netns))
         assert not diff, f"{node.netns}: links, routes, qdiscs, filters or rules:\n{diff}"
         assert lab.process_alive(node) and lab.ready(node)
+
+
+def prepare_downgrade(node: LabNode) -> subprocess.CompletedProcess[str]:
+    """`flannel-xdp prepare-downgrade` on the node, as an operator runs it there."""
+    argv = [sys.executable, "-m", "flannel_xdp.cli", "prepare-downgrade",
+            "--iface", UNDERLAY_IFNAME, "--bpffs", node.bpffs]  # fmt: skip
+    return subprocess.run(
+        ["nsenter", f"--net=/run/netns/{node.netns}", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_node_begun_on_this_tree_goes_back_after_prepare_downgrade(
+    previous: InstalledRelease, seen: Seen, tmp_path: Path
+):
+    """A node whose agent began on this tree runs its underlay program on a tcx link, which
+    the previous release does not know. After this tree's agent stops, `flannel-xdp
+    prepare-downgrade` makes that program the underlay's clsact filter; the previous
+    release's agent then takes the filter over, and this tree's takes the node back, under
+    a ping and a TCP stream each way through the node: nothing lost, no program drops."""
+    with agent_cluster(nodes=2, pods=1, backend=Backend.VXLAN, outside=False) as lab:
+        seen.add(lab)
+        victim, other = lab.agent_nodes
+        this_release = lab.release(victim)
+        began = underlay_programs(victim.netns)
+        assert began["tcx"] and not began["tc"], began
+        this_reasons = tuple(r.name for r in sorted(Reason))
+        drops = DropsSeen()
+        with (
+            drops,
+            traffic_through(
+                lab, (other.pods[0], victim.pods[0]), (victim.pods[0], other.pods[0]), tmp_path
+            ) as (pinger, outbound),
+        ):
+            inbound = Stream(other.pods[0], victim.pods[0], seed=9)
+            try:
+                time.sleep(POD_SCAN_SETTLE)
+                for node in lab.agent_nodes:
+                    drops.watch(node, this_reasons)
+                assert lab.stop_process(victim) == 0
+                prepared = prepare_downgrade(victim)
+                moved = underlay_programs(victim.netns)
+                lab.set_release(victim, previous.agent)
+                lab.restart_process(victim)
+                drops.watch(victim, previous.reasons)
+                seen.add(lab)
+                went_back = versions(lab)[victim.netns]
+                downgraded = underlay_programs(victim.netns)
+                config_size = node_config_size(victim)
+                check_settled(victim)
+                replace_release(lab, victim, this_release)
+                drops.watch(victim, this_reasons)
+                seen.add(lab)
+                returned = underlay_programs(victim.netns)
+                time.sleep(POD_SCAN_SETTLE)
+                pinged = pinger.stop()
+                streamed = [outbound.stop(), inbound.stop()]
+                dropped = drops.grown()
+            finally:
+                inbound.kill()
+    assert prepared.returncode == 0, prepared.stderr
+    assert moved == {"xdp": [], "tc": began["tcx"], "tcx": []}, (began, moved)
+    assert went_back == previous.version
+    assert config_size == previous.node_config_size
+    # the previous release's own build replaced the filter: one program, not the moved one
+    assert len(downgraded["tc"]) == 1 and downgraded["tc"] != moved["tc"], downgraded
+    assert not downgraded["tcx"] and not downgraded["xdp"], downgraded
+    # this tree keeps the underlay's filter where it found one
+    assert len(returned["tc"]) == 1 and not returned["tcx"], returned
+    pinged.check()
+    for result in streamed:
+        Stream.check(result)
+    assert not dropped, f"the programs dropped packets meanwhile: {dropped}"
