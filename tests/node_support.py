@@ -216,3 +216,13 @@ def underlay_programs(ns: str, dev: str = "eth0") -> dict[str, list[int]]:
                if p["devname"] == dev and p["kind"] == "clsact/ingress"],
         "tcx": tcx,
     }  # fmt: skip
+
+
+def prepare_downgrade(ns: str, bpffs: str, iface: str) -> subprocess.CompletedProcess[str]:
+    """`flannel-xdp prepare-downgrade` in the node's netns, as an operator runs it there
+    (its mount namespace kept: the pins are under bpffs)."""
+    return subprocess.run(
+        ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "flannel_xdp.cli",
+         "prepare-downgrade", "--iface", iface, "--bpffs", bpffs],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip

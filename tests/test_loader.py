@@ -47,7 +47,7 @@ from flannel_xdp.maps.views import (
     TrafficMap,
 )
 from flannel_xdp.node import routes
-from tests.node_support import someone_elses_filter, underlay_programs
+from tests.node_support import prepare_downgrade, someone_elses_filter, underlay_programs
 from tests.pod_ports_support import pod_ports_attached
 from tests.requirements import require_root_and_bcc
 
@@ -396,11 +396,7 @@ def test_prepare_downgrade_moves_the_underlay_program_to_a_clsact_filter(node):
     on_tcx = underlay_programs(ns)["tcx"]
 
     def prepare(iface: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "flannel_xdp.cli",
-             "prepare-downgrade", "--iface", iface, "--bpffs", bpffs],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        return prepare_downgrade(ns, bpffs, iface)
 
     moved = prepare("eth0")
     assert moved.returncode == 0, moved.stderr

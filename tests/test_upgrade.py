@@ -23,12 +23,12 @@ release does not know, goes back to it after `flannel-xdp prepare-downgrade`, an
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,7 +42,7 @@ import pytest
 from flannel_xdp.backend import Backend
 from flannel_xdp.lab import agents
 from flannel_xdp.lab.agentcluster import AgentCluster, LabNode
-from flannel_xdp.lab.topology import UNDERLAY_IFNAME
+from flannel_xdp.lab.topology import UNDERLAY_IFNAME, Pod
 from flannel_xdp.loader import map_upgrades
 from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.fast_path import Mode
@@ -51,10 +51,11 @@ from flannel_xdp.maps.layout import Counter, NodeConfig, Reason
 from flannel_xdp.maps.views import NodeConfigMap, ReasonsMap, TrafficMap
 from tests import test_outage
 from tests.lab_support import agent_cluster
-from tests.node_support import underlay_programs
+from tests.node_support import prepare_downgrade, underlay_programs
 from tests.release_support import PREVIOUS_RELEASE, InstalledRelease, install_release
 from tests.test_outage import (
     POD_SCAN_SETTLE,
+    Pinger,
     Seen,
     Stream,
     netns_state,
@@ -107,6 +108,21 @@ def node_config_size(node: LabNode) -> int:
     )
     assert res.returncode == 0, f"bpftool map show pinned {path}: {res.stderr}"
     return json.loads(res.stdout)["bytes_value"]
+
+
+@contextlib.contextmanager
+def traffic_each_way(
+    lab: AgentCluster, pinging: Pod, victim: Pod, streaming: Pod, tmp: Path
+) -> Iterator[tuple[Pinger, Stream, Stream]]:
+    """A ping from pinging to the victim pod, and a sha256-checked TCP stream each way
+    between the victim and streaming (out, in); killed if the block fails before stopping
+    them."""
+    with traffic_through(lab, (pinging, victim), (victim, streaming), tmp) as (pinger, out):
+        inbound = Stream(streaming, victim, seed=9)
+        try:
+            yield pinger, out, inbound
+        finally:
+            inbound.kill()
 
 
 def replace_release(lab: AgentCluster, node: LabNode, release: agents.AgentRelease) -> float:
@@ -251,44 +267,42 @@ def test_upgrade_and_downgrade_under_traffic(
     drops = DropsSeen()
     with (
         drops,
-        traffic_through(
-            lab, (other.pods[0], victim.pods[0]), (victim.pods[0], third.pods[0]), tmp_path
-        ) as (pinger, outbound),
+        traffic_each_way(lab, other.pods[0], victim.pods[0], third.pods[0], tmp_path) as (
+            pinger,
+            outbound,
+            inbound,
+        ),
     ):
-        inbound = Stream(third.pods[0], victim.pods[0], seed=9)
-        try:
-            time.sleep(POD_SCAN_SETTLE)
-            first = {n.netns: (pins(n), node_bpf(n), netns_state(n.netns)) for n in nodes}
-            for node in nodes:
-                drops.watch(node, previous.reasons)
+        time.sleep(POD_SCAN_SETTLE)
+        first = {n.netns: (pins(n), node_bpf(n), netns_state(n.netns)) for n in nodes}
+        for node in nodes:
+            drops.watch(node, previous.reasons)
 
-            for node in nodes:
-                upgrade.append(replace_release(lab, node, agents.THIS_RELEASE))
-                drops.watch(node, this_reasons)
-                seen.add(lab)
-                assert versions(lab)[node.netns] == this
-                assert node_config_size(node) == ctypes.sizeof(NodeConfig)
-                check_settled(node)
-            with TrafficMap(PinDir(victim.bpffs).maps) as traffic:
-                before = traffic.by_label()
-                time.sleep(POD_SCAN_SETTLE)
-                upgraded = {k: n - before[k][0] for k, (n, _) in traffic.by_label().items()}
-            tcp_gauge = agents.sample(lab.scrape(victim), FAST_PATH_GAUGE, proto="tcp")
-            upgraded_state = netns_state(victim.netns)
-
-            for node in reversed(nodes):
-                downgrade.append(replace_release(lab, node, old))
-                drops.watch(node, previous.reasons)
-                seen.add(lab)
-                assert versions(lab)[node.netns] == previous.version
-                assert node_config_size(node) == previous.node_config_size
-                check_settled(node)
+        for node in nodes:
+            upgrade.append(replace_release(lab, node, agents.THIS_RELEASE))
+            drops.watch(node, this_reasons)
+            seen.add(lab)
+            assert versions(lab)[node.netns] == this
+            assert node_config_size(node) == ctypes.sizeof(NodeConfig)
+            check_settled(node)
+        with TrafficMap(PinDir(victim.bpffs).maps) as traffic:
+            before = traffic.by_label()
             time.sleep(POD_SCAN_SETTLE)
-            pinged = pinger.stop()
-            streamed = [outbound.stop(), inbound.stop()]
-            dropped = drops.grown()
-        finally:
-            inbound.kill()
+            upgraded = {k: n - before[k][0] for k, (n, _) in traffic.by_label().items()}
+        tcp_gauge = agents.sample(lab.scrape(victim), FAST_PATH_GAUGE, proto="tcp")
+        upgraded_state = netns_state(victim.netns)
+
+        for node in reversed(nodes):
+            downgrade.append(replace_release(lab, node, old))
+            drops.watch(node, previous.reasons)
+            seen.add(lab)
+            assert versions(lab)[node.netns] == previous.version
+            assert node_config_size(node) == previous.node_config_size
+            check_settled(node)
+        time.sleep(POD_SCAN_SETTLE)
+        pinged = pinger.stop()
+        streamed = [outbound.stop(), inbound.stop()]
+        dropped = drops.grown()
     fast = {k: upgraded[k] for k in FAST}
     print(
         f"{previous.release} ({previous.version}) -> {this}: nodes ready again in "
@@ -330,18 +344,6 @@ def test_upgrade_and_downgrade_under_traffic(
         assert lab.process_alive(node) and lab.ready(node)
 
 
-def prepare_downgrade(node: LabNode) -> subprocess.CompletedProcess[str]:
-    """`flannel-xdp prepare-downgrade` on the node, as an operator runs it there."""
-    argv = [sys.executable, "-m", "flannel_xdp.cli", "prepare-downgrade",
-            "--iface", UNDERLAY_IFNAME, "--bpffs", node.bpffs]  # fmt: skip
-    return subprocess.run(
-        ["nsenter", f"--net=/run/netns/{node.netns}", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_a_node_begun_on_this_tree_goes_back_after_prepare_downgrade(
     previous: InstalledRelease, seen: Seen, tmp_path: Path
 ):
@@ -360,36 +362,34 @@ def test_a_node_begun_on_this_tree_goes_back_after_prepare_downgrade(
         drops = DropsSeen()
         with (
             drops,
-            traffic_through(
-                lab, (other.pods[0], victim.pods[0]), (victim.pods[0], other.pods[0]), tmp_path
-            ) as (pinger, outbound),
+            traffic_each_way(lab, other.pods[0], victim.pods[0], other.pods[0], tmp_path) as (
+                pinger,
+                outbound,
+                inbound,
+            ),
         ):
-            inbound = Stream(other.pods[0], victim.pods[0], seed=9)
-            try:
-                time.sleep(POD_SCAN_SETTLE)
-                for node in lab.agent_nodes:
-                    drops.watch(node, this_reasons)
-                assert lab.stop_process(victim) == 0
-                prepared = prepare_downgrade(victim)
-                moved = underlay_programs(victim.netns)
-                lab.set_release(victim, previous.agent)
-                lab.restart_process(victim)
-                drops.watch(victim, previous.reasons)
-                seen.add(lab)
-                went_back = versions(lab)[victim.netns]
-                downgraded = underlay_programs(victim.netns)
-                config_size = node_config_size(victim)
-                check_settled(victim)
-                replace_release(lab, victim, this_release)
-                drops.watch(victim, this_reasons)
-                seen.add(lab)
-                returned = underlay_programs(victim.netns)
-                time.sleep(POD_SCAN_SETTLE)
-                pinged = pinger.stop()
-                streamed = [outbound.stop(), inbound.stop()]
-                dropped = drops.grown()
-            finally:
-                inbound.kill()
+            time.sleep(POD_SCAN_SETTLE)
+            for node in lab.agent_nodes:
+                drops.watch(node, this_reasons)
+            assert lab.stop_process(victim) == 0
+            prepared = prepare_downgrade(victim.netns, victim.bpffs, UNDERLAY_IFNAME)
+            moved = underlay_programs(victim.netns)
+            lab.set_release(victim, previous.agent)
+            lab.restart_process(victim)
+            drops.watch(victim, previous.reasons)
+            seen.add(lab)
+            went_back = versions(lab)[victim.netns]
+            downgraded = underlay_programs(victim.netns)
+            config_size = node_config_size(victim)
+            check_settled(victim)
+            replace_release(lab, victim, this_release)
+            drops.watch(victim, this_reasons)
+            seen.add(lab)
+            returned = underlay_programs(victim.netns)
+            time.sleep(POD_SCAN_SETTLE)
+            pinged = pinger.stop()
+            streamed = [outbound.stop(), inbound.stop()]
+            dropped = drops.grown()
     assert prepared.returncode == 0, prepared.stderr
     assert moved == {"xdp": [], "tc": began["tcx"], "tcx": []}, (began, moved)
     assert went_back == previous.version
