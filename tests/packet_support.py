@@ -1,4 +1,5 @@
-"""Support for tests/test_packets.py: a test network namespace, frame builders, counters.
+"""Support for the packet tests (tests/test_packets.py and the tests that reuse its frames and
+caches): a test network namespace, frame builders, counters.
 
 Everything here talks to the real kernel: BPF_PROG_TEST_RUN on programs compiled from
 bpf/, maps pinned in a private bpffs directory, and network namespaces made with `ip`.
@@ -12,6 +13,7 @@ import contextlib
 import os
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -19,7 +21,17 @@ from ipaddress import IPv4Address, IPv4Network
 from flannel_xdp import netns
 from flannel_xdp.backend import Backend
 from flannel_xdp.lab import frames
-from flannel_xdp.lab.frames import ETH_P_IP, IPPROTO_UDP, eth
+from flannel_xdp.lab.frames import (
+    ETH_HLEN,
+    ETH_P_8021AD,
+    ETH_P_8021Q,
+    ETH_P_ARP,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    IPPROTO_UDP,
+    eth,
+    ipv4_header,
+)
 from flannel_xdp.lab.frames import mac_bytes as mac
 from flannel_xdp.loader.libbpf import prog_test_run
 from flannel_xdp.mac import parse_mac
@@ -34,12 +46,14 @@ from flannel_xdp.maps.views import (
     TrafficMap,
     subnet_key,
 )
+from tests.bpf_support import c_define
 
 # Program return values (uapi linux/bpf.h, linux/pkt_cls.h).
 XDP_DROP, XDP_PASS, XDP_REDIRECT = 1, 2, 4
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 
 SPORT_MIN, SPORT_MAX = 32768, 60999  # the kernel's default ephemeral range, inclusive
+CLOCK_MONOTONIC_COARSE = 6  # linux/time.h: the clock bpf_ktime_get_coarse_ns() reads
 
 # --- the test node and its peers -------------------------------------------------------
 
@@ -394,3 +408,170 @@ def program_lab(name: str) -> Iterator[Lab]:
         )
     assert not os.path.exists(pins.root), f"{pins.root} left behind"
     assert not os.path.exists(os.path.join(netns.NETNS_RUN_DIR, ns)), f"netns {ns} left behind"
+
+
+# --- frames the underlay programs must not take as theirs, and the caches they keep ---------
+
+
+OWN_HOST = str(OWN_SUBNET.network_address + 5)
+
+
+def tc_test_run_refuses(frame: bytes) -> bool:
+    """BPF_PROG_TEST_RUN for tc refuses (EINVAL) frames shorter than an Ethernet header,
+    and IPv4 / IPv6 typed frames shorter than Ethernet + the fixed IP header (20 / 40)."""
+    ethertype = frame[12:14] if len(frame) >= ETH_HLEN else b""
+    minimum = {b"\x08\x00": ETH_HLEN + 20, b"\x86\xdd": ETH_HLEN + 40}.get(ethertype, ETH_HLEN)
+    return len(frame) < minimum
+
+
+def refused_by_test_run(prog: str, frame: bytes) -> bool:
+    """Does BPF_PROG_TEST_RUN refuse frame for prog (an XDP or a tc program)?"""
+    return len(frame) < ETH_HLEN if prog == "xdp" else tc_test_run_refuses(frame)
+
+
+def wait_out_cache(window_ns: int) -> None:
+    """Past every CPU's cached answer of a BPF cache that keeps answers window_ns on the
+    coarse clock (which lags by up to one tick): what the kernel says now applies."""
+    time.sleep(window_ns / 1e9 + 2 * time.clock_getres(CLOCK_MONOTONIC_COARSE))
+
+
+def wait_out_fib_cache() -> None:
+    wait_out_cache(c_define("fib.h", "FIB_CACHE_NS"))
+
+
+def inner_from_a(proto: str, payload: bytes = b"hello from A", **ip_kw) -> bytes:
+    make = tcp_packet if proto == "tcp" else udp_packet
+    return make(PEER_A.host(7), OWN_HOST, 443, 51000, payload, **ip_kw)
+
+
+GOOD_INNER = inner_from_a("udp")
+
+
+GOOD = vxlan_frame(GOOD_INNER)
+
+
+def replace(frame: bytes, offset: int, data: bytes) -> bytes:
+    return frame[:offset] + data + frame[offset + len(data) :]
+
+
+def vlan_tagged(frame: bytes, tpid: int) -> bytes:
+    return frame[:12] + struct.pack("!HH", tpid, 100) + frame[12:]
+
+
+def outer_ip_variant(**kw) -> bytes:
+    """GOOD with a differently built outer IPv4 header (same payload)."""
+    payload = GOOD[34:]
+    outer = ipv4_header(str(PEER_A.public_ip), str(OWN_IP), len(payload), **kw)
+    return GOOD[:14] + outer + payload
+
+
+def fragment(flags_frag: int) -> bytes:
+    return outer_ip_variant(proto=IPPROTO_UDP, flags_frag=flags_frag)
+
+
+UNDERLAY_CASES = {
+    # name: (frame, verdict, counter key)
+    "ipv4-options": (
+        outer_ip_variant(proto=IPPROTO_UDP, options=b"\x01\x01\x01\x00"),
+        XDP_PASS,
+        ("reason", "none", "PASS_IP_OPTIONS"),
+    ),
+    "ipv4-ihl-below-5": (
+        outer_ip_variant(proto=IPPROTO_UDP, ihl=4),
+        XDP_PASS,
+        ("reason", "none", "PASS_TRUNCATED"),
+    ),
+    "fragment-mf": (fragment(0x2000), XDP_PASS, ("reason", "none", "PASS_IP_FRAGMENT")),
+    "fragment-offset": (fragment(0x00B9), XDP_PASS, ("reason", "none", "PASS_IP_FRAGMENT")),
+    "fragment-last-df-clear": (fragment(0x0001), XDP_PASS, ("reason", "none", "PASS_IP_FRAGMENT")),
+    "df-clear-is-fine": (fragment(0x0000), XDP_REDIRECT, ("traffic", "vxlan", "decap")),
+    "wrong-vni": (vxlan_frame(GOOD_INNER, vni=2), XDP_PASS, ("reason", "none", "PASS_OTHER_VNI")),
+    "vxlan-i-flag-clear": (
+        vxlan_frame(GOOD_INNER, vxlan_flags=0x00),
+        XDP_PASS,
+        ("reason", "none", "PASS_OTHER_VNI"),
+    ),
+    "wrong-udp-port": (
+        vxlan_frame(GOOD_INNER, dport=4789),
+        XDP_PASS,
+        ("reason", "none", "PASS_OTHER_PORT"),
+    ),
+    "not-udp": (
+        eth(UNDERLAY_MAC, PEER_A.neigh_mac)
+        + tcp_packet(str(PEER_A.public_ip), str(OWN_IP), 40000, PORT, b"tcp"),
+        XDP_PASS,
+        ("reason", "none", "PASS_NOT_UDP"),
+    ),
+    "arp": (
+        eth("ff:ff:ff:ff:ff:ff", PEER_A.neigh_mac, ETH_P_ARP) + arp_payload(),
+        XDP_PASS,
+        ("reason", "none", "PASS_NOT_IPV4"),
+    ),
+    "ipv6": (
+        eth(UNDERLAY_MAC, PEER_A.neigh_mac, ETH_P_IPV6) + ipv6_packet(),
+        XDP_PASS,
+        ("reason", "none", "PASS_NOT_IPV4"),
+    ),
+    "ipv4-type-version-6": (
+        replace(GOOD, 14, bytes([0x65])),
+        XDP_PASS,
+        ("reason", "none", "PASS_NOT_IPV4"),
+    ),
+    "vlan-802.1q": (vlan_tagged(GOOD, ETH_P_8021Q), XDP_PASS, ("reason", "none", "PASS_VLAN")),
+    "vlan-802.1ad": (vlan_tagged(GOOD, ETH_P_8021AD), XDP_PASS, ("reason", "none", "PASS_VLAN")),
+    "other-destination": (
+        vxlan_frame(GOOD_INNER, outer_dst="192.0.2.99"),
+        XDP_PASS,
+        ("reason", "none", "PASS_OTHER_ADDRESS"),
+    ),
+    "inner-arp": (
+        vxlan_frame(arp_payload(), inner_type=ETH_P_ARP),
+        XDP_DROP,
+        ("reason", "vxlan", "DROP_INNER_NOT_IPV4"),
+    ),
+    "inner-ipv6": (
+        vxlan_frame(ipv6_packet(), inner_type=ETH_P_IPV6),
+        XDP_DROP,
+        ("reason", "vxlan", "DROP_INNER_NOT_IPV4"),
+    ),
+    "inner-ipv4-version-6": (
+        vxlan_frame(bytes([0x65]) + GOOD_INNER[1:]),
+        XDP_DROP,
+        ("reason", "vxlan", "DROP_MALFORMED"),
+    ),
+    "inner-ihl-below-5": (
+        vxlan_frame(bytes([0x44]) + GOOD_INNER[1:]),
+        XDP_DROP,
+        ("reason", "vxlan", "DROP_MALFORMED"),
+    ),
+    "wrong-inner-dst-mac": (
+        vxlan_frame(GOOD_INNER, inner_dst_mac="02:00:00:00:99:99"),
+        XDP_DROP,
+        ("reason", "vxlan", "DROP_WRONG_INNER_MAC"),
+    ),
+    "broadcast-inner-dst-mac": (
+        vxlan_frame(GOOD_INNER, inner_dst_mac="ff:ff:ff:ff:ff:ff"),
+        XDP_DROP,
+        ("reason", "vxlan", "DROP_WRONG_INNER_MAC"),
+    ),
+    "unknown-inner-source": (
+        vxlan_frame(udp_packet(UNKNOWN_HOST, OWN_HOST, 1, 2, b"who?")),
+        XDP_DROP,
+        ("reason", "vxlan", "DROP_UNKNOWN_SOURCE"),
+    ),
+    "spoofed-source-from-peer-a": (
+        vxlan_frame(udp_packet(PEER_B.host(7), OWN_HOST, 1, 2, b"I am B")),
+        XDP_DROP,
+        ("reason", "vxlan", "DROP_SPOOFED_SOURCE"),
+    ),
+    "spoofed-source-from-stranger": (
+        vxlan_frame(GOOD_INNER, outer_src="192.0.2.99"),
+        XDP_DROP,
+        ("reason", "vxlan", "DROP_SPOOFED_SOURCE"),
+    ),
+    "plain-ipv4-from-a-vxlan-peer": (
+        eth(UNDERLAY_MAC, PEER_A.neigh_mac) + GOOD_INNER,
+        XDP_PASS,
+        ("reason", "none", "PASS_OTHER_ADDRESS"),
+    ),
+}

@@ -20,9 +20,7 @@ from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.fast_path import LACK_ENV, Lack, OffReason
 from flannel_xdp.maps.views import LocalPodsMap, NodeConfigMap
 from flannel_xdp.node import conntrack
-from tests.lab_support import agent_cluster
-from tests.pod_ports_support import pod_ports_attached
-from tests.test_fast_path import (
+from tests.fast_path_support import (
     DATAGRAMS,
     FAST,
     STREAM,
@@ -30,6 +28,8 @@ from tests.test_fast_path import (
     tcp_stream,
     veth_tx_packets,
 )
+from tests.lab_support import agent_cluster
+from tests.pod_ports_support import pod_ports_attached
 
 pytestmark = pytest.mark.lab
 

@@ -14,10 +14,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from tests.etcd_support import etcd_cluster
-from tests.node_support import node_netns
-from tests.requirements import require_root_and_bcc
-from tests.test_agent_limits import (
+from tests.agent_run_support import (
     METRICS,
     AgentRun,
     agent_run_on,
@@ -26,6 +23,9 @@ from tests.test_agent_limits import (
     wait_programmed,
     wait_until,
 )
+from tests.etcd_support import etcd_cluster
+from tests.node_support import node_netns
+from tests.requirements import require_root_and_bcc
 
 pytestmark = pytest.mark.lab
 

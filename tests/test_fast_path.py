@@ -41,7 +41,6 @@ from flannel_xdp.lab import (
     Pod,
     frames,
     process,
-    traffic,
 )
 from flannel_xdp.lab.topology import CNI_BRIDGE, UNDERLAY_IFNAME, link_index
 from flannel_xdp.loader import libbpf, pod_ports
@@ -49,30 +48,37 @@ from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.loader.programs import POD_INGRESS
 from flannel_xdp.maps.views import LocalPodsMap, NodeConfigMap
-from tests.bpf_support import c_define
+from tests.fast_path_support import (
+    DATAGRAMS,
+    RCVBUF,
+    SERVER_PORT,
+    SO_RCVBUFFORCE,
+    STREAM,
+    echo_server,
+    send_and_receive,
+    tcp_connection,
+    tcp_stream,
+    udp_socket,
+    veth_tx_packets,
+    wait_out_flow_cache,
+)
 from tests.node_support import someone_elses_filter, someone_elses_tcx
 from tests.pod_ports_support import pod_ports_attached
 from tests.requirements import require_root_and_bcc
-from tests.test_packets import wait_out_cache
 
 pytestmark = pytest.mark.lab
 
 SERVICE_IP, SERVICE_PORT = "198.19.0.53", 53  # a "Service" DNATed on the client's node
-SERVER_PORT = 9000
 # Client ports of the DNATed flows, outside the ephemeral range: their conntrack entries
 # outlive their tests, and a later flow from the same port to SERVER_PORT would clash
 # with their reply tuple, get its source port remapped (SNAT) and rightly stay off the
 # fast path.
 NATED_SPORTS = (20053, 20054, 20055, 20056)
-STREAM = bytes(range(256)) * 16384  # 4 MiB: TCP sends it in GSO aggregates
 # conntrack's TCP states once a FIN has gone through it (nf_conntrack_proto_tcp.c)
 CLOSING = {"FIN_WAIT", "CLOSE_WAIT", "LAST_ACK", "TIME_WAIT", "CLOSE"}
-DATAGRAMS = 300
 # Segments a stream may send before its node has marked its flow: the lab's markers are
 # threads of the test's process, so a busy test delays them (node/flow_marks.py).
 BEFORE_MARKED = 20
-SO_RCVBUFFORCE = 33  # asm-generic/socket.h: root may exceed net.core.rmem_max
-RCVBUF = 8 << 20  # every datagram of a burst fits, whatever the path's speed
 # linux/in.h (not in Python 3.11): DF on every datagram, whatever the route's path MTU
 IP_MTU_DISCOVER, IP_PMTUDISC_PROBE = 10, 3
 # The hook each backend's fast path is built into (datapath.udp_fast_path_fits).
@@ -80,7 +86,6 @@ HOOKS = {Backend.VXLAN: IngressHook.KERNEL, Backend.HOST_GW: IngressHook.TC}
 # The counters (direction label per backend) of a packet sent and of one received.
 SENT = {Backend.VXLAN: "encap", Backend.HOST_GW: "forward"}
 RECEIVED = {Backend.VXLAN: "decap", Backend.HOST_GW: "deliver"}
-FAST = ("vxlan", "fast_deliver")  # vxlan, for the agent's test
 
 
 @pytest.fixture(scope="module", params=list(HOOKS), ids=lambda b: b.value)
@@ -97,11 +102,6 @@ def cluster(request) -> Iterator[Cluster]:
     )
     with Cluster(spec) as c:
         yield c
-
-
-def wait_out_flow_cache() -> None:
-    """Past every CPU's kept fast-path decision: what the FIB and the maps say now applies."""
-    wait_out_cache(c_define("fastpath.h", "FLOW_CACHE_NS"))
 
 
 @contextlib.contextmanager
@@ -124,36 +124,6 @@ def packets(cluster: Cluster, node_index: int, before, direction: str) -> int:
     return cluster.counters(node).since(before).traffic.get((backend.value, label), (0, 0))[0]
 
 
-@contextlib.contextmanager
-def udp_socket(pod: Pod, port: int = 0) -> Iterator[socket.socket]:
-    with traffic.udp_socket(pod.netns, str(pod.ip), port, timeout=3) as s:
-        yield s
-
-
-@contextlib.contextmanager
-def echo_server(pod: Pod) -> Iterator[None]:
-    """Echoes every datagram to SERVER_PORT back to its sender, until the block ends."""
-    with udp_socket(pod, SERVER_PORT) as s:
-        s.settimeout(0.2)
-        stop = threading.Event()
-
-        def serve() -> None:
-            while not stop.is_set():
-                try:
-                    data, peer = s.recvfrom(2048)
-                except TimeoutError:
-                    continue
-                s.sendto(data, peer)
-
-        t = threading.Thread(target=serve, daemon=True)
-        t.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            t.join()
-
-
 def exchange(client: Pod, sport: int, dst: tuple[str, int], count: int) -> list[bytes]:
     """count request/reply round trips over a connected socket; the replies."""
     replies = []
@@ -163,18 +133,6 @@ def exchange(client: Pod, sport: int, dst: tuple[str, int], count: int) -> list[
             s.send(b"req %05d " % i + bytes(50))
             replies.append(s.recv(2048))
     return replies
-
-
-def veth_tx_packets(cluster, pod: Pod) -> int:
-    """Packets the pod's veth end in its node sent into the pod (bpf_redirect_peer skips
-    it; the bridge sends through it). cluster: a lab Cluster or AgentCluster."""
-    node = cluster.nodes[pod.node]
-    with netns.entered(node.netns), open("/proc/thread-self/net/dev") as f:
-        for line in f:
-            name, _, fields = line.partition(":")
-            if name.strip() == pod.host_veth:
-                return int(fields.split()[9])
-    raise LookupError(f"no {pod.host_veth} in {node.netns}")
 
 
 @contextlib.contextmanager
@@ -200,17 +158,6 @@ def dnat(node: Node, protocol: str, dst: str, dport: int, to: Pod) -> Iterator[N
         yield
     finally:
         process.run(node.netns, ["iptables", "-w", "-t", "nat", "-D", *rule])
-
-
-def send_and_receive(a: Pod, b: Pod) -> None:
-    """DATAGRAMS datagrams from a to b; all must arrive, byte for byte."""
-    with udp_socket(b, SERVER_PORT) as server, udp_socket(a) as client:
-        server.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-        sent = [b"datagram %05d " % i + bytes(i % 200) for i in range(DATAGRAMS)]
-        for payload in sent:
-            client.sendto(payload, (str(b.ip), SERVER_PORT))
-        got = [server.recv(2048) for _ in range(DATAGRAMS)]
-    assert sorted(got) == sorted(sent)
 
 
 def test_confirmed_udp_skips_the_stack_on_both_nodes(cluster):
@@ -462,70 +409,6 @@ def test_what_the_route_to_the_peer_cannot_take_is_left_to_the_stack(cluster):
         process.run(node.netns, ["ip", "route", "del", *route])
         process.run(a.netns, ["ip", "route", "flush", "cache"])  # the MTU the pod learnt
         wait_out_flow_cache()
-
-
-@contextlib.contextmanager
-def tcp_connection(
-    client: Pod, server: Pod, dst: tuple[str, int] | None = None, sport: int = 0
-) -> Iterator[tuple[socket.socket, socket.socket]]:
-    """A TCP connection from client (port sport) to dst (default: the server's
-    SERVER_PORT), as (client's socket, server's), both closed at the end of the block."""
-    with netns.entered(server.netns):
-        srv = socket.socket()
-    with netns.entered(client.netns):
-        cli = socket.socket()
-    with contextlib.closing(srv), contextlib.closing(cli):
-        # the server may close first: its earlier connections wait in TIME_WAIT
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((str(server.ip), SERVER_PORT))
-        srv.listen(1)
-        for s in (srv, cli):
-            s.settimeout(10)
-        cli.bind((str(client.ip), sport))
-        cli.connect(dst or (str(server.ip), SERVER_PORT))
-        conn, _ = srv.accept()
-        with contextlib.closing(conn):
-            conn.settimeout(10)
-            yield cli, conn
-
-
-def tcp_stream(
-    client: Pod,
-    server: Pod,
-    dst: tuple[str, int] | None = None,
-    sport: int = 0,
-    reply: bytes = b"",
-) -> int:
-    """STREAM from client to server and reply back at the same time, over one TCP
-    connection to dst (default: the server itself), closed by both ends; every byte must
-    arrive both ways. Returns the client's port."""
-    with tcp_connection(client, server, dst, sport) as (cli, conn):
-
-        def send(sock: socket.socket, data: bytes) -> None:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-
-        senders = [
-            threading.Thread(target=send, args=(cli, STREAM), daemon=True),
-            threading.Thread(target=send, args=(conn, reply), daemon=True),
-        ]
-        for t in senders:
-            t.start()
-        got, back = receive_all(conn), receive_all(cli)
-        for t in senders:
-            t.join(10)
-        port = cli.getsockname()[1]
-    assert got == STREAM
-    assert back == reply, "the server's data or FIN did not arrive"
-    return port
-
-
-def receive_all(sock: socket.socket) -> bytes:
-    """Everything up to the peer's FIN."""
-    got = bytearray()
-    while chunk := sock.recv(1 << 16):
-        got += chunk
-    return bytes(got)
 
 
 def conntrack_state(node: Node, sport: int) -> str:

@@ -33,15 +33,14 @@ from flannel_xdp.loader.bpffs import PinDir
 from flannel_xdp.loader.datapath import IngressHook
 from flannel_xdp.maps.views import NodeConfigMap
 from flannel_xdp.node import conntrack, ctnetlink
-from tests.requirements import require_root_and_bcc
-from tests.test_ctnetlink import entries
-from tests.test_fast_path import (
+from tests.fast_path_support import (
     SERVER_PORT,
     echo_server,
     tcp_connection,
     udp_socket,
     wait_out_flow_cache,
 )
+from tests.requirements import require_root_and_bcc
 
 pytestmark = pytest.mark.lab
 
@@ -220,10 +219,14 @@ def flow_of(cli: socket.socket) -> ctnetlink.TcpFlow:
 def marked(cluster: Cluster, flow: ctnetlink.TcpFlow) -> list[bool | None]:
     """Whether each node's entry of flow is marked (None: no entry)."""
     key = (flow.src, flow.dst, flow.sport, flow.dport)
-    return [
-        next((f.liberal for f in entries(n.netns) if (f.src, f.dst, f.sport, f.dport) == key), None)
-        for n in cluster.nodes
-    ]
+    found = []
+    for n in cluster.nodes:
+        with netns.entered(n.netns):
+            entries = ctnetlink.tcp_entries()
+        found.append(
+            next((f.liberal for f in entries if (f.src, f.dst, f.sport, f.dport) == key), None)
+        )
+    return found
 
 
 def test_tcp_of_a_flow_whose_mark_is_cleared_takes_the_stack(cluster):

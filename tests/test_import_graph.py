@@ -93,3 +93,21 @@ def test_the_check_sees_a_wrong_import(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from flannel_xdp.agent import agent\n")
     assert imported_packages(module, "maps") == {("agent", 2)}
+
+
+def test_test_modules_share_helpers_through_support_modules():
+    """A test module imports no other: importing one runs its module-level set-up and
+    ties its tests to another's, so what two share lives in a tests/*_support.py."""
+    wrong = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any(n.startswith("tests.test_") for n in names):
+                wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not wrong, "test modules imported by others:\n" + "\n".join(wrong)

@@ -17,15 +17,16 @@ from flannel_xdp.lab.frames import VXLAN_OVERHEAD
 from tests.packet_support import (
     OWN_SUBNET,
     PEER_A,
+    UNDERLAY_CASES,
     XDP_DROP,
     XDP_PASS,
     XDP_REDIRECT,
     program_lab,
+    refused_by_test_run,
     udp_packet,
     vxlan_frame,
 )
 from tests.requirements import require_root_and_bcc
-from tests.test_packets import UNDERLAY_CASES, refused_by_test_run
 
 pytestmark = pytest.mark.bpf
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,10 +22,10 @@ import uuid
 import pytest
 
 from flannel_xdp.lab import agents, process
-from flannel_xdp.lab.kube import KubeApiServer, peer_binary, relay
+from flannel_xdp.lab.kube import KubeApiServer, peer_binary
 from flannel_xdp.netns import NETNS_RUN_DIR
+from tests.kube_support import kube_agent_argv, linked_nodes
 from tests.requirements import require_root_and_bcc
-from tests.test_kube_flanneld import sh
 
 pytestmark = pytest.mark.kube
 
@@ -40,35 +39,6 @@ def wait(what: str, check, timeout: float, logs) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{what} not within {timeout:.0f} s\n{logs()}")
         time.sleep(0.5)
-
-
-def linked_nodes(ends: dict[str, str], port: int) -> list[socket.socket]:
-    """Network namespaces {name: address/24} on one veth link, forwarding as nodes do,
-    each reaching the loopback apiserver on port through a relay; the relays' listeners."""
-    (na, addr_a), (nb, addr_b) = ends.items()
-    for ns in (na, nb):
-        sh("ip", "netns", "add", ns)
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        # nodes forward (kubelet and kube-proxy see to it); bpf_fib_lookup needs it too
-        sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    sh("ip", "-n", na, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
-       "netns", nb)  # fmt: skip
-    listeners = []
-    for ns, addr in ((na, addr_a), (nb, addr_b)):
-        sh("ip", "-n", ns, "addr", "add", addr, "dev", "eth0")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        listeners.append(relay(ns, port))
-    return listeners
-
-
-def kube_agent_argv(kubeconfig: str, conf: str, bpffs: str, subnet_file: str) -> list[str]:
-    """`flannel-xdp agent --kube-subnet-mgr` on eth0 (NODE_NAME comes from the environment)."""
-    return [
-        sys.executable, "-m", "flannel_xdp.cli", "agent", "--kube-subnet-mgr",
-        f"--kubeconfig-file={kubeconfig}", f"--net-config-path={conf}",
-        "--iface", "eth0", "--bpffs", bpffs, "--subnet-file", subnet_file,
-        "--healthz-port", str(agents.HEALTHZ_PORT),
-    ]  # fmt: skip
 
 
 def test_agent_and_flanneld_in_kube_mode_reach_each_other(tmp_path) -> None:

@@ -23,6 +23,7 @@ from flannel_xdp.lab.kube import KubeApiServer, peer_binary, relay
 from flannel_xdp.registry.config import parse_config
 from flannel_xdp.registry.kube import KubeRegistry, KubeSettings
 from flannel_xdp.registry.lease import LeaseAttrs
+from tests.kube_support import sh
 from tests.requirements import require_root_and_bcc
 
 pytestmark = pytest.mark.kube
@@ -31,10 +32,6 @@ P = "flannel.alpha.coreos.com"
 NET_CONF = '{"Network":"198.18.0.0/16","Backend":{"Type":"vxlan"}}'
 MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 IP_RE = re.compile(r"\b\d+\.\d+\.\d+\.\d+\b")
-
-
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=30)
 
 
 def normalized(ann: dict[str, str]) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 Two flannel-xdp nodes in kube mode (network namespaces on one veth link, each reaching the
 loopback apiserver through lab.kube.relay). A ping at 100 per second and a sha256-checked
-TCP stream (tests/test_outage.py's Pinger and Stream) run between the nodes' tunnel
+TCP stream (tests/traffic_support.py's Pinger and Stream) run between the nodes' tunnel
 addresses, across both data paths, while the apiserver is stopped for OUTAGE_SECONDS.
 Meanwhile a second apiserver on another port, over the same etcd, adds a Node and deletes
 another: the agents, which only know the first, cannot see that happen. Asserted: no ping
@@ -28,9 +28,9 @@ from flannel_xdp.lab.kube import KubeApiServer
 from flannel_xdp.lab.topology import Pod
 from flannel_xdp.registry.kube_annotations import Annotations, lease_annotations
 from flannel_xdp.registry.lease import LeaseAttrs
+from tests.kube_support import kube_agent_argv, linked_nodes
 from tests.requirements import require_root_and_bcc
-from tests.test_kube_agent import kube_agent_argv, linked_nodes
-from tests.test_outage import Pinger, Stream
+from tests.traffic_support import Pinger, Stream
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(600)]
 

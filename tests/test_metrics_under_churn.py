@@ -16,10 +16,10 @@ import pytest
 
 from flannel_xdp import netns
 from flannel_xdp.node.subnet_env import read_subnet
+from tests.agent_run_support import METRICS, AgentRun, agent_run_on, wait_until
 from tests.etcd_support import etcd_cluster
 from tests.node_support import node_netns
 from tests.requirements import require_root_and_bcc
-from tests.test_agent_limits import METRICS, AgentRun, agent_run_on, wait_until
 
 pytestmark = pytest.mark.lab
 

@@ -3,7 +3,7 @@
 Three nodes start as real flanneld nodes (etcd mode, vxlan), one pod each made by the
 real CNI chain. Throughout, every ordered pair of nodes has a ping at 100 per second
 whose every reply is accounted for, and every pair of nodes a sha256-checked TCP stream
-(tests/test_outage.py's Pinger and Stream). Then each node in turn moves over
+(tests/traffic_support.py's Pinger and Stream). Then each node in turn moves over
 (AgentCluster.replace_dataplane: SIGTERM to flanneld, the agent started with the same
 flags; it takes the lease whose PublicIP is its own and the VtepMAC of flanneld's
 flannel.1), afterwards each moves back to flanneld, and then each moves over once more.
@@ -30,7 +30,7 @@ import pytest
 from flannel_xdp.lab.agentcluster import AgentCluster, LabNode
 from flannel_xdp.lab.topology import Dataplane
 from tests.lab_support import agent_cluster, node_label
-from tests.test_outage import PING_INTERVAL, POD_SCAN_SETTLE, Pinger, PingOutcome, Stream
+from tests.traffic_support import PING_INTERVAL, POD_SCAN_SETTLE, Pinger, PingOutcome, Stream
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 

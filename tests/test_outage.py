@@ -26,16 +26,11 @@ arrivals.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import difflib
 import json
 import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -46,31 +41,28 @@ import pytest
 
 from flannel_xdp.backend import Backend
 from flannel_xdp.lab import agents, process
-from flannel_xdp.lab.agentcluster import ETCD_PREFIX, AgentCluster, LabNode
-from flannel_xdp.lab.topology import Pod
+from flannel_xdp.lab.agentcluster import ETCD_PREFIX, AgentCluster
 from flannel_xdp.loader.fast_path import Mode
 from flannel_xdp.maps.views import Peer
 from flannel_xdp.registry.lease import LeaseAttrs
+from tests import node_state_support
 from tests.lab_support import agent_cluster
+from tests.node_state_support import (
+    Seen,
+    netns_state,
+    node_bpf,
+    pins,
+    state_diff,
+    system_bpf_ids,
+    wait_gone,
+)
+from tests.traffic_support import POD_SCAN_SETTLE, Stream, traffic_through
 
 pytestmark = pytest.mark.lab
 
 OUTAGE_SECONDS = 60.0  # how long etcd is down: a whole minute, not a blip
 CRASH_ROUNDS = 20  # SIGKILL + restart cycles of one agent, once ready
 KILL_ROUNDS = 20  # SIGKILL (agent and loader child) at a random moment of a start
-# Two pod scans (defaults.LOCAL_PODS_INTERVAL_S) and a margin: a ready agent has
-# attached the fast path's pod links to the pods that talk by then.
-POD_SCAN_SETTLE = 2.5
-PING_RATE = 100  # per second, at least
-# iputils rounds a 10 ms interval up to its 16 ms poll granularity (62/s); 9 ms gives
-# about 111/s (see test_agent_e2e.py).
-PING_INTERVAL = "0.009"
-STREAM_RATE = 4 << 20  # bytes per second: steady traffic that leaves the 2 cores room
-STREAM_PORT = 7600
-# Longest pause allowed between two arrivals of the stream (besides the lost segments,
-# see LOSS_COUNTERS): the sender writes every few milliseconds, so a second is plenty
-# for scheduling noise on a busy machine and still catches a data path that stopped.
-STALL_MAX = 1.0
 # The agents notice a dead registry within a probe interval plus one call timeout
 # (agent.PROBE_INTERVAL + registry.CALL_TIMEOUT); from then on /readyz must say 503.
 NOT_READY_WITHIN = 10.0
@@ -78,418 +70,11 @@ NOT_READY_WITHIN = 10.0
 # agent.BACKOFF_MAX (5 s), plus a call timeout at worst (registry.CALL_TIMEOUT, 5 s).
 RESYNC_TIMEOUT = 15.0
 VXLAN_DEV = "flannel.1"
-# TcpExt counters of a TCP sender that recovered a lost segment (nstat names).
-LOSS_COUNTERS = ("TCPFastRetrans", "TCPLossProbeRecovery", "TCPTimeouts")
-# Lost segments tolerated in a stream: on this shared 2-core machine the kernel's input
-# backlog (/proc/net/softnet_stat) overflows now and then under other tests' load and
-# drops a segment (1 segment in 2 of ~15 runs, both during an etcd outage, which leaves
-# the data path untouched). A data path that breaks loses far more: the neighbour flush
-# on restart fixed in loader/devices.py cost 150-500 segments per restart, no ping.
-STREAM_LOSS_MAX = 3
-
-
-# -- traffic ----------------------------------------------------------------------------
-
-
-class Pinger:
-    """ping at PING_RATE from a pod, every reply logged to a file (a pipe would fill up
-    and stall ping), so that losses are counted by sequence number."""
-
-    def __init__(self, src: Pod, dst: Pod, out: Path):
-        self.label = f"{src.ip} -> {dst.ip}"
-        self.out_path = out
-        self._out = open(out, "w")  # noqa: SIM115 (closed in stop)
-        argv = ["ping", "-n", "-i", PING_INTERVAL, "-W", "1", str(dst.ip)]
-        self.proc = subprocess.Popen(
-            process.in_netns(src.netns, argv),
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        self.started = time.monotonic()
-
-    def stop(self) -> PingOutcome:
-        elapsed = time.monotonic() - self.started
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._out.close()
-        text = self.out_path.read_text(errors="replace")
-        return PingOutcome.parse(self.label, text, elapsed)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._out.close()
-
-
-@dataclasses.dataclass(frozen=True)
-class PingOutcome:
-    label: str
-    sent: int
-    answered: int
-    missing: list[int]  # sequence numbers never answered (the last may be in flight)
-    elapsed: float
-    summary: str
-
-    @classmethod
-    def parse(cls, label: str, text: str, elapsed: float) -> PingOutcome:
-        m = re.search(r"(\d+) packets transmitted, (\d+) received", text)
-        if m is None:
-            raise AssertionError(f"ping {label} printed no summary:\n{text[-2000:]}")
-        sent = int(m.group(1))
-        seqs = {int(s) for s in re.findall(r"bytes from .*icmp_seq=(\d+)", text)}
-        missing = sorted(set(range(1, sent + 1)) - seqs)
-        summary = "\n".join(text.splitlines()[-4:])
-        return cls(label, sent, len(seqs), missing, elapsed, summary)
-
-    @property
-    def lost(self) -> list[int]:
-        """Unanswered pings, except one sent just before SIGINT (its reply was on its way:
-        ping counts it as lost although nothing dropped it)."""
-        return [s for s in self.missing if s != self.sent]
-
-    def check(self) -> None:
-        assert not self.lost, (
-            f"ping {self.label}: {len(self.lost)} of {self.sent} lost (icmp_seq "
-            f"{self.lost[:20]}{'...' if len(self.lost) > 20 else ''})\n{self.summary}"
-        )
-        # at least PING_RATE per second, measured over the whole run
-        assert self.sent >= 0.9 * PING_RATE * self.elapsed, (
-            f"ping {self.label}: only {self.sent} in {self.elapsed:.1f} s\n{self.summary}"
-        )
-
-
-STREAM_SERVER = r"""
-import hashlib, json, socket, sys, time
-ip, port = sys.argv[1], int(sys.argv[2])
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((ip, port))
-srv.listen(1)
-print("ready", flush=True)
-c, peer = srv.accept()
-c.settimeout(120)
-digest, got, first, last, max_gap, at = hashlib.sha256(), 0, None, None, 0.0, 0.0
-while True:
-    chunk = c.recv(1 << 16)
-    now = time.monotonic()
-    if not chunk:
-        break
-    if first is None:
-        first = now
-    elif now - last > max_gap:
-        max_gap, at = now - last, last - first
-    last = now
-    got += len(chunk)
-    digest.update(chunk)
-reply = {"bytes": got, "sha256": digest.hexdigest(), "max_gap": max_gap, "gap_at": at,
-         "seconds": (last - first) if first is not None else 0.0}
-c.sendall(json.dumps(reply).encode())
-c.close()
-"""
-
-# Sends seeded bytes at a steady rate until a line (or EOF) arrives on stdin, then
-# half-closes and compares the receiver's byte count and sha256 with its own.
-STREAM_CLIENT = r"""
-import hashlib, json, random, select, socket, struct, sys, time
-dst, port, rate, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-rng, digest, sent, out = random.Random(seed), hashlib.sha256(), 0, {}
-try:
-    s = socket.create_connection((dst, port), timeout=10)
-    s.settimeout(120)
-    started = time.monotonic()
-    print("started", flush=True)
-    while True:
-        data = rng.randbytes(1 << 14)
-        s.sendall(data)
-        digest.update(data)
-        sent += len(data)
-        wait = started + sent / rate - time.monotonic()
-        if select.select([sys.stdin], [], [], max(wait, 0.0))[0]:
-            break
-    s.shutdown(socket.SHUT_WR)
-    reply = b""
-    while chunk := s.recv(4096):
-        reply += chunk
-    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    s.close()
-    got = json.loads(reply)
-    out = {**got, "sent": sent, "sha_ok": got["sha256"] == digest.hexdigest(),
-           "retransmits": struct.unpack_from("I", info, 100)[0]}
-except (OSError, ValueError) as exc:
-    out = {"sent": sent, "error": f"{type(exc).__name__}: {exc}"}
-print(json.dumps(out), flush=True)
-"""
-
-
-def backlog_drops() -> int:
-    """Packets the kernel dropped for a full input backlog, on every CPU (machine-wide)."""
-    with open("/proc/net/softnet_stat") as f:
-        return sum(int(line.split()[1], 16) for line in f)
-
-
-class Stream:
-    """A sha256-checked TCP stream from one pod to another, running until stop()."""
-
-    def __init__(self, src: Pod, dst: Pod, seed: int = 7):
-        self.label = f"{src.ip} -> {dst.ip}:{STREAM_PORT}"
-        self.src_netns = src.netns
-        self.backlog_drops = backlog_drops()
-        self.server = process.spawn(
-            dst.netns, [sys.executable, "-c", STREAM_SERVER, str(dst.ip), str(STREAM_PORT)]
-        )
-        line = self.server.stdout.readline() if self.server.stdout else ""
-        if line.strip() != "ready":
-            self.server.kill()
-            raise AssertionError(f"stream server in {dst.netns}: {line!r} {self.server.stderr}")
-        argv = [sys.executable, "-c", STREAM_CLIENT, str(dst.ip), str(STREAM_PORT)]
-        argv += [str(STREAM_RATE), str(seed)]
-        self.client = subprocess.Popen(
-            process.in_netns(src.netns, argv),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        line = self.client.stdout.readline() if self.client.stdout else ""
-        if line.strip() != "started":
-            self.kill()
-            raise AssertionError(f"stream client in {src.netns} did not connect: {line!r}")
-
-    def stop(self) -> dict:
-        """End the stream; the result: bytes, sha_ok, max_gap (s), retransmits or error."""
-        out, err = self.client.communicate("stop\n", timeout=60)
-        self.server.wait(10)
-        try:
-            result = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise AssertionError(f"stream {self.label}: no result\n{out}\n{err}") from None
-        result["label"] = self.label
-        result["backlog_drops"] = backlog_drops() - self.backlog_drops
-        # The sender's netns holds only this connection, so its counters tell what its
-        # retransmits were: tail loss probes (a paced stream's last segment unacked for
-        # a moment; spurious when the receiver reports the duplicate) or the recovery of
-        # segments that were really lost (fast retransmit, a probe that found a loss, a
-        # timeout).
-        counters = process.run(self.src_netns, ["nstat", "-asz"]).stdout
-        for name in (*LOSS_COUNTERS, "TCPLossProbes"):
-            m = re.search(rf"^TcpExt{name}\s+(\d+)", counters, re.M)
-            result[name] = int(m.group(1)) if m else 0
-        return result
-
-    @staticmethod
-    def figures(result: dict) -> str:
-        return (
-            f"stream {result.get('bytes', 0) / 1e6:.0f} MB, longest pause "
-            f"{result.get('max_gap', 0) * 1000:.0f} ms, {result.get('retransmits')} "
-            f"retransmits ({result.get('TCPLossProbes')} tail loss probes; "
-            f"segments lost: {', '.join(f'{k} {result.get(k)}' for k in LOSS_COUNTERS)}; "
-            f"machine-wide backlog drops {result.get('backlog_drops')})"
-        )
-
-    def kill(self) -> None:
-        for p in (self.client, self.server):
-            if p.poll() is None:
-                p.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
-                p.communicate(timeout=5)
-
-    @staticmethod
-    def check(result: dict) -> None:
-        label = result["label"]
-        assert "error" not in result, f"stream {label} broke: {result['error']}"
-        assert result["bytes"] == result["sent"] and result["sha_ok"], (
-            f"stream {label}: {result['bytes']} of {result['sent']} bytes arrived, "
-            f"sha256 {'matches' if result['sha_ok'] else 'DIFFERS'}"
-        )
-        lost = {k: result[k] for k in LOSS_COUNTERS if result[k]}
-        assert sum(lost.values()) <= STREAM_LOSS_MAX, (
-            f"stream {label} lost segments: {lost} ({result['retransmits']} resent; the "
-            f"kernel's backlog dropped {result['backlog_drops']} packets meanwhile)"
-        )
-        assert result["max_gap"] < STALL_MAX, (
-            f"stream {label} stalled for {result['max_gap']:.2f} s "
-            f"({result['gap_at']:.1f} s into it)"
-        )
-
-
-@contextlib.contextmanager
-def traffic_through(
-    lab: AgentCluster, ping: tuple[Pod, Pod], stream: tuple[Pod, Pod], tmp: Path
-) -> Iterator[tuple[Pinger, Stream]]:
-    """Ping and stream running; killed if the block fails before stopping them."""
-    pinger = Pinger(*ping, tmp / "ping.out")
-    try:
-        streamer = Stream(*stream)
-    except BaseException:
-        pinger.kill()
-        raise
-    try:
-        yield pinger, streamer
-    finally:
-        pinger.kill()
-        streamer.kill()
-
-
-# -- BPF objects, pins and netns state --------------------------------------------------
-
-
-def _bpftool(*args: str) -> list | dict:
-    res = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True)
-    return json.loads(res.stdout)
-
-
-def system_bpf_ids() -> tuple[set[int], set[int]]:
-    """Every BPF program and map id on the machine (other tests run labs too)."""
-    return {p["id"] for p in _bpftool("prog", "show")}, {m["id"] for m in _bpftool("map", "show")}
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeBpf:
-    """The BPF objects of one node: its pins, whatever is attached in its netns, every
-    program using one of its maps, and every map those programs use. A leaked object of
-    the node is in this set (an old program still attached, or still holding our maps;
-    a map made anew and held by one of those): unpinned maps nothing references are
-    freed by the kernel once their last process is gone."""
-
-    pinned_maps: dict[str, int]  # pin path -> map id
-    progs: frozenset[int]
-    maps: frozenset[int]
-
-
-def node_bpf(node: LabNode) -> NodeBpf:
-    def pinned(kind: str) -> dict[str, int]:
-        pin_dir = os.path.join(node.bpffs, kind + "s")
-        return {
-            path: _bpftool(kind, "show", "pinned", path)["id"]
-            for path in (os.path.join(pin_dir, name) for name in sorted(os.listdir(pin_dir)))
-        }
-
-    pinned_maps, pinned_progs = pinned("map"), set(pinned("prog").values())
-    net = json.loads(process.run(node.netns, ["bpftool", "-j", "net", "show"]).stdout)[0]
-    attached = {p["id"] for hook in ("xdp", "tc") for p in net.get(hook, [])}
-    maps = set(pinned_maps.values())
-    progs = pinned_progs | attached
-    everything = _bpftool("prog", "show")
-    for p in everything:
-        if maps & set(p.get("map_ids", [])):
-            progs.add(p["id"])
-    for p in everything:
-        if p["id"] in progs:
-            maps |= set(p.get("map_ids", []))
-    return NodeBpf(pinned_maps, frozenset(progs), frozenset(maps))
-
-
-def wait_gone(progs: set[int], maps: set[int], timeout: float = 15.0) -> tuple[set, set]:
-    """Wait until none of these ids exist (the kernel frees programs after an RCU grace
-    period); what is still there after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        all_progs, all_maps = system_bpf_ids()
-        left = progs & all_progs, maps & all_maps
-        if not any(left) or time.monotonic() > deadline:
-            return left
-        time.sleep(0.2)
-
-
-def pins(node: LabNode) -> set[str]:
-    out = set()
-    for root, dirs, files in os.walk(node.bpffs):
-        out |= {os.path.relpath(os.path.join(root, n), node.bpffs) for n in dirs + files}
-    return out
-
-
-_IDS = re.compile(r"\b(id|tag)[ \t]+\S+")
-_COUNTERS = re.compile(r"\[\d+:\d+\]")
-_LINK_KEYS = ("ifindex", "ifname", "flags", "mtu", "qdisc", "address", "master", "link_netnsid")
-_LINK_KEYS += ("promiscuity", "gso_max_size", "gso_max_segs", "gro_max_size")
-
-
-def _link_line(link: dict) -> str:
-    """What a link is (not its timers or operstate): kind, addresses, sizes, XDP program."""
-    fields = {k: link.get(k) for k in _LINK_KEYS}
-    fields["kind"] = link.get("linkinfo", {}).get("info_kind")
-    xdp = link.get("xdp")
-    if xdp:
-        fields["xdp"] = (xdp.get("mode"), xdp.get("prog", {}).get("name"))
-    return json.dumps(fields, sort_keys=True)
-
-
-def netns_state(ns: str) -> dict[str, str]:
-    """Links, addresses, routes, qdiscs, filters and iptables rules of a netns, with
-    program ids (a restarted agent attaches fresh programs) and counters masked."""
-    links = json.loads(process.run(ns, ["ip", "-j", "-d", "link", "show"]).stdout)
-    out = {"ip -d link show": "\n".join(_link_line(link) for link in links)}
-    cmds = [["ip", "-o", "addr", "show"], ["ip", "route", "show", "table", "all"]]
-    cmds.append(["tc", "qdisc", "show"])
-    for link in links:
-        for where in ("ingress", "egress"):
-            cmds.append(["tc", "filter", "show", "dev", link["ifname"], where])
-    cmds.append(["iptables-save"])
-    for argv in cmds:
-        text = process.run(ns, argv).stdout
-        if argv[0] == "iptables-save":
-            text = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-        out[" ".join(argv)] = _COUNTERS.sub("[n:n]", _IDS.sub(r"\1 N", text))
-    return out
-
-
-def state_diff(before: dict[str, str], after: dict[str, str]) -> str:
-    out = []
-    for cmd in sorted(set(before) | set(after)):
-        a, b = before.get(cmd, ""), after.get(cmd, "")
-        if a != b:
-            diff = difflib.unified_diff(a.splitlines(), b.splitlines(), lineterm="", n=1)
-            out.append(f"$ {cmd}\n" + "\n".join(diff))
-    return "\n".join(out)
 
 
 # -- the lab ----------------------------------------------------------------------------
 
-
-@dataclasses.dataclass
-class Seen:
-    """Every BPF object each node had at some point (by netns): all gone after teardown."""
-
-    progs: dict[str, set[int]] = dataclasses.field(default_factory=dict)
-    maps: dict[str, set[int]] = dataclasses.field(default_factory=dict)
-
-    def add(self, lab: AgentCluster) -> None:
-        for node in lab.agent_nodes:
-            got = node_bpf(node)
-            self.progs.setdefault(node.netns, set()).update(got.progs)
-            self.maps.setdefault(node.netns, set()).update(got.maps)
-
-    def all(self) -> tuple[set[int], set[int]]:
-        return set().union(*self.progs.values()), set().union(*self.maps.values())
-
-
-@pytest.fixture
-def seen() -> Iterator[Seen]:
-    """Torn down after lab: then none of the objects the lab ever had may exist."""
-    before = system_bpf_ids()
-    objects = Seen()
-    yield objects
-    # agent_cluster checked netns, pins, processes and the run dir; now the BPF objects
-    progs, maps = objects.all()
-    left_progs, left_maps = wait_gone(progs, maps)
-    after = system_bpf_ids()
-    print(
-        f"teardown: the lab's {len(progs)} programs and {len(maps)} maps, "
-        f"{len(left_progs)} and {len(left_maps)} left; system-wide (other labs run "
-        f"concurrently) programs {len(before[0])} -> {len(after[0])}, "
-        f"maps {len(before[1])} -> {len(after[1])}"
-    )
-    assert not left_progs and not left_maps, (
-        f"after teardown the lab's programs {sorted(left_progs)} and maps "
-        f"{sorted(left_maps)} still exist"
-    )
+seen = node_state_support.seen  # the fixture: none of the lab's BPF objects outlives it
 
 
 @pytest.fixture

@@ -41,8 +41,6 @@ from flannel_xdp import netns
 from flannel_xdp.backend import Backend
 from flannel_xdp.lab.frames import (
     ETH_HLEN,
-    ETH_P_8021AD,
-    ETH_P_8021Q,
     ETH_P_ARP,
     ETH_P_IPV6,
     IP_DF,
@@ -61,8 +59,10 @@ from flannel_xdp.lab.frames import (
 )
 from flannel_xdp.lab.frames import mac_bytes as mac
 from flannel_xdp.loader.libbpf import BpfError, prog_test_run
-from tests.bpf_support import c_define
 from tests.packet_support import (
+    GOOD,
+    GOOD_INNER,
+    OWN_HOST,
     OWN_IP,
     OWN_SUBNET,
     OWN_VTEP,
@@ -78,6 +78,7 @@ from tests.packet_support import (
     TC_ACT_OK,
     TC_ACT_REDIRECT,
     TC_ACT_SHOT,
+    UNDERLAY_CASES,
     UNDERLAY_MAC,
     UNKNOWN_HOST,
     VNI,
@@ -88,23 +89,26 @@ from tests.packet_support import (
     RemotePeer,
     arp_payload,
     ifindex,
+    inner_from_a,
     ip,
     ipv6_packet,
     program_lab,
+    refused_by_test_run,
     run,
     sysctl,
+    tc_test_run_refuses,
     tcp_packet,
     temp_netns,
     tunnel_frame,
     udp_packet,
     vxlan_frame,
+    wait_out_fib_cache,
 )
 from tests.requirements import require_root_and_bcc
 
 pytestmark = pytest.mark.bpf
 
 TAG = f"{os.getpid()}"
-OWN_HOST = str(OWN_SUBNET.network_address + 5)
 
 XDP_VERDICTS = {XDP_PASS, XDP_DROP, XDP_REDIRECT}
 TC_VERDICTS = {TC_ACT_SHOT, TC_ACT_REDIRECT}  # tunnel_egress has no PASS_* reason
@@ -120,19 +124,6 @@ UNDERLAY_VERDICTS = {
 def verdict_of(prog: str, xdp_verdict: int) -> int:
     """prog's verdict for a frame underlay_xdp gives xdp_verdict."""
     return UNDERLAY_VERDICTS[prog][xdp_verdict]
-
-
-def tc_test_run_refuses(frame: bytes) -> bool:
-    """BPF_PROG_TEST_RUN for tc refuses (EINVAL) frames shorter than an Ethernet header,
-    and IPv4 / IPv6 typed frames shorter than Ethernet + the fixed IP header (20 / 40)."""
-    ethertype = frame[12:14] if len(frame) >= ETH_HLEN else b""
-    minimum = {b"\x08\x00": ETH_HLEN + 20, b"\x86\xdd": ETH_HLEN + 40}.get(ethertype, ETH_HLEN)
-    return len(frame) < minimum
-
-
-def refused_by_test_run(prog: str, frame: bytes) -> bool:
-    """Does BPF_PROG_TEST_RUN refuse frame for prog (an XDP or a tc program)?"""
-    return len(frame) < ETH_HLEN if prog == "xdp" else tc_test_run_refuses(frame)
 
 
 def decapped(prog: str, frame: bytes) -> bytes:
@@ -343,18 +334,6 @@ def test_underlay_mtu_boundary(lab, peer, inner_len, df, verdict, key):
 
 
 # --- the FIB cache (fib.h) ---------------------------------------------------------------
-
-CLOCK_MONOTONIC_COARSE = 6  # linux/time.h: the clock bpf_ktime_get_coarse_ns() reads
-
-
-def wait_out_cache(window_ns: int) -> None:
-    """Past every CPU's cached answer of a BPF cache that keeps answers window_ns on the
-    coarse clock (which lags by up to one tick): what the kernel says now applies."""
-    time.sleep(window_ns / 1e9 + 2 * time.clock_getres(CLOCK_MONOTONIC_COARSE))
-
-
-def wait_out_fib_cache() -> None:
-    wait_out_cache(c_define("fib.h", "FIB_CACHE_NS"))
 
 
 def test_a_changed_neighbour_reaches_the_wire_once_the_cache_window_passed(lab):
@@ -568,11 +547,6 @@ def test_encap_matches_the_linux_vxlan_driver_field_by_field(lab, kernel_vxlan, 
 # --- 3. decapsulation -----------------------------------------------------------------------
 
 
-def inner_from_a(proto: str, payload: bytes = b"hello from A", **ip_kw) -> bytes:
-    make = tcp_packet if proto == "tcp" else udp_packet
-    return make(PEER_A.host(7), OWN_HOST, 443, 51000, payload, **ip_kw)
-
-
 def inner_frame(inner_ip: bytes, src_mac: str = PEER_A.vtep_mac) -> bytes:
     return eth(OWN_VTEP, src_mac) + inner_ip
 
@@ -733,136 +707,6 @@ def test_host_gw_delivery_passes_untouched_and_is_counted(lab, prog):
 
 
 # --- 5. malformed and foreign frames --------------------------------------------------------
-
-GOOD_INNER = inner_from_a("udp")
-GOOD = vxlan_frame(GOOD_INNER)
-
-
-def replace(frame: bytes, offset: int, data: bytes) -> bytes:
-    return frame[:offset] + data + frame[offset + len(data) :]
-
-
-def vlan_tagged(frame: bytes, tpid: int) -> bytes:
-    return frame[:12] + struct.pack("!HH", tpid, 100) + frame[12:]
-
-
-def outer_ip_variant(**kw) -> bytes:
-    """GOOD with a differently built outer IPv4 header (same payload)."""
-    payload = GOOD[34:]
-    outer = ipv4_header(str(PEER_A.public_ip), str(OWN_IP), len(payload), **kw)
-    return GOOD[:14] + outer + payload
-
-
-def fragment(flags_frag: int) -> bytes:
-    return outer_ip_variant(proto=IPPROTO_UDP, flags_frag=flags_frag)
-
-
-UNDERLAY_CASES = {
-    # name: (frame, verdict, counter key)
-    "ipv4-options": (
-        outer_ip_variant(proto=IPPROTO_UDP, options=b"\x01\x01\x01\x00"),
-        XDP_PASS,
-        ("reason", "none", "PASS_IP_OPTIONS"),
-    ),
-    "ipv4-ihl-below-5": (
-        outer_ip_variant(proto=IPPROTO_UDP, ihl=4),
-        XDP_PASS,
-        ("reason", "none", "PASS_TRUNCATED"),
-    ),
-    "fragment-mf": (fragment(0x2000), XDP_PASS, ("reason", "none", "PASS_IP_FRAGMENT")),
-    "fragment-offset": (fragment(0x00B9), XDP_PASS, ("reason", "none", "PASS_IP_FRAGMENT")),
-    "fragment-last-df-clear": (fragment(0x0001), XDP_PASS, ("reason", "none", "PASS_IP_FRAGMENT")),
-    "df-clear-is-fine": (fragment(0x0000), XDP_REDIRECT, ("traffic", "vxlan", "decap")),
-    "wrong-vni": (vxlan_frame(GOOD_INNER, vni=2), XDP_PASS, ("reason", "none", "PASS_OTHER_VNI")),
-    "vxlan-i-flag-clear": (
-        vxlan_frame(GOOD_INNER, vxlan_flags=0x00),
-        XDP_PASS,
-        ("reason", "none", "PASS_OTHER_VNI"),
-    ),
-    "wrong-udp-port": (
-        vxlan_frame(GOOD_INNER, dport=4789),
-        XDP_PASS,
-        ("reason", "none", "PASS_OTHER_PORT"),
-    ),
-    "not-udp": (
-        eth(UNDERLAY_MAC, PEER_A.neigh_mac)
-        + tcp_packet(str(PEER_A.public_ip), str(OWN_IP), 40000, PORT, b"tcp"),
-        XDP_PASS,
-        ("reason", "none", "PASS_NOT_UDP"),
-    ),
-    "arp": (
-        eth("ff:ff:ff:ff:ff:ff", PEER_A.neigh_mac, ETH_P_ARP) + arp_payload(),
-        XDP_PASS,
-        ("reason", "none", "PASS_NOT_IPV4"),
-    ),
-    "ipv6": (
-        eth(UNDERLAY_MAC, PEER_A.neigh_mac, ETH_P_IPV6) + ipv6_packet(),
-        XDP_PASS,
-        ("reason", "none", "PASS_NOT_IPV4"),
-    ),
-    "ipv4-type-version-6": (
-        replace(GOOD, 14, bytes([0x65])),
-        XDP_PASS,
-        ("reason", "none", "PASS_NOT_IPV4"),
-    ),
-    "vlan-802.1q": (vlan_tagged(GOOD, ETH_P_8021Q), XDP_PASS, ("reason", "none", "PASS_VLAN")),
-    "vlan-802.1ad": (vlan_tagged(GOOD, ETH_P_8021AD), XDP_PASS, ("reason", "none", "PASS_VLAN")),
-    "other-destination": (
-        vxlan_frame(GOOD_INNER, outer_dst="192.0.2.99"),
-        XDP_PASS,
-        ("reason", "none", "PASS_OTHER_ADDRESS"),
-    ),
-    "inner-arp": (
-        vxlan_frame(arp_payload(), inner_type=ETH_P_ARP),
-        XDP_DROP,
-        ("reason", "vxlan", "DROP_INNER_NOT_IPV4"),
-    ),
-    "inner-ipv6": (
-        vxlan_frame(ipv6_packet(), inner_type=ETH_P_IPV6),
-        XDP_DROP,
-        ("reason", "vxlan", "DROP_INNER_NOT_IPV4"),
-    ),
-    "inner-ipv4-version-6": (
-        vxlan_frame(bytes([0x65]) + GOOD_INNER[1:]),
-        XDP_DROP,
-        ("reason", "vxlan", "DROP_MALFORMED"),
-    ),
-    "inner-ihl-below-5": (
-        vxlan_frame(bytes([0x44]) + GOOD_INNER[1:]),
-        XDP_DROP,
-        ("reason", "vxlan", "DROP_MALFORMED"),
-    ),
-    "wrong-inner-dst-mac": (
-        vxlan_frame(GOOD_INNER, inner_dst_mac="02:00:00:00:99:99"),
-        XDP_DROP,
-        ("reason", "vxlan", "DROP_WRONG_INNER_MAC"),
-    ),
-    "broadcast-inner-dst-mac": (
-        vxlan_frame(GOOD_INNER, inner_dst_mac="ff:ff:ff:ff:ff:ff"),
-        XDP_DROP,
-        ("reason", "vxlan", "DROP_WRONG_INNER_MAC"),
-    ),
-    "unknown-inner-source": (
-        vxlan_frame(udp_packet(UNKNOWN_HOST, OWN_HOST, 1, 2, b"who?")),
-        XDP_DROP,
-        ("reason", "vxlan", "DROP_UNKNOWN_SOURCE"),
-    ),
-    "spoofed-source-from-peer-a": (
-        vxlan_frame(udp_packet(PEER_B.host(7), OWN_HOST, 1, 2, b"I am B")),
-        XDP_DROP,
-        ("reason", "vxlan", "DROP_SPOOFED_SOURCE"),
-    ),
-    "spoofed-source-from-stranger": (
-        vxlan_frame(GOOD_INNER, outer_src="192.0.2.99"),
-        XDP_DROP,
-        ("reason", "vxlan", "DROP_SPOOFED_SOURCE"),
-    ),
-    "plain-ipv4-from-a-vxlan-peer": (
-        eth(UNDERLAY_MAC, PEER_A.neigh_mac) + GOOD_INNER,
-        XDP_PASS,
-        ("reason", "none", "PASS_OTHER_ADDRESS"),
-    ),
-}
 
 
 @pytest.mark.parametrize("prog", UNDERLAY_PROGS)

@@ -47,9 +47,9 @@ from tests.packet_support import (
     Counters,
     program_lab,
     tunnel_frame,
+    wait_out_fib_cache,
 )
 from tests.requirements import require_root_and_bcc
-from tests.test_packets import wait_out_fib_cache
 
 TAG = f"{os.getpid()}"
 OWN_HOST = str(OWN_SUBNET.network_address + 5)

@@ -2,13 +2,14 @@
 
 The previous release is installed from its wheel (tests/release_support.py) into a venv
 of its own. A three-node VXLAN lab comes up with every agent of that release. Traffic
-crosses one node (the victim) as in tests/test_outage.py: a ping at 100 per second both
-ways through it, and a sha256-checked TCP stream each way. Then, as a DaemonSet's rolling
-update does, the victim's agent gets SIGTERM (its pinned data path stays and forwards) and
-this tree's agent starts on the node and adopts it; later the same back to the previous
-release. The previous release pinned node_config in another layout (without fast_flags):
-each install replaces that map in the layout it was built with. Nothing may be lost, no
-stream break, no program drop a packet, and the node ends as it began.
+crosses one node (the victim) as in tests/test_outage.py (tests/traffic_support.py): a
+ping at 100 per second both ways through it, and a sha256-checked TCP stream each way.
+Then, as a DaemonSet's rolling update does, the victim's agent gets SIGTERM (its pinned
+data path stays and forwards) and this tree's agent starts on the node and adopts it;
+later the same back to the previous release. The previous release pinned node_config in
+another layout (without fast_flags): each install replaces that map in the layout it was
+built with. Nothing may be lost, no stream break, no program drop a packet, and the node
+ends as it began.
 
 Three variants (VARIANTS): the stack path throughout (this tree's agents with --fast-path
 off); no fast-path flag, the previous release's default being the stack path and this
@@ -49,26 +50,16 @@ from flannel_xdp.loader.fast_path import Mode
 from flannel_xdp.maps import libbpf
 from flannel_xdp.maps.layout import Counter, NodeConfig, Reason
 from flannel_xdp.maps.views import NodeConfigMap, ReasonsMap, TrafficMap
-from tests import test_outage
+from tests import node_state_support
 from tests.lab_support import agent_cluster
+from tests.node_state_support import Seen, netns_state, node_bpf, pins, state_diff, wait_gone
 from tests.node_support import prepare_downgrade, underlay_programs
 from tests.release_support import PREVIOUS_RELEASE, InstalledRelease, install_release
-from tests.test_outage import (
-    POD_SCAN_SETTLE,
-    Pinger,
-    Seen,
-    Stream,
-    netns_state,
-    node_bpf,
-    pins,
-    state_diff,
-    traffic_through,
-    wait_gone,
-)
+from tests.traffic_support import POD_SCAN_SETTLE, Pinger, Stream, traffic_through
 
 pytestmark = pytest.mark.lab
 
-seen = test_outage.seen  # the fixture: none of the lab's BPF objects outlives it
+seen = node_state_support.seen  # the fixture: none of the lab's BPF objects outlives it
 
 BUILD_INFO = "flannel_xdp_build_info"
 FAST_PATH_GAUGE = "flannel_xdp_fast_path"  # {proto}: 1 while it takes the fast path
