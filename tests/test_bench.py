@@ -137,6 +137,9 @@ def test_named_ratios_are_positive_numbers(quick_run: dict):
     for target in TARGETS:
         got = quick_run["targets"][target.ratio]
         assert positive(got["ratio"]) and got["met"] in (True, False), (target, got)
+    # the pair runs one stream: its own ratio against stock stands beside the target's
+    single = quick_run["targets"]["vxlan_tcp_vs_flannel"]
+    assert positive(single["direct_pair"]) and single["direct_pair_meets"] in (True, False)
     best = quick_run["best_hook"]
     assert set(best["scores"]) == {DEFAULT_HOOK.value, "fast"}  # the hooks that ran
     assert best["hook"] == max(best["scores"], key=best["scores"].get)

@@ -285,3 +285,32 @@ def test_bench_targets_are_met_on_the_right_side_of_their_bound():
     assert got["vxlan_tcp_vs_flannel"] == {"bound": ">= 1.3", "ratio": 1.31, "met": True}
     assert got["vxlan_lat_p50_vs_flannel"] == {"bound": "<= 0.6", "ratio": 0.61, "met": False}
     assert got["vxlan_crr_vs_flannel"] == {"bound": ">= 1", "ratio": None, "met": None}
+
+
+def test_bench_targets_say_whether_the_direct_pair_itself_reaches_them():
+    from flannel_xdp.bench.report import direct_ratios, targets
+
+    med = {
+        "tcp1": {
+            "stock-vxlan": {"gbps": 10.0, "softirq_cpu_s_per_gbit": 0.04},
+            "direct-veth": {"gbps": 14.0, "softirq_cpu_s_per_gbit": 0.025},
+            "xdp-vxlan-fast": {"gbps": 12.0},
+        },
+        "crr": {"stock-vxlan": {"tps": 100.0}},
+    }
+    direct = direct_ratios(med)
+    assert direct["vxlan_tcp_vs_flannel"] == 1.4
+    assert direct["vxlan_softirq_per_gbit_vs_flannel"] == 0.625
+    assert "vxlan_tcp_vs_direct_veth" not in direct  # the pair against itself
+    assert "vxlan_crr_vs_flannel" not in direct  # the pair did not run it
+    got = targets({"vxlan_softirq_per_gbit_vs_flannel": 0.6}, direct)
+    assert got["vxlan_softirq_per_gbit_vs_flannel"] == {
+        "bound": "<= 0.5",
+        "ratio": 0.6,
+        "met": False,
+        "direct_pair": 0.625,
+        "direct_pair_meets": False,
+    }
+    assert got["vxlan_tcp_vs_flannel"]["direct_pair_meets"] is True
+    assert got["vxlan_crr_vs_flannel"]["direct_pair"] is None
+    assert got["vxlan_crr_vs_flannel"]["direct_pair_meets"] is None
