@@ -207,11 +207,11 @@ def targets(ratios: dict[str, float], direct: dict[str, float] | None = None) ->
 def direct_ratios(med: dict) -> dict[str, float]:
     """The ratios against stock flannel as the direct veth pair scores them (in the place of
     flannel-xdp), for the workloads it runs: how far the testbed's physical limit goes."""
+    direct = direct_variant()
     out: dict[str, float] = {}
     for r in RATIOS:
         if not r.against_direct:
-            _, stock = r.variants(AGENT_DEFAULT)
-            _put_ratio(out, med, r, direct_variant(), stock)
+            _put_ratio(out, med, r, direct, stock_variant(r.baseline))
     return out
 
 
