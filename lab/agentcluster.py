@@ -461,11 +461,20 @@ class AgentCluster:
                 f"{self.spec.underlay}{outside}"
             )
             started = time.monotonic()
+            # Stock flanneld in etcd mode exits when another node takes the subnet it has
+            # just picked (v0.28.9 does not pick again; its DaemonSet would restart it): so
+            # each one starts once every lease before it is taken. Agents pick again.
+            together = [n for n in self.nodes if n.is_agent or self.kube is not None]
             for node in self.nodes:
                 self._start_node_services(node)
+            for node in together:
                 self._start_process(node)
             self.save_state()
-            self._wait_leases(self.nodes)
+            self._wait_leases(together)
+            for node in (n for n in self.nodes if n not in together):
+                self._start_process(node)
+                self.save_state()
+                self._wait_leases([node])
             for node in self.nodes:
                 self._make_pods(node)
                 kind = "flannel-xdp agent" if node.is_agent else "stock flanneld"

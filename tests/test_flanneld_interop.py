@@ -158,3 +158,27 @@ def test_we_program_flanneld_node_from_its_lease(mixed: AgentCluster):
         else:
             assert peer.backend is Backend.HOST_GW
         assert stock.subnet in mixed.routes(node), f"{node.netns} has no route to {stock.subnet}"
+
+
+GLOG_TIME = re.compile(r"^[IWE](\d{4}) (\d\d):(\d\d):(\d\d\.\d+) ")
+
+
+def logged_at(node: LabNode, what: str) -> tuple[int, float]:
+    """When (month and day, seconds into the day) the first line of node's flanneld log
+    that has what was logged."""
+    with open(node.log_file) as f:
+        for line in f:
+            if what in line and (m := GLOG_TIME.match(line)):
+                return int(m[1]), int(m[2]) * 3600 + int(m[3]) * 60 + float(m[4])
+    raise AssertionError(f"{node.name}: no {what!r} in {node.log_file}")
+
+
+def test_each_flanneld_node_picks_its_subnet_once_the_others_have_theirs():
+    """v0.28.9 exits when another node takes the subnet it has just picked (it does not
+    pick again): so the lab starts each flanneld node once every node before it holds its
+    lease, and no two of them pick at the same time."""
+    with agent_cluster(nodes=3, pods=0, stock=3, outside=False) as lab:
+        picked = [logged_at(n, "Picking subnet") for n in lab.nodes]
+        leased = [logged_at(n, "Allocated lease") for n in lab.nodes]
+    for k in range(1, len(picked)):
+        assert picked[k] > max(leased[:k]), (picked, leased)
